@@ -1,0 +1,42 @@
+//! Makes the binaries and test executables find and really link libtorch with no environment
+//! variables: an rpath to libtorch's lib folder, and libtorch.so (which pulls in libtorch_cuda)
+//! linked without --as-needed, which would otherwise drop it because no symbol of ours names it,
+//! and CUDA would then never register on a GPU machine.
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    let lib_dir = std::env::var("DEP_TCH_LIBTORCH_LIB").ok();
+    // Record the libtorch release for `--version`: PyPI installs carry torch/version.py,
+    // official zips and scripts/setup.sh a build-version file beside lib/.
+    let version = lib_dir
+        .as_deref()
+        .and_then(|d| std::path::Path::new(d).parent().map(|p| p.to_path_buf()))
+        .and_then(|root| {
+            std::fs::read_to_string(root.join("build-version"))
+                .ok()
+                .or_else(|| {
+                    let text = std::fs::read_to_string(root.join("version.py")).ok()?;
+                    let line = text.lines().find(|l| l.starts_with("__version__"))?;
+                    Some(line.split('\'').nth(1)?.to_string())
+                })
+        })
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=METAPOISON_LIBTORCH_VERSION={version}");
+    let target_os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
+    if target_os != "linux" {
+        return;
+    }
+    if let Some(lib_dir) = lib_dir {
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{lib_dir}");
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+        println!("cargo:rustc-link-arg=-ltorch");
+        if std::path::Path::new(&lib_dir)
+            .join("libtorch_cuda.so")
+            .exists()
+        {
+            println!("cargo:rustc-link-arg=-ltorch_cuda");
+        }
+        println!("cargo:rustc-link-arg=-Wl,--as-needed");
+    }
+}

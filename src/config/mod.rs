@@ -1,0 +1,315 @@
+//! Run configuration: serde structs read from TOML, every field defaulting to MetaPoison's
+//! published setting (see config.example.toml), validated with messages that name the field.
+
+mod auto;
+mod validate;
+
+pub use auto::Auto;
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Everything a crafting run needs to know.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub data: DataConfig,
+    pub threat: ThreatConfig,
+    pub craft: CraftConfig,
+    pub surrogate: TrainConfig,
+    pub victim: VictimConfig,
+    pub run: RunConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatasetKind {
+    /// The Fashion-MNIST subset vendored under assets/ (no download, no path needed).
+    Embedded,
+    /// Fashion-MNIST IDX files (gzipped or raw) in `data.path`.
+    FashionMnist,
+    /// MNIST IDX files in `data.path`.
+    Mnist,
+    /// CIFAR-10 binary batches in `data.path`.
+    Cifar10,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    pub dataset: DatasetKind,
+    /// Folder holding the data set's files (unused for `embedded`).
+    pub path: Option<PathBuf>,
+    /// Train on the first N training images only (the authors' `nbatch x batchsize`); 0 = all.
+    pub train_limit: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            dataset: DatasetKind::Embedded,
+            path: None,
+            train_limit: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ThreatConfig {
+    /// Class of the target image(s); `auto` = the data set's default pair (CIFAR-10: 2 bird).
+    pub target_class: Auto<i64>,
+    /// Indices among the test images of the target class; `auto` = the data set's default.
+    pub target_ids: Auto<Vec<usize>>,
+    /// Class whose training images become poisons; `auto` = data set default (CIFAR-10: 5 dog).
+    pub poison_class: Auto<i64>,
+    /// Class the target should be classified as; `auto` = the poison class.
+    pub adv_class: Auto<i64>,
+    /// Number of poisons (the first `npoison` training images of the poison class).
+    pub npoison: usize,
+    /// Draw poisons from all classes instead of the poison class.
+    pub multiclass: bool,
+    /// L-inf bound of the additive perturbation, on the 0-255 pixel scale.
+    pub eps: f64,
+    /// Bound of the colour-grid offsets, as a fraction of each YUV channel's range.
+    pub color_eps: f64,
+    /// Points per axis of the ReColor lookup grid.
+    pub color_grid: usize,
+    /// Weight of the colour grid's smoothness penalty.
+    pub smooth_coef: f64,
+}
+
+impl Default for ThreatConfig {
+    fn default() -> Self {
+        Self {
+            target_class: Auto::Auto,
+            target_ids: Auto::Auto,
+            poison_class: Auto::Auto,
+            adv_class: Auto::Auto,
+            npoison: 200,
+            multiclass: false,
+            eps: 8.0,
+            color_eps: 0.04,
+            color_grid: 10,
+            smooth_coef: 1.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ObjectiveKind {
+    Cw,
+    Xent,
+    XentC,
+    Dualxent,
+    Indis3,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CraftConfig {
+    /// Outer (craft) steps; the authors run 61 and keep the poisons of step 60.
+    pub steps: usize,
+    /// K: unrolled SGD steps kept in the graph.
+    pub unroll_steps: usize,
+    /// M: surrogates in the staggered ensemble; `auto` = 24 on CUDA, 4 on CPU.
+    pub ensemble_size: Auto<usize>,
+    /// Epochs between successive surrogates; `auto` = 1 on CUDA, 2 on CPU.
+    pub stagger: Auto<usize>,
+    /// Fraction of the poison-holding batches of an epoch at which the meta-gradient is taken;
+    /// `auto` = 1.0 (faithful) on CUDA, 0.25 on CPU.
+    pub meta_batch_fraction: Auto<f64>,
+    pub objective: ObjectiveKind,
+    /// Adam learning rate on the 0-255 scale (also applied to the colour grid).
+    pub outer_lr: f64,
+    /// Quadratic warm-up of the outer lr over this many steps.
+    pub warmup_steps: usize,
+    /// Steps at which the outer lr is multiplied by `lr_drop_factor`.
+    pub lr_drops: Vec<usize>,
+    pub lr_drop_factor: f64,
+    /// Re-initialise the perturbation every N steps; 0 = never.
+    pub restart_period: usize,
+    /// Differentiable random crop + flip of the unrolled batches.
+    pub augment: bool,
+}
+
+impl Default for CraftConfig {
+    fn default() -> Self {
+        Self {
+            steps: 61,
+            unroll_steps: 2,
+            ensemble_size: Auto::Auto,
+            stagger: Auto::Auto,
+            meta_batch_fraction: Auto::Auto,
+            objective: ObjectiveKind::Cw,
+            outer_lr: 200.0,
+            warmup_steps: 5,
+            lr_drops: vec![20, 40],
+            lr_drop_factor: 0.1,
+            restart_period: 0,
+            augment: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NetKind {
+    ConvnetBn,
+    Resnet20,
+    Resnet18,
+    Vgg11,
+    Vgg13,
+}
+
+impl NetKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            NetKind::ConvnetBn => "convnet-bn",
+            NetKind::Resnet20 => "resnet20",
+            NetKind::Resnet18 => "resnet18",
+            NetKind::Vgg11 => "vgg11",
+            NetKind::Vgg13 => "vgg13",
+        }
+    }
+}
+
+/// How a network is trained with SGD (used for the surrogates).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub net: NetKind,
+    /// Peak SGD learning rate.
+    pub lr: f64,
+    /// Linear warm-up of the lr over this many epochs.
+    pub warmup_epochs: usize,
+    /// Epochs at which the lr is divided by 10.
+    pub lr_drops: Vec<usize>,
+    pub batch_size: usize,
+    pub weight_decay: f64,
+    /// Width multiplier for ConvNetBN (1 = 16-32-32-64-64).
+    pub width: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            net: NetKind::ConvnetBn,
+            lr: 0.1,
+            warmup_epochs: 5,
+            lr_drops: vec![100, 150],
+            batch_size: 125,
+            weight_decay: 0.0,
+            width: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VictimConfig {
+    pub net: NetKind,
+    pub epochs: usize,
+    pub lr: f64,
+    pub lr_drops: Vec<usize>,
+    pub batch_size: usize,
+    pub weight_decay: f64,
+    pub augment: bool,
+    pub trials: usize,
+}
+
+impl Default for VictimConfig {
+    fn default() -> Self {
+        Self {
+            net: NetKind::ConvnetBn,
+            epochs: 200,
+            lr: 0.1,
+            lr_drops: vec![100, 150],
+            batch_size: 125,
+            weight_decay: 0.0,
+            augment: false,
+            trials: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// `auto` (CUDA when present, else CPU), `cpu`, or `cuda:N`.
+    pub device: String,
+    pub seed: u64,
+    /// Folder under which run folders are created; absent = the data dir's `runs/`.
+    pub output_dir: Option<PathBuf>,
+    /// Write a checkpoint every N craft steps (and on exit signals); 0 = only at the end.
+    pub checkpoint_every: usize,
+    /// CPU threads for libtorch; 0 = all cores.
+    pub threads: usize,
+    /// Stop after this many consecutive non-finite meta-gradients.
+    pub max_nonfinite_steps: usize,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            device: "auto".into(),
+            seed: 0,
+            output_dir: None,
+            checkpoint_every: 5,
+            threads: 0,
+            max_nonfinite_steps: 3,
+        }
+    }
+}
+
+/// A configuration problem, worded for the person who wrote the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config field `{field}` = {value} is invalid: {allowed}")]
+    Invalid {
+        field: &'static str,
+        value: String,
+        allowed: String,
+    },
+}
+
+impl Config {
+    /// Parses TOML text; `origin` names the source in error messages.
+    pub fn from_toml_str(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            message: one_line_toml_error(&e),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml_str(&text, path)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serialises to TOML")
+    }
+}
+
+/// toml's errors span several lines with a source excerpt; keep the location and the message.
+fn one_line_toml_error(e: &toml::de::Error) -> String {
+    let message = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => format!("{message} (at byte {})", span.start),
+        None => message,
+    }
+}

@@ -1,0 +1,163 @@
+//! Range checks. Each failure names the field, the value and what is allowed.
+
+use super::{Auto, Config, ConfigError, TrainConfig};
+use crate::device::DeviceChoice;
+
+fn invalid(field: &'static str, value: impl ToString, allowed: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        value: value.to_string(),
+        allowed: allowed.into(),
+    }
+}
+
+fn int_range(field: &'static str, v: usize, lo: usize, hi: usize) -> Result<(), ConfigError> {
+    if v < lo || v > hi {
+        return Err(invalid(
+            field,
+            v,
+            format!("must be an integer in {lo}..={hi}"),
+        ));
+    }
+    Ok(())
+}
+
+/// `lo < v <= hi` (open below) or `lo <= v <= hi`.
+fn real_range(
+    field: &'static str,
+    v: f64,
+    lo: f64,
+    hi: f64,
+    open_below: bool,
+) -> Result<(), ConfigError> {
+    let ok = v.is_finite() && if open_below { v > lo } else { v >= lo } && v <= hi;
+    if !ok {
+        let bracket = if open_below { "(" } else { "[" };
+        return Err(invalid(
+            field,
+            v,
+            format!("must be a number in {bracket}{lo}, {hi}]"),
+        ));
+    }
+    Ok(())
+}
+
+fn class_id(field: &'static str, v: &Auto<i64>) -> Result<(), ConfigError> {
+    if let Auto::Value(c) = v {
+        if !(0..1000).contains(c) {
+            return Err(invalid(
+                field,
+                c,
+                "must be \"auto\" or a class index in 0..=999",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn increasing(field: &'static str, v: &[usize]) -> Result<(), ConfigError> {
+    if v.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(invalid(
+            field,
+            format!("{v:?}"),
+            "must be strictly increasing",
+        ));
+    }
+    Ok(())
+}
+
+fn train(prefix: &'static [&'static str; 5], t: &TrainConfig) -> Result<(), ConfigError> {
+    real_range(prefix[0], t.lr, 0.0, 10.0, true)?;
+    int_range(prefix[1], t.batch_size, 2, 8192)?;
+    real_range(prefix[2], t.weight_decay, 0.0, 0.1, false)?;
+    increasing(prefix[3], &t.lr_drops)?;
+    int_range(prefix[4], t.width, 1, 16)?;
+    Ok(())
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let th = &self.threat;
+        class_id("threat.target_class", &th.target_class)?;
+        class_id("threat.poison_class", &th.poison_class)?;
+        class_id("threat.adv_class", &th.adv_class)?;
+        if let Auto::Value(ids) = &th.target_ids {
+            if ids.is_empty() || ids.len() > 256 {
+                return Err(invalid(
+                    "threat.target_ids",
+                    format!("{ids:?}"),
+                    "must be \"auto\" or a list of 1 to 256 indices",
+                ));
+            }
+        }
+        int_range("threat.npoison", th.npoison, 1, 50_000)?;
+        real_range("threat.eps", th.eps, 0.0, 255.0, false)?;
+        real_range("threat.color_eps", th.color_eps, 0.0, 0.5, false)?;
+        int_range("threat.color_grid", th.color_grid, 2, 64)?;
+        real_range("threat.smooth_coef", th.smooth_coef, 0.0, 1e6, false)?;
+
+        let c = &self.craft;
+        int_range("craft.steps", c.steps, 1, 1_000_000)?;
+        int_range("craft.unroll_steps", c.unroll_steps, 1, 16)?;
+        if let Auto::Value(m) = c.ensemble_size {
+            int_range("craft.ensemble_size", m, 1, 1024)?;
+        }
+        if let Auto::Value(s) = c.stagger {
+            int_range("craft.stagger", s, 1, 1000)?;
+        }
+        if let Auto::Value(f) = c.meta_batch_fraction {
+            real_range("craft.meta_batch_fraction", f, 0.0, 1.0, true)?;
+        }
+        real_range("craft.outer_lr", c.outer_lr, 0.0, 1e6, true)?;
+        int_range("craft.warmup_steps", c.warmup_steps, 0, 1_000_000)?;
+        increasing("craft.lr_drops", &c.lr_drops)?;
+        real_range("craft.lr_drop_factor", c.lr_drop_factor, 0.0, 1.0, true)?;
+
+        train(
+            &[
+                "surrogate.lr",
+                "surrogate.batch_size",
+                "surrogate.weight_decay",
+                "surrogate.lr_drops",
+                "surrogate.width",
+            ],
+            &self.surrogate,
+        )?;
+        int_range(
+            "surrogate.warmup_epochs",
+            self.surrogate.warmup_epochs,
+            0,
+            10_000,
+        )?;
+        if th.npoison > 0 && self.surrogate.batch_size <= 1 {
+            return Err(invalid(
+                "surrogate.batch_size",
+                self.surrogate.batch_size,
+                "must be at least 2",
+            ));
+        }
+
+        let v = &self.victim;
+        int_range("victim.epochs", v.epochs, 1, 100_000)?;
+        real_range("victim.lr", v.lr, 0.0, 10.0, true)?;
+        increasing("victim.lr_drops", &v.lr_drops)?;
+        int_range("victim.batch_size", v.batch_size, 2, 8192)?;
+        real_range("victim.weight_decay", v.weight_decay, 0.0, 0.1, false)?;
+        int_range("victim.trials", v.trials, 1, 10_000)?;
+
+        let r = &self.run;
+        if let Err(e) = r.device.parse::<DeviceChoice>() {
+            return Err(invalid("run.device", format!("\"{}\"", r.device), e));
+        }
+        int_range("run.threads", r.threads, 0, 1024)?;
+        int_range("run.max_nonfinite_steps", r.max_nonfinite_steps, 1, 1000)?;
+        if self.data.dataset != super::DatasetKind::Embedded && self.data.path.is_none() {
+            return Err(invalid(
+                "data.path",
+                "(absent)",
+                "must name the folder holding the data set's files for this dataset",
+            ));
+        }
+        Ok(())
+    }
+}

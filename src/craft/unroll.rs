@@ -1,0 +1,128 @@
+//! The unrolled meta-gradient: K plain SGD steps of training with the graph kept, the poisons in
+//! place of their clean originals in the first step's batch, the adversarial loss of the targets
+//! taken under the weights after each step and averaged over steps 1..K, backpropagated through
+//! the unrolled steps into the perturbation.
+//!
+//! As in the authors' code the targets ride along in each step's batch (train-mode batch norm
+//! sees them; they add nothing to the training loss), and step i's forward pass, on batch i,
+//! gives both the training loss for step i and the targets' logits under the weights w_i.
+
+use super::objective::{adversarial_loss, cross_entropy, TargetLabels};
+use super::perturbation::Perturbation;
+use crate::config::ObjectiveKind;
+use crate::model::{Mode, Network};
+use tch::Tensor;
+
+/// One unrolled batch sequence.
+pub struct UnrollBatches {
+    /// K + 1 batches (images 0-255 [B, C, H, W], labels [B]). Batch 0 holds clean images; the
+    /// poisons replace the entries at `positions`. Later batches are used as they are.
+    pub batches: Vec<(Tensor, Tensor)>,
+    /// Positions in batch 0 that hold poisons.
+    pub positions: Tensor,
+    /// The poison slot at each of those positions.
+    pub slots: Tensor,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct UnrollSettings {
+    pub steps: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub objective: ObjectiveKind,
+}
+
+/// The adversarial objective after unrolling (averaged over steps 1..K), as a differentiable
+/// function of the perturbation. `weights` must require grad.
+pub fn unrolled_adversarial_loss(
+    net: &Network,
+    weights: &[Tensor],
+    buffers: &[Tensor],
+    perturbation: &Perturbation,
+    input: &UnrollBatches,
+    targets: &Tensor,
+    labels: &TargetLabels,
+    settings: UnrollSettings,
+) -> Tensor {
+    let k = settings.steps;
+    assert!(
+        input.batches.len() > k,
+        "need K + 1 batches for K unrolled steps"
+    );
+    let poisons = perturbation.poisons(Some(&input.slots));
+    let first = input.batches[0].0.index_copy(0, &input.positions, &poisons);
+    let n_targets = targets.size()[0];
+    let mut w: Vec<Tensor> = weights.iter().map(|t| t.shallow_clone()).collect();
+    let mut total: Option<Tensor> = None;
+    for i in 0..=k {
+        let (x, y) = if i == 0 {
+            (&first, &input.batches[0].1)
+        } else {
+            (&input.batches[i].0, &input.batches[i].1)
+        };
+        let b = x.size()[0];
+        let logits = net.forward(&w, buffers, &Tensor::cat(&[x, targets], 0), Mode::Train);
+        if i > 0 {
+            let adv = adversarial_loss(settings.objective, &logits.narrow(0, b, n_targets), labels);
+            total = Some(match total {
+                None => adv,
+                Some(t) => t + adv,
+            });
+        }
+        if i < k {
+            let ce = cross_entropy(&logits.narrow(0, 0, b), y);
+            let grads = Tensor::run_backward(&[ce], &w, true, true);
+            w = w
+                .iter()
+                .zip(grads.iter())
+                .map(|(wi, gi)| {
+                    if settings.weight_decay > 0.0 {
+                        wi - (gi + wi * settings.weight_decay) * settings.lr
+                    } else {
+                        wi - gi * settings.lr
+                    }
+                })
+                .collect();
+        }
+    }
+    total.expect("K >= 1") / k as f64
+}
+
+/// The meta-gradient of one batch sequence: (objective value, d/d delta, d/d offsets). The
+/// objective includes `smooth_coef` times the colour grid's smoothness penalty.
+pub fn meta_gradient(
+    net: &Network,
+    weights: &[Tensor],
+    buffers: &[Tensor],
+    perturbation: &Perturbation,
+    input: &UnrollBatches,
+    targets: &Tensor,
+    labels: &TargetLabels,
+    settings: UnrollSettings,
+    smooth_coef: f64,
+) -> (Tensor, Tensor, Tensor) {
+    let adv = unrolled_adversarial_loss(
+        net,
+        weights,
+        buffers,
+        perturbation,
+        input,
+        targets,
+        labels,
+        settings,
+    );
+    let objective = if smooth_coef > 0.0 {
+        &adv + perturbation.recolor.smoothness(&perturbation.offsets) * smooth_coef
+    } else {
+        adv.shallow_clone()
+    };
+    let mut grads = Tensor::run_backward(
+        &[&objective],
+        &[&perturbation.delta, &perturbation.offsets],
+        false,
+        false,
+    );
+    let g_offsets = grads.pop().unwrap();
+    let g_delta = grads.pop().unwrap();
+    (adv.detach(), g_delta, g_offsets)
+}

@@ -1,0 +1,7 @@
+//! metapoison: clean-label data poisoning with MetaPoison on libtorch.
+
+pub mod config;
+pub mod craft;
+pub mod data;
+pub mod device;
+pub mod model;

@@ -1,0 +1,228 @@
+//! The layer context shared by weight construction and the forward pass.
+
+use crate::config::NetKind;
+use tch::{Device, Kind, Tensor};
+
+/// Batch-norm behaviour of a forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Batch statistics; running statistics untouched (unrolled steps).
+    Train,
+    /// Batch statistics, and running statistics updated in place (a real training step).
+    TrainUpdateStats,
+    /// Running statistics.
+    Eval,
+}
+
+/// Batch-norm momentum in libtorch's convention (new = 0.9 old + 0.1 batch): the authors'
+/// TensorFlow momentum 0.9.
+const BN_MOMENTUM: f64 = 0.1;
+const BN_EPS: f64 = 1e-5;
+
+enum Source<'a> {
+    Build {
+        kind: NetKind,
+        device: Device,
+        dtype: Kind,
+        weights: Vec<Tensor>,
+        buffers: Vec<Tensor>,
+    },
+    Apply {
+        weights: &'a [Tensor],
+        buffers: &'a [Tensor],
+        mode: Mode,
+        wi: usize,
+        bi: usize,
+    },
+}
+
+pub struct Layers<'a> {
+    source: Source<'a>,
+}
+
+impl<'a> Layers<'a> {
+    pub(crate) fn build(kind: NetKind, device: Device, dtype: Kind) -> Layers<'static> {
+        Layers {
+            source: Source::Build {
+                kind,
+                device,
+                dtype,
+                weights: vec![],
+                buffers: vec![],
+            },
+        }
+    }
+
+    pub(crate) fn apply(weights: &'a [Tensor], buffers: &'a [Tensor], mode: Mode) -> Layers<'a> {
+        Layers {
+            source: Source::Apply {
+                weights,
+                buffers,
+                mode,
+                wi: 0,
+                bi: 0,
+            },
+        }
+    }
+
+    pub(crate) fn into_state(self) -> super::State {
+        match self.source {
+            Source::Build {
+                weights, buffers, ..
+            } => super::State { weights, buffers },
+            Source::Apply { .. } => unreachable!("into_state is only called on a build context"),
+        }
+    }
+
+    /// Checks that the forward pass consumed exactly the weights it was given.
+    pub(crate) fn finish(&self) {
+        if let Source::Apply {
+            weights,
+            buffers,
+            wi,
+            bi,
+            ..
+        } = &self.source
+        {
+            assert_eq!(
+                (*wi, *bi),
+                (weights.len(), buffers.len()),
+                "network consumed a different number of tensors than it was given"
+            );
+        }
+    }
+
+    fn take_weight(&mut self, make: impl FnOnce(Kind, Device, NetKind) -> Tensor) -> Tensor {
+        match &mut self.source {
+            Source::Build {
+                kind,
+                device,
+                dtype,
+                weights,
+                ..
+            } => {
+                let t = make(*dtype, *device, *kind);
+                weights.push(t.shallow_clone());
+                t
+            }
+            Source::Apply { weights, wi, .. } => {
+                *wi += 1;
+                weights[*wi - 1].shallow_clone()
+            }
+        }
+    }
+
+    /// Zero-padded square convolution without bias.
+    pub fn conv(&mut self, x: &Tensor, out: i64, k: i64, stride: i64) -> Tensor {
+        let cin = x.size()[1];
+        let w = self.take_weight(|dtype, device, net| {
+            let fan_in = (cin * k * k) as f64;
+            let fan_out = (out * k * k) as f64;
+            if net == NetKind::ConvnetBn {
+                // Xavier (Glorot) uniform, as the authors' ConvNetBN.
+                let a = (6.0 / (fan_in + fan_out)).sqrt();
+                Tensor::empty([out, cin, k, k], (dtype, device)).uniform_(-a, a)
+            } else {
+                // Kaiming normal, fan_out, for ReLU (torchvision's ResNet/VGG).
+                Tensor::empty([out, cin, k, k], (dtype, device))
+                    .normal_(0.0, (2.0 / fan_out).sqrt())
+            }
+        });
+        x.conv2d(&w, None::<Tensor>, [stride], [k / 2], [1], 1)
+    }
+
+    /// A bias added per channel (ConvNetBN's conv bias), initialised to zero.
+    pub fn channel_bias(&mut self, x: &Tensor) -> Tensor {
+        let c = x.size()[1];
+        let b = self.take_weight(|dtype, device, _| Tensor::zeros([c], (dtype, device)));
+        x + b.view([1, c, 1, 1])
+    }
+
+    pub fn batch_norm(&mut self, x: &Tensor) -> Tensor {
+        let c = x.size()[1];
+        let gamma = self.take_weight(|dtype, device, _| Tensor::ones([c], (dtype, device)));
+        let beta = self.take_weight(|dtype, device, _| Tensor::zeros([c], (dtype, device)));
+        match &mut self.source {
+            Source::Build {
+                dtype,
+                device,
+                buffers,
+                ..
+            } => {
+                buffers.push(Tensor::zeros([c], (*dtype, *device)));
+                buffers.push(Tensor::ones([c], (*dtype, *device)));
+                x.batch_norm(
+                    Some(&gamma),
+                    Some(&beta),
+                    None::<&Tensor>,
+                    None::<&Tensor>,
+                    true,
+                    BN_MOMENTUM,
+                    BN_EPS,
+                    true,
+                )
+            }
+            Source::Apply {
+                buffers, mode, bi, ..
+            } => {
+                let (mean, var) = (&buffers[*bi], &buffers[*bi + 1]);
+                *bi += 2;
+                match mode {
+                    Mode::Train => x.batch_norm(
+                        Some(&gamma),
+                        Some(&beta),
+                        None::<&Tensor>,
+                        None::<&Tensor>,
+                        true,
+                        BN_MOMENTUM,
+                        BN_EPS,
+                        true,
+                    ),
+                    Mode::TrainUpdateStats => x.batch_norm(
+                        Some(&gamma),
+                        Some(&beta),
+                        Some(mean),
+                        Some(var),
+                        true,
+                        BN_MOMENTUM,
+                        BN_EPS,
+                        true,
+                    ),
+                    Mode::Eval => x.batch_norm(
+                        Some(&gamma),
+                        Some(&beta),
+                        Some(mean),
+                        Some(var),
+                        false,
+                        BN_MOMENTUM,
+                        BN_EPS,
+                        true,
+                    ),
+                }
+            }
+        }
+    }
+
+    /// Fully connected layer with bias; PyTorch's default uniform(+-1/sqrt(fan_in)) init, or
+    /// Xavier for ConvNetBN.
+    pub fn linear(&mut self, x: &Tensor, out: i64) -> Tensor {
+        let fan_in = x.size()[1];
+        let w = self.take_weight(|dtype, device, net| {
+            let a = if net == NetKind::ConvnetBn {
+                (6.0 / (fan_in + out) as f64).sqrt()
+            } else {
+                1.0 / (fan_in as f64).sqrt()
+            };
+            Tensor::empty([out, fan_in], (dtype, device)).uniform_(-a, a)
+        });
+        let b = self.take_weight(|dtype, device, net| {
+            if net == NetKind::ConvnetBn {
+                Tensor::zeros([out], (dtype, device))
+            } else {
+                let a = 1.0 / (fan_in as f64).sqrt();
+                Tensor::empty([out], (dtype, device)).uniform_(-a, a)
+            }
+        });
+        x.linear(&w, Some(&b))
+    }
+}

@@ -1,0 +1,149 @@
+//! Functional networks: weights and batch-norm statistics are plain tensors passed to `forward`,
+//! so an unrolled SGD step is ordinary code that produces new weight tensors.
+//!
+//! Each architecture is written once, as a function over a [`Layers`] context. Run in *build*
+//! mode the context creates and initialises the weights as it meets them; run in *apply* mode it
+//! consumes the weights given, in the same order. So the parameter list can never drift from the
+//! forward pass.
+
+mod layers;
+mod nets;
+
+pub use layers::{Layers, Mode};
+
+use crate::config::NetKind;
+use tch::{Device, Kind, Tensor};
+
+/// How raw 0-255 images are turned into network inputs.
+#[derive(Debug, Clone)]
+pub struct InputNorm {
+    pub mean: Vec<f64>,
+    pub std: Vec<f64>,
+    /// Images smaller than this are zero-padded (centred) to it: 28x28 Fashion-MNIST -> 32x32.
+    pub side: i64,
+}
+
+impl InputNorm {
+    /// Standard per-data-set statistics.
+    pub fn for_dataset(name: &str, channels: usize) -> InputNorm {
+        let (mean, std) = if name.starts_with("fashion-mnist") {
+            (vec![0.2860], vec![0.3530])
+        } else if name.starts_with("mnist") {
+            (vec![0.1307], vec![0.3081])
+        } else if channels == 3 {
+            (vec![0.4914, 0.4822, 0.4465], vec![0.2470, 0.2435, 0.2616])
+        } else {
+            (vec![0.5; channels], vec![0.25; channels])
+        };
+        InputNorm {
+            mean,
+            std,
+            side: 32,
+        }
+    }
+
+    /// `x`: [N, C, H, W] on the 0-255 scale -> padded, standardised input.
+    pub fn apply(&self, x: &Tensor) -> Tensor {
+        let (_, c, h, w) = x.size4().expect("images are [N, C, H, W]");
+        let x = if h < self.side || w < self.side {
+            let (top, left) = ((self.side - h) / 2, (self.side - w) / 2);
+            x.constant_pad_nd([left, self.side - w - left, top, self.side - h - top])
+        } else {
+            x.shallow_clone()
+        };
+        let opts = (x.kind(), x.device());
+        let mean = Tensor::from_slice(&self.mean)
+            .to_kind(opts.0)
+            .to_device(opts.1)
+            .view([1, c, 1, 1]);
+        let std = Tensor::from_slice(&self.std)
+            .to_kind(opts.0)
+            .to_device(opts.1)
+            .view([1, c, 1, 1]);
+        (x / 255.0 - mean) / std
+    }
+}
+
+/// Weights (trained) and batch-norm running statistics (not trained) of one network instance.
+#[derive(Debug)]
+pub struct State {
+    pub weights: Vec<Tensor>,
+    pub buffers: Vec<Tensor>,
+}
+
+impl State {
+    /// A deep copy (fresh storage), so updating one never touches the other.
+    pub fn deep_clone(&self) -> State {
+        State {
+            weights: self.weights.iter().map(|t| t.detach().copy()).collect(),
+            buffers: self.buffers.iter().map(|t| t.detach().copy()).collect(),
+        }
+    }
+}
+
+/// An architecture bound to a data set's shape.
+#[derive(Debug, Clone)]
+pub struct Network {
+    pub kind: NetKind,
+    pub in_channels: i64,
+    pub num_classes: i64,
+    pub width: i64,
+    pub norm: InputNorm,
+}
+
+impl Network {
+    pub fn new(
+        kind: NetKind,
+        in_channels: usize,
+        num_classes: usize,
+        width: usize,
+        norm: InputNorm,
+    ) -> Self {
+        Network {
+            kind,
+            in_channels: in_channels as i64,
+            num_classes: num_classes as i64,
+            width: width as i64,
+            norm,
+        }
+    }
+
+    /// Fresh weights, drawn from libtorch's generator (seed it first with `tch::manual_seed`).
+    pub fn init(&self, device: Device, kind: Kind) -> State {
+        let _guard = tch::no_grad_guard();
+        let mut layers = Layers::build(self.kind, device, kind);
+        let x = Tensor::zeros(
+            [2, self.in_channels, self.norm.side, self.norm.side],
+            (kind, device),
+        );
+        let _ = nets::body(self, &mut layers, &x);
+        layers.into_state()
+    }
+
+    /// Logits for raw 0-255 images `x` [N, C, H, W].
+    ///
+    /// `Mode::Train` normalises with batch statistics; with `update_stats` it also moves the
+    /// running statistics in `state.buffers` (in place, outside autograd), as one ordinary
+    /// training step does. `Mode::Eval` uses the running statistics.
+    pub fn forward(
+        &self,
+        weights: &[Tensor],
+        buffers: &[Tensor],
+        x: &Tensor,
+        mode: Mode,
+    ) -> Tensor {
+        let mut layers = Layers::apply(weights, buffers, mode);
+        let input = self.norm.apply(x);
+        let out = nets::body(self, &mut layers, &input);
+        layers.finish();
+        out
+    }
+
+    pub fn param_count(&self) -> i64 {
+        self.init(Device::Cpu, Kind::Float)
+            .weights
+            .iter()
+            .map(|t| t.numel() as i64)
+            .sum()
+    }
+}
