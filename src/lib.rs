@@ -1,7 +1,9 @@
 //! metapoison: clean-label data poisoning with MetaPoison on libtorch.
 
+pub mod cli;
 pub mod config;
 pub mod craft;
 pub mod data;
 pub mod device;
 pub mod model;
+pub mod paths;

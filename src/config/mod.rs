@@ -40,7 +40,8 @@ pub struct DataConfig {
     pub dataset: DatasetKind,
     /// Folder holding the data set's files (unused for `embedded`).
     pub path: Option<PathBuf>,
-    /// Train on the first N training images only (the authors' `nbatch x batchsize`); 0 = all.
+    /// Train on the first N training images only; the authors' default is nbatch 40 x batch 125
+    /// = 5000 (10% of CIFAR-10). 0 = the whole training split.
     pub train_limit: usize,
 }
 
@@ -49,7 +50,7 @@ impl Default for DataConfig {
         Self {
             dataset: DatasetKind::Embedded,
             path: None,
-            train_limit: 0,
+            train_limit: 5000,
         }
     }
 }
@@ -130,8 +131,6 @@ pub struct CraftConfig {
     pub lr_drop_factor: f64,
     /// Re-initialise the perturbation every N steps; 0 = never.
     pub restart_period: usize,
-    /// Differentiable random crop + flip of the unrolled batches.
-    pub augment: bool,
 }
 
 impl Default for CraftConfig {
@@ -148,7 +147,6 @@ impl Default for CraftConfig {
             lr_drops: vec![20, 40],
             lr_drop_factor: 0.1,
             restart_period: 0,
-            augment: false,
         }
     }
 }

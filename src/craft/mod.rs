@@ -1,8 +1,14 @@
 //! The MetaPoison attack: perturbation model, objectives, unrolled meta-gradient, staggered
 //! ensemble and outer optimiser. No UI code lives here.
 
+pub mod adam;
+pub mod checkpoint;
+pub mod crafter;
+pub mod engine;
+pub mod messages;
 pub mod objective;
 pub mod perturbation;
+pub mod plan;
 pub mod recolor;
 pub mod rng;
 pub mod schedule;

@@ -1,0 +1,314 @@
+//! The command line. Errors reach the user as one line (anyhow context chains joined).
+
+use crate::config::Config;
+use crate::craft::engine::{self, EngineSetup};
+use crate::craft::messages::{Phase, Telemetry};
+use crate::device::DeviceChoice;
+use crate::paths::{timestamp, Paths};
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+const EXAMPLE_CONFIG: &str = include_str!("../config.example.toml");
+
+fn long_version() -> String {
+    format!(
+        "{}\nlibtorch {} (tch 0.24)\nCUDA available: {} ({} device(s))",
+        env!("CARGO_PKG_VERSION"),
+        crate::device::libtorch_version(),
+        tch::Cuda::is_available(),
+        tch::Cuda::device_count()
+    )
+}
+
+#[derive(Parser)]
+#[command(
+    name = "metapoison",
+    about = "Clean-label data poisoning with MetaPoison on libtorch",
+    disable_version_flag = true
+)]
+pub struct Cli {
+    /// Print the version, the libtorch version and whether CUDA is available.
+    #[arg(short = 'V', long)]
+    version: bool,
+    /// Config file (default: the config dir's config.toml when present, else built-in defaults).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Folder for logs and runs (default: the platform data dir, e.g. ~/.local/share/metapoison).
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Craft poisons headless: one JSON object per line on stdout (craft steps and events),
+    /// a progress line on stderr when it is a terminal. Ctrl-c / SIGTERM / SIGHUP checkpoint and stop.
+    Craft {
+        /// Continue the run in this folder from its checkpoint.
+        #[arg(long)]
+        resume: Option<PathBuf>,
+        /// Folder for this run (default: a new timestamped folder under DATA_DIR/runs).
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+        /// Override run.device (auto, cpu, cuda:N).
+        #[arg(long)]
+        device: Option<String>,
+        /// Override craft.steps.
+        #[arg(long)]
+        steps: Option<usize>,
+    },
+    /// Configuration files.
+    Config {
+        #[command(subcommand)]
+        action: ConfigCmd,
+    },
+    /// Data sets.
+    Data {
+        #[command(subcommand)]
+        action: DataCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Parse and validate a config file.
+    Check { file: PathBuf },
+    /// Print the effective config (file given by --config, or the default one, or defaults).
+    Show,
+    /// Write the documented example config to the config dir (never overwrites).
+    Init,
+}
+
+#[derive(Subcommand)]
+enum DataCmd {
+    /// Sizes, classes and per-class counts of the configured data set.
+    Info,
+}
+
+fn load_config(cli_config: Option<&Path>, paths: &Paths) -> Result<Config> {
+    match cli_config {
+        Some(p) => Ok(Config::load(p)?),
+        None if paths.config_file.exists() => Ok(Config::load(&paths.config_file)?),
+        None => Ok(Config::default()),
+    }
+}
+
+fn init_logging(paths: &Paths) -> Option<tracing_appender::non_blocking::WorkerGuard> {
+    let dir = paths.log_dir();
+    std::fs::create_dir_all(&dir).ok()?;
+    let appender = tracing_appender::rolling::never(&dir, "metapoison.log");
+    let (writer, guard) = tracing_appender::non_blocking(appender);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("METAPOISON_LOG")
+        .unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_writer(writer)
+        .with_ansi(false)
+        .with_env_filter(filter)
+        .try_init()
+        .ok()?;
+    Some(guard)
+}
+
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = format!("{e:#}");
+            tracing::error!("{msg}");
+            eprintln!("error: {msg}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if cli.version {
+        println!("metapoison {}", long_version());
+        return Ok(());
+    }
+    let paths = Paths::new(cli.data_dir.clone());
+    let Some(command) = cli.command else {
+        use clap::CommandFactory;
+        Cli::command().print_help()?;
+        return Ok(());
+    };
+    match command {
+        Cmd::Config { action } => match action {
+            ConfigCmd::Check { file } => {
+                Config::load(&file)?;
+                println!("{}: ok", file.display());
+            }
+            ConfigCmd::Show => print!("{}", load_config(cli.config.as_deref(), &paths)?.to_toml()),
+            ConfigCmd::Init => {
+                let target = &paths.config_file;
+                if target.exists() {
+                    bail!(
+                        "{} already exists; not overwritten (edit it, or remove it first)",
+                        target.display()
+                    );
+                }
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent)
+                        .with_context(|| format!("cannot create {}", parent.display()))?;
+                }
+                std::fs::write(target, EXAMPLE_CONFIG)
+                    .with_context(|| format!("cannot write {}", target.display()))?;
+                println!("wrote {}", target.display());
+            }
+        },
+        Cmd::Data {
+            action: DataCmd::Info,
+        } => {
+            let config = load_config(cli.config.as_deref(), &paths)?;
+            let data = crate::data::load(&config.data)?;
+            print!("{}", data.summary());
+        }
+        Cmd::Craft {
+            resume,
+            run_dir,
+            device,
+            steps,
+        } => {
+            let _log = init_logging(&paths);
+            craft(
+                cli.config.as_deref(),
+                &paths,
+                resume,
+                run_dir,
+                device,
+                steps,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn craft(
+    config_path: Option<&Path>,
+    paths: &Paths,
+    resume: Option<PathBuf>,
+    run_dir: Option<PathBuf>,
+    device: Option<String>,
+    steps: Option<usize>,
+) -> Result<()> {
+    let (mut config, run_dir, resuming) = match resume {
+        Some(dir) => {
+            let loaded = crate::craft::checkpoint::load(&dir)?;
+            (loaded.state.config, dir, true)
+        }
+        None => {
+            let config = load_config(config_path, paths)?;
+            let dir = match run_dir {
+                Some(d) => d,
+                None => {
+                    let base = config
+                        .run
+                        .output_dir
+                        .clone()
+                        .unwrap_or_else(|| paths.runs_dir());
+                    base.join(format!("{}-{}", timestamp(), config.surrogate.net.name()))
+                }
+            };
+            (config, dir, false)
+        }
+    };
+    if let Some(d) = device {
+        config.run.device = d;
+    }
+    if let Some(s) = steps {
+        config.craft.steps = s;
+    }
+    config.validate()?;
+    let device = config
+        .run
+        .device
+        .parse::<DeviceChoice>()
+        .map_err(anyhow::Error::msg)?
+        .resolve()
+        .map_err(anyhow::Error::msg)?;
+    if config.run.threads > 0 {
+        tch::set_num_threads(config.run.threads as i32);
+    }
+    let data = crate::data::load(&config.data)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ] {
+        // A second signal while the first is being handled ends the process at once.
+        signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())?;
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    tracing::info!("crafting into {} on {device:?}", run_dir.display());
+    let handle = engine::spawn(EngineSetup {
+        config,
+        data,
+        device,
+        kind: tch::Kind::Float,
+        run_dir: run_dir.clone(),
+        resume: resuming,
+        stop,
+    });
+    let progress = std::io::stderr().is_terminal();
+    let mut stdout = std::io::stdout().lock();
+    for t in handle.telemetry.iter() {
+        if matches!(t, Telemetry::PretrainProgress { .. }) && !progress {
+            // Per-epoch pretraining progress is only for the terminal line.
+        } else if !matches!(t, Telemetry::Preview(_)) {
+            writeln!(stdout, "{}", serde_json::to_string(&t)?)?;
+            stdout.flush()?;
+        }
+        if progress {
+            progress_line(&t);
+        }
+        if let Telemetry::Phase(Phase::Failed { .. }) = t {
+            break;
+        }
+    }
+    if progress {
+        eprintln!();
+    }
+    handle.join().map_err(anyhow::Error::msg)?;
+    eprintln!("run folder: {}", run_dir.display());
+    Ok(())
+}
+
+fn progress_line(t: &Telemetry) {
+    let line = match t {
+        Telemetry::PretrainProgress {
+            surrogate,
+            of,
+            epoch,
+            epochs,
+        } => {
+            format!("pretraining surrogate {surrogate}/{of}: epoch {epoch}/{epochs}")
+        }
+        Telemetry::Step(r) => format!(
+            "step {}/{}  adv loss {:.3}  linf {:.1}  {:.1}s/step  ETA {}",
+            r.step + 1,
+            r.steps,
+            r.adv_loss,
+            r.norms.linf,
+            r.seconds,
+            format_duration(r.eta_seconds)
+        ),
+        _ => return,
+    };
+    eprint!("\r\x1b[2K{line}");
+}
+
+pub fn format_duration(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, s % 3600 / 60)
+    } else {
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+}

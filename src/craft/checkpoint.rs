@@ -1,0 +1,279 @@
+//! Checkpoints: one safetensors file holding every tensor of the job (perturbation, Adam state,
+//! surrogate weights and batch-norm statistics) with the rest of the state as JSON in its
+//! metadata. Written to a temporary file, synced, then renamed over the old one, so a crash
+//! never leaves a half-written checkpoint.
+
+use super::crafter::{Crafter, LiveSettings};
+use super::messages::{Event, StepReport};
+use super::plan::Plan;
+use crate::config::Config;
+use crate::model::State;
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+pub const FILE_NAME: &str = "checkpoint.safetensors";
+const FORMAT: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("cannot write checkpoint {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read checkpoint {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("checkpoint {path} is damaged or not a metapoison checkpoint: {message}")]
+    Corrupt { path: PathBuf, message: String },
+}
+
+/// Everything but the tensors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointState {
+    pub format: u32,
+    pub tool_version: String,
+    /// Next craft step to run.
+    pub step: usize,
+    pub config: Config,
+    pub plan: Plan,
+    pub live: LiveSettings,
+    pub events: Vec<Event>,
+    pub history: Vec<StepReport>,
+    pub nonfinite_in_row: usize,
+    pub adam_t: i64,
+    pub float64: bool,
+}
+
+fn dtype_of(kind: Kind) -> Dtype {
+    match kind {
+        Kind::Double => Dtype::F64,
+        Kind::Int64 => Dtype::I64,
+        Kind::Uint8 => Dtype::U8,
+        _ => Dtype::F32,
+    }
+}
+
+fn bytes_of(t: &Tensor) -> (Dtype, Vec<usize>, Vec<u8>) {
+    let t = t.detach().to_device(Device::Cpu).contiguous();
+    let kind = match t.kind() {
+        Kind::Double | Kind::Int64 | Kind::Uint8 => t.kind(),
+        _ => Kind::Float,
+    };
+    let t = t.to_kind(kind);
+    let n = t.numel();
+    let mut data = vec![0u8; n * kind.elt_size_in_bytes()];
+    t.copy_data_u8(&mut data, n);
+    (
+        dtype_of(kind),
+        t.size().iter().map(|&d| d as usize).collect(),
+        data,
+    )
+}
+
+fn surrogate_names(m: usize, s: &State) -> Vec<(String, &Tensor)> {
+    let mut out: Vec<(String, &Tensor)> = s
+        .weights
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (format!("surrogate.{m}.weight.{i}"), t))
+        .collect();
+    out.extend(
+        s.buffers
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("surrogate.{m}.buffer.{i}"), t)),
+    );
+    out
+}
+
+/// Writes `dir/checkpoint.safetensors` atomically.
+pub fn save(crafter: &Crafter, dir: &Path) -> Result<PathBuf, CheckpointError> {
+    let state = CheckpointState {
+        format: FORMAT,
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        step: crafter.step,
+        config: crafter.config.clone(),
+        plan: crafter.plan.clone(),
+        live: crafter.live.clone(),
+        events: crafter.events.clone(),
+        history: crafter.history.clone(),
+        nonfinite_in_row: crafter.nonfinite_in_row,
+        adam_t: crafter.adam.t,
+        float64: crafter.kind == Kind::Double,
+    };
+    let mut named: Vec<(String, &Tensor)> = vec![
+        ("delta".into(), &crafter.perturbation.delta),
+        ("offsets".into(), &crafter.perturbation.offsets),
+    ];
+    for (i, (m, v)) in crafter.adam.m.iter().zip(&crafter.adam.v).enumerate() {
+        named.push((format!("adam.m.{i}"), m));
+        named.push((format!("adam.v.{i}"), v));
+    }
+    for (m, s) in crafter.surrogates.iter().enumerate() {
+        named.extend(surrogate_names(m, s));
+    }
+    let raw: Vec<(String, (Dtype, Vec<usize>, Vec<u8>))> =
+        named.into_iter().map(|(n, t)| (n, bytes_of(t))).collect();
+    let path = dir.join(FILE_NAME);
+    let corrupt = |message: String| CheckpointError::Corrupt {
+        path: path.clone(),
+        message,
+    };
+    let views: Vec<(String, TensorView)> = raw
+        .iter()
+        .map(|(n, (d, s, b))| {
+            TensorView::new(*d, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| corrupt(format!("{e:?}")))
+        })
+        .collect::<Result<_, _>>()?;
+    let meta = HashMap::from([(
+        "metapoison".to_string(),
+        serde_json::to_string(&state).expect("state serialises"),
+    )]);
+    let bytes = safetensors::tensor::serialize(views, &Some(meta))
+        .map_err(|e| corrupt(format!("{e:?}")))?;
+    write_atomic(&path, &bytes).map_err(|source| CheckpointError::Write {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(path)
+}
+
+/// Writes a file through a temporary sibling and a rename; the old file stays intact until
+/// the new one is complete and synced.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// A checkpoint read back: the state and the tensors by name (on the CPU).
+pub struct Loaded {
+    pub state: CheckpointState,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+pub fn load(dir: &Path) -> Result<Loaded, CheckpointError> {
+    let path = if dir.is_file() {
+        dir.to_path_buf()
+    } else {
+        dir.join(FILE_NAME)
+    };
+    let bytes = std::fs::read(&path).map_err(|source| CheckpointError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let corrupt = |message: String| CheckpointError::Corrupt {
+        path: path.clone(),
+        message,
+    };
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(format!("{e:?}")))?;
+    let json = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("metapoison"))
+        .ok_or_else(|| corrupt("no metapoison state in its metadata".into()))?;
+    let state: CheckpointState =
+        serde_json::from_str(json).map_err(|e| corrupt(format!("state: {e}")))?;
+    if state.format != FORMAT {
+        return Err(corrupt(format!(
+            "format {} is not the supported format {FORMAT}",
+            state.format
+        )));
+    }
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(format!("{e:?}")))?;
+    let mut tensors = HashMap::new();
+    for (name, view) in st.tensors() {
+        let kind = match view.dtype() {
+            Dtype::F64 => Kind::Double,
+            Dtype::F32 => Kind::Float,
+            Dtype::I64 => Kind::Int64,
+            Dtype::U8 => Kind::Uint8,
+            other => {
+                return Err(corrupt(format!(
+                    "tensor {name} has unsupported dtype {other:?}"
+                )))
+            }
+        };
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind)
+            .map_err(|e| corrupt(format!("tensor {name}: {e}")))?;
+        tensors.insert(name, t);
+    }
+    Ok(Loaded { state, tensors })
+}
+
+impl Loaded {
+    fn take(&self, name: &str, like: &Tensor) -> Result<Tensor, String> {
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| format!("tensor {name} is missing"))?;
+        if t.size() != like.size() {
+            return Err(format!(
+                "tensor {name} has shape {:?}, expected {:?}",
+                t.size(),
+                like.size()
+            ));
+        }
+        Ok(t.to_kind(like.kind()).to_device(like.device()))
+    }
+
+    /// Puts the saved tensors and state into a crafter built from the same config and data.
+    pub fn restore_into(&self, c: &mut Crafter) -> Result<(), String> {
+        let _guard = tch::no_grad_guard();
+        if self.state.plan != c.plan {
+            return Err("the run's plan (poisons, targets, ensemble) differs from the checkpoint's; was the data changed?".into());
+        }
+        let delta = self.take("delta", &c.perturbation.delta)?;
+        c.perturbation.delta.copy_(&delta);
+        let offsets = self.take("offsets", &c.perturbation.offsets)?;
+        c.perturbation.offsets.copy_(&offsets);
+        for i in 0..c.adam.m.len() {
+            c.adam.m[i] = self.take(&format!("adam.m.{i}"), &c.adam.m[i])?;
+            c.adam.v[i] = self.take(&format!("adam.v.{i}"), &c.adam.v[i])?;
+        }
+        c.adam.t = self.state.adam_t;
+        for (m, s) in c.surrogates.iter_mut().enumerate() {
+            for (i, w) in s.weights.iter_mut().enumerate() {
+                *w = self
+                    .take(&format!("surrogate.{m}.weight.{i}"), w)?
+                    .set_requires_grad(true);
+            }
+            for (i, b) in s.buffers.iter_mut().enumerate() {
+                *b = self.take(&format!("surrogate.{m}.buffer.{i}"), b)?;
+            }
+        }
+        c.step = self.state.step;
+        c.live = self.state.live.clone();
+        c.events = self.state.events.clone();
+        c.history = self.state.history.clone();
+        c.nonfinite_in_row = self.state.nonfinite_in_row;
+        Ok(())
+    }
+}

@@ -1,0 +1,503 @@
+//! One crafting job's state and its craft step, with no threads and no I/O: the engine
+//! (engine.rs) drives it, the checkpoint module saves and restores it.
+
+use super::adam::Adam;
+use super::messages::{Event, StepReport};
+use super::objective::{cross_entropy, TargetLabels};
+use super::perturbation::Perturbation;
+use super::plan::Plan;
+use super::recolor::Recolor;
+use super::rng::{derive, Purpose, SplitMix64};
+use super::schedule;
+use super::unroll::{meta_gradient, UnrollBatches, UnrollSettings};
+use crate::config::Config;
+use crate::data::{Dataset, Split};
+use crate::model::{InputNorm, Mode, Network, State};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// Settings a user may change while the job runs.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LiveSettings {
+    pub outer_lr: f64,
+    pub inner_lr: f64,
+    pub unroll_steps: usize,
+}
+
+pub struct Crafter {
+    pub config: Config,
+    pub plan: Plan,
+    pub device: Device,
+    pub kind: Kind,
+    pub net: Network,
+    /// Training images, u8 [N, C, H, W] on the device, and labels.
+    train_x: Tensor,
+    train_y: Tensor,
+    train_len: usize,
+    /// Poison slot of each training index, or -1.
+    slot_of: Vec<i64>,
+    pub perturbation: Perturbation,
+    pub adam: Adam,
+    pub targets: Tensor,
+    pub labels: TargetLabels,
+    pub surrogates: Vec<State>,
+    /// Next craft step to run.
+    pub step: usize,
+    pub live: LiveSettings,
+    pub events: Vec<Event>,
+    pub history: Vec<StepReport>,
+    pub nonfinite_in_row: usize,
+    step_seconds: Vec<f64>,
+}
+
+/// Images of a split as a [N, C, H, W] u8 tensor.
+pub fn split_tensor(split: &Split, device: Device) -> Tensor {
+    Tensor::from_slice(&split.images)
+        .view([
+            split.len() as i64,
+            split.height as i64,
+            split.width as i64,
+            split.channels as i64,
+        ])
+        .permute([0, 3, 1, 2])
+        .contiguous()
+        .to_device(device)
+}
+
+impl Crafter {
+    /// Builds the job; surrogates are initialised but not yet pretrained (see [`Self::pretrain`]).
+    pub fn new(config: Config, data: &Dataset, plan: Plan, device: Device, kind: Kind) -> Crafter {
+        let train_x = split_tensor(&data.train, device);
+        let train_y = Tensor::from_slice(&data.train.labels)
+            .to_kind(Kind::Int64)
+            .to_device(device);
+        let mut slot_of = vec![-1i64; data.train.len()];
+        for (s, &i) in plan.poison_indices.iter().enumerate() {
+            slot_of[i] = s as i64;
+        }
+        let idx = |v: &[usize]| {
+            Tensor::from_slice(&v.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(device)
+        };
+        let base = train_x
+            .index_select(0, &idx(&plan.poison_indices))
+            .to_kind(kind);
+        let recolor = Recolor::new(data.train.channels, config.threat.color_grid);
+        let mut perturbation =
+            Perturbation::zeros(base, recolor, config.threat.eps, config.threat.color_eps);
+        tch::manual_seed(derive(config.run.seed, Purpose::PerturbationInit, 0, 0) as i64);
+        perturbation.randomise();
+        perturbation.project(true);
+        let adam = Adam::new(&[&perturbation.delta, &perturbation.offsets]);
+        let test_x = split_tensor(&data.test, device);
+        let targets = test_x
+            .index_select(0, &idx(&plan.target_indices))
+            .to_kind(kind);
+        let t = plan.target_indices.len();
+        let labels = TargetLabels {
+            truth: Tensor::full([t as i64], plan.target_class, (Kind::Int64, device)),
+            adversarial: Tensor::full([t as i64], plan.adv_class, (Kind::Int64, device)),
+            poison_class: plan.poison_class,
+        };
+        let norm = InputNorm::for_dataset(&data.name, data.train.channels);
+        let net = Network::new(
+            config.surrogate.net,
+            data.train.channels,
+            data.num_classes(),
+            config.surrogate.width,
+            norm,
+        );
+        let live = LiveSettings {
+            outer_lr: config.craft.outer_lr,
+            inner_lr: config.surrogate.lr,
+            unroll_steps: config.craft.unroll_steps,
+        };
+        let mut crafter = Crafter {
+            train_len: data.train.len(),
+            train_x,
+            train_y,
+            slot_of,
+            perturbation,
+            adam,
+            targets,
+            labels,
+            surrogates: Vec::new(),
+            step: 0,
+            live,
+            events: Vec::new(),
+            history: Vec::new(),
+            nonfinite_in_row: 0,
+            step_seconds: Vec::new(),
+            net,
+            device,
+            kind,
+            plan,
+            config,
+        };
+        crafter.surrogates = (0..crafter.plan.ensemble_size)
+            .map(|m| crafter.fresh_surrogate(m, 0))
+            .collect();
+        crafter
+    }
+
+    fn fresh_surrogate(&self, m: usize, generation: usize) -> State {
+        tch::manual_seed(derive(
+            self.config.run.seed,
+            Purpose::SurrogateInit,
+            m as u64,
+            generation as u64,
+        ) as i64);
+        let s = self.net.init(self.device, self.kind);
+        State {
+            weights: s
+                .weights
+                .into_iter()
+                .map(|w| w.set_requires_grad(true))
+                .collect(),
+            buffers: s.buffers,
+        }
+    }
+
+    fn batch_size(&self) -> usize {
+        self.config.surrogate.batch_size
+    }
+
+    fn inner_lr(&self, epoch: usize) -> f64 {
+        let s = &self.config.surrogate;
+        schedule::inner_lr(self.live.inner_lr, epoch, s.warmup_epochs, &s.lr_drops)
+    }
+
+    pub fn outer_lr(&self, step: usize) -> f64 {
+        let c = &self.config.craft;
+        schedule::outer_lr(
+            self.live.outer_lr,
+            step,
+            c.warmup_steps,
+            &c.lr_drops,
+            c.lr_drop_factor,
+        )
+    }
+
+    fn as_index(v: &[usize], device: Device) -> Tensor {
+        Tensor::from_slice(&v.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(device)
+    }
+
+    /// One plain SGD step of a surrogate on a batch (running statistics updated). Returns the
+    /// loss as a tensor so that no host sync happens here.
+    fn sgd_step(&self, m: usize, x: &Tensor, y: &Tensor, lr: f64) -> Tensor {
+        let state = &self.surrogates[m];
+        let logits = self
+            .net
+            .forward(&state.weights, &state.buffers, x, Mode::TrainUpdateStats);
+        let loss = cross_entropy(&logits, y);
+        let grads = Tensor::run_backward(&[&loss], &state.weights, false, false);
+        let _guard = tch::no_grad_guard();
+        let wd = self.config.surrogate.weight_decay;
+        for (w, g) in state.weights.iter().zip(grads.iter()) {
+            let update = if wd > 0.0 { (g + w * wd) * lr } else { g * lr };
+            let mut w = w.shallow_clone();
+            let _ = w.f_sub_(&update).expect("sgd update");
+        }
+        loss.detach()
+    }
+
+    /// A permutation of the training indices for one epoch.
+    fn permutation(&self, seed: u64) -> Vec<usize> {
+        let mut perm: Vec<usize> = (0..self.train_len).collect();
+        SplitMix64::new(seed).shuffle(&mut perm);
+        perm
+    }
+
+    /// Trains surrogate `m` for one clean epoch at `epoch` (pretraining).
+    fn clean_epoch(&self, m: usize, epoch: usize, generation: usize) {
+        let b = self.batch_size();
+        let lr = self.inner_lr(epoch);
+        let seed = derive(
+            self.config.run.seed,
+            Purpose::Pretrain,
+            (m * 1_000_003 + generation) as u64,
+            epoch as u64,
+        );
+        let perm = self.permutation(seed);
+        for chunk in perm.chunks_exact(b) {
+            let idx = Self::as_index(chunk, self.device);
+            let x = self.train_x.index_select(0, &idx).to_kind(self.kind);
+            let y = self.train_y.index_select(0, &idx);
+            let _ = self.sgd_step(m, &x, &y, lr);
+        }
+    }
+
+    /// Staggered pretraining: surrogate m is trained from scratch to its starting epoch.
+    /// `progress(m, epoch, epochs)` is called after each epoch; returning false cancels.
+    pub fn pretrain(&mut self, mut progress: impl FnMut(usize, usize, usize) -> bool) -> bool {
+        let (mm, stagger) = (self.plan.ensemble_size, self.plan.stagger);
+        for m in 0..mm {
+            let epochs = schedule::surrogate_epoch(m, 0, mm, stagger);
+            for e in 0..epochs {
+                self.clean_epoch(m, e, 0);
+                if !progress(m, e + 1, epochs) {
+                    return false;
+                }
+            }
+            if epochs == 0 && !progress(m, 0, 0) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Positions in a batch that hold poisons, and their slots.
+    fn poisons_in(&self, chunk: &[usize]) -> (Vec<usize>, Vec<usize>) {
+        let mut positions = Vec::new();
+        let mut slots = Vec::new();
+        for (p, &i) in chunk.iter().enumerate() {
+            if self.slot_of[i] >= 0 {
+                positions.push(p);
+                slots.push(self.slot_of[i] as usize);
+            }
+        }
+        (positions, slots)
+    }
+
+    /// Surrogate m walks one epoch at craft step `step`, taking the meta-gradient at the chosen
+    /// poison-holding batches and an ordinary clean SGD step at every batch. Returns the summed
+    /// gradients, the summed adversarial loss (a tensor) and the number of meta batches.
+    fn crafting_epoch(
+        &self,
+        m: usize,
+        epoch: usize,
+        step: usize,
+        poisons_now: &Tensor,
+    ) -> (Tensor, Tensor, Tensor, usize) {
+        let b = self.batch_size();
+        let lr = self.inner_lr(epoch);
+        let k = self.live.unroll_steps;
+        let seed = self.config.run.seed;
+        let perm = self.permutation(derive(seed, Purpose::Shuffle, m as u64, step as u64));
+        let mut choose = SplitMix64::new(derive(
+            seed,
+            Purpose::MetaBatchChoice,
+            m as u64,
+            step as u64,
+        ));
+        let chunks: Vec<&[usize]> = perm.chunks_exact(b).collect();
+        let settings = UnrollSettings {
+            steps: k,
+            lr,
+            weight_decay: self.config.surrogate.weight_decay,
+            objective: self.plan.objective,
+        };
+        let mut g_delta = self.perturbation.delta.detach().zeros_like();
+        let mut g_offsets = self.perturbation.offsets.detach().zeros_like();
+        let mut adv_sum = Tensor::zeros([], (self.kind, self.device));
+        let mut count = 0;
+        let load = |chunk: &[usize], with_poisons: bool| -> (Tensor, Tensor) {
+            let idx = Self::as_index(chunk, self.device);
+            let mut x = self.train_x.index_select(0, &idx).to_kind(self.kind);
+            if with_poisons {
+                let (pos, slots) = self.poisons_in(chunk);
+                if !pos.is_empty() {
+                    let p = poisons_now.index_select(0, &Self::as_index(&slots, self.device));
+                    x = x.index_copy(0, &Self::as_index(&pos, self.device), &p);
+                }
+            }
+            (x, self.train_y.index_select(0, &idx))
+        };
+        for (bi, chunk) in chunks.iter().enumerate() {
+            let (positions, slots) = self.poisons_in(chunk);
+            let (x, y) = load(chunk, false);
+            if !positions.is_empty() && choose.next_f64() < self.plan.meta_batch_fraction {
+                let mut batches = vec![(x.shallow_clone(), y.shallow_clone())];
+                for i in 1..=k {
+                    batches.push(load(chunks[(bi + i) % chunks.len()], true));
+                }
+                let input = UnrollBatches {
+                    batches,
+                    positions: Self::as_index(&positions, self.device),
+                    slots: Self::as_index(&slots, self.device),
+                };
+                let s = &self.surrogates[m];
+                let (adv, gd, go) = meta_gradient(
+                    &self.net,
+                    &s.weights,
+                    &s.buffers,
+                    &self.perturbation,
+                    &input,
+                    &self.targets,
+                    &self.labels,
+                    settings,
+                    self.config.threat.smooth_coef,
+                );
+                g_delta += gd;
+                g_offsets += go;
+                adv_sum += adv;
+                count += 1;
+            }
+            // The surrogate itself follows the clean trajectory.
+            let _ = self.sgd_step(m, &x, &y, lr);
+        }
+        (g_delta, g_offsets, adv_sum, count)
+    }
+
+    /// Ensemble-averaged class probabilities of the targets, and per-surrogate fooled flags.
+    fn evaluate_targets(&self) -> (Vec<Vec<f64>>, Vec<f64>) {
+        let _guard = tch::no_grad_guard();
+        let mut sum: Option<Tensor> = None;
+        let mut fooled = Tensor::zeros([self.targets.size()[0]], (Kind::Double, self.device));
+        for s in &self.surrogates {
+            let logits = self
+                .net
+                .forward(&s.weights, &s.buffers, &self.targets, Mode::Eval);
+            let p = logits.softmax(1, Kind::Double);
+            fooled += logits
+                .argmax(1, false)
+                .eq_tensor(&self.labels.adversarial)
+                .to_kind(Kind::Double);
+            sum = Some(match sum {
+                None => p,
+                Some(acc) => acc + p,
+            });
+        }
+        let m = self.surrogates.len() as f64;
+        let probs = (sum.expect("at least one surrogate") / m).to_device(Device::Cpu);
+        let rows: Vec<Vec<f64>> = (0..probs.size()[0])
+            .map(|i| Vec::<f64>::try_from(probs.get(i)).unwrap_or_default())
+            .collect();
+        let fooled: Vec<f64> =
+            Vec::<f64>::try_from((fooled / m).to_device(Device::Cpu)).unwrap_or_default();
+        (rows, fooled)
+    }
+
+    /// Runs craft step `self.step` and advances it. `cancelled` is polled between surrogates.
+    pub fn craft_step(&mut self, cancelled: &dyn Fn() -> bool) -> Option<StepReport> {
+        let started = Instant::now();
+        let step = self.step;
+        let (mm, stagger) = (self.plan.ensemble_size, self.plan.stagger);
+        let restart = self.config.craft.restart_period;
+        if step > 0 && restart > 0 && step % restart == 0 {
+            tch::manual_seed(derive(
+                self.config.run.seed,
+                Purpose::PerturbationInit,
+                step as u64,
+                0,
+            ) as i64);
+            self.perturbation.randomise();
+            self.perturbation.project(true);
+            self.events.push(Event {
+                step,
+                kind: "restart".into(),
+                message: "perturbation re-initialised".into(),
+            });
+        }
+        let poisons_now = self.perturbation.poisons_detached();
+        let mut g_delta = self.perturbation.delta.detach().zeros_like();
+        let mut g_offsets = self.perturbation.offsets.detach().zeros_like();
+        let mut adv_per = Vec::with_capacity(mm);
+        let mut epochs = Vec::with_capacity(mm);
+        let mut meta_batches = 0;
+        // Surrogates change in place during the step; a cancelled step puts them back, so the
+        // job always sits at a step boundary (where checkpoints are taken).
+        let snapshot: Vec<State> = self.surrogates.iter().map(State::deep_clone).collect();
+        for m in 0..mm {
+            if cancelled() {
+                self.surrogates = snapshot
+                    .into_iter()
+                    .map(|s| State {
+                        weights: s
+                            .weights
+                            .into_iter()
+                            .map(|w| w.set_requires_grad(true))
+                            .collect(),
+                        buffers: s.buffers,
+                    })
+                    .collect();
+                return None;
+            }
+            let epoch = schedule::surrogate_epoch(m, step, mm, stagger);
+            if epoch == 0 && step > 0 {
+                let generation = schedule::surrogate_generation(m, step, mm, stagger);
+                self.surrogates[m] = self.fresh_surrogate(m, generation);
+            }
+            let (gd, go, adv, n) = self.crafting_epoch(m, epoch, step, &poisons_now);
+            g_delta += gd;
+            g_offsets += go;
+            adv_per.push((adv, n));
+            epochs.push(epoch);
+            meta_batches += n;
+        }
+        let g_delta = g_delta / mm as f64;
+        let g_offsets = g_offsets / mm as f64;
+        let finite = g_delta.isfinite().all().int64_value(&[]) != 0
+            && g_offsets.isfinite().all().int64_value(&[]) != 0;
+        let lr = self.outer_lr(step);
+        if finite {
+            self.nonfinite_in_row = 0;
+            let p = &mut self.perturbation;
+            self.adam.step(
+                &mut [&mut p.delta, &mut p.offsets],
+                &[g_delta, g_offsets],
+                lr,
+            );
+            p.project(true);
+        } else {
+            self.nonfinite_in_row += 1;
+            self.events.push(Event {
+                step,
+                kind: "nonfinite".into(),
+                message: format!(
+                    "meta-gradient not finite: update skipped ({} in a row)",
+                    self.nonfinite_in_row
+                ),
+            });
+        }
+        let adv_loss_per_surrogate: Vec<f64> = adv_per
+            .iter()
+            .map(|(a, n)| {
+                if *n > 0 {
+                    a.double_value(&[]) / *n as f64
+                } else {
+                    f64::NAN
+                }
+            })
+            .collect();
+        let counted: Vec<f64> = adv_loss_per_surrogate
+            .iter()
+            .copied()
+            .filter(|v| v.is_finite())
+            .collect();
+        let adv_loss = if counted.is_empty() {
+            f64::NAN
+        } else {
+            counted.iter().sum::<f64>() / counted.len() as f64
+        };
+        let (target_probs, target_fooled) = self.evaluate_targets();
+        let seconds = started.elapsed().as_secs_f64();
+        self.step_seconds.push(seconds);
+        let recent = &self.step_seconds[self.step_seconds.len().saturating_sub(5)..];
+        let mean = recent.iter().sum::<f64>() / recent.len() as f64;
+        let steps = self.config.craft.steps;
+        let report = StepReport {
+            step,
+            steps,
+            adv_loss,
+            adv_loss_per_surrogate,
+            target_probs,
+            target_fooled,
+            norms: self.perturbation.norms(),
+            outer_lr: lr,
+            inner_lr: self.live.inner_lr,
+            unroll_steps: self.live.unroll_steps,
+            epochs,
+            meta_batches,
+            seconds,
+            eta_seconds: mean * (steps.saturating_sub(step + 1)) as f64,
+            skipped: !finite,
+        };
+        self.step += 1;
+        self.history.push(report.clone());
+        Some(report)
+    }
+
+    pub fn finished(&self) -> bool {
+        self.step >= self.config.craft.steps
+    }
+}

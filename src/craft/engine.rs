@@ -1,0 +1,386 @@
+//! The crafting thread. It owns libtorch and the job; the outside world talks to it only
+//! through [`Command`]s in and [`Telemetry`] out.
+
+use super::checkpoint;
+use super::crafter::Crafter;
+use super::messages::{Command, Event, Phase, Preview, Telemetry};
+use super::plan::Plan;
+use crate::config::Config;
+use crate::data::Dataset;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use tch::{Device, Kind};
+
+/// What the engine needs to start.
+pub struct EngineSetup {
+    pub config: Config,
+    pub data: Dataset,
+    pub device: Device,
+    /// Float64 is for tests; runs use float32.
+    pub kind: Kind,
+    pub run_dir: PathBuf,
+    /// Continue from the checkpoint in `run_dir`.
+    pub resume: bool,
+    /// Set by signal handlers: checkpoint at the next step boundary and stop.
+    pub stop: Arc<AtomicBool>,
+}
+
+pub struct EngineHandle {
+    pub commands: Sender<Command>,
+    pub telemetry: Receiver<Telemetry>,
+    thread: Option<JoinHandle<Result<(), String>>>,
+}
+
+impl EngineHandle {
+    /// Waits for the thread; its error (a one-line message) if it failed.
+    pub fn join(mut self) -> Result<(), String> {
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err("the crafting thread panicked (see the log file)".into()),
+            None => Ok(()),
+        }
+    }
+}
+
+pub fn spawn(setup: EngineSetup) -> EngineHandle {
+    let (cmd_tx, cmd_rx) = mpsc::channel();
+    let (tel_tx, tel_rx) = mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("crafting".into())
+        .spawn(move || {
+            let result = run(setup, cmd_rx, &tel_tx);
+            if let Err(message) = &result {
+                tracing::error!("crafting failed: {message}");
+                let _ = tel_tx.send(Telemetry::Phase(Phase::Failed {
+                    message: message.clone(),
+                }));
+            }
+            result
+        })
+        .expect("spawn crafting thread");
+    EngineHandle {
+        commands: cmd_tx,
+        telemetry: tel_rx,
+        thread: Some(thread),
+    }
+}
+
+struct Session<'a> {
+    crafter: Crafter,
+    setup: &'a EngineSetup,
+    out: &'a Sender<Telemetry>,
+    paused: bool,
+    /// Events already sent out.
+    events_sent: usize,
+}
+
+impl Session<'_> {
+    fn send(&self, t: Telemetry) {
+        // A controller that went away is no reason to stop crafting: results still land on disk.
+        let _ = self.out.send(t);
+    }
+
+    fn event(&mut self, kind: &str, message: String) {
+        let step = self.crafter.step;
+        tracing::info!("event at step {step}: {kind}: {message}");
+        self.crafter.events.push(Event {
+            step,
+            kind: kind.into(),
+            message,
+        });
+        self.flush_events();
+    }
+
+    fn flush_events(&mut self) {
+        while self.events_sent < self.crafter.events.len() {
+            self.send(Telemetry::Event(
+                self.crafter.events[self.events_sent].clone(),
+            ));
+            self.events_sent += 1;
+        }
+    }
+
+    fn checkpoint(&mut self) -> Result<(), String> {
+        let path =
+            checkpoint::save(&self.crafter, &self.setup.run_dir).map_err(|e| e.to_string())?;
+        tracing::info!(
+            "checkpoint at step {} -> {}",
+            self.crafter.step,
+            path.display()
+        );
+        self.send(Telemetry::Checkpoint {
+            step: self.crafter.step,
+            path: path.display().to_string(),
+        });
+        Ok(())
+    }
+
+    fn preview(&self, slot: usize) {
+        let p = &self.crafter.perturbation;
+        let n = p.base.size()[0] as usize;
+        if slot >= n {
+            return;
+        }
+        let _guard = tch::no_grad_guard();
+        let to_u8 = |t: tch::Tensor| -> Vec<u8> {
+            let t = t
+                .clamp(0.0, 255.0)
+                .round()
+                .to_kind(Kind::Uint8)
+                .permute([1, 2, 0])
+                .contiguous()
+                .to_device(Device::Cpu);
+            Vec::<u8>::try_from(t.flatten(0, -1)).unwrap_or_default()
+        };
+        let s = slot as i64;
+        let base = p.base.get(s);
+        let poison = p.quantised().get(s);
+        let delta = (&poison - &base) * 10.0 + 127.5;
+        let (c, h, w) = base.size3().expect("[C, H, W]");
+        self.send(Telemetry::Preview(Preview {
+            slot,
+            height: h as usize,
+            width: w as usize,
+            channels: c as usize,
+            base: to_u8(base),
+            poison: to_u8(poison),
+            delta: to_u8(delta),
+        }));
+    }
+
+    /// Applies one command. Returns false when the engine should stop.
+    fn apply(&mut self, cmd: Command) -> Result<bool, String> {
+        match cmd {
+            Command::Pause if !self.paused => {
+                self.paused = true;
+                self.send(Telemetry::Phase(Phase::Paused));
+                self.event("pause", "paused between steps".into());
+            }
+            Command::Resume if self.paused => {
+                self.paused = false;
+                self.send(Telemetry::Phase(Phase::Crafting));
+                self.event("resume", "resumed".into());
+            }
+            Command::Pause | Command::Resume => {}
+            Command::Stop => {
+                self.event("stop", "stop requested: checkpointing".into());
+                self.checkpoint()?;
+                return Ok(false);
+            }
+            Command::CheckpointNow => self.checkpoint()?,
+            Command::SetOuterLr { value } => {
+                if value.is_finite() && value > 0.0 {
+                    let old = self.crafter.live.outer_lr;
+                    self.crafter.live.outer_lr = value;
+                    self.event("set_outer_lr", format!("outer lr {old} -> {value}"));
+                } else {
+                    self.event(
+                        "rejected",
+                        format!("outer lr {value} refused: must be a positive number"),
+                    );
+                }
+            }
+            Command::SetInnerLr { value } => {
+                if value.is_finite() && value > 0.0 && value <= 10.0 {
+                    let old = self.crafter.live.inner_lr;
+                    self.crafter.live.inner_lr = value;
+                    self.event("set_inner_lr", format!("inner lr {old} -> {value}"));
+                } else {
+                    self.event(
+                        "rejected",
+                        format!("inner lr {value} refused: must be in (0, 10]"),
+                    );
+                }
+            }
+            Command::SetUnrollSteps { value } => {
+                if (1..=16).contains(&value) {
+                    let old = self.crafter.live.unroll_steps;
+                    self.crafter.live.unroll_steps = value;
+                    self.event("set_unroll_steps", format!("K {old} -> {value}"));
+                } else {
+                    self.event(
+                        "rejected",
+                        format!("K = {value} refused: must be in 1..=16"),
+                    );
+                }
+            }
+            Command::Preview { slot } => self.preview(slot),
+        }
+        Ok(true)
+    }
+
+    /// Handles pending commands; while paused, waits for them. Returns false to stop.
+    fn handle_commands(&mut self, rx: &Receiver<Command>) -> Result<bool, String> {
+        loop {
+            if self.setup.stop.load(Ordering::SeqCst) {
+                self.event("signal", "termination signal: checkpointing".into());
+                self.checkpoint()?;
+                return Ok(false);
+            }
+            let next = if self.paused {
+                match rx.recv_timeout(std::time::Duration::from_millis(200)) {
+                    Ok(c) => Some(c),
+                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => None,
+                }
+            } else {
+                match rx.try_recv() {
+                    Ok(c) => Some(c),
+                    Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => None,
+                }
+            };
+            match next {
+                Some(cmd) => {
+                    if !self.apply(cmd)? {
+                        return Ok(false);
+                    }
+                }
+                None if self.paused => {
+                    // Nobody left to resume us: keep the work and stop.
+                    self.checkpoint()?;
+                    return Ok(false);
+                }
+                None => return Ok(true),
+            }
+        }
+    }
+}
+
+fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Sender<Telemetry>) -> Result<(), String> {
+    let _ = out.send(Telemetry::Phase(Phase::Preparing));
+    std::fs::create_dir_all(&setup.run_dir)
+        .map_err(|e| format!("cannot create run folder {}: {e}", setup.run_dir.display()))?;
+    let loaded = if setup.resume {
+        Some(checkpoint::load(&setup.run_dir).map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+    // On resume the caller passes the checkpoint's config (with any overrides, such as more steps).
+    let config = setup.config.clone();
+    let plan = Plan::resolve(&config, &setup.data, setup.device.is_cuda())?;
+    for note in &plan.notes {
+        tracing::info!("{note}");
+    }
+    let mut crafter = Crafter::new(config.clone(), &setup.data, plan, setup.device, setup.kind);
+    let resumed_at = match &loaded {
+        Some(l) => {
+            l.restore_into(&mut crafter)?;
+            Some(crafter.step)
+        }
+        None => None,
+    };
+    let _ = out.send(Telemetry::Started {
+        run_dir: setup.run_dir.display().to_string(),
+        device: crate::device::describe(setup.device),
+        config_summary: format!(
+            "{} on {}, {} poisons of class {}, targets {:?} (class {}) -> class {}, M={} stagger={} K={} fraction={}",
+            config.surrogate.net.name(),
+            setup.data.name,
+            crafter.plan.poison_indices.len(),
+            crafter.plan.poison_class,
+            crafter.plan.target_ids,
+            crafter.plan.target_class,
+            crafter.plan.adv_class,
+            crafter.plan.ensemble_size,
+            crafter.plan.stagger,
+            crafter.live.unroll_steps,
+            crafter.plan.meta_batch_fraction
+        ),
+        resumed_at,
+    });
+    let mut session = Session {
+        events_sent: crafter.events.len(),
+        crafter,
+        setup: &setup,
+        out,
+        paused: false,
+    };
+    for note in session.crafter.plan.notes.clone() {
+        session.send(Telemetry::Event(Event {
+            step: session.crafter.step,
+            kind: "auto".into(),
+            message: note,
+        }));
+    }
+    if resumed_at.is_none() {
+        std::fs::write(setup.run_dir.join("config.toml"), config.to_toml()).map_err(|e| {
+            format!(
+                "cannot write {}: {e}",
+                setup.run_dir.join("config.toml").display()
+            )
+        })?;
+        let m = session.crafter.plan.ensemble_size;
+        let stop = setup.stop.clone();
+        let tx = out.clone();
+        let completed = session.crafter.pretrain(|s, epoch, epochs| {
+            if epoch <= 1 {
+                let _ = tx.send(Telemetry::Phase(Phase::Pretraining {
+                    surrogate: s + 1,
+                    of: m,
+                }));
+            }
+            let _ = tx.send(Telemetry::PretrainProgress {
+                surrogate: s + 1,
+                of: m,
+                epoch,
+                epochs,
+            });
+            !stop.load(Ordering::SeqCst)
+        });
+        if !completed {
+            session.event(
+                "signal",
+                "stopped during pretraining; nothing crafted yet".into(),
+            );
+            return Ok(());
+        }
+        session.checkpoint()?;
+    } else {
+        session.event(
+            "resume",
+            format!("resumed from checkpoint at step {}", session.crafter.step),
+        );
+    }
+    session.send(Telemetry::Phase(Phase::Crafting));
+    let every = config.run.checkpoint_every;
+    while !session.crafter.finished() {
+        if !session.handle_commands(&rx)? {
+            return Ok(());
+        }
+        let stop = setup.stop.clone();
+        let Some(report) = session.crafter.craft_step(&|| stop.load(Ordering::SeqCst)) else {
+            continue; // cancelled: handle_commands checkpoints and stops
+        };
+        tracing::info!(
+            "step {}/{}: adv loss {:.4}, linf {:.2}, {:.1}s",
+            report.step + 1,
+            report.steps,
+            report.adv_loss,
+            report.norms.linf,
+            report.seconds
+        );
+        session.send(Telemetry::Step(report));
+        session.flush_events();
+        if session.crafter.nonfinite_in_row >= config.run.max_nonfinite_steps {
+            session.checkpoint()?;
+            return Err(format!(
+                "{} craft steps in a row had a non-finite meta-gradient; stopped. Lower craft.outer_lr or surrogate.lr and resume from {}",
+                session.crafter.nonfinite_in_row,
+                setup.run_dir.display()
+            ));
+        }
+        if every > 0 && session.crafter.step % every == 0 && !session.crafter.finished() {
+            session.checkpoint()?;
+        }
+    }
+    session.checkpoint()?;
+    session.send(Telemetry::Phase(Phase::Done));
+    session.send(Telemetry::Finished {
+        steps_done: session.crafter.step,
+        run_dir: setup.run_dir.display().to_string(),
+    });
+    Ok(())
+}

@@ -1,0 +1,143 @@
+//! The example config parses, documents exactly the defaults, and bad input is rejected with a
+//! message naming the field and the allowed range.
+
+use metapoison::config::Config;
+use std::path::Path;
+
+const EXAMPLE: &str = include_str!("../config.example.toml");
+
+fn parse(text: &str) -> Result<Config, String> {
+    Config::from_toml_str(text, Path::new("test.toml")).map_err(|e| e.to_string())
+}
+
+#[test]
+fn example_parses_and_equals_the_defaults() {
+    let example = parse(EXAMPLE).expect("example parses");
+    assert_eq!(example, Config::default());
+}
+
+#[test]
+fn example_mentions_every_field() {
+    // Every key of the serialised defaults appears in the example (commented or not).
+    let defaults: toml::Table = toml::from_str(&Config::default().to_toml()).unwrap();
+    for (section, table) in &defaults {
+        let start = EXAMPLE
+            .find(&format!("\n[{section}]\n"))
+            .unwrap_or_else(|| panic!("section [{section}] missing"));
+        let body = &EXAMPLE[start + section.len() + 3..];
+        let body = &body[..body.find("\n[").unwrap_or(body.len())];
+        for key in table.as_table().unwrap().keys() {
+            assert!(
+                body.contains(&format!("\n{key} = ")),
+                "{section}.{key} missing from the example"
+            );
+        }
+    }
+    for optional in ["# path = ", "# output_dir = "] {
+        assert!(EXAMPLE.contains(optional), "{optional} missing");
+    }
+}
+
+#[test]
+fn defaults_are_the_published_ones() {
+    let c = Config::default();
+    assert_eq!(c.threat.npoison, 200);
+    assert_eq!(c.threat.eps, 8.0);
+    assert_eq!(c.threat.color_eps, 0.04);
+    assert_eq!(c.threat.color_grid, 10);
+    assert_eq!(c.threat.smooth_coef, 1.0);
+    assert_eq!(c.craft.unroll_steps, 2);
+    assert_eq!(c.craft.steps, 61);
+    assert_eq!(c.craft.outer_lr, 200.0);
+    assert_eq!(c.craft.warmup_steps, 5);
+    assert_eq!(c.craft.lr_drops, vec![20, 40]);
+    assert_eq!(c.surrogate.lr, 0.1);
+    assert_eq!(c.surrogate.batch_size, 125);
+    assert_eq!(c.surrogate.warmup_epochs, 5);
+    assert_eq!(c.victim.epochs, 200);
+    assert_eq!(c.data.train_limit, 5000);
+}
+
+#[test]
+fn unknown_keys_are_rejected_by_name() {
+    let e = parse("[craft]\nunrol_steps = 3\n").unwrap_err();
+    assert!(e.contains("unknown field `unrol_steps`"), "{e}");
+    assert!(e.contains("test.toml"), "{e}");
+    let e = parse("[crafting]\n").unwrap_err();
+    assert!(e.contains("unknown field `crafting`"), "{e}");
+}
+
+#[test]
+fn invalid_values_name_field_value_and_range() {
+    let cases = [
+        (
+            "[craft]\nunroll_steps = 0\n",
+            "`craft.unroll_steps` = 0",
+            "1..=16",
+        ),
+        ("[threat]\neps = -1.0\n", "`threat.eps` = -1", "[0, 255]"),
+        (
+            "[threat]\ncolor_eps = 0.9\n",
+            "`threat.color_eps` = 0.9",
+            "[0, 0.5]",
+        ),
+        (
+            "[craft]\nmeta_batch_fraction = 0.0\n",
+            "`craft.meta_batch_fraction` = 0",
+            "(0, 1]",
+        ),
+        (
+            "[craft]\nensemble_size = 0\n",
+            "`craft.ensemble_size` = 0",
+            "1..=1024",
+        ),
+        (
+            "[craft]\nlr_drops = [40, 20]\n",
+            "`craft.lr_drops` = [40, 20]",
+            "strictly increasing",
+        ),
+        ("[surrogate]\nlr = 0.0\n", "`surrogate.lr` = 0", "(0, 10]"),
+        (
+            "[run]\ndevice = \"gpu\"\n",
+            "`run.device` = \"gpu\"",
+            "cuda:N",
+        ),
+        (
+            "[threat]\ntarget_class = 1000\n",
+            "`threat.target_class` = 1000",
+            "0..=999",
+        ),
+        ("[data]\ndataset = \"cifar10\"\n", "`data.path`", "folder"),
+    ];
+    for (text, field, allowed) in cases {
+        let e = parse(text).unwrap_err();
+        assert!(
+            e.contains(field) && e.contains(allowed),
+            "for {text:?} got: {e}"
+        );
+    }
+}
+
+#[test]
+fn auto_fields_take_the_word_auto_or_a_value() {
+    let c = parse("[craft]\nensemble_size = 8\nstagger = \"auto\"\n").unwrap();
+    assert_eq!(c.craft.ensemble_size.value(), Some(&8));
+    assert_eq!(c.craft.stagger.value(), None);
+    let e = parse("[craft]\nensemble_size = \"many\"\n").unwrap_err();
+    assert!(e.contains("auto"), "{e}");
+}
+
+#[test]
+fn wrong_types_are_reported_with_location() {
+    let e = parse("[craft]\nsteps = \"sixty\"\n").unwrap_err();
+    assert!(e.contains("test.toml") && e.contains("at byte"), "{e}");
+}
+
+#[test]
+fn round_trip_through_toml() {
+    let mut c = Config::default();
+    c.craft.unroll_steps = 3;
+    c.threat.target_ids = metapoison::config::Auto::Value(vec![1, 4]);
+    let back = parse(&c.to_toml()).unwrap();
+    assert_eq!(back, c);
+}

@@ -1,0 +1,210 @@
+//! Loaders on real bytes: the embedded Fashion-MNIST subset, the CIFAR-10 fixture built from 20
+//! real test images, and corrupt or truncated files.
+
+use metapoison::config::{DataConfig, DatasetKind};
+use metapoison::data::{self, cifar, idx};
+use std::path::{Path, PathBuf};
+
+fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cifar10")
+}
+
+#[test]
+fn embedded_subset_sizes_counts_and_labels() {
+    let ds = data::embedded::load().unwrap();
+    assert_eq!((ds.train.len(), ds.test.len()), (10_000, 2_000));
+    assert_eq!(
+        (ds.train.height, ds.train.width, ds.train.channels),
+        (28, 28, 1)
+    );
+    assert_eq!(ds.train.class_counts(10), vec![1000; 10]);
+    assert_eq!(ds.test.class_counts(10), vec![200; 10]);
+    // The first labels of the official files (the subset keeps their order).
+    assert_eq!(&ds.test.labels[..10], &[9, 2, 1, 1, 6, 1, 4, 6, 5, 7]);
+    assert_eq!(&ds.train.labels[..10], &[9, 0, 0, 3, 0, 2, 7, 2, 5, 5]);
+    let origin = ds.train_origin.as_ref().unwrap();
+    assert_eq!(origin.len(), 10_000);
+    assert_eq!(&origin[..3], &[0, 1, 2]);
+    assert!(origin.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(*ds.test_origin.as_ref().unwrap().last().unwrap(), 2087);
+    // Real image content: a non-blank first image with values over the whole range.
+    let img = ds.train.image(0);
+    assert_eq!(img.len(), 784);
+    assert_eq!(*img.iter().max().unwrap(), 255);
+    assert_eq!(img[0], 0);
+}
+
+#[test]
+fn train_limit_keeps_the_first_images() {
+    let ds = data::load(&DataConfig {
+        dataset: DatasetKind::Embedded,
+        path: None,
+        train_limit: 5000,
+    })
+    .unwrap();
+    assert_eq!(ds.train.len(), 5000);
+    assert_eq!(ds.train.images.len(), 5000 * 784);
+    assert_eq!(ds.train_origin.unwrap().len(), 5000);
+    assert_eq!(ds.test.len(), 2000);
+}
+
+#[test]
+fn cifar_fixture_labels_and_pixels() {
+    let path = fixture_dir().join("test_batch.bin");
+    let split = cifar::parse_batch(&std::fs::read(&path).unwrap(), &path).unwrap();
+    assert_eq!(split.len(), 20);
+    assert_eq!(
+        split.labels,
+        vec![3, 8, 8, 0, 6, 6, 1, 6, 3, 1, 0, 9, 5, 7, 9, 8, 5, 7, 8, 6]
+    );
+    let img = split.image(0);
+    assert_eq!(&img[0..3], &[158, 112, 49]); // pixel (0, 0), RGB
+    let last = (31 * 32 + 31) * 3;
+    assert_eq!(&img[last..last + 3], &[21, 67, 110]); // pixel (31, 31)
+    let p = (10 * 32 + 5) * 3;
+    assert_eq!(&img[p..p + 3], &[155, 112, 50]); // pixel (row 10, col 5)
+}
+
+#[test]
+fn cifar_folder_loads_and_names_missing_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let batch = std::fs::read(fixture_dir().join("test_batch.bin")).unwrap();
+    for k in 1..=5 {
+        std::fs::write(dir.path().join(format!("data_batch_{k}.bin")), &batch).unwrap();
+    }
+    std::fs::write(dir.path().join("test_batch.bin"), &batch).unwrap();
+    let ds = cifar::load_dir(dir.path()).unwrap();
+    assert_eq!(
+        (ds.train.len(), ds.test.len(), ds.num_classes()),
+        (100, 20, 10)
+    );
+    std::fs::remove_file(dir.path().join("data_batch_3.bin")).unwrap();
+    let e = cifar::load_dir(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("data_batch_3.bin"), "{e}");
+}
+
+#[test]
+fn cifar_truncated_and_bad_label() {
+    let path = fixture_dir().join("test_batch.bin");
+    let bytes = std::fs::read(&path).unwrap();
+    let e = cifar::parse_batch(&bytes[..bytes.len() - 10], Path::new("x.bin"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("x.bin") && e.contains("multiple of 3073") && e.contains("61450"),
+        "{e}"
+    );
+    let mut bad = bytes.clone();
+    bad[3073] = 12;
+    let e = cifar::parse_batch(&bad, Path::new("y.bin"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("y.bin") && e.contains("record 1") && e.contains("label 12"),
+        "{e}"
+    );
+}
+
+fn idx_images(n: u32, h: u32, w: u32) -> Vec<u8> {
+    let mut v = vec![0, 0, 8, 3];
+    for d in [n, h, w] {
+        v.extend_from_slice(&d.to_be_bytes());
+    }
+    v.extend((0..n * h * w).map(|i| (i % 251) as u8));
+    v
+}
+
+#[test]
+fn idx_bad_magic_truncated_and_corrupt_gzip() {
+    let good = idx_images(3, 4, 4);
+    assert_eq!(idx::parse_images(&good, Path::new("a")).unwrap().1, 3);
+    let mut bad = good.clone();
+    bad[3] = 1;
+    let e = idx::parse_images(&bad, Path::new("imgs.idx"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("imgs.idx")
+            && e.contains("magic")
+            && e.contains("0x00000803")
+            && e.contains("0x00000801"),
+        "{e}"
+    );
+    let e = idx::parse_images(&good[..good.len() - 5], Path::new("t.idx"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("t.idx") && e.contains("expected 64 bytes") && e.contains("found 59"),
+        "{e}"
+    );
+    let e = idx::parse_images(&good[..6], Path::new("h.idx"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("truncated IDX header"), "{e}");
+    let e = idx::decode_maybe_gz(&[0x1f, 0x8b, 8, 0, 1, 2, 3], Path::new("z.gz"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("z.gz") && e.contains("corrupt gzip"), "{e}");
+}
+
+#[test]
+fn idx_folder_with_mismatched_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    std::fs::write(p.join("train-images-idx3-ubyte"), idx_images(3, 2, 2)).unwrap();
+    std::fs::write(
+        p.join("train-labels-idx1-ubyte"),
+        [0, 0, 8, 1, 0, 0, 0, 2, 1, 2],
+    )
+    .unwrap();
+    std::fs::write(p.join("t10k-images-idx3-ubyte"), idx_images(1, 2, 2)).unwrap();
+    std::fs::write(
+        p.join("t10k-labels-idx1-ubyte"),
+        [0, 0, 8, 1, 0, 0, 0, 1, 4],
+    )
+    .unwrap();
+    let e = idx::load_dir(p, "fashion-mnist", vec!["c".into(); 10])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("holds 3 images") && e.contains("2 labels"),
+        "{e}"
+    );
+    let e = idx::load_dir(&p.join("nowhere"), "mnist", vec!["c".into(); 10])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("train-images-idx3-ubyte") && e.contains("data.path"),
+        "{e}"
+    );
+}
+
+#[test]
+fn fashion_mnist_from_the_debian_package_when_installed() {
+    let dir = Path::new("/usr/share/datasets/fashion-mnist");
+    if !dir.exists() {
+        eprintln!("skipped: {} not installed", dir.display());
+        return;
+    }
+    let ds = data::load(&DataConfig {
+        dataset: DatasetKind::FashionMnist,
+        path: Some(dir.into()),
+        train_limit: 0,
+    })
+    .unwrap();
+    assert_eq!((ds.train.len(), ds.test.len()), (60_000, 10_000));
+    assert_eq!(&ds.test.labels[..10], &[9, 2, 1, 1, 6, 1, 4, 6, 5, 7]);
+    // The embedded subset is exactly the official images at the recorded indices.
+    let sub = data::embedded::load().unwrap();
+    for (k, &orig) in sub
+        .train_origin
+        .as_ref()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .step_by(997)
+    {
+        assert_eq!(sub.train.image(k), ds.train.image(orig as usize));
+        assert_eq!(sub.train.labels[k], ds.train.labels[orig as usize]);
+    }
+}
