@@ -291,10 +291,12 @@ fn progress_line(t: &Telemetry) {
             format!("pretraining surrogate {surrogate}/{of}: epoch {epoch}/{epochs}")
         }
         Telemetry::Step(r) => format!(
-            "step {}/{}  adv loss {:.3}  linf {:.1}  {:.1}s/step  ETA {}",
+            "step {}/{}  adv loss {}  linf {:.1}  {:.1}s/step  ETA {}",
             r.step + 1,
             r.steps,
-            r.adv_loss,
+            r.adv_loss
+                .map(|v| format!("{v:.3}"))
+                .unwrap_or_else(|| "-".into()),
             r.norms.linf,
             r.seconds,
             format_duration(r.eta_seconds)

@@ -7,7 +7,7 @@ use metapoison::craft::objective::TargetLabels;
 use metapoison::craft::perturbation::Perturbation;
 use metapoison::craft::recolor::Recolor;
 use metapoison::craft::unroll::{
-    meta_gradient, unrolled_adversarial_loss, UnrollBatches, UnrollSettings,
+    meta_gradient, unrolled_adversarial_loss, Surrogate, Targets, UnrollBatches, UnrollSettings,
 };
 use metapoison::model::{InputNorm, Network};
 use tch::{Device, Kind, Tensor};
@@ -22,6 +22,22 @@ struct Case {
     batches: UnrollBatches,
     targets: Tensor,
     labels: TargetLabels,
+}
+
+impl Case {
+    fn model(&self) -> Surrogate<'_> {
+        Surrogate {
+            net: &self.net,
+            weights: &self.weights,
+            buffers: &self.buffers,
+        }
+    }
+    fn targets(&self) -> Targets<'_> {
+        Targets {
+            images: &self.targets,
+            labels: &self.labels,
+        }
+    }
 }
 
 fn case(channels: usize, k: usize, seed: i64) -> Case {
@@ -78,12 +94,7 @@ fn case(channels: usize, k: usize, seed: i64) -> Case {
 }
 
 fn objective_value(c: &Case, s: UnrollSettings, smooth: f64) -> f64 {
-    let _g = tch::no_grad_guard();
-    // The inner gradients need autograd even while the outer value does not.
-    drop(_g);
-    let v = unrolled_adversarial_loss(
-        &c.net, &c.weights, &c.buffers, &c.pert, &c.batches, &c.targets, &c.labels, s,
-    );
+    let v = unrolled_adversarial_loss(c.model(), &c.pert, &c.batches, c.targets(), s);
     let sm = c.pert.recolor.smoothness(&c.pert.offsets).double_value(&[]) * smooth;
     v.double_value(&[]) + sm
 }
@@ -95,11 +106,10 @@ fn check(channels: usize, k: usize, objective: ObjectiveKind) {
         lr: 0.1,
         weight_decay: 0.0,
         objective,
+        smooth_coef: 1.0,
     };
-    let smooth = 1.0;
-    let (_, g_delta, g_off) = meta_gradient(
-        &c.net, &c.weights, &c.buffers, &c.pert, &c.batches, &c.targets, &c.labels, s, smooth,
-    );
+    let smooth = s.smooth_coef;
+    let (_, g_delta, g_off) = meta_gradient(c.model(), &c.pert, &c.batches, c.targets(), s);
     let g_delta = g_delta.flatten(0, -1);
     let g_off = g_off.flatten(0, -1);
     // Entries of delta belonging to poisons in the batch (slots 0 and 2), and grid entries.
@@ -188,10 +198,9 @@ fn poisons_outside_the_batch_get_no_adversarial_gradient() {
         lr: 0.1,
         weight_decay: 0.0,
         objective: ObjectiveKind::Cw,
+        smooth_coef: 0.0,
     };
-    let (_, g_delta, _) = meta_gradient(
-        &c.net, &c.weights, &c.buffers, &c.pert, &c.batches, &c.targets, &c.labels, s, 0.0,
-    );
+    let (_, g_delta, _) = meta_gradient(c.model(), &c.pert, &c.batches, c.targets(), s);
     // slot 1 is not in the batch
     assert_eq!(
         g_delta.get(1).abs().sum(Kind::Double).double_value(&[]),

@@ -210,6 +210,8 @@ pub struct VictimConfig {
     pub net: NetKind,
     pub epochs: usize,
     pub lr: f64,
+    /// Linear warm-up of the lr over this many epochs (as the authors' training).
+    pub warmup_epochs: usize,
     pub lr_drops: Vec<usize>,
     pub batch_size: usize,
     pub weight_decay: f64,
@@ -223,6 +225,7 @@ impl Default for VictimConfig {
             net: NetKind::ConvnetBn,
             epochs: 200,
             lr: 0.1,
+            warmup_epochs: 5,
             lr_drops: vec![100, 150],
             batch_size: 125,
             weight_decay: 0.0,

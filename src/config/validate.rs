@@ -139,6 +139,7 @@ impl Config {
 
         let v = &self.victim;
         int_range("victim.epochs", v.epochs, 1, 100_000)?;
+        int_range("victim.warmup_epochs", v.warmup_epochs, 0, 10_000)?;
         real_range("victim.lr", v.lr, 0.0, 10.0, true)?;
         increasing("victim.lr_drops", &v.lr_drops)?;
         int_range("victim.batch_size", v.batch_size, 2, 8192)?;

@@ -60,7 +60,10 @@ fn dtype_of(kind: Kind) -> Dtype {
     }
 }
 
-fn bytes_of(t: &Tensor) -> (Dtype, Vec<usize>, Vec<u8>) {
+/// A tensor as safetensors wants it: dtype, shape, little-endian bytes.
+type RawTensor = (Dtype, Vec<usize>, Vec<u8>);
+
+fn bytes_of(t: &Tensor) -> RawTensor {
     let t = t.detach().to_device(Device::Cpu).contiguous();
     let kind = match t.kind() {
         Kind::Double | Kind::Int64 | Kind::Uint8 => t.kind(),
@@ -119,8 +122,7 @@ pub fn save(crafter: &Crafter, dir: &Path) -> Result<PathBuf, CheckpointError> {
     for (m, s) in crafter.surrogates.iter().enumerate() {
         named.extend(surrogate_names(m, s));
     }
-    let raw: Vec<(String, (Dtype, Vec<usize>, Vec<u8>))> =
-        named.into_iter().map(|(n, t)| (n, bytes_of(t))).collect();
+    let raw: Vec<(String, RawTensor)> = named.into_iter().map(|(n, t)| (n, bytes_of(t))).collect();
     let path = dir.join(FILE_NAME);
     let corrupt = |message: String| CheckpointError::Corrupt {
         path: path.clone(),

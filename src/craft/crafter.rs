@@ -3,16 +3,16 @@
 
 use super::adam::Adam;
 use super::messages::{Event, StepReport};
-use super::objective::{cross_entropy, TargetLabels};
+use super::objective::TargetLabels;
 use super::perturbation::Perturbation;
 use super::plan::Plan;
 use super::recolor::Recolor;
 use super::rng::{derive, Purpose, SplitMix64};
 use super::schedule;
-use super::unroll::{meta_gradient, UnrollBatches, UnrollSettings};
+use super::unroll::{meta_gradient, Surrogate, Targets, UnrollBatches, UnrollSettings};
 use crate::config::Config;
 use crate::data::{Dataset, Split};
-use crate::model::{InputNorm, Mode, Network, State};
+use crate::model::{sgd, InputNorm, Mode, Network, State};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -181,23 +181,15 @@ impl Crafter {
         Tensor::from_slice(&v.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(device)
     }
 
-    /// One plain SGD step of a surrogate on a batch (running statistics updated). Returns the
-    /// loss as a tensor so that no host sync happens here.
     fn sgd_step(&self, m: usize, x: &Tensor, y: &Tensor, lr: f64) -> Tensor {
-        let state = &self.surrogates[m];
-        let logits = self
-            .net
-            .forward(&state.weights, &state.buffers, x, Mode::TrainUpdateStats);
-        let loss = cross_entropy(&logits, y);
-        let grads = Tensor::run_backward(&[&loss], &state.weights, false, false);
-        let _guard = tch::no_grad_guard();
-        let wd = self.config.surrogate.weight_decay;
-        for (w, g) in state.weights.iter().zip(grads.iter()) {
-            let update = if wd > 0.0 { (g + w * wd) * lr } else { g * lr };
-            let mut w = w.shallow_clone();
-            let _ = w.f_sub_(&update).expect("sgd update");
-        }
-        loss.detach()
+        sgd::sgd_step(
+            &self.net,
+            &self.surrogates[m],
+            x,
+            y,
+            lr,
+            self.config.surrogate.weight_decay,
+        )
     }
 
     /// A permutation of the training indices for one epoch.
@@ -285,6 +277,7 @@ impl Crafter {
             lr,
             weight_decay: self.config.surrogate.weight_decay,
             objective: self.plan.objective,
+            smooth_coef: self.config.threat.smooth_coef,
         };
         let mut g_delta = self.perturbation.delta.detach().zeros_like();
         let mut g_offsets = self.perturbation.offsets.detach().zeros_like();
@@ -317,15 +310,18 @@ impl Crafter {
                 };
                 let s = &self.surrogates[m];
                 let (adv, gd, go) = meta_gradient(
-                    &self.net,
-                    &s.weights,
-                    &s.buffers,
+                    Surrogate {
+                        net: &self.net,
+                        weights: &s.weights,
+                        buffers: &s.buffers,
+                    },
                     &self.perturbation,
                     &input,
-                    &self.targets,
-                    &self.labels,
+                    Targets {
+                        images: &self.targets,
+                        labels: &self.labels,
+                    },
                     settings,
-                    self.config.threat.smooth_coef,
                 );
                 g_delta += gd;
                 g_offsets += go;
@@ -449,26 +445,13 @@ impl Crafter {
                 ),
             });
         }
-        let adv_loss_per_surrogate: Vec<f64> = adv_per
+        let adv_loss_per_surrogate: Vec<Option<f64>> = adv_per
             .iter()
-            .map(|(a, n)| {
-                if *n > 0 {
-                    a.double_value(&[]) / *n as f64
-                } else {
-                    f64::NAN
-                }
-            })
+            .map(|(a, n)| (*n > 0).then(|| a.double_value(&[]) / *n as f64))
             .collect();
-        let counted: Vec<f64> = adv_loss_per_surrogate
-            .iter()
-            .copied()
-            .filter(|v| v.is_finite())
-            .collect();
-        let adv_loss = if counted.is_empty() {
-            f64::NAN
-        } else {
-            counted.iter().sum::<f64>() / counted.len() as f64
-        };
+        let counted: Vec<f64> = adv_loss_per_surrogate.iter().flatten().copied().collect();
+        let adv_loss =
+            (!counted.is_empty()).then(|| counted.iter().sum::<f64>() / counted.len() as f64);
         let (target_probs, target_fooled) = self.evaluate_targets();
         let seconds = started.elapsed().as_secs_f64();
         self.step_seconds.push(seconds);

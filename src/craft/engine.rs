@@ -355,7 +355,7 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Sender<Telemetry>) -> Re
             continue; // cancelled: handle_commands checkpoints and stops
         };
         tracing::info!(
-            "step {}/{}: adv loss {:.4}, linf {:.2}, {:.1}s",
+            "step {}/{}: adv loss {:?}, linf {:.2}, {:.1}s",
             report.step + 1,
             report.steps,
             report.adv_loss,

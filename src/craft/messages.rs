@@ -48,9 +48,11 @@ pub struct StepReport {
     /// 0-based craft step just finished.
     pub step: usize,
     pub steps: usize,
-    /// Adversarial loss averaged over surrogates (mean over their meta batches).
-    pub adv_loss: f64,
-    pub adv_loss_per_surrogate: Vec<f64>,
+    /// Adversarial loss averaged over surrogates (mean over their meta batches); `None` when
+    /// no surrogate met a poison-holding batch chosen for a meta step.
+    pub adv_loss: Option<f64>,
+    /// Per surrogate; `None` for one that took no meta step this epoch.
+    pub adv_loss_per_surrogate: Vec<Option<f64>>,
     /// Ensemble-averaged class probabilities of each target (eval mode), after the step.
     pub target_probs: Vec<Vec<f64>>,
     /// Fraction of surrogates classifying each target as its adversarial class.

@@ -60,15 +60,23 @@ impl Perturbation {
         let _ = self.offsets.zero_();
     }
 
+    /// The recoloured bases, clipped to the image range (a recoloured image is still an image).
+    fn recolored(&self, slots: Option<&Tensor>) -> Tensor {
+        let out = match slots {
+            None => self.recolor.apply(&self.base, &self.offsets),
+            Some(s) => self.recolor.apply(
+                &self.base.index_select(0, s),
+                &self.offsets.index_select(0, s),
+            ),
+        };
+        out.clamp(0.0, 255.0)
+    }
+
     /// Poisons for the slots given (all when `None`), differentiable in delta and offsets.
     pub fn poisons(&self, slots: Option<&Tensor>) -> Tensor {
         match slots {
-            None => self.recolor.apply(&self.base, &self.offsets) + &self.delta,
-            Some(s) => {
-                let base = self.base.index_select(0, s);
-                let offsets = self.offsets.index_select(0, s);
-                self.recolor.apply(&base, &offsets) + self.delta.index_select(0, s)
-            }
+            None => self.recolored(None) + &self.delta,
+            Some(s) => self.recolored(Some(s)) + self.delta.index_select(0, s),
         }
     }
 
@@ -85,7 +93,7 @@ impl Perturbation {
         self.recolor.project(&mut self.offsets, self.color_eps);
         let mut d = self.delta.clamp(-self.eps, self.eps);
         if clip_to_image {
-            let recolored = self.recolor.apply(&self.base, &self.offsets);
+            let recolored = self.recolored(None);
             d = (&recolored + d).clamp(0.0, 255.0) - recolored;
         }
         self.delta.copy_(&d);

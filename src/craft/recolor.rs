@@ -6,9 +6,10 @@
 
 use tch::{Kind, Tensor};
 
-/// Channel ranges of the grid: Y in [0, 1], U and V in [-0.5, 0.5].
-pub const YUV_MIN: [f64; 3] = [0.0, -0.5, -0.5];
-pub const YUV_MAX: [f64; 3] = [1.0, 0.5, 0.5];
+/// Channel ranges of the grid: exactly the YUV images of the RGB cube under the matrix below
+/// (Y in [0, 1], U in +-0.436, V in +-0.615), so every pixel falls inside the grid.
+pub const YUV_MIN: [f64; 3] = [0.0, -0.43601035, -0.61497538];
+pub const YUV_MAX: [f64; 3] = [1.0, 0.43601035, 0.61497538];
 
 /// TensorFlow's `rgb_to_yuv` matrix (rows: Y, U, V), as the authors used.
 const RGB_TO_YUV: [[f64; 3]; 3] = [

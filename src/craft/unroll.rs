@@ -30,20 +30,37 @@ pub struct UnrollSettings {
     pub lr: f64,
     pub weight_decay: f64,
     pub objective: ObjectiveKind,
+    /// Weight of the colour grid's smoothness penalty in the objective.
+    pub smooth_coef: f64,
+}
+
+/// A surrogate network at its current weights (which must require grad).
+#[derive(Clone, Copy)]
+pub struct Surrogate<'a> {
+    pub net: &'a Network,
+    pub weights: &'a [Tensor],
+    pub buffers: &'a [Tensor],
+}
+
+/// The target images (0-255, [T, C, H, W]) and their classes.
+#[derive(Clone, Copy)]
+pub struct Targets<'a> {
+    pub images: &'a Tensor,
+    pub labels: &'a TargetLabels,
 }
 
 /// The adversarial objective after unrolling (averaged over steps 1..K), as a differentiable
 /// function of the perturbation. `weights` must require grad.
 pub fn unrolled_adversarial_loss(
-    net: &Network,
-    weights: &[Tensor],
-    buffers: &[Tensor],
+    model: Surrogate,
     perturbation: &Perturbation,
     input: &UnrollBatches,
-    targets: &Tensor,
-    labels: &TargetLabels,
+    targets: Targets,
     settings: UnrollSettings,
 ) -> Tensor {
+    let (net, weights, buffers) = (model.net, model.weights, model.buffers);
+    let labels = targets.labels;
+    let targets = targets.images;
     let k = settings.steps;
     assert!(
         input.batches.len() > k,
@@ -88,29 +105,17 @@ pub fn unrolled_adversarial_loss(
     total.expect("K >= 1") / k as f64
 }
 
-/// The meta-gradient of one batch sequence: (objective value, d/d delta, d/d offsets). The
-/// objective includes `smooth_coef` times the colour grid's smoothness penalty.
+/// The meta-gradient of one batch sequence: (adversarial loss, d/d delta, d/d offsets). The
+/// differentiated objective adds `smooth_coef` times the colour grid's smoothness penalty.
 pub fn meta_gradient(
-    net: &Network,
-    weights: &[Tensor],
-    buffers: &[Tensor],
+    model: Surrogate,
     perturbation: &Perturbation,
     input: &UnrollBatches,
-    targets: &Tensor,
-    labels: &TargetLabels,
+    targets: Targets,
     settings: UnrollSettings,
-    smooth_coef: f64,
 ) -> (Tensor, Tensor, Tensor) {
-    let adv = unrolled_adversarial_loss(
-        net,
-        weights,
-        buffers,
-        perturbation,
-        input,
-        targets,
-        labels,
-        settings,
-    );
+    let smooth_coef = settings.smooth_coef;
+    let adv = unrolled_adversarial_loss(model, perturbation, input, targets, settings);
     let objective = if smooth_coef > 0.0 {
         &adv + perturbation.recolor.smoothness(&perturbation.offsets) * smooth_coef
     } else {

@@ -8,6 +8,7 @@
 
 mod layers;
 mod nets;
+pub mod sgd;
 
 pub use layers::{Layers, Mode};
 

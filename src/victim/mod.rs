@@ -1,0 +1,120 @@
+//! Victims: networks trained from scratch on a (possibly poisoned) training split, the only
+//! honest measure of a poison set.
+
+use crate::config::{NetKind, VictimConfig};
+use crate::craft::rng::{derive, Purpose, SplitMix64};
+use crate::craft::schedule;
+use crate::model::{sgd, Network, State};
+use tch::{Device, Kind, Tensor};
+
+/// How to train one victim.
+#[derive(Debug, Clone)]
+pub struct VictimTraining {
+    pub net: NetKind,
+    pub width: usize,
+    pub epochs: usize,
+    pub lr: f64,
+    pub warmup_epochs: usize,
+    pub lr_drops: Vec<usize>,
+    pub batch_size: usize,
+    pub weight_decay: f64,
+    pub augment: bool,
+}
+
+impl VictimTraining {
+    pub fn from_config(v: &VictimConfig) -> VictimTraining {
+        VictimTraining {
+            net: v.net,
+            width: 1,
+            epochs: v.epochs,
+            lr: v.lr,
+            warmup_epochs: v.warmup_epochs,
+            lr_drops: v.lr_drops.clone(),
+            batch_size: v.batch_size,
+            weight_decay: v.weight_decay,
+            augment: v.augment,
+        }
+    }
+}
+
+/// Standard augmentation, outside autograd: zero-pad by 4, random 28/32-pixel crop at a random
+/// offset per image, random horizontal flip.
+fn augment(x: &Tensor, rng: &mut SplitMix64) -> Tensor {
+    let (n, _, h, w) = x.size4().expect("[N, C, H, W]");
+    let padded = x.constant_pad_nd([4, 4, 4, 4]);
+    let crops: Vec<Tensor> = (0..n)
+        .map(|i| {
+            let (dy, dx) = (rng.below(9) as i64, rng.below(9) as i64);
+            let img = padded.get(i).narrow(1, dy, h).narrow(2, dx, w);
+            if rng.below(2) == 1 {
+                img.flip([2])
+            } else {
+                img
+            }
+        })
+        .collect();
+    Tensor::stack(&crops, 0)
+}
+
+/// Trains a fresh network on images `x` (0-255, [N, C, H, W], any numeric kind) and labels
+/// `y`. `seed` fixes the initialisation, batch order and augmentation. `progress(epoch)` is
+/// called after each epoch; returning false stops early.
+pub fn train_from_scratch(
+    net: &Network,
+    spec: &VictimTraining,
+    x: &Tensor,
+    y: &Tensor,
+    seed: u64,
+    kind: Kind,
+    mut progress: impl FnMut(usize) -> bool,
+) -> State {
+    let device = x.device();
+    tch::manual_seed(derive(seed, Purpose::SurrogateInit, u64::MAX, 0) as i64);
+    let init = net.init(device, kind);
+    let state = State {
+        weights: init
+            .weights
+            .into_iter()
+            .map(|w| w.set_requires_grad(true))
+            .collect(),
+        buffers: init.buffers,
+    };
+    let n = x.size()[0] as usize;
+    for epoch in 0..spec.epochs {
+        let lr = schedule::inner_lr(spec.lr, epoch, spec.warmup_epochs, &spec.lr_drops);
+        let mut rng = SplitMix64::new(derive(seed, Purpose::Shuffle, u64::MAX, epoch as u64));
+        let mut perm: Vec<i64> = (0..n as i64).collect();
+        rng.shuffle(&mut perm);
+        for chunk in perm.chunks_exact(spec.batch_size.min(n)) {
+            let idx = Tensor::from_slice(chunk).to_device(device);
+            let mut xb = x.index_select(0, &idx).to_kind(kind);
+            if spec.augment {
+                xb = augment(&xb, &mut rng);
+            }
+            let yb = y.index_select(0, &idx);
+            let _ = sgd::sgd_step(net, &state, &xb, &yb, lr, spec.weight_decay);
+        }
+        if !progress(epoch + 1) {
+            break;
+        }
+    }
+    state
+}
+
+/// The training images with the poisons in place: `poisons` ([P, C, H, W], 0-255, already
+/// quantised as they would be saved) replace the images at `indices`.
+pub fn poisoned_training_set(train_x: &Tensor, indices: &[usize], poisons: &Tensor) -> Tensor {
+    let idx = Tensor::from_slice(&indices.iter().map(|&i| i as i64).collect::<Vec<_>>())
+        .to_device(train_x.device());
+    train_x.to_kind(poisons.kind()).index_copy(0, &idx, poisons)
+}
+
+/// Softmax probabilities of each image (eval mode).
+pub fn probabilities(net: &Network, state: &State, x: &Tensor) -> Vec<Vec<f64>> {
+    let p = sgd::predict(net, state, x, 500)
+        .softmax(1, Kind::Double)
+        .to_device(Device::Cpu);
+    (0..p.size()[0])
+        .map(|i| Vec::<f64>::try_from(p.get(i)).unwrap_or_default())
+        .collect()
+}

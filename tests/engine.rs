@@ -1,0 +1,250 @@
+//! The engine thread end to end on tiny settings: telemetry, live changes, and a run that is
+//! interrupted and resumed ending with exactly the poisons of an uninterrupted run.
+
+use metapoison::config::{Auto, Config, DataConfig, DatasetKind};
+use metapoison::craft::checkpoint;
+use metapoison::craft::engine::{spawn, EngineSetup};
+use metapoison::craft::messages::{Command, Phase, StepReport, Telemetry};
+use metapoison::craft::schedule::surrogate_epoch;
+use metapoison::data::{self, Dataset};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tch::{Device, Kind};
+
+fn tiny_config() -> Config {
+    let mut c = Config {
+        data: DataConfig {
+            dataset: DatasetKind::Embedded,
+            path: None,
+            train_limit: 400,
+        },
+        ..Config::default()
+    };
+    c.threat.npoison = 12;
+    c.craft.steps = 5;
+    c.craft.unroll_steps = 1;
+    c.craft.ensemble_size = Auto::Value(2);
+    c.craft.stagger = Auto::Value(1);
+    c.craft.meta_batch_fraction = Auto::Value(0.5);
+    c.craft.warmup_steps = 2;
+    c.craft.lr_drops = vec![3];
+    c.surrogate.batch_size = 50;
+    c.run.checkpoint_every = 2;
+    c.run.seed = 11;
+    c
+}
+
+fn dataset(c: &Config) -> Dataset {
+    data::load(&c.data).unwrap()
+}
+
+/// Runs the engine to the end (or until `stop_after` steps were reported, then raises the stop
+/// flag as a signal would). Returns the step reports seen.
+fn run(
+    config: Config,
+    dir: &Path,
+    resume: bool,
+    stop_after: Option<usize>,
+    commands: Vec<(usize, Command)>,
+) -> Vec<StepReport> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let handle = spawn(EngineSetup {
+        data: dataset(&config),
+        config,
+        device: Device::Cpu,
+        kind: Kind::Float,
+        run_dir: dir.to_path_buf(),
+        resume,
+        stop: stop.clone(),
+    });
+    let mut reports = Vec::new();
+    for t in handle.telemetry.iter() {
+        if let Telemetry::Step(r) = &t {
+            reports.push(r.clone());
+            for (after, cmd) in &commands {
+                if *after == r.step {
+                    handle.commands.send(cmd.clone()).unwrap();
+                }
+            }
+            if Some(reports.len()) == stop_after {
+                stop.store(true, Ordering::SeqCst);
+            }
+        }
+        if let Telemetry::Phase(Phase::Failed { message }) = &t {
+            panic!("engine failed: {message}");
+        }
+    }
+    handle.join().unwrap();
+    reports
+}
+
+fn final_tensors(
+    dir: &Path,
+) -> (
+    checkpoint::CheckpointState,
+    tch::Tensor,
+    tch::Tensor,
+    tch::Tensor,
+) {
+    let l = checkpoint::load(dir).unwrap();
+    let w = l.tensors["surrogate.1.weight.0"].shallow_clone();
+    (
+        l.state,
+        l.tensors["delta"].shallow_clone(),
+        l.tensors["offsets"].shallow_clone(),
+        w,
+    )
+}
+
+#[test]
+fn interrupted_and_resumed_equals_uninterrupted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let config = tiny_config();
+    let full = run(config.clone(), &a, false, None, vec![]);
+    assert_eq!(full.len(), 5);
+
+    let first = run(config.clone(), &b, false, Some(2), vec![]);
+    assert!(
+        first.len() >= 2 && first.len() < 5,
+        "stopped after {} steps",
+        first.len()
+    );
+    let saved = checkpoint::load(&b).unwrap();
+    assert_eq!(saved.state.step, first.len());
+    let rest = run(saved.state.config.clone(), &b, true, None, vec![]);
+    assert_eq!(first.len() + rest.len(), 5);
+
+    let (sa, da, oa, wa) = final_tensors(&a);
+    let (sb, db, ob, wb) = final_tensors(&b);
+    assert_eq!((sa.step, sb.step), (5, 5));
+    let diff = |x: &tch::Tensor, y: &tch::Tensor| (x - y).abs().max().double_value(&[]);
+    assert!(diff(&da, &db) < 1e-5, "delta differs by {}", diff(&da, &db));
+    assert!(
+        diff(&oa, &ob) < 1e-7,
+        "offsets differ by {}",
+        diff(&oa, &ob)
+    );
+    assert!(
+        diff(&wa, &wb) < 1e-6,
+        "surrogate weights differ by {}",
+        diff(&wa, &wb)
+    );
+    // The losses reported after resuming continue the uninterrupted run's.
+    for r in &rest {
+        let twin = &full[r.step];
+        let (x, y) = (r.adv_loss.unwrap_or(0.0), twin.adv_loss.unwrap_or(0.0));
+        assert_eq!(r.adv_loss.is_some(), twin.adv_loss.is_some());
+        assert!((x - y).abs() < 1e-4, "step {}: {x} vs {y}", r.step);
+    }
+    // The perturbation moved and stayed in bounds.
+    assert!(da.abs().max().double_value(&[]) <= 8.0 + 1e-4);
+    assert!(da.abs().sum(Kind::Double).double_value(&[]) > 0.0);
+}
+
+#[test]
+fn reports_follow_the_schedule_and_live_changes_apply_and_are_logged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    let config = tiny_config();
+    let reports = run(
+        config.clone(),
+        &dir,
+        false,
+        None,
+        vec![
+            (0, Command::SetUnrollSteps { value: 2 }),
+            (1, Command::SetOuterLr { value: 50.0 }),
+            (1, Command::SetInnerLr { value: 0.05 }),
+            (1, Command::SetUnrollSteps { value: 0 }),
+        ],
+    );
+    assert_eq!(reports.len(), 5);
+    for r in &reports {
+        let want: Vec<usize> = (0..2).map(|m| surrogate_epoch(m, r.step, 2, 1)).collect();
+        assert_eq!(r.epochs, want, "step {}", r.step);
+        assert!(r.norms.delta_linf <= 8.0 + 1e-4);
+        assert_eq!(r.target_probs[0].len(), 10);
+        assert!((r.target_probs[0].iter().sum::<f64>() - 1.0).abs() < 1e-6);
+    }
+    // Each change is recorded with the step it applied at (commands race with the engine, so
+    // the step is read from the log) and every report from that step on reflects it.
+    let saved = checkpoint::load(&dir).unwrap();
+    let at = |kind: &str| {
+        saved
+            .state
+            .events
+            .iter()
+            .find(|e| e.kind == kind)
+            .map(|e| e.step)
+            .unwrap_or_else(|| panic!("no {kind} event"))
+    };
+    let (k_at, outer_at, inner_at) = (
+        at("set_unroll_steps"),
+        at("set_outer_lr"),
+        at("set_inner_lr"),
+    );
+    assert!(k_at >= 1 && outer_at >= 2 && inner_at >= 2);
+    assert!(saved
+        .state
+        .events
+        .iter()
+        .any(|e| e.kind == "rejected" && e.message.contains("K = 0")));
+    for r in &reports {
+        assert_eq!(
+            r.unroll_steps,
+            if r.step >= k_at { 2 } else { 1 },
+            "step {}",
+            r.step
+        );
+        assert_eq!(
+            r.inner_lr,
+            if r.step >= inner_at { 0.05 } else { 0.1 },
+            "step {}",
+            r.step
+        );
+        // Outer lr: quadratic warm-up over 2 steps, x0.1 from step 3.
+        let base = if r.step >= outer_at { 50.0 } else { 200.0 };
+        let warm = (((r.step + 1) as f64) / 2.0).powi(2).min(1.0);
+        let drop = if r.step >= 3 { 0.1 } else { 1.0 };
+        assert!(
+            (r.outer_lr - base * warm * drop).abs() < 1e-9,
+            "step {}: {}",
+            r.step,
+            r.outer_lr
+        );
+    }
+    assert_eq!(saved.state.live.outer_lr, 50.0);
+    assert_eq!(saved.state.history.len(), 5);
+}
+
+#[test]
+fn bad_target_id_fails_with_a_clear_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = tiny_config();
+    config.threat.target_ids = Auto::Value(vec![500]);
+    let handle = spawn(EngineSetup {
+        data: dataset(&config),
+        config,
+        device: Device::Cpu,
+        kind: Kind::Float,
+        run_dir: tmp.path().join("x"),
+        resume: false,
+        stop: Arc::new(AtomicBool::new(false)),
+    });
+    let failed: Vec<String> = handle
+        .telemetry
+        .iter()
+        .filter_map(|t| match t {
+            Telemetry::Phase(Phase::Failed { message }) => Some(message),
+            _ => None,
+        })
+        .collect();
+    let err = handle.join().unwrap_err();
+    assert!(
+        err.contains("threat.target_ids") && err.contains("500") && err.contains("200 images"),
+        "{err}"
+    );
+    assert_eq!(failed, vec![err]);
+}
