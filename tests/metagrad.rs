@@ -50,7 +50,7 @@ fn case(channels: usize, k: usize, seed: i64) -> Case {
         1,
         InputNorm::for_dataset("test", channels),
     );
-    let state = net.init(Device::Cpu, Kind::Double);
+    let state = net.init(Device::Cpu, Kind::Double, seed as u64);
     let weights: Vec<Tensor> = state
         .weights
         .into_iter()
@@ -67,7 +67,7 @@ fn case(channels: usize, k: usize, seed: i64) -> Case {
         .collect();
     let base = Tensor::rand([3, channels as i64, side, side], F64) * 255.0;
     let mut pert = Perturbation::zeros(base, Recolor::new(channels, 4), 8.0, 0.04);
-    pert.randomise();
+    pert.randomise(seed as u64);
     {
         let _g = tch::no_grad_guard();
         // A non-trivial colour grid, inside its bounds.

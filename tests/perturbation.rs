@@ -97,7 +97,7 @@ fn randomised_delta_is_uniform_within_eps_and_image_range() {
     tch::manual_seed(3);
     let base = Tensor::full([50, 1, 10, 10], 128.0, (Kind::Float, Device::Cpu));
     let mut p = Perturbation::zeros(base, Recolor::new(1, 10), 8.0, 0.04);
-    p.randomise();
+    p.randomise(3);
     let d = &p.delta;
     assert!(max_abs(d) <= 8.0);
     let mean = d.mean(Kind::Double).double_value(&[]);

@@ -84,8 +84,7 @@ impl Crafter {
         let recolor = Recolor::new(data.train.channels, config.threat.color_grid);
         let mut perturbation =
             Perturbation::zeros(base, recolor, config.threat.eps, config.threat.color_eps);
-        tch::manual_seed(derive(config.run.seed, Purpose::PerturbationInit, 0, 0) as i64);
-        perturbation.randomise();
+        perturbation.randomise(derive(config.run.seed, Purpose::PerturbationInit, 0, 0));
         perturbation.project(true);
         let adam = Adam::new(&[&perturbation.delta, &perturbation.offsets]);
         let test_x = split_tensor(&data.test, device);
@@ -140,13 +139,13 @@ impl Crafter {
     }
 
     fn fresh_surrogate(&self, m: usize, generation: usize) -> State {
-        tch::manual_seed(derive(
+        let seed = derive(
             self.config.run.seed,
             Purpose::SurrogateInit,
             m as u64,
             generation as u64,
-        ) as i64);
-        let s = self.net.init(self.device, self.kind);
+        );
+        let s = self.net.init(self.device, self.kind, seed);
         State {
             weights: s
                 .weights
@@ -370,13 +369,13 @@ impl Crafter {
         let (mm, stagger) = (self.plan.ensemble_size, self.plan.stagger);
         let restart = self.config.craft.restart_period;
         if step > 0 && restart > 0 && step % restart == 0 {
-            tch::manual_seed(derive(
+            let seed = derive(
                 self.config.run.seed,
                 Purpose::PerturbationInit,
                 step as u64,
                 0,
-            ) as i64);
-            self.perturbation.randomise();
+            );
+            self.perturbation.randomise(seed);
             self.perturbation.project(true);
             self.events.push(Event {
                 step,

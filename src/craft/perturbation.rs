@@ -2,6 +2,7 @@
 //! bounded) and a ReColor grid offset. poison = recolor(base, offsets) + delta.
 
 use super::recolor::Recolor;
+use super::rng::SplitMix64;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -51,10 +52,11 @@ impl Perturbation {
     }
 
     /// The authors' initialisation: delta uniform in [-eps, eps], then clipped so base + delta
-    /// stays an image; offsets zero. Draws from libtorch's generator (seed it first).
-    pub fn randomise(&mut self) {
+    /// stays an image; offsets zero. `seed` fixes the draw.
+    pub fn randomise(&mut self, seed: u64) {
         let _guard = tch::no_grad_guard();
-        let u = self.base.rand_like() * (2.0 * self.eps) - self.eps;
+        let opts = (self.base.kind(), self.base.device());
+        let u = SplitMix64::new(seed).uniform_tensor(&self.base.size(), -self.eps, self.eps, opts);
         let u = (&self.base + u).clamp(0.0, 255.0) - &self.base;
         self.delta.copy_(&u);
         let _ = self.offsets.zero_();

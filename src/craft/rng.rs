@@ -25,6 +25,42 @@ impl SplitMix64 {
     pub fn below(&mut self, n: usize) -> usize {
         (self.next_f64() * n as f64) as usize % n.max(1)
     }
+    /// Standard normal (Box-Muller).
+    pub fn next_normal(&mut self) -> f64 {
+        let u1 = 1.0 - self.next_f64(); // in (0, 1]
+        let u2 = self.next_f64();
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+    /// A tensor of uniform draws in [lo, hi). Drawn here, not by libtorch's global generator,
+    /// so that concurrent jobs in one process cannot disturb each other's draws.
+    pub fn uniform_tensor(
+        &mut self,
+        shape: &[i64],
+        lo: f64,
+        hi: f64,
+        opts: (tch::Kind, tch::Device),
+    ) -> tch::Tensor {
+        let n: i64 = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| lo + (hi - lo) * self.next_f64()).collect();
+        tch::Tensor::from_slice(&v)
+            .view(shape)
+            .to_kind(opts.0)
+            .to_device(opts.1)
+    }
+    /// A tensor of normal draws with mean 0 and standard deviation `std`.
+    pub fn normal_tensor(
+        &mut self,
+        shape: &[i64],
+        std: f64,
+        opts: (tch::Kind, tch::Device),
+    ) -> tch::Tensor {
+        let n: i64 = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| std * self.next_normal()).collect();
+        tch::Tensor::from_slice(&v)
+            .view(shape)
+            .to_kind(opts.0)
+            .to_device(opts.1)
+    }
     pub fn shuffle<T>(&mut self, v: &mut [T]) {
         for i in (1..v.len()).rev() {
             v.swap(i, self.below(i + 1));

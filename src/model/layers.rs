@@ -1,6 +1,7 @@
 //! The layer context shared by weight construction and the forward pass.
 
 use crate::config::NetKind;
+use crate::craft::rng::SplitMix64;
 use tch::{Device, Kind, Tensor};
 
 /// Batch-norm behaviour of a forward pass.
@@ -21,9 +22,7 @@ const BN_EPS: f64 = 1e-5;
 
 enum Source<'a> {
     Build {
-        kind: NetKind,
-        device: Device,
-        dtype: Kind,
+        init: Init,
         weights: Vec<Tensor>,
         buffers: Vec<Tensor>,
     },
@@ -36,17 +35,41 @@ enum Source<'a> {
     },
 }
 
+/// What weight initialisation needs: the architecture (which scheme), dtype and device, and
+/// the run's own random stream (never libtorch's global generator, which concurrent jobs share).
+pub(crate) struct Init {
+    pub net: NetKind,
+    pub dtype: Kind,
+    pub device: Device,
+    pub rng: SplitMix64,
+}
+
+impl Init {
+    fn uniform(&mut self, shape: &[i64], bound: f64) -> Tensor {
+        self.rng
+            .uniform_tensor(shape, -bound, bound, (self.dtype, self.device))
+    }
+    fn normal(&mut self, shape: &[i64], std: f64) -> Tensor {
+        self.rng
+            .normal_tensor(shape, std, (self.dtype, self.device))
+    }
+    fn zeros(&self, shape: &[i64]) -> Tensor {
+        Tensor::zeros(shape, (self.dtype, self.device))
+    }
+    fn ones(&self, shape: &[i64]) -> Tensor {
+        Tensor::ones(shape, (self.dtype, self.device))
+    }
+}
+
 pub struct Layers<'a> {
     source: Source<'a>,
 }
 
 impl<'a> Layers<'a> {
-    pub(crate) fn build(kind: NetKind, device: Device, dtype: Kind) -> Layers<'static> {
+    pub(crate) fn build(init: Init) -> Layers<'static> {
         Layers {
             source: Source::Build {
-                kind,
-                device,
-                dtype,
+                init,
                 weights: vec![],
                 buffers: vec![],
             },
@@ -92,16 +115,10 @@ impl<'a> Layers<'a> {
         }
     }
 
-    fn take_weight(&mut self, make: impl FnOnce(Kind, Device, NetKind) -> Tensor) -> Tensor {
+    fn take_weight(&mut self, make: impl FnOnce(&mut Init) -> Tensor) -> Tensor {
         match &mut self.source {
-            Source::Build {
-                kind,
-                device,
-                dtype,
-                weights,
-                ..
-            } => {
-                let t = make(*dtype, *device, *kind);
+            Source::Build { init, weights, .. } => {
+                let t = make(init);
                 weights.push(t.shallow_clone());
                 t
             }
@@ -115,17 +132,15 @@ impl<'a> Layers<'a> {
     /// Zero-padded square convolution without bias.
     pub fn conv(&mut self, x: &Tensor, out: i64, k: i64, stride: i64) -> Tensor {
         let cin = x.size()[1];
-        let w = self.take_weight(|dtype, device, net| {
+        let w = self.take_weight(|init| {
             let fan_in = (cin * k * k) as f64;
             let fan_out = (out * k * k) as f64;
-            if net == NetKind::ConvnetBn {
+            if init.net == NetKind::ConvnetBn {
                 // Xavier (Glorot) uniform, as the authors' ConvNetBN.
-                let a = (6.0 / (fan_in + fan_out)).sqrt();
-                Tensor::empty([out, cin, k, k], (dtype, device)).uniform_(-a, a)
+                init.uniform(&[out, cin, k, k], (6.0 / (fan_in + fan_out)).sqrt())
             } else {
                 // Kaiming normal, fan_out, for ReLU (torchvision's ResNet/VGG).
-                Tensor::empty([out, cin, k, k], (dtype, device))
-                    .normal_(0.0, (2.0 / fan_out).sqrt())
+                init.normal(&[out, cin, k, k], (2.0 / fan_out).sqrt())
             }
         });
         x.conv2d(&w, None::<Tensor>, [stride], [k / 2], [1], 1)
@@ -134,23 +149,18 @@ impl<'a> Layers<'a> {
     /// A bias added per channel (ConvNetBN's conv bias), initialised to zero.
     pub fn channel_bias(&mut self, x: &Tensor) -> Tensor {
         let c = x.size()[1];
-        let b = self.take_weight(|dtype, device, _| Tensor::zeros([c], (dtype, device)));
+        let b = self.take_weight(|init| init.zeros(&[c]));
         x + b.view([1, c, 1, 1])
     }
 
     pub fn batch_norm(&mut self, x: &Tensor) -> Tensor {
         let c = x.size()[1];
-        let gamma = self.take_weight(|dtype, device, _| Tensor::ones([c], (dtype, device)));
-        let beta = self.take_weight(|dtype, device, _| Tensor::zeros([c], (dtype, device)));
+        let gamma = self.take_weight(|init| init.ones(&[c]));
+        let beta = self.take_weight(|init| init.zeros(&[c]));
         match &mut self.source {
-            Source::Build {
-                dtype,
-                device,
-                buffers,
-                ..
-            } => {
-                buffers.push(Tensor::zeros([c], (*dtype, *device)));
-                buffers.push(Tensor::ones([c], (*dtype, *device)));
+            Source::Build { init, buffers, .. } => {
+                buffers.push(init.zeros(&[c]));
+                buffers.push(init.ones(&[c]));
                 x.batch_norm(
                     Some(&gamma),
                     Some(&beta),
@@ -207,20 +217,19 @@ impl<'a> Layers<'a> {
     /// Xavier for ConvNetBN.
     pub fn linear(&mut self, x: &Tensor, out: i64) -> Tensor {
         let fan_in = x.size()[1];
-        let w = self.take_weight(|dtype, device, net| {
-            let a = if net == NetKind::ConvnetBn {
+        let w = self.take_weight(|init| {
+            let a = if init.net == NetKind::ConvnetBn {
                 (6.0 / (fan_in + out) as f64).sqrt()
             } else {
                 1.0 / (fan_in as f64).sqrt()
             };
-            Tensor::empty([out, fan_in], (dtype, device)).uniform_(-a, a)
+            init.uniform(&[out, fan_in], a)
         });
-        let b = self.take_weight(|dtype, device, net| {
-            if net == NetKind::ConvnetBn {
-                Tensor::zeros([out], (dtype, device))
+        let b = self.take_weight(|init| {
+            if init.net == NetKind::ConvnetBn {
+                init.zeros(&[out])
             } else {
-                let a = 1.0 / (fan_in as f64).sqrt();
-                Tensor::empty([out], (dtype, device)).uniform_(-a, a)
+                init.uniform(&[out], 1.0 / (fan_in as f64).sqrt())
             }
         });
         x.linear(&w, Some(&b))

@@ -109,10 +109,15 @@ impl Network {
         }
     }
 
-    /// Fresh weights, drawn from libtorch's generator (seed it first with `tch::manual_seed`).
-    pub fn init(&self, device: Device, kind: Kind) -> State {
+    /// Fresh weights; `seed` fixes them.
+    pub fn init(&self, device: Device, kind: Kind, seed: u64) -> State {
         let _guard = tch::no_grad_guard();
-        let mut layers = Layers::build(self.kind, device, kind);
+        let mut layers = Layers::build(layers::Init {
+            net: self.kind,
+            dtype: kind,
+            device,
+            rng: crate::craft::rng::SplitMix64::new(seed),
+        });
         let x = Tensor::zeros(
             [2, self.in_channels, self.norm.side, self.norm.side],
             (kind, device),
@@ -141,7 +146,7 @@ impl Network {
     }
 
     pub fn param_count(&self) -> i64 {
-        self.init(Device::Cpu, Kind::Float)
+        self.init(Device::Cpu, Kind::Float, 0)
             .weights
             .iter()
             .map(|t| t.numel() as i64)

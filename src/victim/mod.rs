@@ -69,8 +69,11 @@ pub fn train_from_scratch(
     mut progress: impl FnMut(usize) -> bool,
 ) -> State {
     let device = x.device();
-    tch::manual_seed(derive(seed, Purpose::SurrogateInit, u64::MAX, 0) as i64);
-    let init = net.init(device, kind);
+    let init = net.init(
+        device,
+        kind,
+        derive(seed, Purpose::SurrogateInit, u64::MAX, 0),
+    );
     let state = State {
         weights: init
             .weights
