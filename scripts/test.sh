@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what is missing (libtorch via scripts/setup.sh), then runs
+# every test on the CPU. Extra arguments go to `cargo test` (e.g. a test name filter).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+bash scripts/setup.sh
+command -v cargo >/dev/null || { echo "[test] Rust (cargo) is needed: https://rustup.rs" >&2; exit 1; }
+cargo test --locked "$@"
