@@ -6,4 +6,9 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup.sh
 command -v cargo >/dev/null || { echo "[test] Rust (cargo) is needed: https://rustup.rs" >&2; exit 1; }
+# numpy lets the export tests load the .npz files the way users do; best effort.
+if [ -x .venv/bin/python ]; then
+    .venv/bin/python -c "import numpy" 2>/dev/null || .venv/bin/python -m pip install --disable-pip-version-check -q numpy || true
+    export PATH="$root/.venv/bin:$PATH"
+fi
 cargo test --locked "$@"

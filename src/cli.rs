@@ -67,6 +67,32 @@ enum Cmd {
         #[command(subcommand)]
         action: ConfigCmd,
     },
+    /// Export a run's poisons (and the poisoned data set) into a folder other tools read, or
+    /// with --verify re-check such a folder.
+    Export {
+        /// The run folder (or, with --verify, the export folder).
+        dir: PathBuf,
+        /// Re-check an export: hashes, shapes, labels, bounds. Exit code 1 when anything is off.
+        #[arg(long)]
+        verify: bool,
+        /// Craft step to export (one that was checkpointed); default the latest.
+        #[arg(long)]
+        step: Option<usize>,
+        /// Destination folder (default RUN_DIR/export-step-NNNN).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Comma-separated parts besides poisons.npz and the manifest: npz, native, png, curves, or all.
+        #[arg(long, default_value = "all")]
+        format: String,
+        /// Replace an existing export folder.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Target selection.
+    Targets {
+        #[command(subcommand)]
+        action: TargetsCmd,
+    },
     /// Data sets.
     Data {
         #[command(subcommand)]
@@ -82,6 +108,23 @@ enum ConfigCmd {
     Show,
     /// Write the documented example config to the config dir (never overwrites).
     Init,
+}
+
+#[derive(Subcommand)]
+enum TargetsCmd {
+    /// Train clean victims (the config's victim protocol) and rank the target class's test
+    /// images: always correctly classified first, then closest to the adversarial class.
+    Suggest {
+        /// Clean victims to train.
+        #[arg(long, default_value_t = 2)]
+        victims: usize,
+        /// Override victim.epochs.
+        #[arg(long)]
+        epochs: Option<usize>,
+        /// How many candidates to print.
+        #[arg(long, default_value_t = 15)]
+        top: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -168,6 +211,56 @@ fn run(cli: Cli) -> Result<()> {
             let config = load_config(cli.config.as_deref(), &paths)?;
             let data = crate::data::load(&config.data)?;
             print!("{}", data.summary());
+        }
+        Cmd::Export {
+            dir,
+            verify,
+            step,
+            out,
+            format,
+            force,
+        } => {
+            if verify {
+                let v = crate::export::verify::verify(&dir).map_err(anyhow::Error::msg)?;
+                println!("{}", v.summary);
+                for p in &v.problems {
+                    println!("problem: {p}");
+                }
+                if !v.problems.is_empty() {
+                    bail!(
+                        "{} does not verify ({} problem(s))",
+                        dir.display(),
+                        v.problems.len()
+                    );
+                }
+            } else {
+                let formats = crate::export::Formats::parse(&format).map_err(anyhow::Error::msg)?;
+                let req = crate::export::ExportRequest {
+                    run_dir: dir,
+                    step,
+                    out,
+                    formats,
+                    force,
+                };
+                let folder = crate::export::export(&req).map_err(anyhow::Error::msg)?;
+                println!("{}", folder.display());
+            }
+        }
+        Cmd::Targets {
+            action:
+                TargetsCmd::Suggest {
+                    victims,
+                    epochs,
+                    top,
+                },
+        } => {
+            let _log = init_logging(&paths);
+            let mut config = load_config(cli.config.as_deref(), &paths)?;
+            if let Some(e) = epochs {
+                config.victim.epochs = e;
+            }
+            config.validate()?;
+            suggest_targets(&config, victims, top)?;
         }
         Cmd::Craft {
             resume,
@@ -313,4 +406,59 @@ pub fn format_duration(secs: f64) -> String {
     } else {
         format!("{}m{:02}s", s / 60, s % 60)
     }
+}
+
+fn suggest_targets(config: &Config, victims: usize, top: usize) -> Result<()> {
+    use crate::victim::{targets, VictimTraining};
+    let device = config
+        .run
+        .device
+        .parse::<DeviceChoice>()
+        .map_err(anyhow::Error::msg)?
+        .resolve()
+        .map_err(anyhow::Error::msg)?;
+    let data = crate::data::load(&config.data)?;
+    let plan = crate::craft::plan::Plan::resolve(config, &data, device.is_cuda())
+        .map_err(anyhow::Error::msg)?;
+    let spec = VictimTraining::from_config(&config.victim);
+    eprintln!(
+        "training {victims} clean {} victim(s) for {} epochs on {} images of {}",
+        spec.net.name(),
+        spec.epochs,
+        data.train.len(),
+        data.name
+    );
+    let s = targets::suggest(
+        &data,
+        &spec,
+        (plan.target_class, plan.adv_class),
+        victims,
+        config.run.seed,
+        device,
+        |v, n| eprintln!("victim {v}/{n} trained"),
+    );
+    let acc: Vec<String> = s
+        .accuracies
+        .iter()
+        .map(|a| format!("{:.2}%", a * 100.0))
+        .collect();
+    println!(
+        "clean test accuracy: {}\ntarget class {} ({}), adversarial class {} ({})",
+        acc.join(", "),
+        plan.target_class,
+        data.class_names[plan.target_class as usize],
+        plan.adv_class,
+        data.class_names[plan.adv_class as usize]
+    );
+    println!(
+        "{:>5} {:>10} {:>8} {:>8} {:>8}",
+        "id", "test_index", "correct", "margin", "p_adv"
+    );
+    for c in s.candidates.iter().take(top) {
+        println!(
+            "{:>5} {:>10} {:>8.2} {:>8.3} {:>8.4}",
+            c.id, c.test_index, c.correct, c.margin, c.p_adv
+        );
+    }
+    Ok(())
 }

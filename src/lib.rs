@@ -5,6 +5,7 @@ pub mod config;
 pub mod craft;
 pub mod data;
 pub mod device;
+pub mod export;
 pub mod model;
 pub mod paths;
 pub mod victim;

@@ -49,6 +49,9 @@ pub struct CheckpointState {
     pub nonfinite_in_row: usize,
     pub adam_t: i64,
     pub float64: bool,
+    /// Where the run computed (e.g. "cuda:0", "cpu (2 threads)").
+    #[serde(default)]
+    pub device: String,
 }
 
 fn dtype_of(kind: Kind) -> Dtype {
@@ -110,6 +113,7 @@ pub fn save(crafter: &Crafter, dir: &Path) -> Result<PathBuf, CheckpointError> {
         nonfinite_in_row: crafter.nonfinite_in_row,
         adam_t: crafter.adam.t,
         float64: crafter.kind == Kind::Double,
+        device: crate::device::describe(crafter.device),
     };
     let mut named: Vec<(String, &Tensor)> = vec![
         ("delta".into(), &crafter.perturbation.delta),
@@ -278,4 +282,61 @@ impl Loaded {
         c.nonfinite_in_row = self.state.nonfinite_in_row;
         Ok(())
     }
+}
+
+/// Folder of the per-checkpoint poison snapshots (what `export --step` reads).
+pub const SNAPSHOT_DIR: &str = "poisons";
+
+pub fn snapshot_path(dir: &Path, step: usize) -> PathBuf {
+    dir.join(SNAPSHOT_DIR)
+        .join(format!("step-{step:04}.safetensors"))
+}
+
+/// Saves the poisons as they would be exported (clipped, rounded, u8 [P, C, H, W]) for the
+/// crafter's current step, atomically.
+pub fn save_poison_snapshot(crafter: &Crafter, dir: &Path) -> Result<PathBuf, CheckpointError> {
+    let path = snapshot_path(dir, crafter.step);
+    let write_err = |source| CheckpointError::Write {
+        path: path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(dir.join(SNAPSHOT_DIR)).map_err(write_err)?;
+    let q = crafter.perturbation.quantised().to_kind(Kind::Uint8);
+    let (d, shape, bytes) = bytes_of(&q);
+    let view = TensorView::new(d, shape, &bytes).map_err(|e| CheckpointError::Corrupt {
+        path: path.clone(),
+        message: format!("{e:?}"),
+    })?;
+    let out = safetensors::tensor::serialize([("poisons", view)], &None).map_err(|e| {
+        CheckpointError::Corrupt {
+            path: path.clone(),
+            message: format!("{e:?}"),
+        }
+    })?;
+    write_atomic(&path, &out).map_err(write_err)?;
+    Ok(path)
+}
+
+/// Reads a snapshot back as (shape [P, C, H, W], bytes).
+pub fn load_poison_snapshot(path: &Path) -> Result<(Vec<usize>, Vec<u8>), CheckpointError> {
+    let bytes = std::fs::read(path).map_err(|source| CheckpointError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let corrupt = |message: String| CheckpointError::Corrupt {
+        path: path.to_path_buf(),
+        message,
+    };
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(format!("{e:?}")))?;
+    let view = st
+        .tensor("poisons")
+        .map_err(|e| corrupt(format!("{e:?}")))?;
+    if view.dtype() != Dtype::U8 || view.shape().len() != 4 {
+        return Err(corrupt(format!(
+            "poisons tensor is {:?} {:?}, expected u8 [P, C, H, W]",
+            view.dtype(),
+            view.shape()
+        )));
+    }
+    Ok((view.shape().to_vec(), view.data().to_vec()))
 }

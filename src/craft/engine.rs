@@ -106,6 +106,8 @@ impl Session<'_> {
     fn checkpoint(&mut self) -> Result<(), String> {
         let path =
             checkpoint::save(&self.crafter, &self.setup.run_dir).map_err(|e| e.to_string())?;
+        checkpoint::save_poison_snapshot(&self.crafter, &self.setup.run_dir)
+            .map_err(|e| e.to_string())?;
         tracing::info!(
             "checkpoint at step {} -> {}",
             self.crafter.step,

@@ -96,6 +96,29 @@ impl Recolor {
         }
     }
 
+    /// The largest change (0-1 scale) the colour grid can make to any pixel channel when each
+    /// offset is within +-`bound` of its channel's range: the bound for |recolored - base|.
+    pub fn max_shift(&self, bound: f64) -> f64 {
+        if self.channels != 3 {
+            return bound * (YUV_MAX[0] - YUV_MIN[0]);
+        }
+        let m = Tensor::from_slice(&RGB_TO_YUV.concat())
+            .view([3, 3])
+            .to_kind(Kind::Double);
+        let inv = m.inverse();
+        (0..3)
+            .map(|c| {
+                (0..3)
+                    .map(|j| {
+                        inv.double_value(&[c, j]).abs()
+                            * bound
+                            * (YUV_MAX[j as usize] - YUV_MIN[j as usize])
+                    })
+                    .sum::<f64>()
+            })
+            .fold(0.0, f64::max)
+    }
+
     /// Projects offsets in place: each channel within +-`bound` (a fraction of the channel's
     /// range) and the perturbed grid inside the channel ranges.
     pub fn project(&self, offsets: &mut Tensor, bound: f64) {

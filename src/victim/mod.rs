@@ -121,3 +121,4 @@ pub fn probabilities(net: &Network, state: &State, x: &Tensor) -> Vec<Vec<f64>> 
         .map(|i| Vec::<f64>::try_from(p.get(i)).unwrap_or_default())
         .collect()
 }
+pub mod targets;

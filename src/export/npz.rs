@@ -1,0 +1,182 @@
+//! NumPy's `.npy` arrays inside a `.npz` zip (stored, as `numpy.savez` writes them), so exports
+//! load with `numpy.load` and nothing else.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::Path;
+
+/// One array: numpy dtype string (`|u1`, `<i8`), C-order shape, raw little-endian bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NpyArray {
+    pub descr: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl NpyArray {
+    pub fn u8(shape: Vec<usize>, data: Vec<u8>) -> NpyArray {
+        NpyArray {
+            descr: "|u1".into(),
+            shape,
+            data,
+        }
+    }
+    pub fn i64(shape: Vec<usize>, values: &[i64]) -> NpyArray {
+        NpyArray {
+            descr: "<i8".into(),
+            shape,
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn as_i64(&self) -> Option<Vec<i64>> {
+        (self.descr == "<i8").then(|| {
+            self.data
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        })
+    }
+    fn item_size(&self) -> usize {
+        if self.descr == "<i8" {
+            8
+        } else {
+            1
+        }
+    }
+
+    /// The `.npy` encoding (format version 1.0, header padded to 64 bytes).
+    pub fn to_npy(&self) -> Vec<u8> {
+        let shape = match self.shape.len() {
+            1 => format!("({},)", self.shape[0]),
+            _ => format!(
+                "({})",
+                self.shape
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        let mut header = format!(
+            "{{'descr': '{}', 'fortran_order': False, 'shape': {}, }}",
+            self.descr, shape
+        );
+        let unpadded = 10 + header.len() + 1;
+        header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
+        header.push('\n');
+        let mut out = Vec::with_capacity(10 + header.len() + self.data.len());
+        out.extend_from_slice(b"\x93NUMPY\x01\x00");
+        out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(&self.data);
+        out
+    }
+
+    pub fn from_npy(bytes: &[u8], name: &str) -> Result<NpyArray, String> {
+        if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+            return Err(format!("{name}: not an .npy array"));
+        }
+        let (hlen, start) = match bytes[6] {
+            1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+            2 | 3 if bytes.len() >= 12 => (
+                u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize,
+                12,
+            ),
+            v => return Err(format!("{name}: unsupported .npy version {v}")),
+        };
+        let header = std::str::from_utf8(
+            bytes
+                .get(start..start + hlen)
+                .ok_or(format!("{name}: truncated header"))?,
+        )
+        .map_err(|_| format!("{name}: header is not text"))?;
+        let field = |key: &str| -> Result<&str, String> {
+            let at = header
+                .find(&format!("'{key}':"))
+                .ok_or(format!("{name}: header lacks {key}"))?;
+            Ok(header[at + key.len() + 3..].trim_start())
+        };
+        let descr = field("descr")?
+            .trim_start_matches('\'')
+            .split('\'')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        if field("fortran_order")?.starts_with("True") {
+            return Err(format!("{name}: Fortran-order arrays are not supported"));
+        }
+        let shape_text = field("shape")?;
+        let inner = shape_text
+            .trim_start_matches('(')
+            .split(')')
+            .next()
+            .unwrap_or("");
+        let shape: Vec<usize> = inner
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse().map_err(|_| format!("{name}: bad shape {inner}")))
+            .collect::<Result<_, _>>()?;
+        let data = bytes[start + hlen..].to_vec();
+        let a = NpyArray { descr, shape, data };
+        if !matches!(a.descr.as_str(), "|u1" | "<i8") {
+            return Err(format!(
+                "{name}: dtype {} not supported (expected |u1 or <i8)",
+                a.descr
+            ));
+        }
+        if a.data.len() != a.len() * a.item_size() {
+            return Err(format!(
+                "{name}: {} data bytes for shape {:?}",
+                a.data.len(),
+                a.shape
+            ));
+        }
+        Ok(a)
+    }
+}
+
+pub fn write_npz(path: &Path, arrays: &[(&str, &NpyArray)]) -> std::io::Result<()> {
+    let file = std::fs::File::create(path)?;
+    let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(file));
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Stored)
+        .large_file(arrays.iter().any(|(_, a)| a.data.len() > (1 << 31)));
+    for (name, a) in arrays {
+        zip.start_file(format!("{name}.npy"), options)
+            .map_err(std::io::Error::other)?;
+        zip.write_all(&a.to_npy())?;
+    }
+    let mut inner = zip.finish().map_err(std::io::Error::other)?;
+    inner.flush()?;
+    inner.get_ref().sync_all()
+}
+
+pub fn read_npz(path: &Path) -> Result<BTreeMap<String, NpyArray>, String> {
+    let file =
+        std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
+        .map_err(|e| format!("{}: not a zip archive: {e}", path.display()))?;
+    let mut out = BTreeMap::new();
+    for i in 0..zip.len() {
+        let mut entry = zip
+            .by_index(i)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let name = entry.name().trim_end_matches(".npy").to_string();
+        let mut bytes = Vec::new();
+        entry
+            .read_to_end(&mut bytes)
+            .map_err(|e| format!("{}: {name}: {e}", path.display()))?;
+        out.insert(
+            name.clone(),
+            NpyArray::from_npy(&bytes, &format!("{}:{name}", path.display()))?,
+        );
+    }
+    Ok(out)
+}

@@ -1,0 +1,210 @@
+//! Export round trips: a real (tiny) crafting run exported, read back in Rust (and in numpy
+//! when it is installed), verified; failures leave no partial folder.
+
+use metapoison::config::{Auto, Config, DataConfig, DatasetKind};
+use metapoison::craft::engine::{spawn, EngineSetup};
+use metapoison::craft::messages::{Phase, Telemetry};
+use metapoison::data;
+use metapoison::export::npz::read_npz;
+use metapoison::export::{export, verify::verify, ExportRequest, Formats};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+fn craft_tiny(dir: &Path) -> Config {
+    let mut c = Config {
+        data: DataConfig {
+            dataset: DatasetKind::Embedded,
+            path: None,
+            train_limit: 300,
+        },
+        ..Config::default()
+    };
+    c.threat.npoison = 10;
+    c.craft.steps = 3;
+    c.craft.unroll_steps = 1;
+    c.craft.ensemble_size = Auto::Value(1);
+    c.craft.stagger = Auto::Value(1);
+    c.craft.meta_batch_fraction = Auto::Value(1.0);
+    c.surrogate.batch_size = 50;
+    c.run.checkpoint_every = 2;
+    let handle = spawn(EngineSetup {
+        data: data::load(&c.data).unwrap(),
+        config: c.clone(),
+        device: tch::Device::Cpu,
+        kind: tch::Kind::Float,
+        run_dir: dir.to_path_buf(),
+        resume: false,
+        stop: Arc::new(AtomicBool::new(false)),
+    });
+    for t in handle.telemetry.iter() {
+        if let Telemetry::Phase(Phase::Failed { message }) = t {
+            panic!("{message}");
+        }
+    }
+    handle.join().unwrap();
+    c
+}
+
+fn request(run: &Path, out: PathBuf) -> ExportRequest {
+    ExportRequest {
+        run_dir: run.to_path_buf(),
+        step: None,
+        out: Some(out),
+        formats: Formats::ALL,
+        force: false,
+    }
+}
+
+#[test]
+fn export_round_trip_verify_and_failures() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let config = craft_tiny(&run);
+    let out = tmp.path().join("exp");
+    let folder = export(&request(&run, out.clone())).unwrap();
+    assert_eq!(folder, out);
+
+    let v = verify(&out).unwrap();
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+    assert!(v.summary.contains("verdict      OK"), "{}", v.summary);
+
+    // Shapes, dtypes and values read back.
+    let data = data::load(&config.data).unwrap();
+    let p = read_npz(&out.join("poisons.npz")).unwrap();
+    assert_eq!(p["poison_images"].shape, vec![10, 28, 28, 1]);
+    assert_eq!(p["poison_images"].descr, "|u1");
+    let idx = p["poison_indices"].as_i64().unwrap();
+    let first_tshirts: Vec<i64> = data
+        .train
+        .indices_of_class(0)
+        .into_iter()
+        .take(10)
+        .map(|i| i as i64)
+        .collect();
+    assert_eq!(idx, first_tshirts);
+    assert_eq!(p["poison_labels"].as_i64().unwrap(), vec![0; 10]);
+    assert_eq!(p["target_labels"].as_i64().unwrap(), vec![6]);
+    assert_eq!(p["target_adv_labels"].as_i64().unwrap(), vec![0]);
+    let base = &p["base_images"].data;
+    assert_eq!(&base[..784], data.train.image(idx[0] as usize));
+    let poisons = &p["poison_images"].data;
+    assert_ne!(poisons, base, "the poisons were perturbed");
+    let linf = poisons
+        .iter()
+        .zip(base)
+        .map(|(&a, &b)| (a as i32 - b as i32).abs())
+        .max()
+        .unwrap();
+    assert!(linf as f64 <= 8.0 + 10.2 + 0.5, "L-inf {linf}");
+
+    // The poisoned split differs from the clean one exactly at poison indices.
+    let t = read_npz(&out.join("poisoned_train.npz")).unwrap();
+    assert_eq!(t["images"].shape, vec![300, 28, 28, 1]);
+    assert_eq!(
+        t["labels"].as_i64().unwrap(),
+        data.train
+            .labels
+            .iter()
+            .map(|&y| y as i64)
+            .collect::<Vec<_>>()
+    );
+    for i in 0..300 {
+        let differs = t["images"].data[i * 784..(i + 1) * 784] != *data.train.image(i);
+        if differs {
+            assert!(
+                idx.contains(&(i as i64)),
+                "image {i} changed but is no poison"
+            );
+        }
+    }
+    let native = out.join("native/train-images-idx3-ubyte.gz");
+    let reread =
+        metapoison::data::idx::load_dir(&out.join("native"), "fashion-mnist", vec!["c".into(); 10])
+            .unwrap();
+    assert!(native.exists());
+    assert_eq!(reread.train.images, t["images"].data);
+    assert_eq!(reread.test.len(), 2000);
+    for f in [
+        "png/poison_0000.png",
+        "png/delta_0009.png",
+        "png/contact_sheet.png",
+        "png/target_00.png",
+        "curves.svg",
+        "curves.csv",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let csv = std::fs::read_to_string(out.join("curves.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 4, "header + 3 steps");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["craft_step"], 3);
+    assert_eq!(
+        manifest["files"].as_object().unwrap().len(),
+        10 * 3 + 1 + 1 + 3 + 4 + 2
+    );
+
+    // numpy reads it with the documented keys, when numpy is there.
+    let numpy = std::process::Command::new("python3")
+        .args(["-c", "import numpy"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if numpy {
+        let script = format!(
+            "import numpy as np; p = np.load('{0}/poisons.npz'); t = np.load('{0}/poisoned_train.npz'); \
+             assert p['poison_images'].shape == (10, 28, 28, 1) and p['poison_images'].dtype == np.uint8; \
+             assert p['poison_indices'].dtype == np.int64; \
+             assert (t['images'][p['poison_indices']] == p['poison_images']).all(); print('numpy ok')",
+            out.display()
+        );
+        let o = std::process::Command::new("python3")
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    } else {
+        eprintln!("numpy not installed: numpy check skipped");
+    }
+
+    // Refuses to overwrite without --force; --force replaces.
+    let e = export(&request(&run, out.clone())).unwrap_err();
+    assert!(e.contains("already exists") && e.contains("--force"), "{e}");
+    let mut forced = request(&run, out.clone());
+    forced.force = true;
+    forced.step = Some(2);
+    export(&forced).unwrap();
+    let v = verify(&out).unwrap();
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+
+    // A tampered file is caught.
+    let csv_path = out.join("curves.csv");
+    std::fs::write(&csv_path, "tampered").unwrap();
+    let v = verify(&out).unwrap();
+    assert!(
+        v.problems
+            .iter()
+            .any(|p| p.contains("curves.csv") && p.contains("SHA-256")),
+        "{:?}",
+        v.problems
+    );
+
+    // An impossible destination: the parent is a file. Nothing partial is left.
+    let blocker = tmp.path().join("blocker");
+    std::fs::write(&blocker, "x").unwrap();
+    let e = export(&request(&run, blocker.join("exp"))).unwrap_err();
+    assert!(e.contains("blocker"), "{e}");
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // A step without saved poisons is named.
+    let mut missing = request(&run, tmp.path().join("e2"));
+    missing.step = Some(1);
+    let e = export(&missing).unwrap_err();
+    assert!(e.contains("step 1") && e.contains("step-0002"), "{e}");
+}
