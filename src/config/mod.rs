@@ -119,7 +119,7 @@ pub struct CraftConfig {
     /// Epochs between successive surrogates; `auto` = 1 on CUDA, 2 on CPU.
     pub stagger: Auto<usize>,
     /// Fraction of the poison-holding batches of an epoch at which the meta-gradient is taken;
-    /// `auto` = 1.0 (faithful) on CUDA, 0.25 on CPU.
+    /// `auto` = 1.0 (faithful) on CUDA, 0.15 on CPU.
     pub meta_batch_fraction: Auto<f64>,
     pub objective: ObjectiveKind,
     /// Adam learning rate on the 0-255 scale (also applied to the colour grid).

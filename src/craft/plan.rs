@@ -121,7 +121,7 @@ impl Plan {
             config
                 .craft
                 .meta_batch_fraction
-                .resolve(if on_gpu { 1.0 } else { 0.25 });
+                .resolve(if on_gpu { 1.0 } else { 0.15 });
         if config.craft.ensemble_size.value().is_none() {
             notes.push(format!(
                 "craft.ensemble_size = auto -> {ensemble_size} (on {hw})"
