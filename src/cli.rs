@@ -88,6 +88,27 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Train victims from scratch on an export's poisoned training split, and control victims
+    /// on the clean split; report target success (95% Wilson interval) and clean accuracy.
+    Eval {
+        /// An export folder (see `export`).
+        dir: PathBuf,
+        /// Victims per arm (poisoned and control); default victim.trials.
+        #[arg(long)]
+        trials: Option<usize>,
+        /// Victim architecture (default victim.net): convnet-bn, resnet20, resnet18, vgg11, vgg13.
+        #[arg(long)]
+        victim_net: Option<String>,
+        /// Override victim.epochs.
+        #[arg(long)]
+        epochs: Option<usize>,
+        /// Skip the control victims.
+        #[arg(long)]
+        no_control: bool,
+        /// Save each victim's weights (safetensors) into DIR/victims/.
+        #[arg(long)]
+        save_weights: bool,
+    },
     /// Target selection.
     Targets {
         #[command(subcommand)]
@@ -245,6 +266,29 @@ fn run(cli: Cli) -> Result<()> {
                 let folder = crate::export::export(&req).map_err(anyhow::Error::msg)?;
                 println!("{}", folder.display());
             }
+        }
+        Cmd::Eval {
+            dir,
+            trials,
+            victim_net,
+            epochs,
+            no_control,
+            save_weights,
+        } => {
+            let _log = init_logging(&paths);
+            let config = load_config(cli.config.as_deref(), &paths)?;
+            evaluate(
+                &config,
+                &paths,
+                &dir,
+                EvalOptions {
+                    trials,
+                    victim_net,
+                    epochs,
+                    control: !no_control,
+                    save_weights,
+                },
+            )?;
         }
         Cmd::Targets {
             action:
@@ -460,5 +504,159 @@ fn suggest_targets(config: &Config, victims: usize, top: usize) -> Result<()> {
             c.id, c.test_index, c.correct, c.margin, c.p_adv
         );
     }
+    Ok(())
+}
+
+struct EvalOptions {
+    trials: Option<usize>,
+    victim_net: Option<String>,
+    epochs: Option<usize>,
+    control: bool,
+    save_weights: bool,
+}
+
+fn evaluate(config: &Config, paths: &Paths, dir: &Path, o: EvalOptions) -> Result<()> {
+    use crate::victim::eval::{self, EvalReport};
+    use crate::victim::VictimTraining;
+    let device = config
+        .run
+        .device
+        .parse::<DeviceChoice>()
+        .map_err(anyhow::Error::msg)?
+        .resolve()
+        .map_err(anyhow::Error::msg)?;
+    let data = eval::load_export(dir, device).map_err(anyhow::Error::msg)?;
+    let mut victim = data.manifest.config.victim.clone();
+    // The config given on the command line (or the default file) sets the victim protocol;
+    // without one, the export's own.
+    if config != &Config::default() {
+        victim = config.victim.clone();
+    }
+    if let Some(n) = o.victim_net {
+        victim.net = toml::Value::String(n.clone()).try_into().map_err(|_| {
+            anyhow::anyhow!("--victim-net {n}: use convnet-bn, resnet20, resnet18, vgg11 or vgg13")
+        })?;
+    }
+    if let Some(e) = o.epochs {
+        victim.epochs = e;
+    }
+    let trials = o.trials.unwrap_or(victim.trials);
+    if trials == 0 || victim.epochs == 0 {
+        bail!("--trials and --epochs must be at least 1");
+    }
+    let spec = VictimTraining::from_config(&victim);
+    let net = eval::victim_network(&data, &spec);
+    let surrogate = data.manifest.config.surrogate.net;
+    let arms: Vec<(&str, bool)> = if o.control {
+        vec![("poisoned", true), ("control", false)]
+    } else {
+        vec![("poisoned", true)]
+    };
+    let total = trials * arms.len();
+    let started = std::time::Instant::now();
+    let mut results = Vec::new();
+    for t in 0..trials {
+        for &(arm, poisoned) in &arms {
+            // Victim seeds are far from the crafting run's and shared by the two arms (paired).
+            let seed = 1_000_000 + data.manifest.seed * 1000 + t as u64;
+            let (trial, state) = eval::run_trial(&data, &net, &spec, arm, poisoned, seed);
+            if o.save_weights {
+                let folder = dir.join("victims");
+                std::fs::create_dir_all(&folder)
+                    .with_context(|| format!("cannot create {}", folder.display()))?;
+                let path = folder.join(format!("{arm}-{t:03}-{}.safetensors", spec.net.name()));
+                eval::save_victim(&path, &state, &trial, &net).map_err(anyhow::Error::msg)?;
+            }
+            results.push(trial);
+            let done = results.len();
+            let eta = started.elapsed().as_secs_f64() / done as f64 * (total - done) as f64;
+            let r = results.last().unwrap();
+            eprintln!(
+                "victim {done}/{total} ({arm}): target -> {:?}, success {:?}, clean accuracy {:.2}%, ETA {}",
+                r.predicted,
+                r.success,
+                r.clean_accuracy * 100.0,
+                format_duration(eta)
+            );
+        }
+    }
+    let pick = |arm: &str| results.iter().filter(|t| t.arm == arm).collect::<Vec<_>>();
+    let report = EvalReport {
+        export: dir.display().to_string(),
+        victim_net: spec.net.name().into(),
+        surrogate_net: surrogate.name().into(),
+        setting: if spec.net == surrogate {
+            "gray-box"
+        } else {
+            "black-box"
+        }
+        .into(),
+        epochs: spec.epochs,
+        poisoned: eval::summarise(&pick("poisoned")),
+        control: eval::summarise(&pick("control")),
+        trials: results,
+    };
+    let json = serde_json::to_string_pretty(&report)?;
+    crate::craft::checkpoint::write_atomic(&dir.join("eval.json"), json.as_bytes())
+        .with_context(|| format!("cannot write {}", dir.join("eval.json").display()))?;
+    let row_line = |name: &str, a: &eval::ArmSummary| {
+        format!(
+            "{name:<9} {:>6} {:>9.1}% [{:>5.1}%, {:>5.1}%] {:>9.2}% +- {:.2}",
+            a.trials,
+            a.success_rate * 100.0,
+            a.success_ci95.0 * 100.0,
+            a.success_ci95.1 * 100.0,
+            a.accuracy_mean * 100.0,
+            a.accuracy_std * 100.0
+        )
+    };
+    println!(
+        "{} victims ({}, {} epochs) on {}",
+        report.setting,
+        report.victim_net,
+        report.epochs,
+        dir.display()
+    );
+    println!("arm       trials   success [95% Wilson]      clean accuracy");
+    println!("{}", row_line("poisoned", &report.poisoned));
+    if o.control {
+        println!("{}", row_line("control", &report.control));
+    }
+    if o.save_weights {
+        println!("victim weights: {}", dir.join("victims").display());
+    }
+    let csv = paths.data_dir.join("results.csv");
+    std::fs::create_dir_all(&paths.data_dir)
+        .with_context(|| format!("cannot create {}", paths.data_dir.display()))?;
+    let new = !csv.exists();
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&csv)
+        .with_context(|| format!("cannot open {}", csv.display()))?;
+    if new {
+        writeln!(f, "time,export,setting,victim_net,epochs,trials,success_rate,ci_low,ci_high,accuracy_mean,control_success_rate,control_accuracy_mean")?;
+    }
+    writeln!(
+        f,
+        "{},{},{},{},{},{},{},{},{},{},{},{}",
+        timestamp(),
+        dir.display(),
+        report.setting,
+        report.victim_net,
+        report.epochs,
+        trials,
+        report.poisoned.success_rate,
+        report.poisoned.success_ci95.0,
+        report.poisoned.success_ci95.1,
+        report.poisoned.accuracy_mean,
+        report.control.success_rate,
+        report.control.accuracy_mean
+    )?;
+    eprintln!(
+        "wrote {} and appended to {}",
+        dir.join("eval.json").display(),
+        csv.display()
+    );
     Ok(())
 }

@@ -126,10 +126,27 @@ pub fn save(crafter: &Crafter, dir: &Path) -> Result<PathBuf, CheckpointError> {
     for (m, s) in crafter.surrogates.iter().enumerate() {
         named.extend(surrogate_names(m, s));
     }
-    let raw: Vec<(String, RawTensor)> = named.into_iter().map(|(n, t)| (n, bytes_of(t))).collect();
+    let meta = HashMap::from([(
+        "metapoison".to_string(),
+        serde_json::to_string(&state).expect("state serialises"),
+    )]);
     let path = dir.join(FILE_NAME);
+    save_tensors(&path, &named, Some(meta))?;
+    Ok(path)
+}
+
+/// Writes named tensors (and optional string metadata) as one safetensors file, atomically.
+pub fn save_tensors(
+    path: &Path,
+    named: &[(String, &Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<(), CheckpointError> {
+    let raw: Vec<(String, RawTensor)> = named
+        .iter()
+        .map(|(n, t)| (n.clone(), bytes_of(t)))
+        .collect();
     let corrupt = |message: String| CheckpointError::Corrupt {
-        path: path.clone(),
+        path: path.to_path_buf(),
         message,
     };
     let views: Vec<(String, TensorView)> = raw
@@ -140,17 +157,12 @@ pub fn save(crafter: &Crafter, dir: &Path) -> Result<PathBuf, CheckpointError> {
                 .map_err(|e| corrupt(format!("{e:?}")))
         })
         .collect::<Result<_, _>>()?;
-    let meta = HashMap::from([(
-        "metapoison".to_string(),
-        serde_json::to_string(&state).expect("state serialises"),
-    )]);
-    let bytes = safetensors::tensor::serialize(views, &Some(meta))
-        .map_err(|e| corrupt(format!("{e:?}")))?;
-    write_atomic(&path, &bytes).map_err(|source| CheckpointError::Write {
-        path: path.clone(),
+    let bytes =
+        safetensors::tensor::serialize(views, &metadata).map_err(|e| corrupt(format!("{e:?}")))?;
+    write_atomic(path, &bytes).map_err(|source| CheckpointError::Write {
+        path: path.to_path_buf(),
         source,
-    })?;
-    Ok(path)
+    })
 }
 
 /// Writes a file through a temporary sibling and a rename; the old file stays intact until

@@ -121,4 +121,5 @@ pub fn probabilities(net: &Network, state: &State, x: &Tensor) -> Vec<Vec<f64>> 
         .map(|i| Vec::<f64>::try_from(p.get(i)).unwrap_or_default())
         .collect()
 }
+pub mod eval;
 pub mod targets;
