@@ -49,18 +49,17 @@ enum Cmd {
     /// Craft poisons headless: one JSON object per line on stdout (craft steps and events),
     /// a progress line on stderr when it is a terminal. Ctrl-c / SIGTERM / SIGHUP checkpoint and stop.
     Craft {
-        /// Continue the run in this folder from its checkpoint.
-        #[arg(long)]
-        resume: Option<PathBuf>,
-        /// Folder for this run (default: a new timestamped folder under DATA_DIR/runs).
-        #[arg(long)]
-        run_dir: Option<PathBuf>,
-        /// Override run.device (auto, cpu, cuda:N).
-        #[arg(long)]
-        device: Option<String>,
-        /// Override craft.steps.
-        #[arg(long)]
-        steps: Option<usize>,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// The live dashboard over a crafting run (the default command on a terminal). Without a
+    /// terminal it falls back to the headless mode of `craft`.
+    Tui {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Play back a recorded telemetry file (the JSON lines of `craft`) instead of crafting.
+        #[arg(long, conflicts_with = "resume")]
+        replay: Option<PathBuf>,
     },
     /// Configuration files.
     Config {
@@ -197,11 +196,10 @@ fn run(cli: Cli) -> Result<()> {
         return Ok(());
     }
     let paths = Paths::new(cli.data_dir.clone());
-    let Some(command) = cli.command else {
-        use clap::CommandFactory;
-        Cli::command().print_help()?;
-        return Ok(());
-    };
+    let command = cli.command.unwrap_or(Cmd::Tui {
+        run: RunArgs::default(),
+        replay: None,
+    });
     match command {
         Cmd::Config { action } => match action {
             ConfigCmd::Check { file } => {
@@ -306,34 +304,47 @@ fn run(cli: Cli) -> Result<()> {
             config.validate()?;
             suggest_targets(&config, victims, top)?;
         }
-        Cmd::Craft {
-            resume,
-            run_dir,
-            device,
-            steps,
-        } => {
+        Cmd::Craft { run } => {
             let _log = init_logging(&paths);
-            craft(
-                cli.config.as_deref(),
-                &paths,
-                resume,
-                run_dir,
-                device,
-                steps,
-            )?;
+            craft(cli.config.as_deref(), &paths, run)?;
+        }
+        Cmd::Tui { run, replay } => {
+            let _log = init_logging(&paths);
+            tui(cli.config.as_deref(), &paths, run, replay)?;
         }
     }
     Ok(())
 }
 
-fn craft(
+/// What starts (or resumes) a crafting run, from the command line.
+#[derive(clap::Args, Clone, Default)]
+struct RunArgs {
+    /// Continue the run in this folder from its checkpoint.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Folder for this run (default: a new timestamped folder under DATA_DIR/runs).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Override run.device (auto, cpu, cuda:N).
+    #[arg(long)]
+    device: Option<String>,
+    /// Override craft.steps.
+    #[arg(long)]
+    steps: Option<usize>,
+}
+
+/// Loads what a run needs and starts the engine thread; signals set its stop flag.
+fn start_engine(
     config_path: Option<&Path>,
     paths: &Paths,
-    resume: Option<PathBuf>,
-    run_dir: Option<PathBuf>,
-    device: Option<String>,
-    steps: Option<usize>,
-) -> Result<()> {
+    args: RunArgs,
+) -> Result<(engine::EngineHandle, PathBuf)> {
+    let RunArgs {
+        resume,
+        run_dir,
+        device,
+        steps,
+    } = args;
     let (mut config, run_dir, resuming) = match resume {
         Some(dir) => {
             let loaded = crate::craft::checkpoint::load(&dir)?;
@@ -393,6 +404,12 @@ fn craft(
         resume: resuming,
         stop,
     });
+    Ok((handle, run_dir))
+}
+
+/// The headless mode: JSON lines on stdout, a progress line on stderr when it is a terminal.
+fn craft(config_path: Option<&Path>, paths: &Paths, args: RunArgs) -> Result<()> {
+    let (handle, run_dir) = start_engine(config_path, paths, args)?;
     let progress = std::io::stderr().is_terminal();
     let mut stdout = std::io::stdout().lock();
     for t in handle.telemetry.iter() {
@@ -658,5 +675,29 @@ fn evaluate(config: &Config, paths: &Paths, dir: &Path, o: EvalOptions) -> Resul
         dir.join("eval.json").display(),
         csv.display()
     );
+    Ok(())
+}
+
+fn tui(
+    config_path: Option<&Path>,
+    paths: &Paths,
+    run: RunArgs,
+    replay: Option<PathBuf>,
+) -> Result<()> {
+    let terminal = std::io::stdout().is_terminal() && std::io::stdin().is_terminal();
+    if let Some(file) = replay {
+        if !terminal {
+            bail!("--replay needs a terminal");
+        }
+        let records = crate::tui::read_replay(&file).map_err(anyhow::Error::msg)?;
+        return crate::tui::run(crate::tui::Source::Replay(records)).map_err(anyhow::Error::msg);
+    }
+    if !terminal {
+        eprintln!("not a terminal: crafting headless (JSON lines on stdout)");
+        return craft(config_path, paths, run);
+    }
+    let (handle, run_dir) = start_engine(config_path, paths, run)?;
+    crate::tui::run(crate::tui::Source::Engine(handle)).map_err(anyhow::Error::msg)?;
+    eprintln!("run folder: {}", run_dir.display());
     Ok(())
 }

@@ -8,4 +8,6 @@ pub mod device;
 pub mod export;
 pub mod model;
 pub mod paths;
+pub mod telemetry;
+pub mod tui;
 pub mod victim;

@@ -69,7 +69,10 @@ fn wilson_interval_matches_hand_computation() {
     let (lo, hi) = wilson95(0, 10);
     assert!(lo == 0.0 && (hi - 0.277_533).abs() < 1e-4, "({lo}, {hi})");
     let (lo, hi) = wilson95(10, 10);
-    assert!((lo - 0.722_467).abs() < 1e-4 && (hi - 1.0).abs() < 1e-12, "({lo}, {hi})");
+    assert!(
+        (lo - 0.722_467).abs() < 1e-4 && (hi - 1.0).abs() < 1e-12,
+        "({lo}, {hi})"
+    );
 }
 
 #[test]

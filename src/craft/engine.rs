@@ -172,6 +172,10 @@ impl Session<'_> {
                 self.checkpoint()?;
                 return Ok(false);
             }
+            Command::Abort => {
+                self.event("abort", "stopped without a new checkpoint".into());
+                return Ok(false);
+            }
             Command::CheckpointNow => self.checkpoint()?,
             Command::SetOuterLr { value } => {
                 if value.is_finite() && value > 0.0 {
@@ -292,6 +296,10 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Sender<Telemetry>) -> Re
             crafter.plan.meta_batch_fraction
         ),
         resumed_at,
+        class_names: setup.data.class_names.clone(),
+        plan: crafter.plan.clone(),
+        live: crafter.live.clone(),
+        steps: config.craft.steps,
     });
     let mut session = Session {
         events_sent: crafter.events.len(),

@@ -12,6 +12,8 @@ pub enum Command {
     Resume,
     /// Checkpoint and stop.
     Stop,
+    /// Stop without a new checkpoint (the last periodic one stays).
+    Abort,
     CheckpointNow,
     /// Set the base outer (Adam) learning rate, 0-255 scale; schedules still apply on top.
     SetOuterLr {
@@ -100,6 +102,11 @@ pub enum Telemetry {
         device: String,
         config_summary: String,
         resumed_at: Option<usize>,
+        /// What a display needs to label things: classes, the resolved plan, settings.
+        class_names: Vec<String>,
+        plan: super::plan::Plan,
+        live: super::crafter::LiveSettings,
+        steps: usize,
     },
     Phase(Phase),
     PretrainProgress {

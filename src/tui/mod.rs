@@ -1,0 +1,150 @@
+//! The dashboard: owns the terminal, shows the engine's telemetry, turns keys into commands.
+//! It never calls libtorch; it can be driven by a live engine or by a recorded telemetry file.
+
+pub mod app;
+pub mod draw;
+pub mod image;
+
+use crate::craft::engine::EngineHandle;
+use crate::craft::messages::{Command, Telemetry};
+use crate::telemetry::{spawn_sampler, SystemSample};
+use app::{App, Palette};
+use crossterm::event::{self, Event};
+use crossterm::terminal::{BeginSynchronizedUpdate, EndSynchronizedUpdate};
+use std::io::BufRead;
+use std::sync::mpsc::{self, Receiver, TryRecvError};
+use std::time::{Duration, Instant};
+
+/// Where the telemetry comes from.
+pub enum Source {
+    Engine(EngineHandle),
+    /// Recorded JSON lines (the output of `craft`), played back a few lines per tick.
+    Replay(Vec<Telemetry>),
+}
+
+pub fn read_replay(path: &std::path::Path) -> Result<Vec<Telemetry>, String> {
+    let f =
+        std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(|e| format!("{}: {e}", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        out.push(serde_json::from_str(&line).map_err(|e| {
+            format!(
+                "{} line {}: not a telemetry record: {e}",
+                path.display(),
+                i + 1
+            )
+        })?);
+    }
+    Ok(out)
+}
+
+const FRAME: Duration = Duration::from_millis(100);
+
+/// Runs the dashboard until the user quits (and, with an engine, until it has stopped).
+/// Returns the engine's result.
+pub fn run(source: Source) -> Result<(), String> {
+    let mut terminal =
+        ratatui::try_init().map_err(|e| format!("cannot set up the terminal: {e}"))?;
+    let result = run_loop(&mut terminal, source);
+    ratatui::restore();
+    result
+}
+
+fn run_loop(terminal: &mut ratatui::DefaultTerminal, source: Source) -> Result<(), String> {
+    let mut app = App::new(Palette::detect());
+    let (sys_tx, sys_rx) = mpsc::channel::<SystemSample>();
+    spawn_sampler(sys_tx, Duration::from_secs(1));
+    let (engine, mut replay) = match source {
+        Source::Engine(h) => (Some(h), Vec::new().into_iter()),
+        Source::Replay(v) => (None, v.into_iter()),
+    };
+    let send = |cmds: Vec<Command>, app: &mut App| {
+        for c in cmds {
+            match &engine {
+                Some(h) => {
+                    let _ = h.commands.send(c);
+                }
+                None => app.log(format!("replay: {c:?} not sent (no engine)")),
+            }
+        }
+    };
+    let mut engine_gone = engine.is_none();
+    let mut last_draw = Instant::now() - FRAME;
+    let mut last_size = terminal.size().ok();
+    let mut last_size_check = Instant::now();
+    loop {
+        // Telemetry in.
+        let mut incoming = Vec::new();
+        if let Some(h) = &engine {
+            loop {
+                match h.telemetry.try_recv() {
+                    Ok(t) => incoming.push(t),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        engine_gone = true;
+                        break;
+                    }
+                }
+            }
+        } else {
+            incoming.extend(replay.by_ref().take(5));
+        }
+        for t in incoming {
+            let refresh = matches!(t, Telemetry::Step(_) | Telemetry::Started { .. });
+            app.on_telemetry(t);
+            if refresh && engine.is_some() {
+                send(vec![Command::Preview { slot: app.slot }], &mut app);
+            }
+        }
+        drain(&sys_rx, &mut app);
+        if app.quit && engine_gone {
+            break;
+        }
+        // Keys in.
+        if event::poll(FRAME / 2).map_err(|e| e.to_string())? {
+            match event::read().map_err(|e| e.to_string())? {
+                Event::Key(k) => {
+                    let cmds = app.on_key(k);
+                    send(cmds, &mut app);
+                    if app.quit && engine.is_none() {
+                        break;
+                    }
+                }
+                Event::Resize(_, _) => app.dirty = true,
+                _ => {}
+            }
+        }
+        // tmux does not always report a resize: look now and then.
+        if last_size_check.elapsed() > Duration::from_secs(1) {
+            let size = terminal.size().ok();
+            if size != last_size {
+                app.dirty = true;
+                last_size = size;
+            }
+            last_size_check = Instant::now();
+        }
+        if app.dirty && last_draw.elapsed() >= FRAME {
+            let _ = crossterm::execute!(std::io::stdout(), BeginSynchronizedUpdate);
+            terminal
+                .draw(|f| draw::draw(f, &app))
+                .map_err(|e| e.to_string())?;
+            let _ = crossterm::execute!(std::io::stdout(), EndSynchronizedUpdate);
+            app.dirty = false;
+            last_draw = Instant::now();
+        }
+    }
+    match engine {
+        Some(h) => h.join(),
+        None => Ok(()),
+    }
+}
+
+fn drain(rx: &Receiver<SystemSample>, app: &mut App) {
+    while let Ok(s) = rx.try_recv() {
+        app.on_system(s);
+    }
+}

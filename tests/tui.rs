@@ -1,0 +1,301 @@
+//! The dashboard without a terminal: keys to commands, and panels rendered into a ratatui
+//! TestBackend from fixed telemetry.
+
+use crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyEventState, KeyModifiers};
+use metapoison::config::{Auto, Config};
+use metapoison::craft::crafter::LiveSettings;
+use metapoison::craft::messages::{Command, Phase, Preview, StepReport, Telemetry};
+use metapoison::craft::perturbation::Norms;
+use metapoison::craft::plan::Plan;
+use metapoison::data;
+use metapoison::tui::app::{App, Palette, Popup};
+use metapoison::tui::draw::draw;
+use metapoison::tui::image::{indexed, ASCII_RAMP};
+use ratatui::backend::TestBackend;
+use ratatui::style::Color;
+use ratatui::Terminal;
+
+fn key(c: KeyCode) -> KeyEvent {
+    KeyEvent {
+        code: c,
+        modifiers: KeyModifiers::NONE,
+        kind: KeyEventKind::Press,
+        state: KeyEventState::NONE,
+    }
+}
+
+fn started() -> Telemetry {
+    let ds = data::embedded::load().unwrap();
+    let mut config = Config::default();
+    config.craft.ensemble_size = Auto::Value(2);
+    let plan = Plan::resolve(&config, &ds, false).unwrap();
+    Telemetry::Started {
+        run_dir: "/runs/test".into(),
+        device: "cpu (2 threads)".into(),
+        config_summary: "convnet-bn on fashion-mnist-subset".into(),
+        resumed_at: None,
+        class_names: ds.class_names.clone(),
+        plan,
+        live: LiveSettings {
+            outer_lr: 200.0,
+            inner_lr: 0.1,
+            unroll_steps: 2,
+        },
+        steps: 61,
+    }
+}
+
+fn step(i: usize, loss: f64) -> Telemetry {
+    let mut probs = vec![0.02; 10];
+    probs[6] = 0.6;
+    probs[0] = 0.24;
+    Telemetry::Step(StepReport {
+        step: i,
+        steps: 61,
+        adv_loss: Some(loss),
+        adv_loss_per_surrogate: vec![Some(loss - 0.2), Some(loss + 0.2)],
+        target_probs: vec![probs],
+        target_fooled: vec![0.5],
+        norms: Norms {
+            linf: 18.2,
+            mean_l2: 321.5,
+            delta_linf: 8.0,
+            grid_l2: 0.117,
+            frac_at_bound: 0.83,
+        },
+        outer_lr: 200.0,
+        inner_lr: 0.1,
+        unroll_steps: 2,
+        epochs: vec![i % 4, (i + 2) % 4],
+        meta_batches: 12,
+        seconds: 20.0,
+        eta_seconds: 600.0,
+        skipped: false,
+    })
+}
+
+fn app_with_steps(palette: Palette) -> App {
+    let mut app = App::new(palette);
+    app.on_telemetry(started());
+    app.on_telemetry(Telemetry::Phase(Phase::Crafting));
+    for (i, l) in [1.6, 1.2, 0.9, 0.4].into_iter().enumerate() {
+        app.on_telemetry(step(i, l));
+    }
+    app
+}
+
+fn render(app: &App, w: u16, h: u16) -> ratatui::buffer::Buffer {
+    let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();
+    t.draw(|f| draw(f, app)).unwrap();
+    t.backend().buffer().clone()
+}
+
+fn text(buf: &ratatui::buffer::Buffer) -> String {
+    let a = buf.area;
+    (0..a.height)
+        .map(|y| {
+            (0..a.width)
+                .map(|x| buf[(x, y)].symbol().to_string())
+                .collect::<String>()
+                + "\n"
+        })
+        .collect()
+}
+
+#[test]
+fn keys_become_engine_commands() {
+    let mut app = app_with_steps(Palette::TrueColor);
+    assert_eq!(app.on_key(key(KeyCode::Char(' '))), vec![Command::Pause]);
+    app.on_telemetry(Telemetry::Phase(Phase::Paused));
+    assert_eq!(app.on_key(key(KeyCode::Char(' '))), vec![Command::Resume]);
+    assert_eq!(
+        app.on_key(key(KeyCode::Char('c'))),
+        vec![Command::CheckpointNow]
+    );
+    assert_eq!(
+        app.on_key(key(KeyCode::Char(']'))),
+        vec![Command::Preview { slot: 1 }]
+    );
+    assert_eq!(
+        app.on_key(key(KeyCode::Left)),
+        vec![Command::Preview { slot: 0 }]
+    );
+    assert_eq!(
+        app.on_key(key(KeyCode::Char('['))),
+        vec![Command::Preview { slot: 199 }],
+        "wraps around 200 poisons"
+    );
+    // Release events are ignored.
+    let mut release = key(KeyCode::Char(' '));
+    release.kind = KeyEventKind::Release;
+    assert!(app.on_key(release).is_empty());
+
+    // Parameters: type a new outer lr, raise K with +, apply.
+    assert!(app.on_key(key(KeyCode::Char('p'))).is_empty());
+    for _ in 0..5 {
+        app.on_key(key(KeyCode::Backspace));
+    }
+    app.on_key(key(KeyCode::Char('5')));
+    app.on_key(key(KeyCode::Char('0')));
+    app.on_key(key(KeyCode::Down));
+    app.on_key(key(KeyCode::Down));
+    app.on_key(key(KeyCode::Char('+')));
+    assert_eq!(
+        app.on_key(key(KeyCode::Enter)),
+        vec![
+            Command::SetOuterLr { value: 50.0 },
+            Command::SetUnrollSteps { value: 3 }
+        ]
+    );
+    assert!(app.popup.is_none());
+
+    // An invalid value is refused in the popup, with a message, and nothing is sent.
+    app.on_key(key(KeyCode::Char('p')));
+    app.on_key(key(KeyCode::Down));
+    for _ in 0..6 {
+        app.on_key(key(KeyCode::Backspace));
+    }
+    app.on_key(key(KeyCode::Char('2')));
+    app.on_key(key(KeyCode::Char('0')));
+    assert!(app.on_key(key(KeyCode::Enter)).is_empty());
+    match &app.popup {
+        Some(Popup::Params(f)) => assert!(f
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("inner lr 20 must be in (0, 10]")),
+        other => panic!("expected the params popup, got {other:?}"),
+    }
+    assert!(app.on_key(key(KeyCode::Esc)).is_empty());
+    assert!(app.popup.is_none());
+
+    // Quit asks; cancel keeps running; checkpoint-and-quit sends Stop.
+    app.on_key(key(KeyCode::Char('q')));
+    assert!(matches!(app.popup, Some(Popup::Quit { selected: 0 })));
+    app.on_key(key(KeyCode::Char('n')));
+    assert!(app.popup.is_none() && !app.quit);
+    app.on_key(key(KeyCode::Char('q')));
+    assert_eq!(app.on_key(key(KeyCode::Enter)), vec![Command::Stop]);
+    assert!(app.quit);
+    // Ctrl-c in the quit popup quits without a checkpoint.
+    let mut app2 = app_with_steps(Palette::TrueColor);
+    let ctrl_c = KeyEvent {
+        code: KeyCode::Char('c'),
+        modifiers: KeyModifiers::CONTROL,
+        kind: KeyEventKind::Press,
+        state: KeyEventState::NONE,
+    };
+    app2.on_key(ctrl_c);
+    assert_eq!(app2.on_key(ctrl_c), vec![Command::Abort]);
+}
+
+#[test]
+fn dashboard_shows_the_numbers_at_80x24_and_160x48() {
+    let mut app = app_with_steps(Palette::TrueColor);
+    app.on_telemetry(Telemetry::Phase(Phase::Paused));
+    for (w, h) in [(80, 24), (160, 48)] {
+        let s = text(&render(&app, w, h));
+        for needle in [
+            "PAUSED",
+            "step 4/61",
+            "adversarial loss",
+            "now 0.400",
+            "Linf 18.2",
+            "L2 321.5",
+            "at bound 83%",
+            "Shirt -> T-shirt/top",
+            "0.600",
+            "0.240",
+            "surrogates fooled 50%",
+            "Space resume",
+            "q quit",
+        ] {
+            assert!(s.contains(needle), "{w}x{h}: `{needle}` missing from\n{s}");
+        }
+    }
+    let small = text(&render(&app, 70, 20));
+    assert!(small.contains("needs at least 80x24"), "{small}");
+}
+
+fn preview(white_base: bool) -> Telemetry {
+    let n = 4 * 4;
+    let fill = |v: u8| vec![v; n];
+    Telemetry::Preview(Preview {
+        slot: 0,
+        height: 4,
+        width: 4,
+        channels: 1,
+        base: fill(if white_base { 255 } else { 0 }),
+        poison: fill(128),
+        delta: fill(0),
+    })
+}
+
+fn find_preview_cell(buf: &ratatui::buffer::Buffer) -> (u16, u16) {
+    // The preview panel's first inner cell: under the title "poison 1/200".
+    let a = buf.area;
+    for y in 0..a.height {
+        let row: String = (0..a.width)
+            .map(|x| buf[(x, y)].symbol().to_string())
+            .collect();
+        if let Some(col) = row.find("poison 1/200") {
+            let x = row[..col].chars().count() as u16;
+            return (x - 2 + 1, y + 1);
+        }
+    }
+    panic!("no preview panel");
+}
+
+#[test]
+fn preview_cells_carry_the_image_colours_and_ascii_ramp() {
+    let mut app = app_with_steps(Palette::TrueColor);
+    app.on_telemetry(preview(true));
+    let buf = render(&app, 80, 24);
+    let (x, y) = find_preview_cell(&buf);
+    let cell = &buf[(x, y)];
+    assert_eq!(cell.symbol(), "▀");
+    assert_eq!(cell.fg, Color::Rgb(255, 255, 255));
+    assert_eq!(cell.bg, Color::Rgb(255, 255, 255));
+
+    let mut app = app_with_steps(Palette::Indexed256);
+    app.on_telemetry(preview(true));
+    let buf = render(&app, 80, 24);
+    let cell = &buf[find_preview_cell(&buf)];
+    assert_eq!(cell.fg, Color::Indexed(231), "white is cube index 231");
+    assert_eq!(
+        (indexed(0, 0, 0), indexed(255, 0, 0), indexed(128, 128, 128)),
+        (16, 196, 244)
+    );
+
+    let mut app = app_with_steps(Palette::Mono);
+    assert!(app.ascii, "no colour means ASCII images");
+    app.on_telemetry(preview(false));
+    let buf = render(&app, 80, 24);
+    let (x, y) = find_preview_cell(&buf);
+    assert_eq!(
+        buf[(x, y)].symbol(),
+        " ",
+        "black base is the ramp's first character"
+    );
+    // The poison image (mid grey) follows the base at the next image slot.
+    let row: String = (0..80).map(|c| buf[(c, y)].symbol().to_string()).collect();
+    let mid = ASCII_RAMP[(128 * (ASCII_RAMP.len() - 1) + 127) / 255] as char;
+    assert!(row.contains(&mid.to_string().repeat(4)), "{row}");
+}
+
+#[test]
+fn replay_file_round_trips_telemetry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("rec.jsonl");
+    let lines: Vec<String> = [started(), step(0, 1.0)]
+        .iter()
+        .map(|t| serde_json::to_string(t).unwrap())
+        .collect();
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    let back = metapoison::tui::read_replay(&path).unwrap();
+    assert_eq!(back.len(), 2);
+    assert!(matches!(back[1], Telemetry::Step(ref r) if r.adv_loss == Some(1.0)));
+    std::fs::write(&path, "{not json}\n").unwrap();
+    let e = metapoison::tui::read_replay(&path).unwrap_err();
+    assert!(e.contains("line 1"), "{e}");
+}
