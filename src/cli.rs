@@ -34,6 +34,9 @@ pub struct Cli {
     /// Print the version, the libtorch version and whether CUDA is available.
     #[arg(short = 'V', long)]
     version: bool,
+    /// No dashboard: JSON lines on stdout even on a terminal (as `craft`).
+    #[arg(long, global = true)]
+    headless: bool,
     /// Config file (default: the config dir's config.toml when present, else built-in defaults).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
@@ -310,7 +313,11 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Tui { run, replay } => {
             let _log = init_logging(&paths);
-            tui(cli.config.as_deref(), &paths, run, replay)?;
+            if cli.headless && replay.is_none() {
+                craft(cli.config.as_deref(), &paths, run)?;
+            } else {
+                tui(cli.config.as_deref(), &paths, run, replay)?;
+            }
         }
     }
     Ok(())

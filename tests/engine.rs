@@ -158,6 +158,12 @@ fn reports_follow_the_schedule_and_live_changes_apply_and_are_logged() {
             (1, Command::SetOuterLr { value: 50.0 }),
             (1, Command::SetInnerLr { value: 0.05 }),
             (1, Command::SetUnrollSteps { value: 0 }),
+            (
+                2,
+                Command::ExportNow {
+                    formats: "npz".into(),
+                },
+            ),
         ],
     );
     assert_eq!(reports.len(), 5);
@@ -216,6 +222,20 @@ fn reports_follow_the_schedule_and_live_changes_apply_and_are_logged() {
         );
     }
     assert_eq!(saved.state.live.outer_lr, 50.0);
+    // Export-now: checkpointed, exported into the run folder, reported as an event.
+    let export = saved
+        .state
+        .events
+        .iter()
+        .find(|e| e.kind == "export")
+        .expect("an export event");
+    let folder = export.message.trim_start_matches("exported to ");
+    let v = metapoison::export::verify::verify(Path::new(folder)).unwrap();
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+    assert!(
+        Path::new(folder).join("poisoned_train.npz").exists()
+            && !Path::new(folder).join("png").exists()
+    );
     assert_eq!(saved.state.history.len(), 5);
 }
 

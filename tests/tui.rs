@@ -169,6 +169,19 @@ fn keys_become_engine_commands() {
     assert!(app.on_key(key(KeyCode::Esc)).is_empty());
     assert!(app.popup.is_none());
 
+    // Export menu: untick png, export.
+    app.on_key(key(KeyCode::Char('e')));
+    app.on_key(key(KeyCode::Down));
+    app.on_key(key(KeyCode::Down));
+    app.on_key(key(KeyCode::Char(' ')));
+    assert_eq!(
+        app.on_key(key(KeyCode::Enter)),
+        vec![Command::ExportNow {
+            formats: "npz,native,curves".into()
+        }]
+    );
+    assert!(app.popup.is_none());
+
     // Quit asks; cancel keeps running; checkpoint-and-quit sends Stop.
     app.on_key(key(KeyCode::Char('q')));
     assert!(matches!(app.popup, Some(Popup::Quit { selected: 0 })));

@@ -214,6 +214,22 @@ impl Session<'_> {
                 }
             }
             Command::Preview { slot } => self.preview(slot),
+            Command::ExportNow { formats } => {
+                self.checkpoint()?;
+                let outcome = crate::export::Formats::parse(&formats).and_then(|formats| {
+                    crate::export::export(&crate::export::ExportRequest {
+                        run_dir: self.setup.run_dir.clone(),
+                        step: None,
+                        out: None,
+                        formats,
+                        force: false,
+                    })
+                });
+                match outcome {
+                    Ok(dir) => self.event("export", format!("exported to {}", dir.display())),
+                    Err(e) => self.event("export_failed", e),
+                }
+            }
         }
         Ok(true)
     }

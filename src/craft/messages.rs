@@ -31,6 +31,11 @@ pub enum Command {
     Preview {
         slot: usize,
     },
+    /// Checkpoint, then export the current poisons (see `export`): `formats` as for
+    /// `export --format`, into RUN_DIR/export-step-NNNN. The outcome comes back as an event.
+    ExportNow {
+        formats: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -39,13 +39,28 @@ pub struct ParamsForm {
     pub error: Option<String>,
 }
 
+/// The export menu's parts, in order: (label, `--format` name).
+pub const EXPORT_PARTS: [(&str, &str); 4] = [
+    ("npz: poisoned_train.npz, test.npz", "npz"),
+    ("native: IDX / CIFAR files", "native"),
+    ("png: images + contact sheet", "png"),
+    ("curves: csv + svg", "curves"),
+];
+
 pub const QUIT_CHOICES: [&str; 3] = ["checkpoint and quit", "quit without checkpoint", "cancel"];
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Popup {
     Help,
-    Quit { selected: usize },
+    Quit {
+        selected: usize,
+    },
     Params(ParamsForm),
+    /// Export menu: which parts to write (poisons.npz and the manifest always are).
+    Export {
+        selected: usize,
+        parts: [bool; 4],
+    },
 }
 
 /// The engine's live settings as last reported.
@@ -254,6 +269,54 @@ impl App {
             }
             Some(Popup::Quit { selected }) => self.on_quit_key(key, selected, ctrl_c),
             Some(Popup::Params(form)) => self.on_params_key(key, form),
+            Some(Popup::Export {
+                selected,
+                mut parts,
+            }) => match key.code {
+                KeyCode::Esc | KeyCode::Char('q') => vec![],
+                KeyCode::Up | KeyCode::Char('k') | KeyCode::BackTab => {
+                    self.popup = Some(Popup::Export {
+                        selected: (selected + 3) % 4,
+                        parts,
+                    });
+                    vec![]
+                }
+                KeyCode::Down | KeyCode::Char('j') | KeyCode::Tab => {
+                    self.popup = Some(Popup::Export {
+                        selected: (selected + 1) % 4,
+                        parts,
+                    });
+                    vec![]
+                }
+                KeyCode::Char(' ') | KeyCode::Char('x') => {
+                    parts[selected] = !parts[selected];
+                    self.popup = Some(Popup::Export { selected, parts });
+                    vec![]
+                }
+                KeyCode::Enter => {
+                    let formats: Vec<&str> = EXPORT_PARTS
+                        .iter()
+                        .zip(parts)
+                        .filter(|(_, on)| *on)
+                        .map(|((_, f), _)| *f)
+                        .collect();
+                    self.log(format!(
+                        "exporting ({})...",
+                        if formats.is_empty() {
+                            "poisons.npz only".into()
+                        } else {
+                            formats.join(", ")
+                        }
+                    ));
+                    vec![Command::ExportNow {
+                        formats: formats.join(","),
+                    }]
+                }
+                _ => {
+                    self.popup = Some(Popup::Export { selected, parts });
+                    vec![]
+                }
+            },
             None => {
                 let finished = matches!(self.phase, Phase::Done | Phase::Failed { .. });
                 if finished && (ctrl_c || key.code == KeyCode::Char('q')) {
@@ -275,6 +338,13 @@ impl App {
                         vec![]
                     }
                     KeyCode::Char('c') => vec![Command::CheckpointNow],
+                    KeyCode::Char('e') => {
+                        self.popup = Some(Popup::Export {
+                            selected: 0,
+                            parts: [true; 4],
+                        });
+                        vec![]
+                    }
                     KeyCode::Char('?') => {
                         self.popup = Some(Popup::Help);
                         vec![]
@@ -419,11 +489,12 @@ impl App {
         match &self.popup {
             Some(Popup::Help) => "any key: close help",
             Some(Popup::Quit { .. }) => "arrows choose  Enter confirm  c checkpoint+quit  q quit  Esc/n cancel",
+            Some(Popup::Export { .. }) => "arrows choose  Space toggle  Enter export  Esc/q cancel",
             Some(Popup::Params(_)) => "Tab/arrows field  +/- adjust  digits type  Enter apply  Esc/q cancel",
             None => match self.phase {
-                Phase::Paused => "Space resume  p params  c checkpoint  [ ] poison  a ascii  g log  ? help  q quit",
+                Phase::Paused => "Space resume  p params  c checkpoint  e export  [ ] poison  ? help  q quit",
                 Phase::Done | Phase::Failed { .. } => "[ ] poison  a ascii  g log  ? help  q quit",
-                _ => "Space pause  p params  c checkpoint  [ ] poison  a ascii  g log  ? help  q quit",
+                _ => "Space pause  p params  c checkpoint  e export  [ ] poison  ? help  q quit",
             },
         }
     }

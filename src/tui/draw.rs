@@ -1,6 +1,6 @@
 //! Drawing the dashboard from [`App`] state. Layout adapts from 80x24 upwards.
 
-use super::app::{App, Palette, Popup, QUIT_CHOICES};
+use super::app::{App, Palette, Popup, EXPORT_PARTS, QUIT_CHOICES};
 use super::image::{self, Pixels};
 use crate::craft::messages::Phase;
 use ratatui::layout::{Constraint, Layout, Rect};
@@ -418,6 +418,7 @@ fn draw_popup(frame: &mut Frame, app: &App, popup: &Popup, area: Rect) {
                 "Space      pause / resume (between craft steps)",
                 "p          parameters: outer lr, inner lr, K",
                 "c          checkpoint now",
+                "e          export menu (into RUN_DIR/export-step-NNNN)",
                 "[ ] or h l previous / next poison preview",
                 "a          ASCII images on/off",
                 "g          loss chart: linear / symlog",
@@ -428,8 +429,22 @@ fn draw_popup(frame: &mut Frame, app: &App, popup: &Popup, area: Rect) {
             .map(Line::from)
             .collect(),
             60,
-            10,
+            11,
         ),
+        Popup::Export { selected: s, parts } => {
+            let mut lines: Vec<Line> = EXPORT_PARTS
+                .iter()
+                .enumerate()
+                .map(|(i, (label, _))| {
+                    Line::styled(
+                        format!(" [{}] {label}", if parts[i] { 'x' } else { ' ' }),
+                        if i == *s { selected } else { Style::default() },
+                    )
+                })
+                .collect();
+            lines.push(Line::from(" poisons.npz + manifest.json always"));
+            (" export ", lines, 44, 7)
+        }
         Popup::Quit { selected: s } => (
             " quit? ",
             QUIT_CHOICES

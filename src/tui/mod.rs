@@ -101,7 +101,10 @@ fn run_loop(terminal: &mut ratatui::DefaultTerminal, source: Source) -> Result<(
             }
         }
         drain(&sys_rx, &mut app);
-        if app.quit && engine_gone {
+        // The engine stopped by itself (a signal, a failure after its checkpoint, or the user's
+        // quit): nothing is left to show. A finished run stays on screen until q.
+        let finished = matches!(app.phase, crate::craft::messages::Phase::Done);
+        if engine_gone && (app.quit || (engine.is_some() && !finished)) {
             break;
         }
         // Keys in.
