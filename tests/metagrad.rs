@@ -83,6 +83,7 @@ fn case(channels: usize, k: usize, seed: i64) -> Case {
             batches,
             positions: Tensor::from_slice(&[1i64, 4]),
             slots: Tensor::from_slice(&[2i64, 0]),
+            augment: None,
         },
         targets: Tensor::rand([2, channels as i64, side, side], F64) * 255.0,
         labels: TargetLabels {
@@ -100,7 +101,12 @@ fn objective_value(c: &Case, s: UnrollSettings, smooth: f64) -> f64 {
 }
 
 fn check(channels: usize, k: usize, objective: ObjectiveKind) {
-    let c = case(channels, k, 7 + k as i64);
+    check_with(channels, k, objective, None)
+}
+
+fn check_with(channels: usize, k: usize, objective: ObjectiveKind, augment: Option<u64>) {
+    let mut c = case(channels, k, 7 + k as i64);
+    c.batches.augment = augment;
     let s = UnrollSettings {
         steps: k,
         lr: 0.1,
@@ -188,6 +194,12 @@ fn metagradient_matches_finite_differences_rgb_colour_grid() {
         check(3, k, ObjectiveKind::Cw);
     }
     check(3, 2, ObjectiveKind::Xent);
+}
+
+#[test]
+fn metagradient_through_differentiable_augmentation() {
+    check_with(1, 2, ObjectiveKind::Cw, Some(42));
+    check_with(3, 1, ObjectiveKind::Xent, Some(7));
 }
 
 #[test]

@@ -131,6 +131,9 @@ pub struct CraftConfig {
     pub lr_drop_factor: f64,
     /// Re-initialise the perturbation every N steps; 0 = never.
     pub restart_period: usize,
+    /// Random crop + flip of the unrolled batches, inside the graph (so gradients flow
+    /// through it), and of the surrogates' own training batches.
+    pub augment: bool,
 }
 
 impl Default for CraftConfig {
@@ -147,6 +150,7 @@ impl Default for CraftConfig {
             lr_drops: vec![20, 40],
             lr_drop_factor: 0.1,
             restart_period: 0,
+            augment: false,
         }
     }
 }

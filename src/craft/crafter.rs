@@ -306,6 +306,7 @@ impl Crafter {
                     batches,
                     positions: Self::as_index(&positions, self.device),
                     slots: Self::as_index(&slots, self.device),
+                    augment: self.config.craft.augment.then(|| choose.next_u64()),
                 };
                 let s = &self.surrogates[m];
                 let (adv, gd, go) = meta_gradient(
@@ -328,6 +329,11 @@ impl Crafter {
                 count += 1;
             }
             // The surrogate itself follows the clean trajectory.
+            let x = if self.config.craft.augment {
+                crate::model::augment::crop_flip(&x, &mut choose)
+            } else {
+                x
+            };
             let _ = self.sgd_step(m, &x, &y, lr);
         }
         (g_delta, g_offsets, adv_sum, count)

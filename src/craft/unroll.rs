@@ -22,6 +22,9 @@ pub struct UnrollBatches {
     pub positions: Tensor,
     /// The poison slot at each of those positions.
     pub slots: Tensor,
+    /// When set, every unrolled batch is augmented (crop + flip, differentiably) with draws
+    /// from this seed.
+    pub augment: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -71,12 +74,15 @@ pub fn unrolled_adversarial_loss(
     let n_targets = targets.size()[0];
     let mut w: Vec<Tensor> = weights.iter().map(|t| t.shallow_clone()).collect();
     let mut total: Option<Tensor> = None;
+    let mut rng = input.augment.map(crate::craft::rng::SplitMix64::new);
     for i in 0..=k {
         let (x, y) = if i == 0 {
             (&first, &input.batches[0].1)
         } else {
             (&input.batches[i].0, &input.batches[i].1)
         };
+        let augmented = rng.as_mut().map(|r| crate::model::augment::crop_flip(x, r));
+        let x = augmented.as_ref().unwrap_or(x);
         let b = x.size()[0];
         let logits = net.forward(&w, buffers, &Tensor::cat(&[x, targets], 0), Mode::Train);
         if i > 0 {

@@ -6,6 +6,7 @@
 //! consumes the weights given, in the same order. So the parameter list can never drift from the
 //! forward pass.
 
+pub mod augment;
 mod layers;
 mod nets;
 pub mod sgd;

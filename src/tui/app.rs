@@ -488,11 +488,17 @@ impl App {
     pub fn footer(&self) -> &'static str {
         match &self.popup {
             Some(Popup::Help) => "any key: close help",
-            Some(Popup::Quit { .. }) => "arrows choose  Enter confirm  c checkpoint+quit  q quit  Esc/n cancel",
+            Some(Popup::Quit { .. }) => {
+                "arrows choose  Enter confirm  c checkpoint+quit  q quit  Esc/n cancel"
+            }
             Some(Popup::Export { .. }) => "arrows choose  Space toggle  Enter export  Esc/q cancel",
-            Some(Popup::Params(_)) => "Tab/arrows field  +/- adjust  digits type  Enter apply  Esc/q cancel",
+            Some(Popup::Params(_)) => {
+                "Tab/arrows field  +/- adjust  digits type  Enter apply  Esc/q cancel"
+            }
             None => match self.phase {
-                Phase::Paused => "Space resume  p params  c checkpoint  e export  [ ] poison  ? help  q quit",
+                Phase::Paused => {
+                    "Space resume  p params  c checkpoint  e export  [ ] poison  ? help  q quit"
+                }
                 Phase::Done | Phase::Failed { .. } => "[ ] poison  a ascii  g log  ? help  q quit",
                 _ => "Space pause  p params  c checkpoint  e export  [ ] poison  ? help  q quit",
             },

@@ -37,25 +37,6 @@ impl VictimTraining {
     }
 }
 
-/// Standard augmentation, outside autograd: zero-pad by 4, random 28/32-pixel crop at a random
-/// offset per image, random horizontal flip.
-fn augment(x: &Tensor, rng: &mut SplitMix64) -> Tensor {
-    let (n, _, h, w) = x.size4().expect("[N, C, H, W]");
-    let padded = x.constant_pad_nd([4, 4, 4, 4]);
-    let crops: Vec<Tensor> = (0..n)
-        .map(|i| {
-            let (dy, dx) = (rng.below(9) as i64, rng.below(9) as i64);
-            let img = padded.get(i).narrow(1, dy, h).narrow(2, dx, w);
-            if rng.below(2) == 1 {
-                img.flip([2])
-            } else {
-                img
-            }
-        })
-        .collect();
-    Tensor::stack(&crops, 0)
-}
-
 /// Trains a fresh network on images `x` (0-255, [N, C, H, W], any numeric kind) and labels
 /// `y`. `seed` fixes the initialisation, batch order and augmentation. `progress(epoch)` is
 /// called after each epoch; returning false stops early.
@@ -92,7 +73,7 @@ pub fn train_from_scratch(
             let idx = Tensor::from_slice(chunk).to_device(device);
             let mut xb = x.index_select(0, &idx).to_kind(kind);
             if spec.augment {
-                xb = augment(&xb, &mut rng);
+                xb = crate::model::augment::crop_flip(&xb, &mut rng);
             }
             let yb = y.index_select(0, &idx);
             let _ = sgd::sgd_step(net, &state, &xb, &yb, lr, spec.weight_decay);
