@@ -380,16 +380,7 @@ fn start_engine(
         config.craft.steps = s;
     }
     config.validate()?;
-    let device = config
-        .run
-        .device
-        .parse::<DeviceChoice>()
-        .map_err(anyhow::Error::msg)?
-        .resolve()
-        .map_err(anyhow::Error::msg)?;
-    if config.run.threads > 0 {
-        tch::set_num_threads(config.run.threads as i32);
-    }
+    let device = resolve_device(&config)?;
     let data = crate::data::load(&config.data)?;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [
@@ -478,13 +469,7 @@ pub fn format_duration(secs: f64) -> String {
 
 fn suggest_targets(config: &Config, victims: usize, top: usize) -> Result<()> {
     use crate::victim::{targets, VictimTraining};
-    let device = config
-        .run
-        .device
-        .parse::<DeviceChoice>()
-        .map_err(anyhow::Error::msg)?
-        .resolve()
-        .map_err(anyhow::Error::msg)?;
+    let device = resolve_device(config)?;
     let data = crate::data::load(&config.data)?;
     let plan = crate::craft::plan::Plan::resolve(config, &data, device.is_cuda())
         .map_err(anyhow::Error::msg)?;
@@ -542,13 +527,7 @@ struct EvalOptions {
 fn evaluate(config: &Config, paths: &Paths, dir: &Path, o: EvalOptions) -> Result<()> {
     use crate::victim::eval::{self, EvalReport};
     use crate::victim::VictimTraining;
-    let device = config
-        .run
-        .device
-        .parse::<DeviceChoice>()
-        .map_err(anyhow::Error::msg)?
-        .resolve()
-        .map_err(anyhow::Error::msg)?;
+    let device = resolve_device(config)?;
     let data = eval::load_export(dir, device).map_err(anyhow::Error::msg)?;
     let mut victim = data.manifest.config.victim.clone();
     // The config given on the command line (or the default file) sets the victim protocol;
@@ -707,4 +686,19 @@ fn tui(
     crate::tui::run(crate::tui::Source::Engine(handle)).map_err(anyhow::Error::msg)?;
     eprintln!("run folder: {}", run_dir.display());
     Ok(())
+}
+
+/// The libtorch device `run.device` names, with `run.threads` applied.
+fn resolve_device(config: &Config) -> Result<tch::Device> {
+    let device = config
+        .run
+        .device
+        .parse::<DeviceChoice>()
+        .map_err(anyhow::Error::msg)?
+        .resolve()
+        .map_err(anyhow::Error::msg)?;
+    if config.run.threads > 0 {
+        tch::set_num_threads(config.run.threads as i32);
+    }
+    Ok(device)
 }

@@ -29,43 +29,94 @@ fn tch_smoke_tensor_op_with_backward() {
 fn config_check_accepts_the_example_and_names_bad_fields() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml");
     let out = bin().args(["config", "check", example]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let tmp = tempfile::tempdir().unwrap();
     let bad = tmp.path().join("bad.toml");
     std::fs::write(&bad, "[threat]\neps = 300.0\n").unwrap();
-    let out = bin().args(["config", "check", bad.to_str().unwrap()]).output().unwrap();
+    let out = bin()
+        .args(["config", "check", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
-    assert!(err.contains("threat.eps") && err.contains("300") && err.contains("[0, 255]"), "{err}");
-    let out = bin().args(["config", "check", "/nonexistent/x.toml"]).output().unwrap();
+    assert!(
+        err.contains("threat.eps") && err.contains("300") && err.contains("[0, 255]"),
+        "{err}"
+    );
+    let out = bin()
+        .args(["config", "check", "/nonexistent/x.toml"])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("/nonexistent/x.toml"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("/nonexistent/x.toml"),
+        "{err}"
+    );
 }
 
 #[test]
 fn config_init_writes_once_and_show_prints_the_effective_config() {
     let tmp = tempfile::tempdir().unwrap();
     let home = tmp.path();
-    let run = |args: &[&str]| bin().env("HOME", home).env("XDG_CONFIG_HOME", home.join("cfg")).args(args).output().unwrap();
+    let run = |args: &[&str]| {
+        bin()
+            .env("HOME", home)
+            .env("XDG_CONFIG_HOME", home.join("cfg"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
     let out = run(&["config", "init"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let written = home.join("cfg/metapoison/config.toml");
-    assert_eq!(std::fs::read_to_string(&written).unwrap(), include_str!("../config.example.toml"));
+    assert_eq!(
+        std::fs::read_to_string(&written).unwrap(),
+        include_str!("../config.example.toml")
+    );
     let again = run(&["config", "init"]);
-    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("not overwritten"));
+    assert!(
+        !again.status.success()
+            && String::from_utf8_lossy(&again.stderr).contains("not overwritten")
+    );
     std::fs::write(&written, "[craft]\nunroll_steps = 3\n").unwrap();
     let shown = String::from_utf8_lossy(&run(&["config", "show"]).stdout).into_owned();
-    assert!(shown.contains("unroll_steps = 3") && shown.contains("npoison = 200"), "{shown}");
+    assert!(
+        shown.contains("unroll_steps = 3") && shown.contains("npoison = 200"),
+        "{shown}"
+    );
 }
 
 #[test]
 fn data_info_lists_the_embedded_counts() {
-    let out = bin().args(["data", "info"]).env("XDG_CONFIG_HOME", "/nonexistent").output().unwrap();
+    let out = bin()
+        .args(["data", "info"])
+        .env("XDG_CONFIG_HOME", "/nonexistent")
+        .output()
+        .unwrap();
     let s = String::from_utf8_lossy(&out.stdout);
     // The default config trains on the first 5,000 images (data.train_limit).
-    assert!(s.contains("train    5000 images") && s.contains("test     2000 images"), "{s}");
-    assert!(s.contains("fashion-mnist-subset") && s.contains(" 6 Shirt"), "{s}");
-    let counts: usize = s.lines().skip_while(|l| !l.starts_with("class")).skip(1).filter_map(|l| l.split_whitespace().rev().nth(1)?.parse::<usize>().ok()).sum();
+    assert!(
+        s.contains("train    5000 images") && s.contains("test     2000 images"),
+        "{s}"
+    );
+    assert!(
+        s.contains("fashion-mnist-subset") && s.contains(" 6 Shirt"),
+        "{s}"
+    );
+    let counts: usize = s
+        .lines()
+        .skip_while(|l| !l.starts_with("class"))
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().rev().nth(1)?.parse::<usize>().ok())
+        .sum();
     assert_eq!(counts, 5000, "{s}");
 }

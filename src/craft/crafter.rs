@@ -145,15 +145,7 @@ impl Crafter {
             m as u64,
             generation as u64,
         );
-        let s = self.net.init(self.device, self.kind, seed);
-        State {
-            weights: s
-                .weights
-                .into_iter()
-                .map(|w| w.set_requires_grad(true))
-                .collect(),
-            buffers: s.buffers,
-        }
+        self.net.init(self.device, self.kind, seed).trainable()
     }
 
     fn batch_size(&self) -> usize {
@@ -400,17 +392,7 @@ impl Crafter {
         let snapshot: Vec<State> = self.surrogates.iter().map(State::deep_clone).collect();
         for m in 0..mm {
             if cancelled() {
-                self.surrogates = snapshot
-                    .into_iter()
-                    .map(|s| State {
-                        weights: s
-                            .weights
-                            .into_iter()
-                            .map(|w| w.set_requires_grad(true))
-                            .collect(),
-                        buffers: s.buffers,
-                    })
-                    .collect();
+                self.surrogates = snapshot.into_iter().map(State::trainable).collect();
                 return None;
             }
             let epoch = schedule::surrogate_epoch(m, step, mm, stagger);

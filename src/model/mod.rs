@@ -74,6 +74,19 @@ pub struct State {
 }
 
 impl State {
+    /// The same tensors with the weights marked as autograd leaves (what training and the
+    /// unrolled meta-gradient differentiate with respect to).
+    pub fn trainable(self) -> State {
+        State {
+            weights: self
+                .weights
+                .into_iter()
+                .map(|w| w.set_requires_grad(true))
+                .collect(),
+            buffers: self.buffers,
+        }
+    }
+
     /// A deep copy (fresh storage), so updating one never touches the other.
     pub fn deep_clone(&self) -> State {
         State {

@@ -50,19 +50,13 @@ pub fn train_from_scratch(
     mut progress: impl FnMut(usize) -> bool,
 ) -> State {
     let device = x.device();
-    let init = net.init(
-        device,
-        kind,
-        derive(seed, Purpose::SurrogateInit, u64::MAX, 0),
-    );
-    let state = State {
-        weights: init
-            .weights
-            .into_iter()
-            .map(|w| w.set_requires_grad(true))
-            .collect(),
-        buffers: init.buffers,
-    };
+    let state = net
+        .init(
+            device,
+            kind,
+            derive(seed, Purpose::SurrogateInit, u64::MAX, 0),
+        )
+        .trainable();
     let n = x.size()[0] as usize;
     for epoch in 0..spec.epochs {
         let lr = schedule::inner_lr(spec.lr, epoch, spec.warmup_epochs, &spec.lr_drops);
