@@ -24,6 +24,32 @@ pub struct LiveSettings {
     pub unroll_steps: usize,
 }
 
+/// The ranges a live change must respect; the engine enforces them and a UI checks them before
+/// sending, with the same messages.
+impl LiveSettings {
+    pub fn check_outer_lr(v: f64) -> Result<f64, String> {
+        if v.is_finite() && v > 0.0 {
+            Ok(v)
+        } else {
+            Err(format!("outer lr {v} must be a positive number"))
+        }
+    }
+    pub fn check_inner_lr(v: f64) -> Result<f64, String> {
+        if v.is_finite() && v > 0.0 && v <= 10.0 {
+            Ok(v)
+        } else {
+            Err(format!("inner lr {v} must be in (0, 10]"))
+        }
+    }
+    pub fn check_unroll_steps(k: usize) -> Result<usize, String> {
+        if (1..=16).contains(&k) {
+            Ok(k)
+        } else {
+            Err(format!("K = {k} must be in 1..=16"))
+        }
+    }
+}
+
 pub struct Crafter {
     pub config: Config,
     pub plan: Plan,

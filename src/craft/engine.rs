@@ -2,7 +2,7 @@
 //! through [`Command`]s in and [`Telemetry`] out.
 
 use super::checkpoint;
-use super::crafter::Crafter;
+use super::crafter::{Crafter, LiveSettings};
 use super::messages::{Command, Event, Phase, Preview, Telemetry};
 use super::plan::Plan;
 use crate::config::Config;
@@ -177,42 +177,27 @@ impl Session<'_> {
                 return Ok(false);
             }
             Command::CheckpointNow => self.checkpoint()?,
-            Command::SetOuterLr { value } => {
-                if value.is_finite() && value > 0.0 {
-                    let old = self.crafter.live.outer_lr;
-                    self.crafter.live.outer_lr = value;
-                    self.event("set_outer_lr", format!("outer lr {old} -> {value}"));
-                } else {
-                    self.event(
-                        "rejected",
-                        format!("outer lr {value} refused: must be a positive number"),
-                    );
+            Command::SetOuterLr { value } => match LiveSettings::check_outer_lr(value) {
+                Ok(v) => {
+                    let old = std::mem::replace(&mut self.crafter.live.outer_lr, v);
+                    self.event("set_outer_lr", format!("outer lr {old} -> {v}"));
                 }
-            }
-            Command::SetInnerLr { value } => {
-                if value.is_finite() && value > 0.0 && value <= 10.0 {
-                    let old = self.crafter.live.inner_lr;
-                    self.crafter.live.inner_lr = value;
-                    self.event("set_inner_lr", format!("inner lr {old} -> {value}"));
-                } else {
-                    self.event(
-                        "rejected",
-                        format!("inner lr {value} refused: must be in (0, 10]"),
-                    );
+                Err(e) => self.event("rejected", format!("{e}: refused")),
+            },
+            Command::SetInnerLr { value } => match LiveSettings::check_inner_lr(value) {
+                Ok(v) => {
+                    let old = std::mem::replace(&mut self.crafter.live.inner_lr, v);
+                    self.event("set_inner_lr", format!("inner lr {old} -> {v}"));
                 }
-            }
-            Command::SetUnrollSteps { value } => {
-                if (1..=16).contains(&value) {
-                    let old = self.crafter.live.unroll_steps;
-                    self.crafter.live.unroll_steps = value;
-                    self.event("set_unroll_steps", format!("K {old} -> {value}"));
-                } else {
-                    self.event(
-                        "rejected",
-                        format!("K = {value} refused: must be in 1..=16"),
-                    );
+                Err(e) => self.event("rejected", format!("{e}: refused")),
+            },
+            Command::SetUnrollSteps { value } => match LiveSettings::check_unroll_steps(value) {
+                Ok(k) => {
+                    let old = std::mem::replace(&mut self.crafter.live.unroll_steps, k);
+                    self.event("set_unroll_steps", format!("K {old} -> {k}"));
                 }
-            }
+                Err(e) => self.event("rejected", format!("{e}: refused")),
+            },
             Command::Preview { slot } => self.preview(slot),
             Command::ExportNow { formats } => {
                 self.checkpoint()?;

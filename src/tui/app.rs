@@ -1,6 +1,7 @@
 //! Dashboard state and key handling. Pure: telemetry in, commands out, no terminal and no
 //! libtorch, so it is tested with synthetic keys and recorded telemetry.
 
+use crate::craft::crafter::LiveSettings;
 use crate::craft::messages::{Command, Phase, Preview, StepReport, Telemetry};
 use crate::telemetry::SystemSample;
 use crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
@@ -466,21 +467,15 @@ impl App {
         let outer: f64 = form.values[0]
             .parse()
             .map_err(|_| format!("outer lr `{}` is not a number", form.values[0]))?;
-        if !(outer.is_finite() && outer > 0.0) {
-            return Err(format!("outer lr {outer} must be a positive number"));
-        }
+        let outer = LiveSettings::check_outer_lr(outer)?;
         let inner: f64 = form.values[1]
             .parse()
             .map_err(|_| format!("inner lr `{}` is not a number", form.values[1]))?;
-        if !(inner.is_finite() && inner > 0.0 && inner <= 10.0) {
-            return Err(format!("inner lr {inner} must be in (0, 10]"));
-        }
+        let inner = LiveSettings::check_inner_lr(inner)?;
         let k: usize = form.values[2]
             .parse()
             .map_err(|_| format!("K `{}` is not a whole number", form.values[2]))?;
-        if !(1..=16).contains(&k) {
-            return Err(format!("K = {k} must be in 1..=16"));
-        }
+        let k = LiveSettings::check_unroll_steps(k)?;
         Ok((outer, inner, k))
     }
 
