@@ -1,7 +1,9 @@
 //! The engine thread end to end on tiny settings: telemetry, live changes, and a run that is
 //! interrupted and resumed ending with exactly the poisons of an uninterrupted run.
 
-use metapoison::config::{Auto, Config, DataConfig, DatasetKind};
+mod common;
+
+use metapoison::config::{Auto, Config};
 use metapoison::craft::checkpoint;
 use metapoison::craft::engine::{spawn, EngineSetup};
 use metapoison::craft::messages::{Command, Phase, StepReport, Telemetry};
@@ -13,23 +15,11 @@ use std::sync::Arc;
 use tch::{Device, Kind};
 
 fn tiny_config() -> Config {
-    let mut c = Config {
-        data: DataConfig {
-            dataset: DatasetKind::Embedded,
-            path: None,
-            train_limit: 400,
-        },
-        ..Config::default()
-    };
-    c.threat.npoison = 12;
-    c.craft.steps = 5;
-    c.craft.unroll_steps = 1;
+    let mut c = common::tiny_config(400, 12, 5);
     c.craft.ensemble_size = Auto::Value(2);
-    c.craft.stagger = Auto::Value(1);
     c.craft.meta_batch_fraction = Auto::Value(0.5);
     c.craft.warmup_steps = 2;
     c.craft.lr_drops = vec![3];
-    c.surrogate.batch_size = 50;
     c.run.checkpoint_every = 2;
     c.run.seed = 11;
     c

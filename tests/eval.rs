@@ -1,16 +1,15 @@
 //! Victim evaluation: the clean-accuracy floor of a short training run, success read from the
 //! real prediction, the Wilson interval, and `eval` on a real export.
 
-use metapoison::config::{Auto, Config, DataConfig, DatasetKind, NetKind};
+mod common;
+
+use metapoison::config::{DataConfig, DatasetKind, NetKind};
 use metapoison::craft::crafter::split_tensor;
-use metapoison::craft::engine::{spawn, EngineSetup};
 use metapoison::data;
 use metapoison::export::{export, ExportRequest, Formats};
 use metapoison::model::{sgd, InputNorm, Network, State};
 use metapoison::victim::eval::{load_export, run_trial, score, summarise, wilson95};
 use metapoison::victim::{train_from_scratch, VictimTraining};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 fn short_victim(epochs: usize) -> VictimTraining {
@@ -79,31 +78,7 @@ fn wilson_interval_matches_hand_computation() {
 fn eval_on_a_real_export_reads_success_from_the_prediction() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    let mut c = Config {
-        data: DataConfig {
-            dataset: DatasetKind::Embedded,
-            path: None,
-            train_limit: 300,
-        },
-        ..Config::default()
-    };
-    c.threat.npoison = 10;
-    c.craft.steps = 1;
-    c.craft.unroll_steps = 1;
-    c.craft.ensemble_size = Auto::Value(1);
-    c.craft.stagger = Auto::Value(1);
-    c.surrogate.batch_size = 50;
-    let handle = spawn(EngineSetup {
-        data: data::load(&c.data).unwrap(),
-        config: c,
-        device: Device::Cpu,
-        kind: Kind::Float,
-        run_dir: run.clone(),
-        resume: false,
-        stop: Arc::new(AtomicBool::new(false)),
-    });
-    for _ in handle.telemetry.iter() {}
-    handle.join().unwrap();
+    common::craft_to_end(&common::tiny_config(300, 10, 1), &run);
     let out = tmp.path().join("exp");
     export(&ExportRequest {
         run_dir: run,

@@ -1,48 +1,18 @@
 //! Export round trips: a real (tiny) crafting run exported, read back in Rust (and in numpy
 //! when it is installed), verified; failures leave no partial folder.
 
-use metapoison::config::{Auto, Config, DataConfig, DatasetKind};
-use metapoison::craft::engine::{spawn, EngineSetup};
-use metapoison::craft::messages::{Phase, Telemetry};
+mod common;
+
+use metapoison::config::Config;
 use metapoison::data;
 use metapoison::export::npz::read_npz;
 use metapoison::export::{export, verify::verify, ExportRequest, Formats};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 fn craft_tiny(dir: &Path) -> Config {
-    let mut c = Config {
-        data: DataConfig {
-            dataset: DatasetKind::Embedded,
-            path: None,
-            train_limit: 300,
-        },
-        ..Config::default()
-    };
-    c.threat.npoison = 10;
-    c.craft.steps = 3;
-    c.craft.unroll_steps = 1;
-    c.craft.ensemble_size = Auto::Value(1);
-    c.craft.stagger = Auto::Value(1);
-    c.craft.meta_batch_fraction = Auto::Value(1.0);
-    c.surrogate.batch_size = 50;
+    let mut c = common::tiny_config(300, 10, 3);
     c.run.checkpoint_every = 2;
-    let handle = spawn(EngineSetup {
-        data: data::load(&c.data).unwrap(),
-        config: c.clone(),
-        device: tch::Device::Cpu,
-        kind: tch::Kind::Float,
-        run_dir: dir.to_path_buf(),
-        resume: false,
-        stop: Arc::new(AtomicBool::new(false)),
-    });
-    for t in handle.telemetry.iter() {
-        if let Telemetry::Phase(Phase::Failed { message }) = t {
-            panic!("{message}");
-        }
-    }
-    handle.join().unwrap();
+    common::craft_to_end(&c, dir);
     c
 }
 

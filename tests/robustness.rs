@@ -2,7 +2,8 @@
 //! is left as it was, and after `run.max_nonfinite_steps` in a row the engine stops with a clear
 //! message and a usable checkpoint.
 
-use metapoison::config::{Auto, Config, DataConfig, DatasetKind};
+mod common;
+
 use metapoison::craft::crafter::Crafter;
 use metapoison::craft::plan::Plan;
 use metapoison::data;
@@ -10,21 +11,7 @@ use tch::{Device, Kind};
 
 #[test]
 fn nonfinite_meta_gradients_are_skipped_and_counted() {
-    let mut c = Config {
-        data: DataConfig {
-            dataset: DatasetKind::Embedded,
-            path: None,
-            train_limit: 300,
-        },
-        ..Config::default()
-    };
-    c.threat.npoison = 10;
-    c.craft.steps = 4;
-    c.craft.unroll_steps = 1;
-    c.craft.ensemble_size = Auto::Value(1);
-    c.craft.stagger = Auto::Value(1);
-    c.craft.meta_batch_fraction = Auto::Value(1.0);
-    c.surrogate.batch_size = 50;
+    let c = common::tiny_config(300, 10, 4);
     let ds = data::load(&c.data).unwrap();
     let plan = Plan::resolve(&c, &ds, false).unwrap();
     let mut crafter = Crafter::new(c, &ds, plan, Device::Cpu, Kind::Float);

@@ -1,0 +1,50 @@
+//! Set-up shared by the integration tests: tiny crafting jobs on the embedded data.
+#![allow(dead_code)] // each test file uses part of it
+
+use metapoison::config::{Auto, Config, DataConfig, DatasetKind};
+use metapoison::craft::engine::{spawn, EngineSetup};
+use metapoison::craft::messages::{Phase, Telemetry};
+use metapoison::data;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+/// A job small enough for a test: the first `train_limit` embedded images, `npoison` poisons,
+/// `steps` craft steps, one surrogate, K = 1, every poison-holding batch unrolled, batch 50.
+pub fn tiny_config(train_limit: usize, npoison: usize, steps: usize) -> Config {
+    let mut c = Config {
+        data: DataConfig {
+            dataset: DatasetKind::Embedded,
+            path: None,
+            train_limit,
+        },
+        ..Config::default()
+    };
+    c.threat.npoison = npoison;
+    c.craft.steps = steps;
+    c.craft.unroll_steps = 1;
+    c.craft.ensemble_size = Auto::Value(1);
+    c.craft.stagger = Auto::Value(1);
+    c.craft.meta_batch_fraction = Auto::Value(1.0);
+    c.surrogate.batch_size = 50;
+    c
+}
+
+/// Runs the engine on the CPU into `dir` until it finishes; panics if it fails.
+pub fn craft_to_end(config: &Config, dir: &Path) {
+    let handle = spawn(EngineSetup {
+        data: data::load(&config.data).unwrap(),
+        config: config.clone(),
+        device: tch::Device::Cpu,
+        kind: tch::Kind::Float,
+        run_dir: dir.to_path_buf(),
+        resume: false,
+        stop: Arc::new(AtomicBool::new(false)),
+    });
+    for t in handle.telemetry.iter() {
+        if let Telemetry::Phase(Phase::Failed { message }) = t {
+            panic!("{message}");
+        }
+    }
+    handle.join().unwrap();
+}
