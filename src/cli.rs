@@ -121,6 +121,10 @@ enum Cmd {
         #[command(subcommand)]
         action: DataCmd,
     },
+    /// Time one craft step side by side with a PyTorch-eager reference of the same maths (after
+    /// checking both give the same float64 meta-gradient); or, with --gradcheck, check the
+    /// meta-gradient against finite differences on the chosen device.
+    Bench(crate::bench::command::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -227,6 +231,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!("wrote {}", target.display());
             }
         },
+        Cmd::Bench(args) => crate::bench::command::run(args)?,
         Cmd::Data {
             action: DataCmd::Info,
         } => {
@@ -700,5 +705,6 @@ fn resolve_device(config: &Config) -> Result<tch::Device> {
     if config.run.threads > 0 {
         tch::set_num_threads(config.run.threads as i32);
     }
+    crate::device::tune(device);
     Ok(device)
 }

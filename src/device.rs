@@ -66,3 +66,11 @@ pub fn libtorch_version() -> String {
     // installs (written by scripts/setup.sh) and in the official zip.
     env!("METAPOISON_LIBTORCH_VERSION").to_string()
 }
+
+/// Per-device libtorch settings for speed: on CUDA, cuDNN picks the fastest convolution
+/// algorithm for each shape (the shapes of a crafting run repeat, so the search pays off once).
+pub fn tune(device: tch::Device) {
+    if device.is_cuda() {
+        tch::Cuda::cudnn_set_benchmark(true);
+    }
+}

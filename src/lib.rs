@@ -1,5 +1,6 @@
 //! metapoison: clean-label data poisoning with MetaPoison on libtorch.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod craft;

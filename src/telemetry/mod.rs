@@ -132,3 +132,21 @@ pub fn spawn_sampler(out: Sender<SystemSample>, every: Duration) {
             }
         });
 }
+
+/// GPU memory this process holds on device `index` (what the driver reports, so libtorch's
+/// cached blocks included), and the device's name; `None` without NVML or a matching entry.
+pub fn process_gpu_memory(index: u32) -> Option<(String, u64)> {
+    let nvml = nvml_wrapper::Nvml::init().ok()?;
+    let device = nvml.device_by_index(index).ok()?;
+    let pid = std::process::id();
+    let used = device
+        .running_compute_processes()
+        .ok()?
+        .into_iter()
+        .find(|p| p.pid == pid)
+        .and_then(|p| match p.used_gpu_memory {
+            nvml_wrapper::enums::device::UsedGpuMemory::Used(bytes) => Some(bytes),
+            nvml_wrapper::enums::device::UsedGpuMemory::Unavailable => None,
+        })?;
+    Some((device.name().unwrap_or_default(), used))
+}

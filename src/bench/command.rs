@@ -1,0 +1,347 @@
+//! `metapoison bench`: the speed harness's command line and report.
+
+use super::{
+    check_agreement, gradcheck, peak_rss_bytes, reference, time_side_by_side, Reference,
+    StepInputs, StepSpec, Timing,
+};
+use crate::config::NetKind;
+use crate::device::DeviceChoice;
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Setting {
+    /// The default config's step: Fashion-MNIST shape, ConvNetBN, B 125, 5 poisons a batch, M 4.
+    Default,
+    /// The seed's setting: CIFAR shape, ResNet-18, B 125, 12 poisons a batch (10%), 5,000 poisons.
+    CifarResnet18,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// The step shape to start from; the flags below override single fields.
+    #[arg(long, value_enum, default_value_t = Setting::Default)]
+    setting: Setting,
+    /// Network: convnet-bn, resnet20, resnet18, vgg11, vgg13.
+    #[arg(long, value_parser = parse_net)]
+    net: Option<NetKind>,
+    /// Images per batch.
+    #[arg(long)]
+    batch: Option<i64>,
+    /// Poisons in the first unrolled batch.
+    #[arg(long)]
+    poisons_in_batch: Option<i64>,
+    /// Poisons in the whole perturbation.
+    #[arg(long)]
+    npoison: Option<i64>,
+    /// Unrolled steps K.
+    #[arg(long)]
+    unroll: Option<usize>,
+    /// Surrogates M.
+    #[arg(long)]
+    ensemble: Option<usize>,
+    /// Device: auto, cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+    /// CPU threads for both sides (0: libtorch's default).
+    #[arg(long, default_value_t = 0)]
+    threads: i32,
+    /// Untimed steps first (each side).
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Timed steps (each side, alternating).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Time our step only.
+    #[arg(long)]
+    no_reference: bool,
+    /// Python with torch for the reference (default: $METAPOISON_PYTHON, ./.venv, python3).
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// Instead of timing: the meta-gradient against finite differences in float64 on the device.
+    #[arg(long)]
+    gradcheck: bool,
+    /// Append the JSON report as one line to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn parse_net(s: &str) -> Result<NetKind, String> {
+    serde_json::from_value(Value::String(s.into())).map_err(|_| {
+        format!("unknown network {s:?}: use convnet-bn, resnet20, resnet18, vgg11 or vgg13")
+    })
+}
+
+impl BenchArgs {
+    fn spec(&self) -> StepSpec {
+        let mut s = match self.setting {
+            Setting::Default => StepSpec::default_config(),
+            Setting::CifarResnet18 => StepSpec::cifar_resnet18(),
+        };
+        if let Some(n) = self.net {
+            s.net = n;
+        }
+        if let Some(b) = self.batch {
+            s.batch = b;
+        }
+        if let Some(p) = self.poisons_in_batch {
+            s.poisons_in_batch = p;
+        }
+        if let Some(p) = self.npoison {
+            s.npoison = p;
+        }
+        if let Some(k) = self.unroll {
+            s.unroll_steps = k;
+        }
+        if let Some(m) = self.ensemble {
+            s.ensemble = m;
+        }
+        s
+    }
+}
+
+fn device_label(device: tch::Device) -> String {
+    match device {
+        tch::Device::Cuda(i) => crate::telemetry::process_gpu_memory(i as u32)
+            .map(|(name, _)| format!("cuda:{i} ({name})"))
+            .unwrap_or_else(|| format!("cuda:{i}")),
+        other => crate::device::describe(other),
+    }
+}
+
+fn append_line(path: &PathBuf, report: &Value) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open {} to append the report", path.display()))?;
+    writeln!(f, "{report}").with_context(|| format!("cannot write {}", path.display()))
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let device = args.device.resolve().map_err(anyhow::Error::msg)?;
+    if args.threads > 0 {
+        tch::set_num_threads(args.threads);
+    }
+    crate::device::tune(device);
+    let threads = tch::get_num_threads();
+    if args.gradcheck {
+        return run_gradcheck(device, args.out.as_ref());
+    }
+    let spec = args.spec();
+    spec.validate().map_err(anyhow::Error::msg)?;
+    if args.reps == 0 {
+        bail!("--reps must be at least 1");
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("metapoison-bench-")
+        .tempdir()
+        .context("cannot create a temporary folder for the bench inputs")?;
+    let device_name = match device {
+        tch::Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".to_string(),
+    };
+    let mut reference = if args.no_reference {
+        None
+    } else {
+        let python = args
+            .python
+            .clone()
+            .unwrap_or_else(reference::default_python);
+        Some(Reference::start(
+            &python,
+            dir.path(),
+            &device_name,
+            threads,
+        )?)
+    };
+    let agreement = match reference.as_mut() {
+        Some(r) => {
+            let a = check_agreement(&spec, device, r, dir.path())?;
+            let worst = a.max_rel_error_delta.max(a.max_rel_error_grid);
+            if !(worst < 1e-6) {
+                bail!(
+                    "the reference's float64 meta-gradient differs from ours (max relative error {worst:e}); no ratio is reported for different maths"
+                );
+            }
+            Some(a)
+        }
+        None => None,
+    };
+    eprintln!(
+        "bench: {} {}x{}x{} batch {}, {} poisons in batch, K {}, M {} on {}",
+        spec.net.name(),
+        spec.channels,
+        spec.side,
+        spec.side,
+        spec.batch,
+        spec.poisons_in_batch,
+        spec.unroll_steps,
+        spec.ensemble,
+        device_label(device)
+    );
+    let mut inputs = StepInputs::new(&spec, device);
+    if let Some(r) = reference.as_mut() {
+        let path = dir.path().join("inputs.safetensors");
+        inputs.save(&path, &[])?;
+        r.load(&path)?;
+    }
+    let (ours, theirs) = time_side_by_side(
+        &mut inputs,
+        device,
+        reference.as_mut(),
+        args.warmup,
+        args.reps,
+    )?;
+    let ours_gpu = match device {
+        tch::Device::Cuda(i) => crate::telemetry::process_gpu_memory(i as u32).map(|(_, b)| b),
+        _ => None,
+    };
+    let (stats, peak) = match reference.as_mut() {
+        Some(r) => (Some(r.stats()?), Some(r.peak()?)),
+        None => (None, None),
+    };
+    let report = report_json(
+        &spec,
+        &device_label(device),
+        threads,
+        &ours,
+        theirs.as_ref(),
+        agreement.as_ref(),
+        stats.as_ref(),
+        peak.as_ref(),
+        ours_gpu,
+        reference.as_ref().map(|r| r.about.clone()),
+    );
+    print_summary(&report);
+    println!("{report}");
+    if let Some(path) = &args.out {
+        append_line(path, &report)?;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report_json(
+    spec: &StepSpec,
+    device: &str,
+    threads: i32,
+    ours: &Timing,
+    theirs: Option<&Timing>,
+    agreement: Option<&super::Agreement>,
+    stats: Option<&Value>,
+    peak: Option<&Value>,
+    ours_gpu_bytes: Option<u64>,
+    reference_about: Option<Value>,
+) -> Value {
+    let flops = stats.and_then(|s| s["flops_per_step"].as_f64());
+    let achieved = flops.map(|f| f / ours.median_s);
+    let fraction = |key: &str| Some(achieved? / peak?.get(key)?.as_f64()?);
+    json!({
+        "kind": "bench",
+        "version": env!("CARGO_PKG_VERSION"),
+        "libtorch": crate::device::libtorch_version(),
+        "device": device,
+        "threads": threads,
+        "spec": spec,
+        "ours": ours,
+        "reference": theirs,
+        "reference_about": reference_about,
+        "ratio_reference_over_ours": theirs.map(|t| t.median_s / ours.median_s),
+        "agreement_float64": agreement,
+        "flops_per_step": flops,
+        "achieved_flops_per_s": achieved,
+        "device_peak_flops_per_s": peak,
+        "fraction_of_peak_tf32": fraction("tf32"),
+        "fraction_of_peak_fp32": fraction("fp32"),
+        "ours_peak_rss_bytes": peak_rss_bytes(),
+        "ours_gpu_memory_bytes": ours_gpu_bytes,
+        "reference_memory": stats.map(|s| json!({
+            "peak_rss_bytes": s["peak_rss_bytes"],
+            "peak_allocated_bytes": s["peak_allocated_bytes"],
+            "peak_reserved_bytes": s["peak_reserved_bytes"],
+        })),
+    })
+}
+
+fn print_summary(r: &Value) {
+    let ms = |v: &Value| {
+        v.as_f64()
+            .map(|s| format!("{:.1} ms", s * 1e3))
+            .unwrap_or("-".into())
+    };
+    eprintln!(
+        "ours: median {} (min {}, max {}, {} reps)",
+        ms(&r["ours"]["median_s"]),
+        ms(&r["ours"]["min_s"]),
+        ms(&r["ours"]["max_s"]),
+        r["ours"]["reps"]
+    );
+    if !r["reference"].is_null() {
+        eprintln!(
+            "PyTorch eager: median {} (min {}, max {})  ratio reference/ours {:.2}",
+            ms(&r["reference"]["median_s"]),
+            ms(&r["reference"]["min_s"]),
+            ms(&r["reference"]["max_s"]),
+            r["ratio_reference_over_ours"].as_f64().unwrap_or(f64::NAN)
+        );
+        eprintln!(
+            "float64 meta-gradient agreement: delta {:.1e}, grid {:.1e}",
+            r["agreement_float64"]["max_rel_error_delta"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            r["agreement_float64"]["max_rel_error_grid"]
+                .as_f64()
+                .unwrap_or(f64::NAN)
+        );
+    }
+    if let Some(f) = r["achieved_flops_per_s"].as_f64() {
+        eprintln!(
+            "{:.2} GFLOP a step, {:.1} GFLOP/s achieved; fraction of measured matmul peak: tf32 {}, fp32 {}",
+            r["flops_per_step"].as_f64().unwrap_or(0.0) / 1e9,
+            f / 1e9,
+            r["fraction_of_peak_tf32"].as_f64().map(|x| format!("{:.1}%", x * 100.0)).unwrap_or("-".into()),
+            r["fraction_of_peak_fp32"].as_f64().map(|x| format!("{:.1}%", x * 100.0)).unwrap_or("-".into()),
+        );
+    }
+}
+
+fn run_gradcheck(device: tch::Device, out: Option<&PathBuf>) -> Result<()> {
+    let checks = gradcheck::suite(device);
+    let mut worst: f64 = 0.0;
+    for c in &checks {
+        eprintln!(
+            "{:<9} K={} C={} augment={:<5} worst relative error {:.2e}",
+            c.objective, c.unroll_steps, c.channels, c.augment, c.worst_error
+        );
+        worst = worst.max(c.worst_error);
+    }
+    let dead = checks.iter().any(|c| c.delta_grad_l1 == 0.0);
+    let pass = worst < 1e-4 && !dead;
+    let report = json!({
+        "kind": "gradcheck",
+        "device": device_label(device),
+        "libtorch": crate::device::libtorch_version(),
+        "worst_error": worst,
+        "pass": pass,
+        "checks": checks,
+    });
+    println!("{report}");
+    if let Some(path) = out {
+        append_line(path, &report)?;
+    }
+    if !pass {
+        bail!(
+            "meta-gradient check failed on {}: worst relative error {worst:e} (limit 1e-4)",
+            device_label(device)
+        );
+    }
+    eprintln!(
+        "gradcheck: {} checks on {}, worst relative error {worst:.2e}: pass",
+        checks.len(),
+        device_label(device)
+    );
+    Ok(())
+}

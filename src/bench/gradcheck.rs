@@ -1,0 +1,245 @@
+//! The meta-gradient against central finite differences in float64, on any device: the
+//! correctness check behind every speed figure (`metapoison bench --gradcheck`, and the tests).
+//!
+//! A tiny ConvNetBN (4 classes, batch norm in train mode) is unrolled K steps on random batches
+//! with two poisons in the first batch; random entries of the additive perturbation (of both
+//! poisons in the batch) and of the colour grid are perturbed by +-h and the objective (the
+//! adversarial loss plus the grid's smoothness penalty) is recomputed.
+
+use crate::config::{NetKind, ObjectiveKind};
+use crate::craft::objective::TargetLabels;
+use crate::craft::perturbation::Perturbation;
+use crate::craft::recolor::Recolor;
+use crate::craft::rng::SplitMix64;
+use crate::craft::unroll::{
+    meta_gradient, unrolled_adversarial_loss, Surrogate, Targets, UnrollBatches, UnrollSettings,
+};
+use crate::model::{InputNorm, Network};
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+/// A small unrolling problem with everything the meta-gradient needs.
+pub struct Case {
+    pub net: Network,
+    pub weights: Vec<Tensor>,
+    pub buffers: Vec<Tensor>,
+    pub perturbation: Perturbation,
+    pub batches: UnrollBatches,
+    pub targets: Tensor,
+    pub labels: TargetLabels,
+}
+
+impl Case {
+    /// `channels` 1 (28 px, 1-D colour grid) or 3 (32 px, YUV grid); `k` unrolled steps.
+    pub fn new(channels: usize, k: usize, seed: u64, device: Device) -> Case {
+        let opts = (Kind::Double, device);
+        let mut rng = SplitMix64::new(seed);
+        let side = if channels == 1 { 28 } else { 32 };
+        let c = channels as i64;
+        let net = Network::new(
+            NetKind::ConvnetBn,
+            channels,
+            4,
+            1,
+            InputNorm::for_dataset("test", channels),
+        );
+        let state = net.init(device, Kind::Double, seed);
+        let weights = state
+            .weights
+            .into_iter()
+            .map(|w| w.set_requires_grad(true))
+            .collect();
+        let b = 6;
+        let labels_of = |rng: &mut SplitMix64, n: usize| {
+            let v: Vec<i64> = (0..n).map(|_| (rng.next_u64() % 4) as i64).collect();
+            Tensor::from_slice(&v).to_device(device)
+        };
+        let batches = (0..=k)
+            .map(|_| {
+                let x = rng.uniform_tensor(&[b, c, side, side], 0.0, 255.0, opts);
+                (x, labels_of(&mut rng, b as usize))
+            })
+            .collect();
+        let base = rng.uniform_tensor(&[3, c, side, side], 0.0, 255.0, opts);
+        let mut perturbation = Perturbation::zeros(base, Recolor::new(channels, 4), 8.0, 0.04);
+        perturbation.randomise(seed ^ 0x5eed);
+        {
+            // A non-trivial colour grid, inside its bounds.
+            let _g = tch::no_grad_guard();
+            let shape = perturbation.offsets.size();
+            let o = rng.uniform_tensor(&shape, -0.03, 0.03, opts);
+            perturbation.offsets.copy_(&o);
+        }
+        let index = |v: &[i64]| Tensor::from_slice(v).to_device(device);
+        Case {
+            net,
+            weights,
+            buffers: state.buffers,
+            perturbation,
+            batches: UnrollBatches {
+                batches,
+                positions: index(&[1, 4]),
+                slots: index(&[2, 0]),
+                augment: None,
+            },
+            targets: rng.uniform_tensor(&[2, c, side, side], 0.0, 255.0, opts),
+            labels: TargetLabels {
+                truth: index(&[1, 1]),
+                adversarial: index(&[3, 3]),
+                poison_class: 3,
+            },
+        }
+    }
+
+    pub fn model(&self) -> Surrogate<'_> {
+        Surrogate {
+            net: &self.net,
+            weights: &self.weights,
+            buffers: &self.buffers,
+        }
+    }
+
+    pub fn targets(&self) -> Targets<'_> {
+        Targets {
+            images: &self.targets,
+            labels: &self.labels,
+        }
+    }
+
+    /// The differentiated objective's value at the current perturbation.
+    /// (Grad mode must stay on: the unrolled inner steps differentiate the training loss.)
+    pub fn objective(&self, s: UnrollSettings) -> f64 {
+        let adv = unrolled_adversarial_loss(
+            self.model(),
+            &self.perturbation,
+            &self.batches,
+            self.targets(),
+            s,
+        );
+        let p = &self.perturbation;
+        adv.double_value(&[]) + p.recolor.smoothness(&p.offsets).double_value(&[]) * s.smooth_coef
+    }
+}
+
+/// One compared entry.
+#[derive(Debug, Clone, Serialize)]
+pub struct EntryCheck {
+    /// "delta" or "grid".
+    pub param: &'static str,
+    pub index: i64,
+    pub analytic: f64,
+    pub numeric: f64,
+    /// Relative error, or the absolute one where both sides are below 1e-7.
+    pub error: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GradCheck {
+    pub device: String,
+    pub channels: usize,
+    pub unroll_steps: usize,
+    pub objective: String,
+    pub augment: bool,
+    pub entries: Vec<EntryCheck>,
+    pub worst_error: f64,
+    /// Sum of |d/d delta|: the check only means something if this is not zero.
+    pub delta_grad_l1: f64,
+}
+
+/// Compares the meta-gradient with central differences (h = 1e-4 on the 0-255 delta, 1e-6 on
+/// the grid) at 8 delta entries and 3 grid entries.
+pub fn check(
+    channels: usize,
+    k: usize,
+    objective: ObjectiveKind,
+    augment: Option<u64>,
+    device: Device,
+) -> GradCheck {
+    let mut case = Case::new(channels, k, 7 + k as u64, device);
+    case.batches.augment = augment;
+    let s = UnrollSettings {
+        steps: k,
+        lr: 0.1,
+        weight_decay: 0.0,
+        objective,
+        smooth_coef: 1.0,
+    };
+    let (_, g_delta, g_offsets) = meta_gradient(
+        case.model(),
+        &case.perturbation,
+        &case.batches,
+        case.targets(),
+        s,
+    );
+    let g_delta = g_delta.to_device(Device::Cpu).flatten(0, -1);
+    let g_offsets = g_offsets.to_device(Device::Cpu).flatten(0, -1);
+    let per_image = case.perturbation.delta.size()[1..].iter().product::<i64>();
+    let mut picks: Vec<(bool, i64, f64)> = Vec::new();
+    for j in [3i64, 101, 377, 600] {
+        picks.push((true, j, 1e-4)); // slot 0
+        picks.push((true, 2 * per_image + (j * 2 + 1) % per_image, 1e-4)); // slot 2
+    }
+    let grid_size = case.perturbation.offsets.numel() as i64;
+    for j in [5i64, grid_size / 3 + 1, grid_size - 2] {
+        picks.push((false, j, 1e-6));
+    }
+    let mut entries = Vec::new();
+    for (is_delta, j, h) in picks {
+        let flat = if is_delta {
+            case.perturbation.delta.view(-1)
+        } else {
+            case.perturbation.offsets.view(-1)
+        };
+        let analytic = if is_delta { &g_delta } else { &g_offsets }.double_value(&[j]);
+        let orig = flat.double_value(&[j]);
+        let set = |v: f64| {
+            let _g = tch::no_grad_guard();
+            let _ = flat.get(j).fill_(v);
+        };
+        set(orig + h);
+        let up = case.objective(s);
+        set(orig - h);
+        let down = case.objective(s);
+        set(orig);
+        let numeric = (up - down) / (2.0 * h);
+        let scale = analytic.abs().max(numeric.abs());
+        let error = if scale < 1e-7 {
+            (analytic - numeric).abs()
+        } else {
+            (analytic - numeric).abs() / scale
+        };
+        entries.push(EntryCheck {
+            param: if is_delta { "delta" } else { "grid" },
+            index: j,
+            analytic,
+            numeric,
+            error,
+        });
+    }
+    GradCheck {
+        device: crate::device::describe(device),
+        channels,
+        unroll_steps: k,
+        objective: format!("{objective:?}").to_lowercase(),
+        augment: augment.is_some(),
+        worst_error: entries.iter().map(|e| e.error).fold(0.0, f64::max),
+        entries,
+        delta_grad_l1: g_delta.abs().sum(Kind::Double).double_value(&[]),
+    }
+}
+
+/// The suite `bench --gradcheck` runs: grey K = 1, 2 with every objective, RGB with the colour
+/// grid, and through differentiable augmentation.
+pub fn suite(device: Device) -> Vec<GradCheck> {
+    use ObjectiveKind::*;
+    let mut out = Vec::new();
+    for k in [1, 2] {
+        for obj in [Cw, Xent, XentC, Dualxent, Indis3] {
+            out.push(check(1, k, obj, None, device));
+        }
+        out.push(check(3, k, Cw, None, device));
+    }
+    out.push(check(1, 2, Cw, Some(42), device));
+    out.push(check(3, 1, Xent, Some(7), device));
+    out
+}

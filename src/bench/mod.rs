@@ -1,0 +1,463 @@
+//! The speed harness: one craft step (M surrogates, each one unrolled meta batch of K steps
+//! plus its clean trajectory step, then the Adam update of the perturbation), timed after
+//! warm-up, side by side with a PyTorch-eager reference of the same maths on the same inputs
+//! (`reference.py`, run as a child process and alternated with our repetitions).
+//!
+//! Before timing, both sides compute the meta-gradient of the same float64 inputs and the
+//! harness refuses to report a ratio unless they agree.
+
+pub mod command;
+pub mod gradcheck;
+mod reference;
+
+use crate::config::NetKind;
+use crate::config::ObjectiveKind;
+use crate::craft::adam::Adam;
+use crate::craft::checkpoint::save_tensors;
+use crate::craft::objective::TargetLabels;
+use crate::craft::perturbation::Perturbation;
+use crate::craft::recolor::Recolor;
+use crate::craft::rng::SplitMix64;
+use crate::craft::unroll::{meta_gradient, Surrogate, Targets, UnrollBatches, UnrollSettings};
+use crate::model::sgd::sgd_step;
+use crate::model::{InputNorm, Network, State};
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+pub use reference::Reference;
+
+/// The shape of one benchmarked craft step.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepSpec {
+    pub net: NetKind,
+    /// Image channels (1: Fashion-MNIST-shaped 28 px; 3: CIFAR-shaped 32 px).
+    pub channels: usize,
+    pub side: i64,
+    pub classes: usize,
+    /// Batch size of every unrolled and trajectory batch.
+    pub batch: i64,
+    /// Poisons in the first unrolled batch (the perturbation's entries that get a gradient).
+    pub poisons_in_batch: i64,
+    /// Size of the whole perturbation (what Adam updates and projects).
+    pub npoison: i64,
+    pub targets: i64,
+    pub unroll_steps: usize,
+    pub ensemble: usize,
+    pub inner_lr: f64,
+    pub outer_lr: f64,
+    pub grid: usize,
+    pub eps: f64,
+    pub color_eps: f64,
+    pub double: bool,
+    pub seed: u64,
+}
+
+impl StepSpec {
+    /// The default config's step shape: embedded Fashion-MNIST, ConvNetBN, batch 125,
+    /// 200 poisons (5 in a batch on average), K = 2, the CPU ensemble of 4.
+    pub fn default_config() -> StepSpec {
+        StepSpec {
+            net: NetKind::ConvnetBn,
+            channels: 1,
+            side: 28,
+            classes: 10,
+            batch: 125,
+            poisons_in_batch: 5,
+            npoison: 200,
+            targets: 1,
+            unroll_steps: 2,
+            ensemble: 4,
+            inner_lr: 0.1,
+            outer_lr: 200.0,
+            grid: 10,
+            eps: 8.0,
+            color_eps: 0.04,
+            double: false,
+            seed: 0,
+        }
+    }
+
+    /// The seed's setting: CIFAR-shaped inputs, ResNet-18, 10% poisons (12 or 13 in a batch of
+    /// 125, 5,000 in all).
+    pub fn cifar_resnet18() -> StepSpec {
+        StepSpec {
+            net: NetKind::Resnet18,
+            channels: 3,
+            side: 32,
+            poisons_in_batch: 12,
+            npoison: 5000,
+            ..StepSpec::default_config()
+        }
+    }
+
+    fn kind(&self) -> Kind {
+        if self.double {
+            Kind::Double
+        } else {
+            Kind::Float
+        }
+    }
+
+    pub fn network(&self) -> Network {
+        let name = if self.channels == 1 {
+            "fashion-mnist"
+        } else {
+            "cifar10"
+        };
+        Network::new(
+            self.net,
+            self.channels,
+            self.classes,
+            1,
+            InputNorm::for_dataset(name, self.channels),
+        )
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.batch < 2 {
+            return Err(format!("--batch {} must be at least 2", self.batch));
+        }
+        if self.poisons_in_batch < 1 || self.poisons_in_batch > self.batch {
+            return Err(format!(
+                "--poisons-in-batch {} must be in 1..=batch ({})",
+                self.poisons_in_batch, self.batch
+            ));
+        }
+        if self.npoison < self.poisons_in_batch {
+            return Err(format!(
+                "--npoison {} must be at least --poisons-in-batch {}",
+                self.npoison, self.poisons_in_batch
+            ));
+        }
+        if !(1..=16).contains(&self.unroll_steps) {
+            return Err(format!("--unroll {} must be in 1..=16", self.unroll_steps));
+        }
+        if self.ensemble == 0 || self.targets == 0 {
+            return Err("--ensemble and --targets must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Everything one benchmarked step reads, on its device.
+pub struct StepInputs {
+    pub spec: StepSpec,
+    pub net: Network,
+    pub surrogates: Vec<State>,
+    /// Per surrogate: K + 1 batches (images 0-255, labels).
+    pub batches: Vec<Vec<(Tensor, Tensor)>>,
+    /// Per surrogate: which perturbation slots sit in its first batch (at positions 0..P).
+    pub slots: Vec<Tensor>,
+    pub positions: Tensor,
+    pub perturbation: Perturbation,
+    pub adam: Adam,
+    pub targets: Tensor,
+    pub labels: TargetLabels,
+}
+
+impl StepInputs {
+    /// Deterministic random inputs of the spec's shape (images uniform on 0-255, labels
+    /// uniform, the perturbation at the authors' random start, freshly initialised nets).
+    pub fn new(spec: &StepSpec, device: Device) -> StepInputs {
+        let kind = spec.kind();
+        let opts = (kind, device);
+        let mut rng = SplitMix64::new(spec.seed ^ 0xbe7c);
+        let net = spec.network();
+        let (c, s, b) = (spec.channels as i64, spec.side, spec.batch);
+        let labels = |rng: &mut SplitMix64, n: i64| {
+            let v: Vec<i64> = (0..n).map(|_| rng.below(spec.classes) as i64).collect();
+            Tensor::from_slice(&v).to_device(device)
+        };
+        let surrogates = (0..spec.ensemble)
+            .map(|m| net.init(device, kind, spec.seed + 1 + m as u64).trainable())
+            .collect();
+        let batches = (0..spec.ensemble)
+            .map(|_| {
+                (0..=spec.unroll_steps)
+                    .map(|_| {
+                        let x = rng.uniform_tensor(&[b, c, s, s], 0.0, 255.0, opts);
+                        (x, labels(&mut rng, b))
+                    })
+                    .collect()
+            })
+            .collect();
+        let p = spec.poisons_in_batch;
+        let slots = (0..spec.ensemble as i64)
+            .map(|m| {
+                let v: Vec<i64> = (0..p).map(|i| (m * p + i) % spec.npoison).collect();
+                Tensor::from_slice(&v).to_device(device)
+            })
+            .collect();
+        let base = rng.uniform_tensor(&[spec.npoison, c, s, s], 0.0, 255.0, opts);
+        let mut perturbation = Perturbation::zeros(
+            base,
+            Recolor::new(spec.channels, spec.grid),
+            spec.eps,
+            spec.color_eps,
+        );
+        perturbation.randomise(spec.seed ^ 0xde17a);
+        let adam = Adam::new(&[&perturbation.delta, &perturbation.offsets]);
+        let targets = rng.uniform_tensor(&[spec.targets, c, s, s], 0.0, 255.0, opts);
+        let t = spec.targets;
+        StepInputs {
+            spec: spec.clone(),
+            net,
+            surrogates,
+            batches,
+            slots,
+            positions: Tensor::arange(p, (Kind::Int64, device)),
+            perturbation,
+            adam,
+            targets,
+            labels: TargetLabels {
+                truth: Tensor::zeros([t], (Kind::Int64, device)),
+                adversarial: Tensor::ones([t], (Kind::Int64, device)),
+                poison_class: 1,
+            },
+        }
+    }
+
+    fn settings(&self) -> UnrollSettings {
+        UnrollSettings {
+            steps: self.spec.unroll_steps,
+            lr: self.spec.inner_lr,
+            weight_decay: 0.0,
+            objective: ObjectiveKind::Cw,
+            smooth_coef: 1.0,
+        }
+    }
+
+    fn unroll_batches(&self, m: usize) -> UnrollBatches {
+        UnrollBatches {
+            batches: self.batches[m]
+                .iter()
+                .map(|(x, y)| (x.shallow_clone(), y.shallow_clone()))
+                .collect(),
+            positions: self.positions.shallow_clone(),
+            slots: self.slots[m].shallow_clone(),
+            augment: None,
+        }
+    }
+
+    /// Surrogate m's meta-gradient: (adversarial loss, d/d delta, d/d offsets).
+    pub fn meta_gradient(&self, m: usize) -> (Tensor, Tensor, Tensor) {
+        let s = &self.surrogates[m];
+        meta_gradient(
+            Surrogate {
+                net: &self.net,
+                weights: &s.weights,
+                buffers: &s.buffers,
+            },
+            &self.perturbation,
+            &self.unroll_batches(m),
+            Targets {
+                images: &self.targets,
+                labels: &self.labels,
+            },
+            self.settings(),
+        )
+    }
+
+    /// One whole benchmarked step (no host sync inside): per surrogate the meta-gradient and
+    /// one clean SGD step on its first batch; then the averaged meta-gradient drives one Adam
+    /// step on delta and the grid, and the projection.
+    pub fn step(&mut self) {
+        let mut g_delta = self.perturbation.delta.detach().zeros_like();
+        let mut g_offsets = self.perturbation.offsets.detach().zeros_like();
+        for m in 0..self.spec.ensemble {
+            let (_, gd, go) = self.meta_gradient(m);
+            g_delta += gd;
+            g_offsets += go;
+            let (x, y) = &self.batches[m][0];
+            let _ = sgd_step(
+                &self.net,
+                &self.surrogates[m],
+                x,
+                y,
+                self.spec.inner_lr,
+                0.0,
+            );
+        }
+        let mm = self.spec.ensemble as f64;
+        let p = &mut self.perturbation;
+        self.adam.step(
+            &mut [&mut p.delta, &mut p.offsets],
+            &[g_delta / mm, g_offsets / mm],
+            self.spec.outer_lr,
+        );
+        p.project(true);
+    }
+
+    /// Writes the inputs (and the spec as metadata) for the reference, plus `extra` tensors.
+    pub fn save(&self, path: &Path, extra: &[(String, &Tensor)]) -> Result<()> {
+        let mut named: Vec<(String, &Tensor)> = Vec::new();
+        for (m, s) in self.surrogates.iter().enumerate() {
+            for (i, w) in s.weights.iter().enumerate() {
+                named.push((format!("w.{m}.{i}"), w));
+            }
+            for (i, b) in s.buffers.iter().enumerate() {
+                named.push((format!("b.{m}.{i}"), b));
+            }
+            for (j, (x, y)) in self.batches[m].iter().enumerate() {
+                named.push((format!("x.{m}.{j}"), x));
+                named.push((format!("y.{m}.{j}"), y));
+            }
+            named.push((format!("slots.{m}"), &self.slots[m]));
+        }
+        let p = &self.perturbation;
+        named.push(("base".into(), &p.base));
+        named.push(("delta".into(), &p.delta));
+        named.push(("offsets".into(), &p.offsets));
+        named.push(("targets".into(), &self.targets));
+        named.push(("target_truth".into(), &self.labels.truth));
+        named.push(("target_adv".into(), &self.labels.adversarial));
+        named.extend(extra.iter().map(|(n, t)| (n.clone(), *t)));
+        let norm = &self.net.norm;
+        let meta = serde_json::json!({
+            "spec": self.spec,
+            "net": self.spec.net.name(),
+            "norm_mean": norm.mean,
+            "norm_std": norm.std,
+            "norm_side": norm.side,
+        });
+        let metadata = HashMap::from([("bench".to_string(), meta.to_string())]);
+        save_tensors(path, &named, Some(metadata))
+            .with_context(|| format!("cannot write the bench inputs {}", path.display()))
+    }
+}
+
+/// Waits for queued device work, so wall time measures it.
+pub fn synchronize(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// Median and spread of a sample of seconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Timing {
+    pub median_s: f64,
+    pub min_s: f64,
+    pub max_s: f64,
+    pub reps: usize,
+}
+
+impl Timing {
+    pub fn of(mut samples: Vec<f64>) -> Timing {
+        samples.sort_by(f64::total_cmp);
+        let n = samples.len();
+        let median = if n == 0 {
+            f64::NAN
+        } else if n % 2 == 1 {
+            samples[n / 2]
+        } else {
+            (samples[n / 2 - 1] + samples[n / 2]) / 2.0
+        };
+        Timing {
+            median_s: median,
+            min_s: samples.first().copied().unwrap_or(f64::NAN),
+            max_s: samples.last().copied().unwrap_or(f64::NAN),
+            reps: n,
+        }
+    }
+}
+
+/// Float64 agreement of our meta-gradient with the reference's on the same tiny inputs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Agreement {
+    pub max_rel_error_delta: f64,
+    pub max_rel_error_grid: f64,
+    pub loss_ours: f64,
+    pub loss_reference: f64,
+}
+
+/// The tiny float64 spec the agreement check runs (same network kind and channels as the
+/// timed spec, so the reference's architecture code is what gets checked).
+pub fn agreement_spec(spec: &StepSpec) -> StepSpec {
+    StepSpec {
+        batch: 8,
+        poisons_in_batch: 3,
+        npoison: 5,
+        targets: 2,
+        ensemble: 1,
+        grid: 4,
+        double: true,
+        ..spec.clone()
+    }
+}
+
+/// Computes surrogate 0's meta-gradient here and in the reference, and compares them.
+pub fn check_agreement(
+    spec: &StepSpec,
+    device: Device,
+    reference: &mut Reference,
+    dir: &Path,
+) -> Result<Agreement> {
+    let mut tiny = agreement_spec(spec);
+    tiny.seed = spec.seed + 17;
+    let mut inputs = StepInputs::new(&tiny, device);
+    {
+        // Move the grid off zero so the colour part of the gradient is exercised too.
+        let _g = tch::no_grad_guard();
+        let o = SplitMix64::new(3).uniform_tensor(
+            &inputs.perturbation.offsets.size(),
+            -0.02,
+            0.02,
+            (Kind::Double, device),
+        );
+        inputs.perturbation.offsets.copy_(&o);
+    }
+    let (loss, gd, go) = inputs.meta_gradient(0);
+    let path = dir.join("agreement.safetensors");
+    inputs.save(
+        &path,
+        &[
+            ("expected_loss".into(), &loss),
+            ("expected_g_delta".into(), &gd),
+            ("expected_g_offsets".into(), &go),
+        ],
+    )?;
+    reference.check(&path)
+}
+
+/// Peak resident memory of this process so far (VmHWM), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Times `reps` steps after `warmup` untimed ones, alternating with the reference when one is
+/// given (ours, reference, ours, ...). Returns (ours, reference).
+pub fn time_side_by_side(
+    inputs: &mut StepInputs,
+    device: Device,
+    mut reference: Option<&mut Reference>,
+    warmup: usize,
+    reps: usize,
+) -> Result<(Timing, Option<Timing>)> {
+    for _ in 0..warmup {
+        inputs.step();
+        synchronize(device);
+        if let Some(r) = reference.as_deref_mut() {
+            r.step()?;
+        }
+    }
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        synchronize(device);
+        let t = Instant::now();
+        inputs.step();
+        synchronize(device);
+        ours.push(t.elapsed().as_secs_f64());
+        if let Some(r) = reference.as_deref_mut() {
+            theirs.push(r.step()?);
+        }
+    }
+    Ok((Timing::of(ours), reference.map(|_| Timing::of(theirs))))
+}
