@@ -95,22 +95,15 @@ enum Cmd {
     Eval {
         /// An export folder (see `export`).
         dir: PathBuf,
-        /// Victims per arm (poisoned and control); default victim.trials.
-        #[arg(long)]
-        trials: Option<usize>,
-        /// Victim architecture (default victim.net): convnet-bn, resnet20, resnet18, vgg11, vgg13.
-        #[arg(long)]
-        victim_net: Option<String>,
-        /// Override victim.epochs.
-        #[arg(long)]
-        epochs: Option<usize>,
-        /// Skip the control victims.
-        #[arg(long)]
-        no_control: bool,
+        #[command(flatten)]
+        victim: VictimArgs,
         /// Save each victim's weights (safetensors) into DIR/victims/.
         #[arg(long)]
         save_weights: bool,
     },
+    /// Craft and evaluate one run per target id (chosen with `targets suggest` unless given),
+    /// and report the success rate over targets. Re-running with the same --dir resumes.
+    Campaign(crate::campaign::CampaignArgs),
     /// Target selection.
     Targets {
         #[command(subcommand)]
@@ -275,26 +268,17 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Eval {
             dir,
-            trials,
-            victim_net,
-            epochs,
-            no_control,
+            victim,
             save_weights,
         } => {
             let _log = init_logging(&paths);
             let config = load_config(cli.config.as_deref(), &paths)?;
-            evaluate(
-                &config,
-                &paths,
-                &dir,
-                EvalOptions {
-                    trials,
-                    victim_net,
-                    epochs,
-                    control: !no_control,
-                    save_weights,
-                },
-            )?;
+            evaluate(&config, &paths, &dir, &victim, save_weights)?;
+        }
+        Cmd::Campaign(args) => {
+            let _log = init_logging(&paths);
+            let config = load_config(cli.config.as_deref(), &paths)?;
+            crate::campaign::run(config, &paths, args)?;
         }
         Cmd::Targets {
             action:
@@ -384,30 +368,46 @@ fn start_engine(
     if let Some(s) = steps {
         config.craft.steps = s;
     }
-    config.validate()?;
-    let device = resolve_device(&config)?;
-    let data = crate::data::load(&config.data)?;
     let stop = Arc::new(AtomicBool::new(false));
+    watch_signals(&stop)?;
+    let handle = spawn_engine(config, run_dir.clone(), resuming, stop)?;
+    Ok((handle, run_dir))
+}
+
+/// SIGINT, SIGTERM and SIGHUP set `stop` (the engine checkpoints and stops); a second signal
+/// while the first is being handled ends the process at once.
+pub(crate) fn watch_signals(stop: &Arc<AtomicBool>) -> Result<()> {
     for sig in [
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGHUP,
     ] {
-        // A second signal while the first is being handled ends the process at once.
         signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())?;
         signal_hook::flag::register(sig, stop.clone())?;
     }
+    Ok(())
+}
+
+/// Validates `config`, loads its data and starts the engine thread on it.
+pub(crate) fn spawn_engine(
+    config: Config,
+    run_dir: PathBuf,
+    resume: bool,
+    stop: Arc<AtomicBool>,
+) -> Result<engine::EngineHandle> {
+    config.validate()?;
+    let device = resolve_device(&config)?;
+    let data = crate::data::load(&config.data)?;
     tracing::info!("crafting into {} on {device:?}", run_dir.display());
-    let handle = engine::spawn(EngineSetup {
+    Ok(engine::spawn(EngineSetup {
         config,
         data,
         device,
         kind: tch::Kind::Float,
-        run_dir: run_dir.clone(),
-        resume: resuming,
+        run_dir,
+        resume,
         stop,
-    });
-    Ok((handle, run_dir))
+    }))
 }
 
 /// The headless mode: JSON lines on stdout, a progress line on stderr when it is a terminal.
@@ -437,7 +437,7 @@ fn craft(config_path: Option<&Path>, paths: &Paths, args: RunArgs) -> Result<()>
     Ok(())
 }
 
-fn progress_line(t: &Telemetry) {
+pub(crate) fn progress_line(t: &Telemetry) {
     let line = match t {
         Telemetry::PretrainProgress {
             surrogate,
@@ -521,95 +521,146 @@ fn suggest_targets(config: &Config, victims: usize, top: usize) -> Result<()> {
     Ok(())
 }
 
-struct EvalOptions {
-    trials: Option<usize>,
-    victim_net: Option<String>,
-    epochs: Option<usize>,
-    control: bool,
-    save_weights: bool,
+/// Victim protocol flags shared by `eval` and `campaign`: each overrides one field of the
+/// config's `[victim]` section (the authors' robustness variations are single flags).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct VictimArgs {
+    /// Victims per arm (poisoned and control); default victim.trials.
+    #[arg(long)]
+    pub trials: Option<usize>,
+    /// Victim architecture (default victim.net): convnet-bn, resnet20, resnet18, vgg11, vgg13.
+    #[arg(long)]
+    pub victim_net: Option<String>,
+    /// Override victim.epochs (a longer schedule: more epochs).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Override victim.batch_size (the authors' variation: twice the batch).
+    #[arg(long)]
+    pub victim_batch: Option<usize>,
+    /// Override victim.weight_decay (the authors' variation: 2e-4).
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Override victim.lr (the authors' variation: twice the lr).
+    #[arg(long)]
+    pub victim_lr: Option<f64>,
+    /// Train victims with crop + flip augmentation.
+    #[arg(long)]
+    pub augment: bool,
+    /// Keep only the first N poisons (the others revert to clean images).
+    #[arg(long)]
+    pub first_poisons: Option<usize>,
+    /// Skip the control victims.
+    #[arg(long)]
+    pub no_control: bool,
 }
 
-fn evaluate(config: &Config, paths: &Paths, dir: &Path, o: EvalOptions) -> Result<()> {
-    use crate::victim::eval::{self, EvalReport};
-    use crate::victim::VictimTraining;
-    let device = resolve_device(config)?;
-    let data = eval::load_export(dir, device).map_err(anyhow::Error::msg)?;
-    let mut victim = data.manifest.config.victim.clone();
-    // The config given on the command line (or the default file) sets the victim protocol;
-    // without one, the export's own.
-    if config != &Config::default() {
-        victim = config.victim.clone();
-    }
-    if let Some(n) = o.victim_net {
-        victim.net = toml::Value::String(n.clone()).try_into().map_err(|_| {
-            anyhow::anyhow!("--victim-net {n}: use convnet-bn, resnet20, resnet18, vgg11 or vgg13")
-        })?;
-    }
-    if let Some(e) = o.epochs {
-        victim.epochs = e;
-    }
-    let trials = o.trials.unwrap_or(victim.trials);
-    if trials == 0 || victim.epochs == 0 {
-        bail!("--trials and --epochs must be at least 1");
-    }
-    let spec = VictimTraining::from_config(&victim);
-    let net = eval::victim_network(&data, &spec);
-    let surrogate = data.manifest.config.surrogate.net;
-    let arms: Vec<(&str, bool)> = if o.control {
-        vec![("poisoned", true), ("control", false)]
-    } else {
-        vec![("poisoned", true)]
-    };
-    let total = trials * arms.len();
-    let started = std::time::Instant::now();
-    let mut results = Vec::new();
-    for t in 0..trials {
-        for &(arm, poisoned) in &arms {
-            // Victim seeds are far from the crafting run's and shared by the two arms (paired).
-            let seed = 1_000_000 + data.manifest.seed * 1000 + t as u64;
-            let (trial, state) = eval::run_trial(&data, &net, &spec, arm, poisoned, seed);
-            if o.save_weights {
-                let folder = dir.join("victims");
-                std::fs::create_dir_all(&folder)
-                    .with_context(|| format!("cannot create {}", folder.display()))?;
-                let path = folder.join(format!("{arm}-{t:03}-{}.safetensors", spec.net.name()));
-                eval::save_victim(&path, &state, &trial, &net).map_err(anyhow::Error::msg)?;
+impl VictimArgs {
+    /// The evaluation plan: `base` (the victim protocol) with these flags applied.
+    pub fn plan(
+        &self,
+        mut victim: crate::config::VictimConfig,
+        save_weights: bool,
+    ) -> Result<crate::victim::eval::EvalPlan> {
+        if let Some(n) = &self.victim_net {
+            victim.net = toml::Value::String(n.clone()).try_into().map_err(|_| {
+                anyhow::anyhow!(
+                    "--victim-net {n}: use convnet-bn, resnet20, resnet18, vgg11 or vgg13"
+                )
+            })?;
+        }
+        if let Some(e) = self.epochs {
+            victim.epochs = e;
+        }
+        if let Some(b) = self.victim_batch {
+            victim.batch_size = b;
+        }
+        if let Some(w) = self.weight_decay {
+            if !(w >= 0.0 && w.is_finite()) {
+                bail!("--weight-decay {w} must be a finite number >= 0");
             }
-            results.push(trial);
-            let done = results.len();
-            let eta = started.elapsed().as_secs_f64() / done as f64 * (total - done) as f64;
-            let r = results.last().unwrap();
-            eprintln!(
-                "victim {done}/{total} ({arm}): target -> {:?}, success {:?}, clean accuracy {:.2}%, ETA {}",
-                r.predicted,
-                r.success,
-                r.clean_accuracy * 100.0,
-                format_duration(eta)
-            );
+            victim.weight_decay = w;
         }
+        if let Some(lr) = self.victim_lr {
+            victim.lr = lr;
+        }
+        if self.augment {
+            victim.augment = true;
+        }
+        let trials = self.trials.unwrap_or(victim.trials);
+        if trials == 0 || victim.epochs == 0 || victim.batch_size == 0 {
+            bail!("--trials, --epochs and --victim-batch must be at least 1");
+        }
+        if !(victim.lr > 0.0 && victim.lr.is_finite()) {
+            bail!("--victim-lr {} must be a positive number", victim.lr);
+        }
+        if self.first_poisons == Some(0) {
+            bail!("--first-poisons must be at least 1");
+        }
+        Ok(crate::victim::eval::EvalPlan {
+            victim,
+            trials,
+            control: !self.no_control,
+            save_weights,
+            first_poisons: self.first_poisons,
+        })
     }
-    let pick = |arm: &str| results.iter().filter(|t| t.arm == arm).collect::<Vec<_>>();
-    let report = EvalReport {
-        export: dir.display().to_string(),
-        victim_net: spec.net.name().into(),
-        surrogate_net: surrogate.name().into(),
-        setting: if spec.net == surrogate {
-            "gray-box"
-        } else {
-            "black-box"
-        }
-        .into(),
-        epochs: spec.epochs,
-        poisoned: eval::summarise(&pick("poisoned")),
-        control: eval::summarise(&pick("control")),
-        trials: results,
-    };
-    let json = serde_json::to_string_pretty(&report)?;
-    crate::craft::checkpoint::write_atomic(&dir.join("eval.json"), json.as_bytes())
-        .with_context(|| format!("cannot write {}", dir.join("eval.json").display()))?;
-    let row_line = |name: &str, a: &eval::ArmSummary| {
+}
+
+/// The victim protocol an evaluation starts from: the config given on the command line (or the
+/// default file) when there is one, else the export's own.
+pub fn victim_protocol(config: &Config, export_dir: &Path) -> crate::config::VictimConfig {
+    if config != &Config::default() {
+        return config.victim.clone();
+    }
+    std::fs::read_to_string(export_dir.join("manifest.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<crate::export::Manifest>(&t).ok())
+        .map(|m| m.config.victim)
+        .unwrap_or_else(|| config.victim.clone())
+}
+
+fn evaluate(
+    config: &Config,
+    paths: &Paths,
+    dir: &Path,
+    args: &VictimArgs,
+    save_weights: bool,
+) -> Result<()> {
+    let device = resolve_device(config)?;
+    let plan = args.plan(victim_protocol(config, dir), save_weights)?;
+    let report = crate::victim::eval::evaluate(dir, &plan, device, |p| {
+        let r = p.trial;
+        eprintln!(
+            "victim {}/{} ({}): target -> {:?}, success {:?}, clean accuracy {:.2}%, ETA {}",
+            p.done,
+            p.total,
+            r.arm,
+            r.predicted,
+            r.success,
+            r.clean_accuracy * 100.0,
+            format_duration(p.eta_seconds)
+        );
+        true
+    })
+    .map_err(anyhow::Error::msg)?;
+    print!("{}", report_table(&report, plan.control));
+    if save_weights {
+        println!("victim weights: {}", dir.join("victims").display());
+    }
+    let csv = append_results_row(paths, &report)?;
+    eprintln!(
+        "wrote {} and appended to {}",
+        dir.join("eval.json").display(),
+        csv.display()
+    );
+    Ok(())
+}
+
+/// The printed summary of one evaluation.
+pub fn report_table(report: &crate::victim::eval::EvalReport, control: bool) -> String {
+    let row_line = |name: &str, a: &crate::victim::eval::ArmSummary| {
         format!(
-            "{name:<9} {:>6} {:>9.1}% [{:>5.1}%, {:>5.1}%] {:>9.2}% +- {:.2}",
+            "{name:<9} {:>6} {:>9.1}% [{:>5.1}%, {:>5.1}%] {:>9.2}% +- {:.2}\n",
             a.trials,
             a.success_rate * 100.0,
             a.success_ci95.0 * 100.0,
@@ -618,21 +669,22 @@ fn evaluate(config: &Config, paths: &Paths, dir: &Path, o: EvalOptions) -> Resul
             a.accuracy_std * 100.0
         )
     };
-    println!(
-        "{} victims ({}, {} epochs) on {}",
-        report.setting,
-        report.victim_net,
-        report.epochs,
-        dir.display()
+    let mut out = format!(
+        "{} victims ({}, {} epochs, {} poisons) on {}\narm       trials   success [95% Wilson]      clean accuracy\n",
+        report.setting, report.victim_net, report.epochs, report.poisons_used, report.export
     );
-    println!("arm       trials   success [95% Wilson]      clean accuracy");
-    println!("{}", row_line("poisoned", &report.poisoned));
-    if o.control {
-        println!("{}", row_line("control", &report.control));
+    out += &row_line("poisoned", &report.poisoned);
+    if control {
+        out += &row_line("control", &report.control);
     }
-    if o.save_weights {
-        println!("victim weights: {}", dir.join("victims").display());
-    }
+    out
+}
+
+/// Appends one row per evaluation to DATA_DIR/results.csv (header on creation).
+pub fn append_results_row(
+    paths: &Paths,
+    report: &crate::victim::eval::EvalReport,
+) -> Result<PathBuf> {
     let csv = paths.data_dir.join("results.csv");
     std::fs::create_dir_all(&paths.data_dir)
         .with_context(|| format!("cannot create {}", paths.data_dir.display()))?;
@@ -643,30 +695,28 @@ fn evaluate(config: &Config, paths: &Paths, dir: &Path, o: EvalOptions) -> Resul
         .open(&csv)
         .with_context(|| format!("cannot open {}", csv.display()))?;
     if new {
-        writeln!(f, "time,export,setting,victim_net,epochs,trials,success_rate,ci_low,ci_high,accuracy_mean,control_success_rate,control_accuracy_mean")?;
+        writeln!(f, "time,export,setting,victim_net,epochs,trials,success_rate,ci_low,ci_high,accuracy_mean,control_success_rate,control_accuracy_mean,poisons_used")?;
     }
+    let a = &report.poisoned;
     writeln!(
         f,
-        "{},{},{},{},{},{},{},{},{},{},{},{}",
+        "{},{},{},{},{},{},{},{},{},{},{},{},{}",
         timestamp(),
-        dir.display(),
+        report.export,
         report.setting,
         report.victim_net,
         report.epochs,
-        trials,
-        report.poisoned.success_rate,
-        report.poisoned.success_ci95.0,
-        report.poisoned.success_ci95.1,
-        report.poisoned.accuracy_mean,
+        a.trials,
+        a.success_rate,
+        a.success_ci95.0,
+        a.success_ci95.1,
+        a.accuracy_mean,
         report.control.success_rate,
-        report.control.accuracy_mean
-    )?;
-    eprintln!(
-        "wrote {} and appended to {}",
-        dir.join("eval.json").display(),
-        csv.display()
-    );
-    Ok(())
+        report.control.accuracy_mean,
+        report.poisons_used
+    )
+    .with_context(|| format!("cannot write {}", csv.display()))?;
+    Ok(csv)
 }
 
 fn tui(
@@ -694,7 +744,7 @@ fn tui(
 }
 
 /// The libtorch device `run.device` names, with `run.threads` applied.
-fn resolve_device(config: &Config) -> Result<tch::Device> {
+pub(crate) fn resolve_device(config: &Config) -> Result<tch::Device> {
     let device = config
         .run
         .device

@@ -1,6 +1,7 @@
 //! metapoison: clean-label data poisoning with MetaPoison on libtorch.
 
 pub mod bench;
+pub mod campaign;
 pub mod cli;
 pub mod config;
 pub mod craft;

@@ -1,176 +1,39 @@
 //! The meta-gradient against central finite differences, in float64 on the CPU, through batch
 //! norm and K = 1 and K = 2 unrolled steps, for every objective, on random entries of the
-//! additive perturbation and of the colour grid.
+//! additive perturbation and of the colour grid. (`metapoison bench --gradcheck --device cuda`
+//! runs the same checks on a GPU.)
 
-use metapoison::config::{NetKind, ObjectiveKind};
-use metapoison::craft::objective::TargetLabels;
-use metapoison::craft::perturbation::Perturbation;
-use metapoison::craft::recolor::Recolor;
-use metapoison::craft::unroll::{
-    meta_gradient, unrolled_adversarial_loss, Surrogate, Targets, UnrollBatches, UnrollSettings,
-};
-use metapoison::model::{InputNorm, Network};
-use tch::{Device, Kind, Tensor};
+use metapoison::bench::gradcheck::{check, Case, GradCheck};
+use metapoison::config::ObjectiveKind;
+use metapoison::craft::unroll::{meta_gradient, UnrollSettings};
+use tch::{Device, Kind};
 
-const F64: (Kind, Device) = (Kind::Double, Device::Cpu);
-
-struct Case {
-    net: Network,
-    weights: Vec<Tensor>,
-    buffers: Vec<Tensor>,
-    pert: Perturbation,
-    batches: UnrollBatches,
-    targets: Tensor,
-    labels: TargetLabels,
-}
-
-impl Case {
-    fn model(&self) -> Surrogate<'_> {
-        Surrogate {
-            net: &self.net,
-            weights: &self.weights,
-            buffers: &self.buffers,
-        }
-    }
-    fn targets(&self) -> Targets<'_> {
-        Targets {
-            images: &self.targets,
-            labels: &self.labels,
-        }
-    }
-}
-
-fn case(channels: usize, k: usize, seed: i64) -> Case {
-    tch::manual_seed(seed);
-    let side = if channels == 1 { 28 } else { 32 };
-    let net = Network::new(
-        NetKind::ConvnetBn,
-        channels,
-        4,
-        1,
-        InputNorm::for_dataset("test", channels),
-    );
-    let state = net.init(Device::Cpu, Kind::Double, seed as u64);
-    let weights: Vec<Tensor> = state
-        .weights
-        .into_iter()
-        .map(|w| w.set_requires_grad(true))
-        .collect();
-    let b = 6;
-    let batches = (0..=k)
-        .map(|_| {
-            (
-                Tensor::rand([b, channels as i64, side, side], F64) * 255.0,
-                Tensor::randint(4, [b], (Kind::Int64, Device::Cpu)),
-            )
-        })
-        .collect();
-    let base = Tensor::rand([3, channels as i64, side, side], F64) * 255.0;
-    let mut pert = Perturbation::zeros(base, Recolor::new(channels, 4), 8.0, 0.04);
-    pert.randomise(seed as u64);
-    {
-        let _g = tch::no_grad_guard();
-        // A non-trivial colour grid, inside its bounds.
-        let o = pert.offsets.rand_like() * 0.06 - 0.03;
-        pert.offsets.copy_(&o);
-    }
-    Case {
-        net,
-        weights,
-        buffers: state.buffers,
-        pert,
-        batches: UnrollBatches {
-            batches,
-            positions: Tensor::from_slice(&[1i64, 4]),
-            slots: Tensor::from_slice(&[2i64, 0]),
-            augment: None,
-        },
-        targets: Tensor::rand([2, channels as i64, side, side], F64) * 255.0,
-        labels: TargetLabels {
-            truth: Tensor::from_slice(&[1i64, 1]),
-            adversarial: Tensor::from_slice(&[3i64, 3]),
-            poison_class: 3,
-        },
-    }
-}
-
-fn objective_value(c: &Case, s: UnrollSettings, smooth: f64) -> f64 {
-    let v = unrolled_adversarial_loss(c.model(), &c.pert, &c.batches, c.targets(), s);
-    let sm = c.pert.recolor.smoothness(&c.pert.offsets).double_value(&[]) * smooth;
-    v.double_value(&[]) + sm
-}
-
-fn check(channels: usize, k: usize, objective: ObjectiveKind) {
-    check_with(channels, k, objective, None)
-}
-
-fn check_with(channels: usize, k: usize, objective: ObjectiveKind, augment: Option<u64>) {
-    let mut c = case(channels, k, 7 + k as i64);
-    c.batches.augment = augment;
-    let s = UnrollSettings {
-        steps: k,
-        lr: 0.1,
-        weight_decay: 0.0,
-        objective,
-        smooth_coef: 1.0,
-    };
-    let smooth = s.smooth_coef;
-    let (_, g_delta, g_off) = meta_gradient(c.model(), &c.pert, &c.batches, c.targets(), s);
-    let g_delta = g_delta.flatten(0, -1);
-    let g_off = g_off.flatten(0, -1);
-    // Entries of delta belonging to poisons in the batch (slots 0 and 2), and grid entries.
-    let per_image = c.pert.delta.size()[1..].iter().product::<i64>();
-    let mut entries: Vec<(bool, i64, f64)> = Vec::new();
-    for j in [3i64, 101, 377, 600] {
-        entries.push((true, j, 1e-4)); // slot 0
-        entries.push((true, 2 * per_image + (j * 2 + 1) % per_image, 1e-4)); // slot 2
-    }
-    let grid_size = c.pert.offsets.numel() as i64;
-    for j in [5i64, grid_size / 3 + 1, grid_size - 2] {
-        entries.push((false, j, 1e-6));
-    }
-    let mut worst: f64 = 0.0;
-    for (is_delta, j, h) in entries {
-        let param = if is_delta {
-            &c.pert.delta
-        } else {
-            &c.pert.offsets
-        };
-        let flat = param.view(-1);
-        let analytic = if is_delta {
-            g_delta.double_value(&[j])
-        } else {
-            g_off.double_value(&[j])
-        };
-        let orig = flat.double_value(&[j]);
-        let set = |v: f64| {
-            let _g = tch::no_grad_guard();
-            let _ = flat.get(j).fill_(v);
-        };
-        set(orig + h);
-        let up = objective_value(&c, s, smooth);
-        set(orig - h);
-        let down = objective_value(&c, s, smooth);
-        set(orig);
-        let numeric = (up - down) / (2.0 * h);
-        let scale = analytic.abs().max(numeric.abs()).max(1e-8);
-        let rel = (analytic - numeric).abs() / scale;
-        // A gradient entry that is essentially zero on both sides is compared absolutely.
-        let err = if scale < 1e-7 {
-            (analytic - numeric).abs()
-        } else {
-            rel
-        };
+fn assert_close(c: &GradCheck) {
+    for e in &c.entries {
         assert!(
-            err < 1e-4,
-            "{objective:?} K={k} C={channels} {} entry {j}: analytic {analytic:e} vs numeric {numeric:e} (rel {rel:e})",
-            if is_delta { "delta" } else { "grid" }
+            e.error < 1e-4,
+            "{} K={} C={} {} entry {}: analytic {:e} vs numeric {:e} (error {:e})",
+            c.objective,
+            c.unroll_steps,
+            c.channels,
+            e.param,
+            e.index,
+            e.analytic,
+            e.numeric,
+            e.error
         );
-        worst = worst.max(err);
     }
-    // The check must have bitten on something: the delta gradient is not all zero.
-    assert!(g_delta.abs().sum(Kind::Double).double_value(&[]) > 0.0);
-    eprintln!("{objective:?} K={k} C={channels}: worst relative error {worst:e}");
+    // The check must have bitten on something: the delta gradient is not all zero, and the
+    // grid entries were compared too.
+    assert!(c.delta_grad_l1 > 0.0);
+    assert!(c
+        .entries
+        .iter()
+        .any(|e| e.param == "grid" && e.analytic != 0.0));
+    eprintln!(
+        "{} K={} C={}: worst error {:e}",
+        c.objective, c.unroll_steps, c.channels, c.worst_error
+    );
 }
 
 #[test]
@@ -183,7 +46,7 @@ fn metagradient_matches_finite_differences_grey_k1_and_k2_every_objective() {
             ObjectiveKind::Dualxent,
             ObjectiveKind::Indis3,
         ] {
-            check(1, k, obj);
+            assert_close(&check(1, k, obj, None, Device::Cpu));
         }
     }
 }
@@ -191,20 +54,58 @@ fn metagradient_matches_finite_differences_grey_k1_and_k2_every_objective() {
 #[test]
 fn metagradient_matches_finite_differences_rgb_colour_grid() {
     for k in [1, 2] {
-        check(3, k, ObjectiveKind::Cw);
+        assert_close(&check(3, k, ObjectiveKind::Cw, None, Device::Cpu));
     }
-    check(3, 2, ObjectiveKind::Xent);
+    assert_close(&check(3, 2, ObjectiveKind::Xent, None, Device::Cpu));
 }
 
 #[test]
 fn metagradient_through_differentiable_augmentation() {
-    check_with(1, 2, ObjectiveKind::Cw, Some(42));
-    check_with(3, 1, ObjectiveKind::Xent, Some(7));
+    assert_close(&check(1, 2, ObjectiveKind::Cw, Some(42), Device::Cpu));
+    assert_close(&check(3, 1, ObjectiveKind::Xent, Some(7), Device::Cpu));
+}
+
+#[test]
+fn a_wrong_gradient_is_caught() {
+    // Guard against a check that cannot fail: compare the K = 2 gradient with the K = 1
+    // objective's differences by hand.
+    let case = Case::new(1, 2, 9, Device::Cpu);
+    let s2 = UnrollSettings {
+        steps: 2,
+        lr: 0.1,
+        weight_decay: 0.0,
+        objective: ObjectiveKind::Cw,
+        smooth_coef: 1.0,
+    };
+    let (_, g2, _) = meta_gradient(
+        case.model(),
+        &case.perturbation,
+        &case.batches,
+        case.targets(),
+        s2,
+    );
+    let s1 = UnrollSettings { steps: 1, ..s2 };
+    let flat = case.perturbation.delta.view(-1);
+    let (j, h) = (101i64, 1e-4);
+    let orig = flat.double_value(&[j]);
+    let set = |v: f64| {
+        let _g = tch::no_grad_guard();
+        let _ = flat.get(j).fill_(v);
+    };
+    set(orig + h);
+    let up = case.objective(s1);
+    set(orig - h);
+    let down = case.objective(s1);
+    set(orig);
+    let numeric = (up - down) / (2.0 * h);
+    let analytic = g2.flatten(0, -1).double_value(&[j]);
+    let err = (analytic - numeric).abs() / analytic.abs().max(numeric.abs());
+    assert!(err > 1e-3, "K=2 gradient matched K=1 differences ({err:e})");
 }
 
 #[test]
 fn poisons_outside_the_batch_get_no_adversarial_gradient() {
-    let c = case(1, 1, 3);
+    let c = Case::new(1, 1, 3, Device::Cpu);
     let s = UnrollSettings {
         steps: 1,
         lr: 0.1,
@@ -212,7 +113,7 @@ fn poisons_outside_the_batch_get_no_adversarial_gradient() {
         objective: ObjectiveKind::Cw,
         smooth_coef: 0.0,
     };
-    let (_, g_delta, _) = meta_gradient(c.model(), &c.pert, &c.batches, c.targets(), s);
+    let (_, g_delta, _) = meta_gradient(c.model(), &c.perturbation, &c.batches, c.targets(), s);
     // slot 1 is not in the batch
     assert_eq!(
         g_delta.get(1).abs().sum(Kind::Double).double_value(&[]),

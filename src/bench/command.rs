@@ -66,6 +66,10 @@ pub struct BenchArgs {
     /// Append the JSON report as one line to this file.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Also keep the timed inputs (safetensors, read by reference.py) at this path, e.g. to
+    /// profile the reference on them.
+    #[arg(long)]
+    save_inputs: Option<PathBuf>,
 }
 
 fn parse_net(s: &str) -> Result<NetKind, String> {
@@ -161,7 +165,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Some(r) => {
             let a = check_agreement(&spec, device, r, dir.path())?;
             let worst = a.max_rel_error_delta.max(a.max_rel_error_grid);
-            if !(worst < 1e-6) {
+            // NaN counts as a disagreement.
+            if worst.is_nan() || worst >= 1e-6 {
                 bail!(
                     "the reference's float64 meta-gradient differs from ours (max relative error {worst:e}); no ratio is reported for different maths"
                 );
@@ -183,6 +188,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         device_label(device)
     );
     let mut inputs = StepInputs::new(&spec, device);
+    if let Some(path) = &args.save_inputs {
+        inputs.save(path, &[])?;
+    }
     if let Some(r) = reference.as_mut() {
         let path = dir.path().join("inputs.safetensors");
         inputs.save(&path, &[])?;

@@ -8,7 +8,7 @@
 
 pub mod command;
 pub mod gradcheck;
-mod reference;
+pub mod reference;
 
 use crate::config::NetKind;
 use crate::config::ObjectiveKind;

@@ -46,9 +46,122 @@ pub struct EvalReport {
     /// "gray-box" when the victim has the surrogates' architecture, else "black-box".
     pub setting: String,
     pub epochs: usize,
+    /// The victim protocol used (architecture, schedule, batch, weight decay, augmentation).
+    #[serde(default)]
+    pub protocol: Option<crate::config::VictimConfig>,
+    /// Poisons left in the victims' training split (the export's, or the first n of them).
+    #[serde(default)]
+    pub poisons_used: usize,
+    /// The adversarial class of each target.
+    #[serde(default)]
+    pub adversarial: Vec<i64>,
     pub poisoned: ArmSummary,
     pub control: ArmSummary,
     pub trials: Vec<Trial>,
+}
+
+/// What `evaluate` should do.
+#[derive(Debug, Clone)]
+pub struct EvalPlan {
+    pub victim: crate::config::VictimConfig,
+    pub trials: usize,
+    pub control: bool,
+    pub save_weights: bool,
+    /// Keep only the first n poisons.
+    pub first_poisons: Option<usize>,
+}
+
+/// Reported after each victim.
+pub struct EvalProgress<'a> {
+    pub done: usize,
+    pub total: usize,
+    pub trial: &'a Trial,
+    pub eta_seconds: f64,
+}
+
+/// Trains `plan.trials` poisoned victims (and as many paired control victims) on the export in
+/// `dir`, writes `dir/eval.json` (atomically) and returns the report. `progress` is called after
+/// each victim; returning false stops early (nothing is written then).
+pub fn evaluate(
+    dir: &Path,
+    plan: &EvalPlan,
+    device: Device,
+    mut progress: impl FnMut(&EvalProgress) -> bool,
+) -> Result<EvalReport, String> {
+    if plan.trials == 0 || plan.victim.epochs == 0 || plan.victim.batch_size == 0 {
+        return Err("trials, epochs and batch size must be at least 1".into());
+    }
+    if !(plan.victim.lr > 0.0 && plan.victim.lr.is_finite()) {
+        return Err(format!("victim lr {} must be positive", plan.victim.lr));
+    }
+    let mut data = load_export(dir, device)?;
+    if let Some(n) = plan.first_poisons {
+        data.keep_first_poisons(n);
+    }
+    let poisons_used = plan
+        .first_poisons
+        .map_or(data.poison_count(), |n| n.min(data.poison_count()));
+    let spec = VictimTraining::from_config(&plan.victim);
+    let net = victim_network(&data, &spec);
+    let surrogate = data.manifest.config.surrogate.net;
+    let arms: &[(&str, bool)] = if plan.control {
+        &[("poisoned", true), ("control", false)]
+    } else {
+        &[("poisoned", true)]
+    };
+    let total = plan.trials * arms.len();
+    let started = std::time::Instant::now();
+    let mut results: Vec<Trial> = Vec::new();
+    for t in 0..plan.trials {
+        for &(arm, poisoned) in arms {
+            // Victim seeds are far from the crafting run's and shared by the two arms (paired).
+            let seed = 1_000_000 + data.manifest.seed * 1000 + t as u64;
+            let (trial, state) = run_trial(&data, &net, &spec, arm, poisoned, seed);
+            if plan.save_weights {
+                let folder = dir.join("victims");
+                std::fs::create_dir_all(&folder)
+                    .map_err(|e| format!("cannot create {}: {e}", folder.display()))?;
+                let path = folder.join(format!("{arm}-{t:03}-{}.safetensors", spec.net.name()));
+                save_victim(&path, &state, &trial, &net)?;
+            }
+            results.push(trial);
+            let done = results.len();
+            let eta = started.elapsed().as_secs_f64() / done as f64 * (total - done) as f64;
+            let go_on = progress(&EvalProgress {
+                done,
+                total,
+                trial: results.last().expect("just pushed"),
+                eta_seconds: eta,
+            });
+            if !go_on {
+                return Err("evaluation cancelled".into());
+            }
+        }
+    }
+    let pick = |arm: &str| results.iter().filter(|t| t.arm == arm).collect::<Vec<_>>();
+    let report = EvalReport {
+        export: dir.display().to_string(),
+        victim_net: spec.net.name().into(),
+        surrogate_net: surrogate.name().into(),
+        setting: if spec.net == surrogate {
+            "gray-box"
+        } else {
+            "black-box"
+        }
+        .into(),
+        epochs: spec.epochs,
+        protocol: Some(plan.victim.clone()),
+        poisons_used,
+        adversarial: data.adversarial.clone(),
+        poisoned: summarise(&pick("poisoned")),
+        control: summarise(&pick("control")),
+        trials: results,
+    };
+    let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+    let path = dir.join("eval.json");
+    crate::craft::checkpoint::write_atomic(&path, json.as_bytes())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok(report)
 }
 
 /// Wilson score interval for `k` successes in `n` trials at z = 1.96.
@@ -113,6 +226,10 @@ fn labels_tensor(a: &NpyArray, device: Device) -> Result<Tensor, String> {
 /// What `eval` needs from an export folder.
 pub struct EvalData {
     pub manifest: Manifest,
+    /// Training-set positions of the poisons, in poison order.
+    pub poison_indices: Tensor,
+    /// The poisons' clean originals [P, C, H, W].
+    pub poison_bases: Tensor,
     pub poisoned_x: Tensor,
     pub clean_x: Tensor,
     pub train_y: Tensor,
@@ -159,9 +276,12 @@ pub fn load_export(dir: &Path, device: Device) -> Result<EvalData, String> {
         .as_i64()
         .ok_or("poison_indices are not int64")?;
     let base = images_tensor(&get(&poisons, "base_images", "poisons.npz")?, device)?;
-    let clean_x = poisoned_x.index_copy(0, &Tensor::from_slice(&idx).to_device(device), &base);
+    let poison_indices = Tensor::from_slice(&idx).to_device(device);
+    let clean_x = poisoned_x.index_copy(0, &poison_indices, &base);
     Ok(EvalData {
         manifest,
+        poison_indices,
+        poison_bases: base,
         train_y: labels_tensor(&get(&train, "labels", "poisoned_train.npz")?, device)?,
         test_x: images_tensor(&get(&test, "images", "test.npz")?, device)?,
         test_y: labels_tensor(&get(&test, "labels", "test.npz")?, device)?,
@@ -172,6 +292,25 @@ pub fn load_export(dir: &Path, device: Device) -> Result<EvalData, String> {
         poisoned_x,
         clean_x,
     })
+}
+
+impl EvalData {
+    /// Keeps only the first `n` poisons (the others revert to their clean originals): the
+    /// authors' "fewer poisons" victim variation.
+    pub fn keep_first_poisons(&mut self, n: usize) {
+        let total = self.poison_indices.size()[0] as usize;
+        if n >= total {
+            return;
+        }
+        let rest = (total - n) as i64;
+        let idx = self.poison_indices.narrow(0, n as i64, rest);
+        let base = self.poison_bases.narrow(0, n as i64, rest);
+        self.poisoned_x = self.poisoned_x.index_copy(0, &idx, &base);
+    }
+
+    pub fn poison_count(&self) -> usize {
+        self.poison_indices.size()[0] as usize
+    }
 }
 
 /// Trains one victim (on the poisoned or the clean split) and scores it; returns its weights too.

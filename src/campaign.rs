@@ -1,0 +1,455 @@
+//! `metapoison campaign`: one crafting run per target id, each exported and judged by fresh
+//! victims, so that a success rate *over targets* can be measured (as the papers report it).
+//!
+//! Layout: CAMPAIGN_DIR/{campaign.json, campaign.csv, config.toml, target-ID/{run, export}}.
+//! Every finished piece is kept, so re-running with the same --dir resumes: finished targets
+//! are read back, an interrupted crafting run continues from its checkpoint.
+
+use crate::cli::{progress_line, spawn_engine, victim_protocol, watch_signals, VictimArgs};
+use crate::config::Config;
+use crate::craft::messages::{Phase, Telemetry};
+use crate::paths::{timestamp, Paths};
+use crate::victim::eval::{wilson95, EvalReport};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Debug, clap::Args)]
+pub struct CampaignArgs {
+    /// Target ids (indices among the test images of the target class), comma separated.
+    /// Default: the first --count candidates of `targets suggest`.
+    #[arg(long, value_delimiter = ',')]
+    targets: Vec<usize>,
+    /// Targets to pick when --targets is not given.
+    #[arg(long, default_value_t = 10)]
+    count: usize,
+    /// Clean victims `targets suggest` trains to rank the candidates.
+    #[arg(long, default_value_t = 2)]
+    suggest_victims: usize,
+    /// Campaign folder (default: DATA_DIR/campaigns/TIMESTAMP). An existing one resumes.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Also evaluate with victims of these architectures (black-box), comma separated.
+    #[arg(long, value_delimiter = ',')]
+    black_box: Vec<String>,
+    /// Override craft.steps for every run.
+    #[arg(long)]
+    steps: Option<usize>,
+    #[command(flatten)]
+    victim: VictimArgs,
+}
+
+/// How the targets were chosen, saved with the campaign.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Selection {
+    pub method: String,
+    pub targets: Vec<usize>,
+    /// Margin and clean correctness of each chosen target, when they were ranked.
+    #[serde(default)]
+    pub candidates: Vec<crate::victim::targets::Candidate>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TargetResult {
+    pub target_id: usize,
+    pub run_dir: String,
+    pub export_dir: String,
+    /// Per victim architecture: the evaluation (gray-box first).
+    pub evals: Vec<EvalReport>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ArmTotals {
+    pub victim_net: String,
+    pub setting: String,
+    /// Poisoned victims that flipped their target, over all targets.
+    pub successes: usize,
+    pub victims: usize,
+    pub success_rate: f64,
+    pub success_ci95: (f64, f64),
+    /// Targets flipped by a majority of their poisoned victims.
+    pub targets_flipped: usize,
+    pub targets: usize,
+    pub control_successes: usize,
+    pub control_victims: usize,
+    pub accuracy_poisoned: f64,
+    pub accuracy_control: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CampaignReport {
+    pub started: String,
+    pub selection: Selection,
+    pub results: Vec<TargetResult>,
+    pub totals: Vec<ArmTotals>,
+    pub seconds: f64,
+}
+
+fn eval_file(export: &Path, net: &str) -> PathBuf {
+    export.join(format!("eval-{net}.json"))
+}
+
+/// Totals per victim architecture over the targets evaluated so far.
+pub fn totals(results: &[TargetResult]) -> Vec<ArmTotals> {
+    let mut nets: Vec<(String, String)> = Vec::new();
+    for r in results {
+        for e in &r.evals {
+            if !nets.iter().any(|(n, _)| n == &e.victim_net) {
+                nets.push((e.victim_net.clone(), e.setting.clone()));
+            }
+        }
+    }
+    nets.into_iter()
+        .map(|(net, setting)| {
+            let evals: Vec<&EvalReport> = results
+                .iter()
+                .flat_map(|r| r.evals.iter().filter(|e| e.victim_net == net))
+                .collect();
+            let successes = evals.iter().map(|e| e.poisoned.successes).sum::<usize>();
+            let victims = evals
+                .iter()
+                .map(|e| {
+                    e.trials
+                        .iter()
+                        .filter(|t| t.arm == "poisoned")
+                        .map(|t| t.success.len())
+                        .sum::<usize>()
+                })
+                .sum::<usize>();
+            let control_successes = evals.iter().map(|e| e.control.successes).sum::<usize>();
+            let control_victims = evals
+                .iter()
+                .map(|e| {
+                    e.trials
+                        .iter()
+                        .filter(|t| t.arm == "control")
+                        .map(|t| t.success.len())
+                        .sum::<usize>()
+                })
+                .sum::<usize>();
+            let flipped = evals
+                .iter()
+                .filter(|e| e.poisoned.trials > 0 && e.poisoned.success_rate > 0.5)
+                .count();
+            let mean = |f: &dyn Fn(&EvalReport) -> f64| {
+                evals.iter().map(|e| f(e)).sum::<f64>() / evals.len().max(1) as f64
+            };
+            ArmTotals {
+                victim_net: net,
+                setting,
+                successes,
+                victims,
+                success_rate: successes as f64 / victims.max(1) as f64,
+                success_ci95: wilson95(successes, victims),
+                targets_flipped: flipped,
+                targets: evals.len(),
+                control_successes,
+                control_victims,
+                accuracy_poisoned: mean(&|e| e.poisoned.accuracy_mean),
+                accuracy_control: mean(&|e| e.control.accuracy_mean),
+            }
+        })
+        .collect()
+}
+
+/// The campaign's table as printed and saved (CSV: one row per target and victim net).
+pub fn csv(results: &[TargetResult]) -> String {
+    let mut out = String::from(
+        "target_id,victim_net,setting,epochs,poisoned_successes,poisoned_victims,control_successes,control_victims,accuracy_poisoned,accuracy_control,p_adv_poisoned,p_adv_control\n",
+    );
+    for r in results {
+        for e in &r.evals {
+            // Mean probability of the first target's adversarial class, per arm.
+            let p_adv = |arm: &str| {
+                let v: Vec<f64> = e
+                    .trials
+                    .iter()
+                    .filter(|t| t.arm == arm)
+                    .filter_map(|t| {
+                        let cls = *e.adversarial.first()?;
+                        t.target_probs.first()?.get(cls as usize).copied()
+                    })
+                    .collect();
+                v.iter().sum::<f64>() / v.len().max(1) as f64
+            };
+            out += &format!(
+                "{},{},{},{},{},{},{},{},{:.4},{:.4},{:.4},{:.4}\n",
+                r.target_id,
+                e.victim_net,
+                e.setting,
+                e.epochs,
+                e.poisoned.successes,
+                e.poisoned.trials,
+                e.control.successes,
+                e.control.trials,
+                e.poisoned.accuracy_mean,
+                e.control.accuracy_mean,
+                p_adv("poisoned"),
+                p_adv("control"),
+            );
+        }
+    }
+    out
+}
+
+fn save(dir: &Path, report: &CampaignReport) -> Result<()> {
+    let json = serde_json::to_string_pretty(report)?;
+    crate::craft::checkpoint::write_atomic(&dir.join("campaign.json"), json.as_bytes())
+        .with_context(|| format!("cannot write {}", dir.join("campaign.json").display()))?;
+    crate::craft::checkpoint::write_atomic(
+        &dir.join("campaign.csv"),
+        csv(&report.results).as_bytes(),
+    )
+    .with_context(|| format!("cannot write {}", dir.join("campaign.csv").display()))?;
+    Ok(())
+}
+
+fn choose_targets(config: &Config, args: &CampaignArgs) -> Result<Selection> {
+    if !args.targets.is_empty() {
+        return Ok(Selection {
+            method: "given on the command line (--targets)".into(),
+            targets: args.targets.clone(),
+            candidates: vec![],
+        });
+    }
+    if args.count == 0 || args.suggest_victims == 0 {
+        bail!("--count and --suggest-victims must be at least 1 (or give --targets)");
+    }
+    let device = crate::cli::resolve_device(config)?;
+    let data = crate::data::load(&config.data)?;
+    let plan = crate::craft::plan::Plan::resolve(config, &data, device.is_cuda())
+        .map_err(anyhow::Error::msg)?;
+    let spec = crate::victim::VictimTraining::from_config(&config.victim);
+    eprintln!(
+        "choosing {} targets: training {} clean {} victim(s) for {} epochs",
+        args.count,
+        args.suggest_victims,
+        spec.net.name(),
+        spec.epochs
+    );
+    let s = crate::victim::targets::suggest(
+        &data,
+        &spec,
+        (plan.target_class, plan.adv_class),
+        args.suggest_victims,
+        config.run.seed,
+        device,
+        |v, n| eprintln!("clean victim {v}/{n} trained"),
+    );
+    let chosen: Vec<_> = s
+        .candidates
+        .into_iter()
+        .filter(|c| c.correct >= 1.0)
+        .take(args.count)
+        .collect();
+    if chosen.is_empty() {
+        bail!("no test image of the target class is classified correctly by every clean victim; train them longer (victim.epochs)");
+    }
+    Ok(Selection {
+        method: format!(
+            "targets suggest: {} clean {} victims trained {} epochs; of the targets every victim classifies correctly, the {} with the smallest logit margin to the adversarial class",
+            args.suggest_victims,
+            spec.net.name(),
+            spec.epochs,
+            chosen.len()
+        ),
+        targets: chosen.iter().map(|c| c.id).collect(),
+        candidates: chosen,
+    })
+}
+
+/// Crafts (or resumes, or skips when finished) the run of one target. Returns false when a
+/// signal stopped it.
+fn craft_target(config: &Config, run_dir: &Path, stop: &Arc<AtomicBool>) -> Result<bool> {
+    let checkpoint = run_dir.join(crate::craft::checkpoint::FILE_NAME);
+    let (config, resume) = if checkpoint.exists() {
+        let loaded = crate::craft::checkpoint::load(run_dir)?;
+        if loaded.state.step >= loaded.state.config.craft.steps {
+            return Ok(true);
+        }
+        (loaded.state.config, true)
+    } else {
+        (config.clone(), false)
+    };
+    let handle = spawn_engine(config, run_dir.to_path_buf(), resume, stop.clone())?;
+    let progress = std::io::stderr().is_terminal();
+    let mut failure = None;
+    for t in handle.telemetry.iter() {
+        if progress {
+            progress_line(&t);
+        }
+        if let Telemetry::Phase(Phase::Failed { message }) = &t {
+            failure = Some(message.clone());
+            break;
+        }
+    }
+    if progress {
+        eprintln!();
+    }
+    handle.join().map_err(anyhow::Error::msg)?;
+    if let Some(m) = failure {
+        bail!("crafting into {} failed: {m}", run_dir.display());
+    }
+    Ok(!stop.load(Ordering::SeqCst))
+}
+
+pub fn run(config: Config, paths: &Paths, args: CampaignArgs) -> Result<()> {
+    let started = std::time::Instant::now();
+    let dir = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| paths.data_dir.join("campaigns").join(timestamp()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let previous: Option<CampaignReport> = std::fs::read_to_string(dir.join("campaign.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    let mut config = config;
+    if let Some(s) = args.steps {
+        config.craft.steps = s;
+    }
+    config.validate()?;
+    // A campaign keeps the config it started with, so resuming cannot mix settings.
+    let config_file = dir.join("config.toml");
+    if config_file.exists() {
+        config = Config::load(&config_file)?;
+    } else {
+        crate::craft::checkpoint::write_atomic(&config_file, config.to_toml().as_bytes())
+            .with_context(|| format!("cannot write {}", config_file.display()))?;
+    }
+    let selection = match &previous {
+        Some(p) => p.selection.clone(),
+        None => choose_targets(&config, &args)?,
+    };
+    eprintln!(
+        "campaign in {}: targets {:?} ({})",
+        dir.display(),
+        selection.targets,
+        selection.method
+    );
+    let mut nets: Vec<Option<String>> = vec![args.victim.victim_net.clone()];
+    nets.extend(args.black_box.iter().cloned().map(Some));
+    let stop = Arc::new(AtomicBool::new(false));
+    watch_signals(&stop)?;
+    let mut report = CampaignReport {
+        started: previous
+            .as_ref()
+            .map(|p| p.started.clone())
+            .unwrap_or_else(timestamp),
+        selection: selection.clone(),
+        results: vec![],
+        totals: vec![],
+        seconds: previous.as_ref().map_or(0.0, |p| p.seconds),
+    };
+    let device = crate::cli::resolve_device(&config)?;
+    for (i, &target) in selection.targets.iter().enumerate() {
+        let tdir = dir.join(format!("target-{target}"));
+        let (run_dir, export_dir) = (tdir.join("run"), tdir.join("export"));
+        let mut target_config = config.clone();
+        target_config.threat.target_ids = crate::config::Auto::Value(vec![target]);
+        eprintln!("target {}/{}: id {target}", i + 1, selection.targets.len());
+        if !craft_target(&target_config, &run_dir, &stop)? {
+            eprintln!("stopped by a signal; run the same command again to resume");
+            save(&dir, &report)?;
+            return Ok(());
+        }
+        if !export_dir.join("poisons.npz").exists() {
+            crate::export::export(&crate::export::ExportRequest {
+                run_dir: run_dir.clone(),
+                step: None,
+                out: Some(export_dir.clone()),
+                formats: crate::export::Formats::parse("npz").map_err(anyhow::Error::msg)?,
+                force: true,
+            })
+            .map_err(anyhow::Error::msg)?;
+        }
+        let mut evals = Vec::new();
+        for net in &nets {
+            let mut victim_args = args.victim.clone();
+            victim_args.victim_net = net.clone();
+            let plan = victim_args.plan(victim_protocol(&target_config, &export_dir), false)?;
+            let file = eval_file(&export_dir, plan.victim.net.name());
+            let cached: Option<EvalReport> = std::fs::read_to_string(&file)
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok());
+            let e = match cached {
+                Some(e) => e,
+                None => {
+                    let e = crate::victim::eval::evaluate(&export_dir, &plan, device, |p| {
+                        eprintln!(
+                            "  victim {}/{} ({} {}): target -> {:?}, clean accuracy {:.2}%",
+                            p.done,
+                            p.total,
+                            plan.victim.net.name(),
+                            p.trial.arm,
+                            p.trial.predicted,
+                            p.trial.clean_accuracy * 100.0
+                        );
+                        !stop.load(Ordering::SeqCst)
+                    })
+                    .map_err(anyhow::Error::msg)?;
+                    std::fs::rename(export_dir.join("eval.json"), &file)
+                        .with_context(|| format!("cannot write {}", file.display()))?;
+                    let _ = crate::cli::append_results_row(paths, &e);
+                    e
+                }
+            };
+            eprintln!(
+                "  {} ({}): poisoned {}/{} flipped, control {}/{}",
+                e.victim_net,
+                e.setting,
+                e.poisoned.successes,
+                e.poisoned.trials,
+                e.control.successes,
+                e.control.trials
+            );
+            evals.push(e);
+        }
+        report.results.push(TargetResult {
+            target_id: target,
+            run_dir: run_dir.display().to_string(),
+            export_dir: export_dir.display().to_string(),
+            evals,
+        });
+        report.totals = totals(&report.results);
+        report.seconds =
+            previous.as_ref().map_or(0.0, |p| p.seconds) + started.elapsed().as_secs_f64();
+        save(&dir, &report)?;
+    }
+    print!("{}", summary(&report));
+    eprintln!(
+        "wrote {} and campaign.csv",
+        dir.join("campaign.json").display()
+    );
+    Ok(())
+}
+
+/// The printed summary: one line per victim architecture.
+pub fn summary(report: &CampaignReport) -> String {
+    let mut out = format!(
+        "{} targets ({})\nvictims      setting    success over victims [95% Wilson]  targets flipped  control flips  clean acc poisoned / control\n",
+        report.selection.targets.len(),
+        report.selection.method
+    );
+    for t in &report.totals {
+        out += &format!(
+            "{:<12} {:<10} {:>3}/{:<3} {:>5.1}% [{:>5.1}%, {:>5.1}%]      {:>2}/{:<2}           {:>2}/{:<3}         {:.2}% / {:.2}%\n",
+            t.victim_net,
+            t.setting,
+            t.successes,
+            t.victims,
+            t.success_rate * 100.0,
+            t.success_ci95.0 * 100.0,
+            t.success_ci95.1 * 100.0,
+            t.targets_flipped,
+            t.targets,
+            t.control_successes,
+            t.control_victims,
+            t.accuracy_poisoned * 100.0,
+            t.accuracy_control * 100.0
+        );
+    }
+    out
+}

@@ -1,0 +1,122 @@
+//! The speed harness: its step keeps every bound, and the PyTorch reference computes the same
+//! float64 meta-gradient (and the comparison notices when it does not).
+
+use metapoison::bench::{agreement_spec, reference, Reference, StepInputs, StepSpec};
+use tch::{Device, Kind, Tensor};
+
+fn tiny() -> StepSpec {
+    StepSpec {
+        batch: 8,
+        poisons_in_batch: 3,
+        npoison: 6,
+        ensemble: 2,
+        grid: 4,
+        ..StepSpec::default_config()
+    }
+}
+
+#[test]
+fn a_bench_step_moves_the_poisons_and_keeps_the_bounds() {
+    let spec = tiny();
+    let mut inputs = StepInputs::new(&spec, Device::Cpu);
+    let before = inputs.perturbation.delta.detach().copy();
+    inputs.step();
+    let p = &inputs.perturbation;
+    let moved = (&p.delta - &before).abs().max().double_value(&[]);
+    assert!(moved > 0.1, "delta did not move ({moved})");
+    assert!(p.delta.abs().max().double_value(&[]) <= spec.eps + 1e-4);
+    let poisons = p.poisons_detached();
+    assert!(poisons.min().double_value(&[]) >= -1e-3);
+    assert!(poisons.max().double_value(&[]) <= 255.0 + 1e-3);
+}
+
+#[test]
+fn bad_bench_shapes_are_refused_with_the_flag_named() {
+    let mut s = tiny();
+    s.poisons_in_batch = 9;
+    assert!(s.validate().unwrap_err().contains("--poisons-in-batch"));
+    let mut s = tiny();
+    s.unroll_steps = 0;
+    assert!(s.validate().unwrap_err().contains("--unroll"));
+}
+
+/// The reference needs a python with torch: the project's .venv (scripts/test.sh makes it).
+fn start_reference(dir: &std::path::Path) -> Option<Reference> {
+    let python = reference::default_python();
+    let ok = std::process::Command::new(&python)
+        .args(["-c", "import torch"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("skipped: {} has no torch", python.display());
+        return None;
+    }
+    Some(Reference::start(&python, dir, "cpu", 1).expect("reference starts"))
+}
+
+#[test]
+fn the_pytorch_reference_agrees_in_float64_and_a_wrong_gradient_is_noticed() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut r) = start_reference(dir.path()) else {
+        return;
+    };
+    for net in ["convnet-bn", "resnet20"] {
+        let mut spec = tiny();
+        spec.net = serde_json::from_value(serde_json::Value::String(net.into())).unwrap();
+        if net != "convnet-bn" {
+            spec.channels = 3;
+            spec.side = 32;
+        }
+        let a = metapoison::bench::check_agreement(&spec, Device::Cpu, &mut r, dir.path()).unwrap();
+        assert!(a.max_rel_error_delta < 1e-9, "{net}: {a:?}");
+        assert!(a.max_rel_error_grid < 1e-9, "{net}: {a:?}");
+        assert!(
+            (a.loss_ours - a.loss_reference).abs() < 1e-9,
+            "{net}: {a:?}"
+        );
+    }
+    // The same comparison with our expected gradient scaled by 1.01 must report ~1%.
+    let spec = agreement_spec(&tiny());
+    let inputs = StepInputs::new(&spec, Device::Cpu);
+    let (loss, gd, go) = inputs.meta_gradient(0);
+    let (gd, go): (Tensor, Tensor) = (gd * 1.01, go.to_kind(Kind::Double));
+    let path = dir.path().join("wrong.safetensors");
+    inputs
+        .save(
+            &path,
+            &[
+                ("expected_loss".into(), &loss),
+                ("expected_g_delta".into(), &gd),
+                ("expected_g_offsets".into(), &go),
+            ],
+        )
+        .unwrap();
+    let a = r.check(&path).unwrap();
+    assert!(
+        (a.max_rel_error_delta - 0.01 / 1.01).abs() < 1e-6,
+        "scaled gradient gave {a:?}"
+    );
+}
+
+#[test]
+fn timed_steps_alternate_with_the_reference_and_both_take_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut r) = start_reference(dir.path()) else {
+        return;
+    };
+    let spec = tiny();
+    let mut inputs = StepInputs::new(&spec, Device::Cpu);
+    let path = dir.path().join("inputs.safetensors");
+    inputs.save(&path, &[]).unwrap();
+    r.load(&path).unwrap();
+    let (ours, theirs) =
+        metapoison::bench::time_side_by_side(&mut inputs, Device::Cpu, Some(&mut r), 1, 3).unwrap();
+    let theirs = theirs.unwrap();
+    assert_eq!((ours.reps, theirs.reps), (3, 3));
+    assert!(ours.min_s > 0.0 && theirs.min_s > 0.0);
+    assert!(ours.min_s <= ours.median_s && ours.median_s <= ours.max_s);
+    let stats = r.stats().unwrap();
+    // The reference counted the FLOPs of a real step (convolutions and their double backward).
+    assert!(stats["flops_per_step"].as_f64().unwrap() > 1e6);
+}

@@ -1,0 +1,262 @@
+//! Campaigns: one run per target, totals over targets, resumable; and the victim-variation
+//! flags of `eval`.
+
+mod common;
+
+use metapoison::campaign::{totals, TargetResult};
+use metapoison::victim::eval::{summarise, ArmSummary, EvalReport, Trial};
+use std::process::Command;
+
+fn trial(arm: &str, success: bool, acc: f64) -> Trial {
+    Trial {
+        arm: arm.into(),
+        seed: 0,
+        predicted: vec![if success { 0 } else { 6 }],
+        target_probs: vec![vec![0.0; 10]],
+        success: vec![success],
+        clean_accuracy: acc,
+        seconds: 1.0,
+    }
+}
+
+fn report(net: &str, poisoned: &[bool], control: &[bool]) -> EvalReport {
+    let mut trials: Vec<Trial> = poisoned
+        .iter()
+        .map(|&s| trial("poisoned", s, 0.8))
+        .collect();
+    trials.extend(control.iter().map(|&s| trial("control", s, 0.9)));
+    let pick = |arm: &str| trials.iter().filter(|t| t.arm == arm).collect::<Vec<_>>();
+    let (p, c): (ArmSummary, ArmSummary) =
+        (summarise(&pick("poisoned")), summarise(&pick("control")));
+    EvalReport {
+        export: "x".into(),
+        victim_net: net.into(),
+        surrogate_net: "convnet-bn".into(),
+        setting: if net == "convnet-bn" {
+            "gray-box"
+        } else {
+            "black-box"
+        }
+        .into(),
+        epochs: 1,
+        protocol: None,
+        poisons_used: 10,
+        adversarial: vec![0],
+        poisoned: p,
+        control: c,
+        trials,
+    }
+}
+
+#[test]
+fn totals_pool_victims_over_targets_and_count_majority_flips() {
+    let results = vec![
+        TargetResult {
+            target_id: 1,
+            run_dir: String::new(),
+            export_dir: String::new(),
+            evals: vec![
+                report("convnet-bn", &[true, true, false], &[false, false, false]),
+                report("resnet20", &[false, false, false], &[false, false, false]),
+            ],
+        },
+        TargetResult {
+            target_id: 2,
+            run_dir: String::new(),
+            export_dir: String::new(),
+            evals: vec![
+                report("convnet-bn", &[true, false, false], &[true, false, false]),
+                report("resnet20", &[true, false, false], &[false, false, false]),
+            ],
+        },
+    ];
+    let t = totals(&results);
+    assert_eq!(t.len(), 2);
+    let gray = &t[0];
+    assert_eq!(gray.victim_net, "convnet-bn");
+    assert_eq!((gray.successes, gray.victims), (3, 6));
+    assert!((gray.success_rate - 0.5).abs() < 1e-12);
+    // Only target 1 was flipped by a majority (2 of 3) of its victims.
+    assert_eq!((gray.targets_flipped, gray.targets), (1, 2));
+    assert_eq!((gray.control_successes, gray.control_victims), (1, 6));
+    assert!((gray.accuracy_poisoned - 0.8).abs() < 1e-12);
+    let wilson = metapoison::victim::eval::wilson95(3, 6);
+    assert_eq!(gray.success_ci95, wilson);
+    assert_eq!(t[1].setting, "black-box");
+    assert_eq!((t[1].successes, t[1].targets_flipped), (1, 0));
+}
+
+fn tiny_config_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut c = common::tiny_config(400, 10, 1);
+    c.victim.epochs = 1;
+    c.victim.batch_size = 50;
+    c.run.device = "cpu".into();
+    let path = dir.join("tiny.toml");
+    std::fs::write(&path, c.to_toml()).unwrap();
+    path
+}
+
+#[test]
+fn a_campaign_crafts_and_evaluates_each_target_and_resumes_without_redoing_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tiny_config_file(tmp.path());
+    let dir = tmp.path().join("camp");
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_metapoison"))
+            .arg("--data-dir")
+            .arg(tmp.path().join("data"))
+            .arg("--config")
+            .arg(&config)
+            .args(["campaign", "--targets", "3,5", "--trials", "1", "--dir"])
+            .arg(&dir)
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("campaign.json")).unwrap()).unwrap();
+    let targets: Vec<u64> = report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["target_id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(targets, vec![3, 5]);
+    assert_eq!(report["totals"][0]["victims"], 2);
+    assert!(report["selection"]["method"]
+        .as_str()
+        .unwrap()
+        .contains("--targets"));
+    // Each target has its own run, its export and its evaluation.
+    let eval3 = dir.join("target-3/export/eval-convnet-bn.json");
+    let e: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&eval3).unwrap()).unwrap();
+    assert_eq!(e["poisoned"]["trials"], 1);
+    assert_eq!(e["control"]["trials"], 1);
+    let csv = std::fs::read_to_string(dir.join("campaign.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 3);
+    // Running it again reads everything back: no new evaluation is written.
+    let before = std::fs::metadata(&eval3).unwrap().modified().unwrap();
+    let again = run();
+    assert!(again.status.success());
+    assert_eq!(
+        std::fs::metadata(&eval3).unwrap().modified().unwrap(),
+        before
+    );
+    assert!(String::from_utf8_lossy(&again.stdout).contains("gray-box"));
+}
+
+#[test]
+fn eval_variation_flags_reach_the_victims_and_bad_values_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tiny_config_file(tmp.path());
+    let c = metapoison::config::Config::load(&config).unwrap();
+    let run_dir = tmp.path().join("run");
+    common::craft_to_end(&c, &run_dir);
+    let export = tmp.path().join("export");
+    let bin = env!("CARGO_BIN_EXE_metapoison");
+    let st = Command::new(bin)
+        .arg("export")
+        .arg(&run_dir)
+        .arg("--out")
+        .arg(&export)
+        .args(["--format", "npz"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = Command::new(bin)
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"))
+        .arg("--config")
+        .arg(&config)
+        .arg("eval")
+        .arg(&export)
+        .args([
+            "--trials",
+            "1",
+            "--no-control",
+            "--first-poisons",
+            "4",
+            "--victim-batch",
+            "100",
+            "--weight-decay",
+            "2e-4",
+            "--victim-lr",
+            "0.2",
+            "--augment",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let e: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(export.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(e["poisons_used"], 4);
+    assert_eq!(e["protocol"]["batch_size"], 100);
+    assert_eq!(e["protocol"]["weight_decay"], 2e-4);
+    assert_eq!(e["protocol"]["lr"], 0.2);
+    assert_eq!(e["protocol"]["augment"], true);
+    assert_eq!(e["control"]["trials"], 0);
+    let bad = Command::new(bin)
+        .arg("--config")
+        .arg(&config)
+        .arg("eval")
+        .arg(&export)
+        .arg("--victim-lr=-1")
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let msg = String::from_utf8_lossy(&bad.stderr);
+    assert!(msg.contains("--victim-lr"), "{msg}");
+    assert_eq!(msg.trim().lines().count(), 1, "{msg}");
+}
+
+#[test]
+fn keeping_the_first_poisons_reverts_the_rest_to_clean() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tiny_config_file(tmp.path());
+    let c = metapoison::config::Config::load(&config).unwrap();
+    let run_dir = tmp.path().join("run");
+    common::craft_to_end(&c, &run_dir);
+    let export = tmp.path().join("export");
+    metapoison::export::export(&metapoison::export::ExportRequest {
+        run_dir,
+        step: None,
+        out: Some(export.clone()),
+        formats: metapoison::export::Formats::parse("npz").unwrap(),
+        force: false,
+    })
+    .unwrap();
+    let mut data = metapoison::victim::eval::load_export(&export, tch::Device::Cpu).unwrap();
+    let changed = |d: &metapoison::victim::eval::EvalData| -> Vec<i64> {
+        let diff = (&d.poisoned_x - &d.clean_x)
+            .abs()
+            .flatten(1, -1)
+            .sum_dim_intlist(1i64, false, tch::Kind::Float)
+            .gt(0.0)
+            .nonzero()
+            .flatten(0, -1);
+        Vec::<i64>::try_from(diff).unwrap()
+    };
+    let all = changed(&data);
+    assert!(
+        all.len() >= 8,
+        "most poisons differ from their bases: {all:?}"
+    );
+    let idx: Vec<i64> = Vec::try_from(&data.poison_indices).unwrap();
+    data.keep_first_poisons(3);
+    let kept = changed(&data);
+    assert!(
+        kept.iter().all(|i| idx[..3].contains(i)),
+        "{kept:?} vs {:?}",
+        &idx[..3]
+    );
+}
