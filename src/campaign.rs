@@ -274,7 +274,7 @@ fn craft_target(config: &Config, run_dir: &Path, stop: &Arc<AtomicBool>) -> Resu
     } else {
         (config.clone(), false)
     };
-    let handle = spawn_engine(config, run_dir.to_path_buf(), resume, stop.clone())?;
+    let handle = spawn_engine(config, run_dir.to_path_buf(), resume, stop.clone(), false)?;
     let progress = std::io::stderr().is_terminal();
     let mut failure = None;
     for t in handle.telemetry.iter() {

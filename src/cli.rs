@@ -330,10 +330,13 @@ struct RunArgs {
 }
 
 /// Loads what a run needs and starts the engine thread; signals set its stop flag.
+/// Starts the engine for `craft` or `tui`; `linger` keeps it serving exports and evaluations
+/// after the last step (the dashboard's case).
 fn start_engine(
     config_path: Option<&Path>,
     paths: &Paths,
     args: RunArgs,
+    linger: bool,
 ) -> Result<(engine::EngineHandle, PathBuf)> {
     let RunArgs {
         resume,
@@ -370,7 +373,7 @@ fn start_engine(
     }
     let stop = Arc::new(AtomicBool::new(false));
     watch_signals(&stop)?;
-    let handle = spawn_engine(config, run_dir.clone(), resuming, stop)?;
+    let handle = spawn_engine(config, run_dir.clone(), resuming, stop, linger)?;
     Ok((handle, run_dir))
 }
 
@@ -394,6 +397,7 @@ pub(crate) fn spawn_engine(
     run_dir: PathBuf,
     resume: bool,
     stop: Arc<AtomicBool>,
+    linger: bool,
 ) -> Result<engine::EngineHandle> {
     config.validate()?;
     let device = resolve_device(&config)?;
@@ -407,12 +411,13 @@ pub(crate) fn spawn_engine(
         run_dir,
         resume,
         stop,
+        linger,
     }))
 }
 
 /// The headless mode: JSON lines on stdout, a progress line on stderr when it is a terminal.
 fn craft(config_path: Option<&Path>, paths: &Paths, args: RunArgs) -> Result<()> {
-    let (handle, run_dir) = start_engine(config_path, paths, args)?;
+    let (handle, run_dir) = start_engine(config_path, paths, args, false)?;
     let progress = std::io::stderr().is_terminal();
     let mut stdout = std::io::stdout().lock();
     for t in handle.telemetry.iter() {
@@ -726,19 +731,26 @@ fn tui(
     replay: Option<PathBuf>,
 ) -> Result<()> {
     let terminal = std::io::stdout().is_terminal() && std::io::stdin().is_terminal();
+    // Key bindings are the user's, whatever run is shown: from the config file (or defaults).
+    let keys = {
+        let config = load_config(config_path, paths)?;
+        config.validate()?;
+        crate::tui::app::Keymap::from_config(&config.keys)
+    };
     if let Some(file) = replay {
         if !terminal {
             bail!("--replay needs a terminal");
         }
         let records = crate::tui::read_replay(&file).map_err(anyhow::Error::msg)?;
-        return crate::tui::run(crate::tui::Source::Replay(records)).map_err(anyhow::Error::msg);
+        return crate::tui::run(crate::tui::Source::Replay(records), keys)
+            .map_err(anyhow::Error::msg);
     }
     if !terminal {
         eprintln!("not a terminal: crafting headless (JSON lines on stdout)");
         return craft(config_path, paths, run);
     }
-    let (handle, run_dir) = start_engine(config_path, paths, run)?;
-    crate::tui::run(crate::tui::Source::Engine(handle)).map_err(anyhow::Error::msg)?;
+    let (handle, run_dir) = start_engine(config_path, paths, run, true)?;
+    crate::tui::run(crate::tui::Source::Engine(handle), keys).map_err(anyhow::Error::msg)?;
     eprintln!("run folder: {}", run_dir.display());
     Ok(())
 }

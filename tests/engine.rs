@@ -47,6 +47,7 @@ fn run(
         run_dir: dir.to_path_buf(),
         resume,
         stop: stop.clone(),
+        linger: false,
     });
     let mut reports = Vec::new();
     for t in handle.telemetry.iter() {
@@ -242,6 +243,7 @@ fn bad_target_id_fails_with_a_clear_message() {
         run_dir: tmp.path().join("x"),
         resume: false,
         stop: Arc::new(AtomicBool::new(false)),
+        linger: false,
     });
     let failed: Vec<String> = handle
         .telemetry
@@ -257,4 +259,59 @@ fn bad_target_id_fails_with_a_clear_message() {
         "{err}"
     );
     assert_eq!(failed, vec![err]);
+}
+
+#[test]
+fn a_lingering_engine_exports_and_evaluates_after_the_last_step() {
+    let mut config = common::tiny_config(400, 10, 1);
+    config.victim.epochs = 1;
+    config.victim.batch_size = 50;
+    let dir = tempfile::tempdir().unwrap();
+    let handle = spawn(EngineSetup {
+        data: dataset(&config),
+        config,
+        device: Device::Cpu,
+        kind: Kind::Float,
+        run_dir: dir.path().to_path_buf(),
+        resume: false,
+        stop: Arc::new(AtomicBool::new(false)),
+        linger: true,
+    });
+    let mut report = None;
+    let mut events = Vec::new();
+    for t in handle.telemetry.iter() {
+        match t {
+            Telemetry::Finished { .. } => {
+                // A second evaluation while the first runs is refused, not queued.
+                handle
+                    .commands
+                    .send(Command::Evaluate { trials: Some(1) })
+                    .unwrap();
+                handle
+                    .commands
+                    .send(Command::Evaluate { trials: Some(1) })
+                    .unwrap();
+            }
+            Telemetry::Event(e) => events.push(e),
+            Telemetry::Evaluation(r) => {
+                report = Some(r);
+                handle.commands.send(Command::Abort).unwrap();
+            }
+            Telemetry::Phase(Phase::Failed { message }) => panic!("{message}"),
+            _ => {}
+        }
+    }
+    handle.join().unwrap();
+    let r = report.expect("an evaluation result");
+    assert_eq!((r.poisoned.trials, r.control.trials), (1, 1));
+    let export = dir.path().join("export-step-0001");
+    assert!(export.join("eval.json").exists());
+    assert!(export.join("poisons.npz").exists());
+    assert!(events.iter().any(|e| e.kind == "export"));
+    assert!(events
+        .iter()
+        .any(|e| e.kind == "rejected" && e.message.contains("already running")));
+    assert!(events
+        .iter()
+        .any(|e| e.kind == "evaluation" && e.message.starts_with("done:")));
 }

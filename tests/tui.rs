@@ -312,3 +312,135 @@ fn replay_file_round_trips_telemetry() {
     let e = metapoison::tui::read_replay(&path).unwrap_err();
     assert!(e.contains("line 1"), "{e}");
 }
+
+fn with_preview(mut app: App) -> App {
+    app.on_telemetry(preview(true));
+    app.on_telemetry(Telemetry::Event(metapoison::craft::messages::Event {
+        step: 2,
+        kind: "set_outer_lr".into(),
+        message: "outer lr 200 -> 100".into(),
+    }));
+    app
+}
+
+#[test]
+fn whole_screen_snapshots_at_80x24_and_160x48() {
+    // Mono: the snapshot is the text; colours are checked by the preview test above.
+    let app = with_preview(app_with_steps(Palette::Mono));
+    insta::assert_snapshot!("dashboard_80x24", text(&render(&app, 80, 24)));
+    insta::assert_snapshot!("dashboard_160x48", text(&render(&app, 160, 48)));
+    let mut help = with_preview(app_with_steps(Palette::Mono));
+    help.on_key(key(KeyCode::Char('?')));
+    insta::assert_snapshot!("help_80x24", text(&render(&help, 80, 24)));
+}
+
+#[test]
+fn configured_keys_drive_the_dashboard_and_show_in_footer_and_help() {
+    use metapoison::config::KeysConfig;
+    use metapoison::tui::app::Keymap;
+    let keys = KeysConfig {
+        pause: "x".into(),
+        evaluate: "V".into(),
+        quit: "Q".into(),
+        ..KeysConfig::default()
+    };
+    let mut app = App::with_keys(Palette::Mono, Keymap::from_config(&keys));
+    app.on_telemetry(started());
+    app.on_telemetry(Telemetry::Phase(Phase::Crafting));
+    app.on_telemetry(step(0, 1.0));
+    assert_eq!(app.on_key(key(KeyCode::Char(' '))), vec![]);
+    assert_eq!(app.on_key(key(KeyCode::Char('x'))), vec![Command::Pause]);
+    assert!(app.footer().starts_with("x pause"), "{}", app.footer());
+    assert!(app.footer().contains("V victims"));
+    // q is not quit any more; Q is.
+    app.on_key(key(KeyCode::Char('q')));
+    assert!(app.popup.is_none());
+    app.on_key(key(KeyCode::Char('Q')));
+    assert!(matches!(app.popup, Some(Popup::Quit { .. })));
+    app.on_key(key(KeyCode::Esc));
+    app.on_key(key(KeyCode::Char('?')));
+    let screen = text(&render(&app, 80, 24));
+    assert!(screen.contains("x          pause / resume"), "{screen}");
+    assert!(screen.contains("V          victims"), "{screen}");
+}
+
+#[test]
+fn bad_key_bindings_are_refused_naming_the_field() {
+    let mut c = Config::default();
+    c.keys.export = "p".into(); // params already has p
+    let e = c.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("keys.export") && e.contains("keys.params"),
+        "{e}"
+    );
+    let mut c = Config::default();
+    c.keys.help = "F1".into();
+    let e = c.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("keys.help") && e.contains("one printable character"),
+        "{e}"
+    );
+    let parsed = metapoison::config::Config::from_toml_str(
+        "[keys]\npause = \"z\"\n",
+        std::path::Path::new("k.toml"),
+    )
+    .unwrap();
+    assert_eq!(parsed.keys.pause, "z");
+}
+
+#[test]
+fn v_starts_one_evaluation_and_its_result_reaches_the_header() {
+    use metapoison::victim::eval::{summarise, EvalReport, Trial};
+    let mut app = app_with_steps(Palette::Mono);
+    assert_eq!(
+        app.on_key(key(KeyCode::Char('v'))),
+        vec![Command::Evaluate { trials: None }]
+    );
+    // A second press while it runs sends nothing.
+    assert_eq!(app.on_key(key(KeyCode::Char('v'))), vec![]);
+    assert!(text(&render(&app, 160, 48)).contains("victims: training..."));
+    let t = |arm: &str, success: bool, acc: f64| Trial {
+        arm: arm.into(),
+        seed: 1,
+        predicted: vec![if success { 0 } else { 6 }],
+        target_probs: vec![vec![0.1; 10]],
+        success: vec![success],
+        clean_accuracy: acc,
+        seconds: 1.0,
+    };
+    let trials = vec![
+        t("poisoned", true, 0.851),
+        t("control", false, 0.855),
+        t("poisoned", false, 0.853),
+        t("control", false, 0.857),
+    ];
+    let pick = |arm: &str| trials.iter().filter(|x| x.arm == arm).collect::<Vec<_>>();
+    let report = EvalReport {
+        export: "/runs/test/export-step-0004".into(),
+        victim_net: "convnet-bn".into(),
+        surrogate_net: "convnet-bn".into(),
+        setting: "gray-box".into(),
+        epochs: 12,
+        protocol: None,
+        poisons_used: 200,
+        adversarial: vec![0],
+        poisoned: summarise(&pick("poisoned")),
+        control: summarise(&pick("control")),
+        trials: trials.clone(),
+    };
+    app.on_telemetry(Telemetry::Evaluation(Box::new(report)));
+    let screen = text(&render(&app, 160, 48));
+    assert!(
+        screen.contains("victims 1/2 flipped (control 0/2), acc 85.2%/85.6%"),
+        "{screen}"
+    );
+    // Finished runs keep export and evaluation; quitting lets the lingering engine go.
+    app.on_telemetry(Telemetry::Phase(Phase::Done));
+    assert!(app.footer().contains("v victims"));
+    assert_eq!(
+        app.on_key(key(KeyCode::Char('v'))),
+        vec![Command::Evaluate { trials: None }]
+    );
+    assert_eq!(app.on_key(key(KeyCode::Char('q'))), vec![Command::Abort]);
+    assert!(app.quit);
+}

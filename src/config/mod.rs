@@ -19,6 +19,74 @@ pub struct Config {
     pub surrogate: TrainConfig,
     pub victim: VictimConfig,
     pub run: RunConfig,
+    pub keys: KeysConfig,
+}
+
+/// The dashboard's keys: one character each, or "space".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeysConfig {
+    pub pause: String,
+    pub params: String,
+    pub checkpoint: String,
+    pub export: String,
+    pub evaluate: String,
+    pub help: String,
+    pub log_scale: String,
+    pub ascii: String,
+    pub next_poison: String,
+    pub prev_poison: String,
+    pub quit: String,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        let k = |s: &str| s.to_string();
+        KeysConfig {
+            pause: k("space"),
+            params: k("p"),
+            checkpoint: k("c"),
+            export: k("e"),
+            evaluate: k("v"),
+            help: k("?"),
+            log_scale: k("g"),
+            ascii: k("a"),
+            next_poison: k("]"),
+            prev_poison: k("["),
+            quit: k("q"),
+        }
+    }
+}
+
+impl KeysConfig {
+    /// Every binding with its config field name, in display order.
+    pub fn bindings(&self) -> [(&'static str, &str); 11] {
+        [
+            ("keys.pause", &self.pause),
+            ("keys.params", &self.params),
+            ("keys.checkpoint", &self.checkpoint),
+            ("keys.export", &self.export),
+            ("keys.evaluate", &self.evaluate),
+            ("keys.help", &self.help),
+            ("keys.log_scale", &self.log_scale),
+            ("keys.ascii", &self.ascii),
+            ("keys.next_poison", &self.next_poison),
+            ("keys.prev_poison", &self.prev_poison),
+            ("keys.quit", &self.quit),
+        ]
+    }
+
+    /// The character a binding stands for ("space" is ' '); None if it is not one character.
+    pub fn key_char(binding: &str) -> Option<char> {
+        if binding == "space" {
+            return Some(' ');
+        }
+        let mut chars = binding.chars();
+        match (chars.next(), chars.next()) {
+            (Some(c), None) if !c.is_control() && !c.is_whitespace() => Some(c),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -77,6 +77,24 @@ fn train(prefix: &'static [&'static str; 5], t: &TrainConfig) -> Result<(), Conf
 
 impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut seen: Vec<(char, &'static str)> = Vec::new();
+        for (field, binding) in self.keys.bindings() {
+            let Some(c) = crate::config::KeysConfig::key_char(binding) else {
+                return Err(invalid(
+                    field,
+                    format!("{binding:?}"),
+                    "must be one printable character or \"space\"",
+                ));
+            };
+            if let Some((_, other)) = seen.iter().find(|(k, _)| *k == c) {
+                return Err(invalid(
+                    field,
+                    format!("{binding:?}"),
+                    format!("is already bound to {other}; choose another key"),
+                ));
+            }
+            seen.push((c, field));
+        }
         let th = &self.threat;
         class_id("threat.target_class", &th.target_class)?;
         class_id("threat.poison_class", &th.poison_class)?;

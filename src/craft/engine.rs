@@ -26,6 +26,9 @@ pub struct EngineSetup {
     pub resume: bool,
     /// Set by signal handlers: checkpoint at the next step boundary and stop.
     pub stop: Arc<AtomicBool>,
+    /// After the last step, keep serving export and evaluation commands until told to stop
+    /// (or the controller goes away): what a dashboard wants. Headless runs end instead.
+    pub linger: bool,
 }
 
 pub struct EngineHandle {
@@ -75,6 +78,10 @@ struct Session<'a> {
     paused: bool,
     /// Events already sent out.
     events_sent: usize,
+    /// The folder of the last successful export of this session.
+    latest_export: Option<PathBuf>,
+    /// Set while a victim evaluation runs on its own thread.
+    evaluating: Arc<AtomicBool>,
 }
 
 impl Session<'_> {
@@ -200,23 +207,158 @@ impl Session<'_> {
             },
             Command::Preview { slot } => self.preview(slot),
             Command::ExportNow { formats } => {
-                self.checkpoint()?;
-                let outcome = crate::export::Formats::parse(&formats).and_then(|formats| {
-                    crate::export::export(&crate::export::ExportRequest {
-                        run_dir: self.setup.run_dir.clone(),
-                        step: None,
-                        out: None,
-                        formats,
-                        force: false,
-                    })
-                });
-                match outcome {
-                    Ok(dir) => self.event("export", format!("exported to {}", dir.display())),
-                    Err(e) => self.event("export_failed", e),
-                }
+                self.export(&formats)?;
             }
+            Command::Evaluate { trials } => self.start_evaluation(trials)?,
         }
         Ok(true)
+    }
+
+    /// Checkpoints, then exports the current poisons; the folder, or None if it failed (the
+    /// failure is reported as an event).
+    fn export(&mut self, formats: &str) -> Result<Option<PathBuf>, String> {
+        self.checkpoint()?;
+        let step = self.crafter.step;
+        let out = self.setup.run_dir.join(format!("export-step-{step:04}"));
+        // Exporting the same step twice (e.g. before an evaluation) replaces the folder.
+        let outcome = crate::export::Formats::parse(formats).and_then(|formats| {
+            crate::export::export(&crate::export::ExportRequest {
+                run_dir: self.setup.run_dir.clone(),
+                step: None,
+                out: Some(out),
+                formats,
+                force: true,
+            })
+        });
+        match outcome {
+            Ok(dir) => {
+                self.event("export", format!("exported to {}", dir.display()));
+                self.latest_export = Some(dir.clone());
+                Ok(Some(dir))
+            }
+            Err(e) => {
+                self.event("export_failed", e);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Starts victims training on the latest export (made now if there is none) on a
+    /// thread of their own; crafting goes on meanwhile.
+    fn start_evaluation(&mut self, trials: Option<usize>) -> Result<(), String> {
+        if self.evaluating.load(Ordering::SeqCst) {
+            self.event(
+                "rejected",
+                "an evaluation is already running: wait for its result".into(),
+            );
+            return Ok(());
+        }
+        let dir = match self
+            .latest_export
+            .clone()
+            .filter(|d| d.join("poisons.npz").exists())
+        {
+            Some(d) => d,
+            None => match self.export("npz")? {
+                Some(d) => d,
+                None => return Ok(()),
+            },
+        };
+        let victim = self.crafter.config.victim.clone();
+        let plan = crate::victim::eval::EvalPlan {
+            trials: trials.unwrap_or(victim.trials).max(1),
+            victim,
+            control: true,
+            save_weights: false,
+            first_poisons: None,
+        };
+        self.event(
+            "evaluation",
+            format!(
+                "training {} poisoned + {} control {} victims ({} epochs) on {}",
+                plan.trials,
+                plan.trials,
+                plan.victim.net.name(),
+                plan.victim.epochs,
+                dir.display()
+            ),
+        );
+        let out = self.out.clone();
+        let device = self.setup.device;
+        let step = self.crafter.step;
+        let busy = self.evaluating.clone();
+        busy.store(true, Ordering::SeqCst);
+        let spawned = std::thread::Builder::new()
+            .name("evaluation".into())
+            .spawn(move || {
+                let note = |kind: &str, message: String| {
+                    let _ = out.send(Telemetry::Event(Event {
+                        step,
+                        kind: kind.into(),
+                        message,
+                    }));
+                };
+                let result = crate::victim::eval::evaluate(&dir, &plan, device, |p| {
+                    note(
+                        "evaluation",
+                        format!(
+                            "victim {}/{} ({}): target -> {:?}, clean accuracy {:.1}%",
+                            p.done,
+                            p.total,
+                            p.trial.arm,
+                            p.trial.predicted,
+                            p.trial.clean_accuracy * 100.0
+                        ),
+                    );
+                    true
+                });
+                match result {
+                    Ok(report) => {
+                        note(
+                            "evaluation",
+                            format!(
+                                "done: poisoned {}/{} flipped, control {}/{}; clean accuracy {:.1}% vs {:.1}% ({})",
+                                report.poisoned.successes,
+                                report.poisoned.trials,
+                                report.control.successes,
+                                report.control.trials,
+                                report.poisoned.accuracy_mean * 100.0,
+                                report.control.accuracy_mean * 100.0,
+                                dir.join("eval.json").display()
+                            ),
+                        );
+                        let _ = out.send(Telemetry::Evaluation(Box::new(report)));
+                    }
+                    Err(e) => note("evaluation_failed", e),
+                }
+                busy.store(false, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            self.evaluating.store(false, Ordering::SeqCst);
+            self.event("evaluation_failed", format!("cannot start a thread: {e}"));
+        }
+        Ok(())
+    }
+
+    /// After the last step (with `linger`): serve exports, evaluations and previews until a
+    /// stop, an abort or the controller's departure.
+    fn serve_finished(&mut self, rx: &Receiver<Command>) -> Result<(), String> {
+        while let Ok(cmd) = rx.recv() {
+            match cmd {
+                Command::Stop | Command::Abort => break,
+                Command::ExportNow { .. }
+                | Command::Evaluate { .. }
+                | Command::Preview { .. }
+                | Command::CheckpointNow => {
+                    self.apply(cmd)?;
+                }
+                other => self.event(
+                    "rejected",
+                    format!("the run is finished: {other:?} does nothing now"),
+                ),
+            }
+        }
+        Ok(())
     }
 
     /// Handles pending commands; while paused, waits for them. Returns false to stop.
@@ -308,6 +450,8 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Sender<Telemetry>) -> Re
         setup: &setup,
         out,
         paused: false,
+        latest_export: None,
+        evaluating: Arc::new(AtomicBool::new(false)),
     };
     for note in session.crafter.plan.notes.clone() {
         session.send(Telemetry::Event(Event {
@@ -393,5 +537,8 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Sender<Telemetry>) -> Re
         steps_done: session.crafter.step,
         run_dir: setup.run_dir.display().to_string(),
     });
+    if setup.linger {
+        session.serve_finished(&rx)?;
+    }
     Ok(())
 }

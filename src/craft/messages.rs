@@ -36,6 +36,12 @@ pub enum Command {
     ExportNow {
         formats: String,
     },
+    /// Train victims on the latest export of this session (exporting poisons.npz first if
+    /// there is none) on a background thread, with the config's victim protocol; `trials`
+    /// overrides victim.trials. Progress comes back as events, the result as `Evaluation`.
+    Evaluate {
+        trials: Option<usize>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -131,4 +137,7 @@ pub enum Telemetry {
         steps_done: usize,
         run_dir: String,
     },
+    /// A victim evaluation asked for with `Command::Evaluate` has finished (also written to
+    /// EXPORT/eval.json).
+    Evaluation(Box<crate::victim::eval::EvalReport>),
 }

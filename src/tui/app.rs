@@ -1,6 +1,7 @@
 //! Dashboard state and key handling. Pure: telemetry in, commands out, no terminal and no
 //! libtorch, so it is tested with synthetic keys and recorded telemetry.
 
+use crate::config::KeysConfig;
 use crate::craft::crafter::LiveSettings;
 use crate::craft::messages::{Command, Phase, Preview, StepReport, Telemetry};
 use crate::telemetry::SystemSample;
@@ -64,6 +65,83 @@ pub enum Popup {
     },
 }
 
+/// What a key on the main screen does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Pause,
+    Params,
+    Checkpoint,
+    Export,
+    Evaluate,
+    Help,
+    LogScale,
+    Ascii,
+    NextPoison,
+    PrevPoison,
+    Quit,
+}
+
+/// The main screen's key bindings (config section `[keys]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Keymap {
+    bindings: Vec<(char, Action)>,
+}
+
+impl Keymap {
+    /// From a validated config section (an unusable binding falls back to its default).
+    pub fn from_config(k: &KeysConfig) -> Keymap {
+        use Action::*;
+        let defaults = KeysConfig::default();
+        let actions = [
+            Pause, Params, Checkpoint, Export, Evaluate, Help, LogScale, Ascii, NextPoison,
+            PrevPoison, Quit,
+        ];
+        let bindings = k
+            .bindings()
+            .iter()
+            .zip(defaults.bindings())
+            .zip(actions)
+            .map(|(((_, b), (_, d)), a)| {
+                let c = KeysConfig::key_char(b)
+                    .or_else(|| KeysConfig::key_char(d))
+                    .unwrap_or(' ');
+                (c, a)
+            })
+            .collect();
+        Keymap { bindings }
+    }
+
+    pub fn action(&self, c: char) -> Option<Action> {
+        self.bindings.iter().find(|(k, _)| *k == c).map(|(_, a)| *a)
+    }
+
+    /// How the key of `action` is shown ("Space" for the space bar).
+    pub fn label(&self, action: Action) -> String {
+        match self.bindings.iter().find(|(_, a)| *a == action) {
+            Some((' ', _)) => "Space".into(),
+            Some((c, _)) => c.to_string(),
+            None => "-".into(),
+        }
+    }
+}
+
+impl Default for Keymap {
+    fn default() -> Self {
+        Keymap::from_config(&KeysConfig::default())
+    }
+}
+
+/// The result of the last victim evaluation, for the header.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VictimResult {
+    pub flipped: usize,
+    pub trials: usize,
+    pub control_flipped: usize,
+    pub control_trials: usize,
+    pub accuracy: f64,
+    pub control_accuracy: f64,
+}
+
 /// The engine's live settings as last reported.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Live {
@@ -98,6 +176,10 @@ pub struct App {
     /// Elapsed seconds of crafting (sum of step times) for the header.
     pub elapsed: f64,
     pub dirty: bool,
+    pub keys: Keymap,
+    /// A victim evaluation asked for from here is running.
+    pub evaluating: bool,
+    pub victims: Option<VictimResult>,
 }
 
 const EVENT_LINES: usize = 200;
@@ -133,6 +215,17 @@ impl App {
             quit: false,
             elapsed: 0.0,
             dirty: true,
+            keys: Keymap::default(),
+            evaluating: false,
+            victims: None,
+        }
+    }
+
+    /// An empty dashboard with these key bindings.
+    pub fn with_keys(palette: Palette, keys: Keymap) -> App {
+        App {
+            keys,
+            ..App::new(palette)
         }
     }
 
@@ -213,6 +306,9 @@ impl App {
                         self.live.outer_lr = v;
                     }
                 }
+                if e.kind == "evaluation_failed" {
+                    self.evaluating = false;
+                }
                 self.log(format!("[{}] {}: {}", e.step, e.kind, e.message));
             }
             Telemetry::Preview(p) => {
@@ -227,6 +323,17 @@ impl App {
                 steps_done,
                 run_dir,
             } => self.log(format!("finished {steps_done} steps: {run_dir}")),
+            Telemetry::Evaluation(r) => {
+                self.evaluating = false;
+                self.victims = Some(VictimResult {
+                    flipped: r.poisoned.successes,
+                    trials: r.poisoned.trials,
+                    control_flipped: r.control.successes,
+                    control_trials: r.control.trials,
+                    accuracy: r.poisoned.accuracy_mean,
+                    control_accuracy: r.control.accuracy_mean,
+                });
+            }
         }
     }
 
@@ -320,52 +427,78 @@ impl App {
             },
             None => {
                 let finished = matches!(self.phase, Phase::Done | Phase::Failed { .. });
-                if finished && (ctrl_c || key.code == KeyCode::Char('q')) {
-                    self.quit = true;
-                    return vec![];
-                }
-                if ctrl_c || key.code == KeyCode::Char('q') {
+                let action = match key.code {
+                    KeyCode::Char(c) if !key.modifiers.contains(KeyModifiers::CONTROL) => self
+                        .keys
+                        .action(c)
+                        // vim-style aliases where they are not bound to something else
+                        .or(match c {
+                            'l' => Some(Action::NextPoison),
+                            'h' => Some(Action::PrevPoison),
+                            _ => None,
+                        }),
+                    KeyCode::Right => Some(Action::NextPoison),
+                    KeyCode::Left => Some(Action::PrevPoison),
+                    _ => None,
+                };
+                if ctrl_c || action == Some(Action::Quit) {
+                    if finished {
+                        // Nothing left to checkpoint: let a lingering engine go, and leave.
+                        self.quit = true;
+                        return vec![Command::Abort];
+                    }
                     self.popup = Some(Popup::Quit { selected: 0 });
                     return vec![];
                 }
-                match key.code {
-                    KeyCode::Char(' ') => match self.phase {
+                let Some(action) = action else {
+                    return vec![];
+                };
+                match action {
+                    Action::Pause => match self.phase {
                         Phase::Paused => vec![Command::Resume],
                         Phase::Done | Phase::Failed { .. } => vec![],
                         _ => vec![Command::Pause],
                     },
-                    KeyCode::Char('p') => {
+                    Action::Params if !finished => {
                         self.popup = Some(Popup::Params(self.params_form()));
                         vec![]
                     }
-                    KeyCode::Char('c') => vec![Command::CheckpointNow],
-                    KeyCode::Char('e') => {
+                    Action::Checkpoint if !finished => vec![Command::CheckpointNow],
+                    Action::Export if !matches!(self.phase, Phase::Failed { .. }) => {
                         self.popup = Some(Popup::Export {
                             selected: 0,
                             parts: [true; 4],
                         });
                         vec![]
                     }
-                    KeyCode::Char('?') => {
+                    Action::Evaluate => {
+                        if matches!(self.phase, Phase::Failed { .. }) {
+                            vec![]
+                        } else if self.evaluating {
+                            self.log("an evaluation is already running".into());
+                            vec![]
+                        } else {
+                            self.evaluating = true;
+                            self.log("evaluating: training victims on the latest export...".into());
+                            vec![Command::Evaluate { trials: None }]
+                        }
+                    }
+                    Action::Help => {
                         self.popup = Some(Popup::Help);
                         vec![]
                     }
-                    KeyCode::Char('g') => {
+                    Action::LogScale => {
                         self.log_scale = !self.log_scale;
                         vec![]
                     }
-                    KeyCode::Char('a') => {
+                    Action::Ascii => {
                         self.ascii = !self.ascii;
                         vec![]
                     }
-                    KeyCode::Right | KeyCode::Char(']') | KeyCode::Char('l')
-                        if self.poison_count > 0 =>
-                    {
+                    Action::NextPoison if self.poison_count > 0 => {
                         self.select_slot((self.slot + 1) % self.poison_count)
                     }
-                    KeyCode::Left | KeyCode::Char('[') | KeyCode::Char('h')
-                        if self.poison_count > 0 =>
-                    {
+                    Action::PrevPoison if self.poison_count > 0 => {
                         self.select_slot((self.slot + self.poison_count - 1) % self.poison_count)
                     }
                     _ => vec![],
@@ -480,23 +613,89 @@ impl App {
     }
 
     /// The keys valid now, for the footer.
-    pub fn footer(&self) -> &'static str {
+    pub fn footer(&self) -> String {
+        let k = |a: Action| self.keys.label(a);
         match &self.popup {
-            Some(Popup::Help) => "any key: close help",
+            Some(Popup::Help) => "any key: close help".into(),
             Some(Popup::Quit { .. }) => {
-                "arrows choose  Enter confirm  c checkpoint+quit  q quit  Esc/n cancel"
+                "arrows choose  Enter confirm  c checkpoint+quit  q quit  Esc/n cancel".into()
             }
-            Some(Popup::Export { .. }) => "arrows choose  Space toggle  Enter export  Esc/q cancel",
+            Some(Popup::Export { .. }) => {
+                "arrows choose  Space toggle  Enter export  Esc/q cancel".into()
+            }
             Some(Popup::Params(_)) => {
-                "Tab/arrows field  +/- adjust  digits type  Enter apply  Esc/q cancel"
+                "Tab/arrows field  +/- adjust  digits type  Enter apply  Esc/q cancel".into()
             }
             None => match self.phase {
-                Phase::Paused => {
-                    "Space resume  p params  c checkpoint  e export  [ ] poison  ? help  q quit"
-                }
-                Phase::Done | Phase::Failed { .. } => "[ ] poison  a ascii  g log  ? help  q quit",
-                _ => "Space pause  p params  c checkpoint  e export  [ ] poison  ? help  q quit",
+                Phase::Done => format!(
+                    "{} export  {} victims  {} {} poison  {} ascii  {} log  {} help  {} quit",
+                    k(Action::Export),
+                    k(Action::Evaluate),
+                    k(Action::PrevPoison),
+                    k(Action::NextPoison),
+                    k(Action::Ascii),
+                    k(Action::LogScale),
+                    k(Action::Help),
+                    k(Action::Quit)
+                ),
+                Phase::Failed { .. } => format!(
+                    "{} {} poison  {} ascii  {} log  {} help  {} quit",
+                    k(Action::PrevPoison),
+                    k(Action::NextPoison),
+                    k(Action::Ascii),
+                    k(Action::LogScale),
+                    k(Action::Help),
+                    k(Action::Quit)
+                ),
+                _ => format!(
+                    "{} {}  {} params  {} ckpt  {} export  {} victims  {} {} poison  {} help  {} quit",
+                    k(Action::Pause),
+                    if self.phase == Phase::Paused { "resume" } else { "pause" },
+                    k(Action::Params),
+                    k(Action::Checkpoint),
+                    k(Action::Export),
+                    k(Action::Evaluate),
+                    k(Action::PrevPoison),
+                    k(Action::NextPoison),
+                    k(Action::Help),
+                    k(Action::Quit)
+                ),
             },
         }
+    }
+
+    /// The help overlay's lines, with the configured keys.
+    pub fn help_lines(&self) -> Vec<String> {
+        let k = |a: Action| self.keys.label(a);
+        vec![
+            format!(
+                "{:<10} pause / resume (between craft steps)",
+                k(Action::Pause)
+            ),
+            format!(
+                "{:<10} parameters: outer lr, inner lr, K",
+                k(Action::Params)
+            ),
+            format!("{:<10} checkpoint now", k(Action::Checkpoint)),
+            format!(
+                "{:<10} export menu (into RUN_DIR/export-step-NNNN)",
+                k(Action::Export)
+            ),
+            format!(
+                "{:<10} victims: train on the latest export, show the result",
+                k(Action::Evaluate)
+            ),
+            format!(
+                "{:<10} previous / next poison (also arrows, h l)",
+                format!("{} {}", k(Action::PrevPoison), k(Action::NextPoison))
+            ),
+            format!("{:<10} ASCII images on/off", k(Action::Ascii)),
+            format!("{:<10} loss chart: linear / symlog", k(Action::LogScale)),
+            format!(
+                "{:<10} quit (asks: checkpoint and quit / quit / cancel)",
+                format!("{}, Ctrl-c", k(Action::Quit))
+            ),
+            format!("{:<10} this help; any key closes it", k(Action::Help)),
+        ]
     }
 }

@@ -88,13 +88,26 @@ fn draw_header(frame: &mut Frame, app: &App, area: Rect) {
         .and_then(|r| r.target_fooled.first())
         .map(|f| format!("  surrogates fooled {:.0}%", f * 100.0))
         .unwrap_or_default();
+    let victims = match (&app.victims, app.evaluating) {
+        (_, true) => "  victims: training...".to_string(),
+        (Some(v), false) => format!(
+            "  victims {}/{} flipped (control {}/{}), acc {:.1}%/{:.1}%",
+            v.flipped,
+            v.trials,
+            v.control_flipped,
+            v.control_trials,
+            v.accuracy * 100.0,
+            v.control_accuracy * 100.0
+        ),
+        (None, false) => String::new(),
+    };
     let line1 = Line::from(vec![
         Span::styled(
             format!(" {} ", phase_text(app)),
             accent(app, Color::Yellow).add_modifier(Modifier::BOLD),
         ),
         Span::raw(format!(
-            " step {step}/{}  elapsed {}  ETA {eta}{fooled}  {}",
+            " step {step}/{}  elapsed {}  ETA {eta}{fooled}{victims}  {}",
             app.total_steps,
             crate::cli::format_duration(app.elapsed),
             if app.device.is_empty() {
@@ -414,22 +427,9 @@ fn draw_popup(frame: &mut Frame, app: &App, popup: &Popup, area: Rect) {
     let (title, lines, w, h): (&str, Vec<Line>, u16, u16) = match popup {
         Popup::Help => (
             " help ",
-            [
-                "Space      pause / resume (between craft steps)",
-                "p          parameters: outer lr, inner lr, K",
-                "c          checkpoint now",
-                "e          export menu (into RUN_DIR/export-step-NNNN)",
-                "[ ] or h l previous / next poison preview",
-                "a          ASCII images on/off",
-                "g          loss chart: linear / symlog",
-                "q, Ctrl-c  quit (asks: checkpoint and quit / quit / cancel)",
-                "?          this help; any key closes it",
-            ]
-            .into_iter()
-            .map(Line::from)
-            .collect(),
-            60,
-            11,
+            app.help_lines().into_iter().map(Line::from).collect(),
+            66,
+            12,
         ),
         Popup::Export { selected: s, parts } => {
             let mut lines: Vec<Line> = EXPORT_PARTS

@@ -46,16 +46,20 @@ const FRAME: Duration = Duration::from_millis(100);
 
 /// Runs the dashboard until the user quits (and, with an engine, until it has stopped).
 /// Returns the engine's result.
-pub fn run(source: Source) -> Result<(), String> {
+pub fn run(source: Source, keys: app::Keymap) -> Result<(), String> {
     let mut terminal =
         ratatui::try_init().map_err(|e| format!("cannot set up the terminal: {e}"))?;
-    let result = run_loop(&mut terminal, source);
+    let result = run_loop(&mut terminal, source, keys);
     ratatui::restore();
     result
 }
 
-fn run_loop(terminal: &mut ratatui::DefaultTerminal, source: Source) -> Result<(), String> {
-    let mut app = App::new(Palette::detect());
+fn run_loop(
+    terminal: &mut ratatui::DefaultTerminal,
+    source: Source,
+    keys: app::Keymap,
+) -> Result<(), String> {
+    let mut app = App::with_keys(Palette::detect(), keys);
     let (sys_tx, sys_rx) = mpsc::channel::<SystemSample>();
     spawn_sampler(sys_tx, Duration::from_secs(1));
     let (engine, mut replay) = match source {

@@ -38,7 +38,7 @@ pub struct ArmSummary {
     pub accuracy_std: f64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EvalReport {
     pub export: String,
     pub victim_net: String,

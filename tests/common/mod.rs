@@ -40,6 +40,7 @@ pub fn craft_to_end(config: &Config, dir: &Path) {
         run_dir: dir.to_path_buf(),
         resume: false,
         stop: Arc::new(AtomicBool::new(false)),
+        linger: false,
     });
     for t in handle.telemetry.iter() {
         if let Telemetry::Phase(Phase::Failed { message }) = t {
