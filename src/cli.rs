@@ -184,7 +184,7 @@ pub fn main() -> std::process::ExitCode {
         Err(e) => {
             let msg = format!("{e:#}");
             tracing::error!("{msg}");
-            eprintln!("error: {msg}");
+            let _ = writeln!(std::io::stderr(), "error: {msg}");
             std::process::ExitCode::FAILURE
         }
     }
@@ -377,15 +377,15 @@ fn start_engine(
     Ok((handle, run_dir))
 }
 
-/// SIGINT, SIGTERM and SIGHUP set `stop` (the engine checkpoints and stops); a second signal
-/// while the first is being handled ends the process at once.
+/// SIGINT, SIGTERM and SIGHUP set `stop` (the engine checkpoints and stops). A second SIGINT
+/// or SIGTERM while the first is being handled ends the process at once (an impatient user);
+/// SIGHUP never does, because a dropped SSH session often delivers it twice.
 pub(crate) fn watch_signals(stop: &Arc<AtomicBool>) -> Result<()> {
-    for sig in [
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGHUP,
-    ] {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    for sig in [SIGINT, SIGTERM] {
         signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())?;
+    }
+    for sig in [SIGINT, SIGTERM, SIGHUP] {
         signal_hook::flag::register(sig, stop.clone())?;
     }
     Ok(())
@@ -438,7 +438,8 @@ fn craft(config_path: Option<&Path>, paths: &Paths, args: RunArgs) -> Result<()>
         eprintln!();
     }
     handle.join().map_err(anyhow::Error::msg)?;
-    eprintln!("run folder: {}", run_dir.display());
+    // stderr may be a terminal that went away (SSH drop): never panic on it.
+    let _ = writeln!(std::io::stderr(), "run folder: {}", run_dir.display());
     Ok(())
 }
 
@@ -465,7 +466,7 @@ pub(crate) fn progress_line(t: &Telemetry) {
         ),
         _ => return,
     };
-    eprint!("\r\x1b[2K{line}");
+    let _ = write!(std::io::stderr(), "\r\x1b[2K{line}");
 }
 
 pub fn format_duration(secs: f64) -> String {
@@ -751,7 +752,8 @@ fn tui(
     }
     let (handle, run_dir) = start_engine(config_path, paths, run, true)?;
     crate::tui::run(crate::tui::Source::Engine(handle), keys).map_err(anyhow::Error::msg)?;
-    eprintln!("run folder: {}", run_dir.display());
+    // stderr may be a terminal that went away (SSH drop): never panic on it.
+    let _ = writeln!(std::io::stderr(), "run folder: {}", run_dir.display());
     Ok(())
 }
 

@@ -1,6 +1,8 @@
 //! The real binary in a real terminal (tmux, TERM=screen-256color, NO_COLOR=1): the dashboard
-//! comes up on a tiny crafting run, Space pauses it, the quit dialog checkpoints and exits, and
-//! the terminal is handed back. Skipped (with a message) where tmux is not installed.
+//! comes up on a tiny crafting run, Space pauses it, the parameters popup changes the outer
+//! step size (logged, applied at the next step), Space resumes, the export menu writes a folder
+//! that passes `export --verify`, `v` trains victims on it, the quit dialog checkpoints and
+//! exits, and the terminal is handed back. Skipped (with a message) where tmux is not installed.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -58,7 +60,7 @@ fn dashboard_in_tmux_pauses_checkpoints_and_quits() {
     let config = tmp.path().join("tiny.toml");
     std::fs::write(
         &config,
-        "[data]\ntrain_limit = 300\n[threat]\nnpoison = 10\n[craft]\nsteps = 40\nunroll_steps = 1\nensemble_size = 1\nstagger = 1\nmeta_batch_fraction = 1.0\n[surrogate]\nbatch_size = 50\n[run]\ncheckpoint_every = 0\n",
+        "[data]\ntrain_limit = 300\n[threat]\nnpoison = 10\n[craft]\nsteps = 400\nunroll_steps = 1\nensemble_size = 1\nstagger = 1\nmeta_batch_fraction = 1.0\n[surrogate]\nbatch_size = 50\n[victim]\nepochs = 1\nbatch_size = 50\n[run]\ncheckpoint_every = 0\n",
     )
     .unwrap();
     let run_dir = tmp.path().join("run");
@@ -83,7 +85,7 @@ fn dashboard_in_tmux_pauses_checkpoints_and_quits() {
         "30",
         &cmd,
     ]);
-    let s = tmux.wait_for("step 2/40", 120);
+    let s = tmux.wait_for("step 2/400", 120);
     assert!(
         s.contains("Shirt -> T-shirt/top") && (s.contains("no NVIDIA GPU") || s.contains("GPU0")),
         "{s}"
@@ -94,6 +96,46 @@ fn dashboard_in_tmux_pauses_checkpoints_and_quits() {
     assert!(s.contains("pause: paused between steps"), "{s}");
     // ASCII previews under NO_COLOR: no half-block characters anywhere.
     assert!(!s.contains('▀'), "{s}");
+    // A live step-size change: outer lr 200 -> 50 in the parameters popup.
+    tmux.run(&["send-keys", "-t", "e2e", "p"]);
+    tmux.wait_for("outer", 10);
+    for _ in 0..6 {
+        tmux.run(&["send-keys", "-t", "e2e", "BSpace"]);
+    }
+    tmux.run(&["send-keys", "-t", "e2e", "50", "Enter"]);
+    tmux.wait_for("outer lr 200 -> 50", 20);
+    tmux.run(&["send-keys", "-t", "e2e", " "]);
+    tmux.wait_for("resume: resumed", 20);
+    // The export menu, all parts, into RUN_DIR/export-step-NNNN.
+    tmux.run(&["send-keys", "-t", "e2e", "e"]);
+    tmux.wait_for("contact sheet", 10);
+    tmux.run(&["send-keys", "-t", "e2e", "Enter"]);
+    let s = tmux.wait_for("exported to", 60);
+    let export = std::fs::read_dir(&run_dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("export-step-"))
+        })
+        .unwrap_or_else(|| panic!("no export folder in {}: {s}", run_dir.display()));
+    let verify = Command::new(env!("CARGO_BIN_EXE_metapoison"))
+        .arg("export")
+        .arg("--verify")
+        .arg(&export)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("verdict      OK"));
+    // Victims on the latest export, in the background; the result reaches the header.
+    tmux.run(&["send-keys", "-t", "e2e", "v"]);
+    tmux.wait_for("flipped (control", 120);
+    assert!(export.join("eval.json").exists());
     tmux.run(&["send-keys", "-t", "e2e", "q"]);
     tmux.wait_for("checkpoint and quit", 10);
     tmux.run(&["send-keys", "-t", "e2e", "Enter"]);
@@ -105,13 +147,126 @@ fn dashboard_in_tmux_pauses_checkpoints_and_quits() {
     );
     let saved = metapoison::craft::checkpoint::load(&run_dir).unwrap();
     assert!(
-        saved.state.step >= 2 && saved.state.step < 40,
+        saved.state.step >= 2 && saved.state.step < 400,
         "stopped at step {}",
         saved.state.step
     );
     let kinds: Vec<&str> = saved.state.events.iter().map(|e| e.kind.as_str()).collect();
+    for kind in ["pause", "set_outer_lr", "resume", "export", "stop"] {
+        assert!(kinds.contains(&kind), "{kind} missing from {kinds:?}");
+    }
+    // The new step size took effect at the step after the change.
+    let change = saved
+        .state
+        .events
+        .iter()
+        .find(|e| e.kind == "set_outer_lr")
+        .unwrap();
+    let after: Vec<f64> = saved
+        .state
+        .history
+        .iter()
+        .filter(|r| r.step >= change.step)
+        .map(|r| r.outer_lr)
+        .collect();
+    let before: Vec<f64> = saved
+        .state
+        .history
+        .iter()
+        .filter(|r| r.step < change.step)
+        .map(|r| r.outer_lr)
+        .collect();
+    assert!(!after.is_empty() && !before.is_empty());
+    // The schedule (warm-up, drops) multiplies the base: the ratio is the change, 50/200.
+    let (b, a) = (before.last().unwrap(), after.first().unwrap());
+    let warm = |step: usize| metapoison::craft::schedule::outer_lr(1.0, step, 5, &[20, 40], 0.1);
+    let sb = saved
+        .state
+        .history
+        .iter()
+        .rfind(|r| r.step < change.step)
+        .unwrap()
+        .step;
+    let sa = change.step;
     assert!(
-        kinds.contains(&"pause") && kinds.contains(&"stop"),
-        "{kinds:?}"
+        ((a / warm(sa)) / (b / warm(sb)) - 0.25).abs() < 1e-9,
+        "outer lr {b} at step {sb} -> {a} at step {sa}"
+    );
+}
+
+/// Whether a process whose command line contains `needle` is still running.
+fn running(needle: &str) -> bool {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .any(|c| {
+            let c = String::from_utf8_lossy(&c);
+            c.contains(needle) && !c.contains("tmux")
+        })
+}
+
+#[test]
+fn an_ssh_drop_checkpoints_and_the_process_exits() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        eprintln!("skipped: tmux is not installed");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("tiny.toml");
+    std::fs::write(
+        &config,
+        "[data]\ntrain_limit = 300\n[threat]\nnpoison = 10\n[craft]\nsteps = 400\nunroll_steps = 1\nensemble_size = 1\nstagger = 1\nmeta_batch_fraction = 1.0\n[surrogate]\nbatch_size = 50\n[run]\ncheckpoint_every = 0\n",
+    )
+    .unwrap();
+    let run_dir = tmp.path().join("drop-run");
+    let cmd = format!(
+        "TERM=screen-256color {} --data-dir {} --config {} tui --run-dir {}",
+        env!("CARGO_BIN_EXE_metapoison"),
+        tmp.path().display(),
+        config.display(),
+        run_dir.display()
+    );
+    let tmux = Tmux {
+        socket: format!("metapoison-drop-{}", std::process::id()),
+    };
+    tmux.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "e2e",
+        "-x",
+        "100",
+        "-y",
+        "30",
+        &cmd,
+    ]);
+    tmux.wait_for("step 2/400", 120);
+    let needle = run_dir.display().to_string();
+    assert!(
+        running(&needle),
+        "the dashboard process is not visible in /proc"
+    );
+    // The terminal disappears: the pane's processes get SIGHUP.
+    tmux.run(&["kill-server"]);
+    let start = Instant::now();
+    while running(&needle) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the dashboard is still running 60 s after its terminal went away"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let saved = metapoison::craft::checkpoint::load(&run_dir).unwrap();
+    let log = std::fs::read_to_string(tmp.path().join("logs/metapoison.log")).unwrap_or_default();
+    assert!(
+        saved.state.step >= 2,
+        "checkpoint at step {}; log:\n{log}",
+        saved.state.step
+    );
+    assert!(
+        saved.state.events.iter().any(|e| e.kind == "signal"),
+        "{:?}",
+        saved.state.events
     );
 }

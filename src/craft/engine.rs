@@ -291,6 +291,11 @@ impl Session<'_> {
         let spawned = std::thread::Builder::new()
             .name("evaluation".into())
             .spawn(move || {
+                if device == Device::Cpu {
+                    // One CPU thread for the victims: two libtorch thread pools spinning on
+                    // the same cores slow both jobs down many times over.
+                    tch::set_num_threads(1);
+                }
                 let note = |kind: &str, message: String| {
                     let _ = out.send(Telemetry::Event(Event {
                         step,
@@ -343,7 +348,16 @@ impl Session<'_> {
     /// After the last step (with `linger`): serve exports, evaluations and previews until a
     /// stop, an abort or the controller's departure.
     fn serve_finished(&mut self, rx: &Receiver<Command>) -> Result<(), String> {
-        while let Ok(cmd) = rx.recv() {
+        loop {
+            if self.setup.stop.load(Ordering::SeqCst) {
+                self.event("signal", "termination signal: leaving".into());
+                return Ok(());
+            }
+            let cmd = match rx.recv_timeout(std::time::Duration::from_millis(200)) {
+                Ok(c) => c,
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+            };
             match cmd {
                 Command::Stop | Command::Abort => break,
                 Command::ExportNow { .. }

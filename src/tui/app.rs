@@ -179,6 +179,8 @@ pub struct App {
     pub keys: Keymap,
     /// A victim evaluation asked for from here is running.
     pub evaluating: bool,
+    /// The engine reported a termination signal (SIGHUP, SIGTERM, SIGINT): leave when it stops.
+    pub signalled: bool,
     pub victims: Option<VictimResult>,
 }
 
@@ -217,6 +219,7 @@ impl App {
             dirty: true,
             keys: Keymap::default(),
             evaluating: false,
+            signalled: false,
             victims: None,
         }
     }
@@ -308,6 +311,9 @@ impl App {
                 }
                 if e.kind == "evaluation_failed" {
                     self.evaluating = false;
+                }
+                if e.kind == "signal" {
+                    self.signalled = true;
                 }
                 self.log(format!("[{}] {}: {}", e.step, e.kind, e.message));
             }

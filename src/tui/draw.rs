@@ -31,7 +31,7 @@ pub fn draw(frame: &mut Frame, app: &App) {
         return;
     }
     let [header, body, footer] = Layout::vertical([
-        Constraint::Length(3),
+        Constraint::Length(4),
         Constraint::Min(10),
         Constraint::Length(1),
     ])
@@ -89,9 +89,9 @@ fn draw_header(frame: &mut Frame, app: &App, area: Rect) {
         .map(|f| format!("  surrogates fooled {:.0}%", f * 100.0))
         .unwrap_or_default();
     let victims = match (&app.victims, app.evaluating) {
-        (_, true) => "  victims: training...".to_string(),
+        (_, true) => "victims: training...  ".to_string(),
         (Some(v), false) => format!(
-            "  victims {}/{} flipped (control {}/{}), acc {:.1}%/{:.1}%",
+            "victims {}/{} flipped (control {}/{}), acc {:.1}%/{:.1}%  ",
             v.flipped,
             v.trials,
             v.control_flipped,
@@ -107,7 +107,7 @@ fn draw_header(frame: &mut Frame, app: &App, area: Rect) {
             accent(app, Color::Yellow).add_modifier(Modifier::BOLD),
         ),
         Span::raw(format!(
-            " step {step}/{}  elapsed {}  ETA {eta}{fooled}{victims}  {}",
+            " step {step}/{}  elapsed {}  ETA {eta}{fooled}  {}",
             app.total_steps,
             crate::cli::format_duration(app.elapsed),
             if app.device.is_empty() {
@@ -117,7 +117,13 @@ fn draw_header(frame: &mut Frame, app: &App, area: Rect) {
             }
         )),
     ]);
-    let line2 = Line::from(format!(" {}  run {}", app.summary, app.run_dir));
+    let line2 = Line::from(vec![
+        Span::styled(
+            format!(" {victims}"),
+            Style::default().add_modifier(Modifier::BOLD),
+        ),
+        Span::raw(format!("{}  run {}", app.summary, app.run_dir)),
+    ]);
     frame.render_widget(
         Paragraph::new(vec![line1, line2]).block(Block::bordered().title(" metapoison ")),
         area,

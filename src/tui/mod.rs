@@ -76,7 +76,22 @@ fn run_loop(
             }
         }
     };
+    // Keys come from a thread of their own: on a terminal that went away (an SSH drop)
+    // crossterm's read can spin without returning, and the loop must still see the engine stop.
+    let (key_tx, key_rx) = mpsc::channel::<Event>();
+    let _ = std::thread::Builder::new()
+        .name("input".into())
+        .spawn(move || {
+            while let Ok(ev) = event::read() {
+                if key_tx.send(ev).is_err() {
+                    break;
+                }
+            }
+        });
     let mut engine_gone = engine.is_none();
+    // The terminal went away (draws fail, no more keys): ask the engine to checkpoint and stop,
+    // and wait for it; nothing crafted is lost to an SSH drop.
+    let mut terminal_gone = false;
     let mut last_draw = Instant::now() - FRAME;
     let mut last_size = terminal.size().ok();
     let mut last_size_check = Instant::now();
@@ -108,21 +123,30 @@ fn run_loop(
         // The engine stopped by itself (a signal, a failure after its checkpoint, or the user's
         // quit): nothing is left to show. A finished run stays on screen until q.
         let finished = matches!(app.phase, crate::craft::messages::Phase::Done);
-        if engine_gone && (app.quit || (engine.is_some() && !finished)) {
+        if engine_gone
+            && (app.quit || terminal_gone || (engine.is_some() && (!finished || app.signalled)))
+        {
             break;
         }
         // Keys in.
-        if event::poll(FRAME / 2).map_err(|e| e.to_string())? {
-            match event::read().map_err(|e| e.to_string())? {
-                Event::Key(k) => {
-                    let cmds = app.on_key(k);
-                    send(cmds, &mut app);
-                    if app.quit && engine.is_none() {
-                        break;
-                    }
+        match key_rx.recv_timeout(FRAME / 2) {
+            Ok(Event::Key(k)) => {
+                let cmds = app.on_key(k);
+                send(cmds, &mut app);
+                if app.quit && engine.is_none() {
+                    break;
                 }
-                Event::Resize(_, _) => app.dirty = true,
-                _ => {}
+            }
+            Ok(Event::Resize(_, _)) => app.dirty = true,
+            Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) if engine.is_none() => break,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                // No more keys: the terminal is gone. Wait for the engine without spinning.
+                if !terminal_gone {
+                    terminal_gone = true;
+                    send(vec![Command::Stop], &mut app);
+                }
+                std::thread::sleep(FRAME / 2);
             }
         }
         // tmux does not always report a resize: look now and then.
@@ -134,11 +158,15 @@ fn run_loop(
             }
             last_size_check = Instant::now();
         }
-        if app.dirty && last_draw.elapsed() >= FRAME {
+        if app.dirty && last_draw.elapsed() >= FRAME && !terminal_gone {
             let _ = crossterm::execute!(std::io::stdout(), BeginSynchronizedUpdate);
-            terminal
-                .draw(|f| draw::draw(f, &app))
-                .map_err(|e| e.to_string())?;
+            if terminal.draw(|f| draw::draw(f, &app)).is_err() {
+                terminal_gone = true;
+                if engine.is_none() {
+                    break;
+                }
+                send(vec![Command::Stop], &mut app);
+            }
             let _ = crossterm::execute!(std::io::stdout(), EndSynchronizedUpdate);
             app.dirty = false;
             last_draw = Instant::now();
