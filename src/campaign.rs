@@ -218,27 +218,7 @@ fn choose_targets(config: &Config, args: &CampaignArgs) -> Result<Selection> {
     if args.count == 0 || args.suggest_victims == 0 {
         bail!("--count and --suggest-victims must be at least 1 (or give --targets)");
     }
-    let device = crate::cli::resolve_device(config)?;
-    let data = crate::data::load(&config.data)?;
-    let plan = crate::craft::plan::Plan::resolve(config, &data, device.is_cuda())
-        .map_err(anyhow::Error::msg)?;
-    let spec = crate::victim::VictimTraining::from_config(&config.victim);
-    eprintln!(
-        "choosing {} targets: training {} clean {} victim(s) for {} epochs",
-        args.count,
-        args.suggest_victims,
-        spec.net.name(),
-        spec.epochs
-    );
-    let s = crate::victim::targets::suggest(
-        &data,
-        &spec,
-        (plan.target_class, plan.adv_class),
-        args.suggest_victims,
-        config.run.seed,
-        device,
-        |v, n| eprintln!("clean victim {v}/{n} trained"),
-    );
+    let (s, _, _) = crate::cli::rank_targets(config, args.suggest_victims)?;
     let chosen: Vec<_> = s
         .candidates
         .into_iter()
@@ -252,8 +232,8 @@ fn choose_targets(config: &Config, args: &CampaignArgs) -> Result<Selection> {
         method: format!(
             "targets suggest: {} clean {} victims trained {} epochs; of the targets every victim classifies correctly, the {} with the smallest logit margin to the adversarial class",
             args.suggest_victims,
-            spec.net.name(),
-            spec.epochs,
+            config.victim.net.name(),
+            config.victim.epochs,
             chosen.len()
         ),
         targets: chosen.iter().map(|c| c.id).collect(),

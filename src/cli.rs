@@ -478,7 +478,16 @@ pub fn format_duration(secs: f64) -> String {
     }
 }
 
-fn suggest_targets(config: &Config, victims: usize, top: usize) -> Result<()> {
+/// Trains `victims` clean victims (the config's protocol) and ranks the target class's test
+/// images; also returns the resolved plan and the data set's class names.
+pub(crate) fn rank_targets(
+    config: &Config,
+    victims: usize,
+) -> Result<(
+    crate::victim::targets::Suggestion,
+    crate::craft::plan::Plan,
+    Vec<String>,
+)> {
     use crate::victim::{targets, VictimTraining};
     let device = resolve_device(config)?;
     let data = crate::data::load(&config.data)?;
@@ -501,6 +510,11 @@ fn suggest_targets(config: &Config, victims: usize, top: usize) -> Result<()> {
         device,
         |v, n| eprintln!("victim {v}/{n} trained"),
     );
+    Ok((s, plan, data.class_names))
+}
+
+fn suggest_targets(config: &Config, victims: usize, top: usize) -> Result<()> {
+    let (s, plan, class_names) = rank_targets(config, victims)?;
     let acc: Vec<String> = s
         .accuracies
         .iter()
@@ -510,9 +524,9 @@ fn suggest_targets(config: &Config, victims: usize, top: usize) -> Result<()> {
         "clean test accuracy: {}\ntarget class {} ({}), adversarial class {} ({})",
         acc.join(", "),
         plan.target_class,
-        data.class_names[plan.target_class as usize],
+        class_names[plan.target_class as usize],
         plan.adv_class,
-        data.class_names[plan.adv_class as usize]
+        class_names[plan.adv_class as usize]
     );
     println!(
         "{:>5} {:>10} {:>8} {:>8} {:>8}",

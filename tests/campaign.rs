@@ -151,24 +151,29 @@ fn a_campaign_crafts_and_evaluates_each_target_and_resumes_without_redoing_work(
     assert!(String::from_utf8_lossy(&again.stdout).contains("gray-box"));
 }
 
+/// A tiny crafted run exported (npz) into TMP/export; returns (config file, export folder).
+fn crafted_export(tmp: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let config = tiny_config_file(tmp);
+    let c = metapoison::config::Config::load(&config).unwrap();
+    let run_dir = tmp.join("run");
+    common::craft_to_end(&c, &run_dir);
+    let export = tmp.join("export");
+    metapoison::export::export(&metapoison::export::ExportRequest {
+        run_dir,
+        step: None,
+        out: Some(export.clone()),
+        formats: metapoison::export::Formats::parse("npz").unwrap(),
+        force: false,
+    })
+    .unwrap();
+    (config, export)
+}
+
 #[test]
 fn eval_variation_flags_reach_the_victims_and_bad_values_are_named() {
     let tmp = tempfile::tempdir().unwrap();
-    let config = tiny_config_file(tmp.path());
-    let c = metapoison::config::Config::load(&config).unwrap();
-    let run_dir = tmp.path().join("run");
-    common::craft_to_end(&c, &run_dir);
-    let export = tmp.path().join("export");
+    let (config, export) = crafted_export(tmp.path());
     let bin = env!("CARGO_BIN_EXE_metapoison");
-    let st = Command::new(bin)
-        .arg("export")
-        .arg(&run_dir)
-        .arg("--out")
-        .arg(&export)
-        .args(["--format", "npz"])
-        .status()
-        .unwrap();
-    assert!(st.success());
     let out = Command::new(bin)
         .arg("--data-dir")
         .arg(tmp.path().join("data"))
@@ -222,19 +227,7 @@ fn eval_variation_flags_reach_the_victims_and_bad_values_are_named() {
 #[test]
 fn keeping_the_first_poisons_reverts_the_rest_to_clean() {
     let tmp = tempfile::tempdir().unwrap();
-    let config = tiny_config_file(tmp.path());
-    let c = metapoison::config::Config::load(&config).unwrap();
-    let run_dir = tmp.path().join("run");
-    common::craft_to_end(&c, &run_dir);
-    let export = tmp.path().join("export");
-    metapoison::export::export(&metapoison::export::ExportRequest {
-        run_dir,
-        step: None,
-        out: Some(export.clone()),
-        formats: metapoison::export::Formats::parse("npz").unwrap(),
-        force: false,
-    })
-    .unwrap();
+    let (_, export) = crafted_export(tmp.path());
     let mut data = metapoison::victim::eval::load_export(&export, tch::Device::Cpu).unwrap();
     let changed = |d: &metapoison::victim::eval::EvalData| -> Vec<i64> {
         let diff = (&d.poisoned_x - &d.clean_x)

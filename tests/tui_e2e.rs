@@ -50,29 +50,32 @@ impl Drop for Tmux {
     }
 }
 
-#[test]
-fn dashboard_in_tmux_pauses_checkpoints_and_quits() {
-    if Command::new("tmux").arg("-V").output().is_err() {
-        eprintln!("skipped: tmux is not installed");
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let config = tmp.path().join("tiny.toml");
+/// Starts the dashboard in a detached 100x30 tmux session on a tiny 400-step run; `env` goes
+/// before the command, `victim` is an optional `[victim]` TOML section, `tail` follows it in
+/// the shell (so the pane stays to be read after exit).
+fn start_dashboard(
+    tmp: &std::path::Path,
+    name: &str,
+    env: &str,
+    victim: &str,
+    tail: &str,
+) -> (Tmux, std::path::PathBuf) {
+    let config = tmp.join("tiny.toml");
     std::fs::write(
         &config,
-        "[data]\ntrain_limit = 300\n[threat]\nnpoison = 10\n[craft]\nsteps = 400\nunroll_steps = 1\nensemble_size = 1\nstagger = 1\nmeta_batch_fraction = 1.0\n[surrogate]\nbatch_size = 50\n[victim]\nepochs = 1\nbatch_size = 50\n[run]\ncheckpoint_every = 0\n",
+        format!("[data]\ntrain_limit = 300\n[threat]\nnpoison = 10\n[craft]\nsteps = 400\nunroll_steps = 1\nensemble_size = 1\nstagger = 1\nmeta_batch_fraction = 1.0\n[surrogate]\nbatch_size = 50\n{victim}[run]\ncheckpoint_every = 0\n"),
     )
     .unwrap();
-    let run_dir = tmp.path().join("run");
+    let run_dir = tmp.join(format!("{name}-run"));
     let cmd = format!(
-        "NO_COLOR=1 TERM=screen-256color {} --data-dir {} --config {} tui --run-dir {}; echo EXIT=$?; sleep 60",
+        "{env} TERM=screen-256color {} --data-dir {} --config {} tui --run-dir {}{tail}",
         env!("CARGO_BIN_EXE_metapoison"),
-        tmp.path().display(),
+        tmp.display(),
         config.display(),
         run_dir.display()
     );
     let tmux = Tmux {
-        socket: format!("metapoison-e2e-{}", std::process::id()),
+        socket: format!("metapoison-{name}-{}", std::process::id()),
     };
     tmux.run(&[
         "new-session",
@@ -85,6 +88,23 @@ fn dashboard_in_tmux_pauses_checkpoints_and_quits() {
         "30",
         &cmd,
     ]);
+    (tmux, run_dir)
+}
+
+#[test]
+fn dashboard_in_tmux_pauses_checkpoints_and_quits() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        eprintln!("skipped: tmux is not installed");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (tmux, run_dir) = start_dashboard(
+        tmp.path(),
+        "e2e",
+        "NO_COLOR=1",
+        "[victim]\nepochs = 1\nbatch_size = 50\n",
+        "; echo EXIT=$?; sleep 60",
+    );
     let s = tmux.wait_for("step 2/400", 120);
     assert!(
         s.contains("Shirt -> T-shirt/top") && (s.contains("no NVIDIA GPU") || s.contains("GPU0")),
@@ -213,34 +233,7 @@ fn an_ssh_drop_checkpoints_and_the_process_exits() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let config = tmp.path().join("tiny.toml");
-    std::fs::write(
-        &config,
-        "[data]\ntrain_limit = 300\n[threat]\nnpoison = 10\n[craft]\nsteps = 400\nunroll_steps = 1\nensemble_size = 1\nstagger = 1\nmeta_batch_fraction = 1.0\n[surrogate]\nbatch_size = 50\n[run]\ncheckpoint_every = 0\n",
-    )
-    .unwrap();
-    let run_dir = tmp.path().join("drop-run");
-    let cmd = format!(
-        "TERM=screen-256color {} --data-dir {} --config {} tui --run-dir {}",
-        env!("CARGO_BIN_EXE_metapoison"),
-        tmp.path().display(),
-        config.display(),
-        run_dir.display()
-    );
-    let tmux = Tmux {
-        socket: format!("metapoison-drop-{}", std::process::id()),
-    };
-    tmux.run(&[
-        "new-session",
-        "-d",
-        "-s",
-        "e2e",
-        "-x",
-        "100",
-        "-y",
-        "30",
-        &cmd,
-    ]);
+    let (tmux, run_dir) = start_dashboard(tmp.path(), "drop", "", "", "");
     tmux.wait_for("step 2/400", 120);
     let needle = run_dir.display().to_string();
     assert!(

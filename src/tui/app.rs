@@ -632,41 +632,61 @@ impl App {
             Some(Popup::Params(_)) => {
                 "Tab/arrows field  +/- adjust  digits type  Enter apply  Esc/q cancel".into()
             }
-            None => match self.phase {
-                Phase::Done => format!(
-                    "{} export  {} victims  {} {} poison  {} ascii  {} log  {} help  {} quit",
-                    k(Action::Export),
-                    k(Action::Evaluate),
-                    k(Action::PrevPoison),
-                    k(Action::NextPoison),
-                    k(Action::Ascii),
-                    k(Action::LogScale),
-                    k(Action::Help),
-                    k(Action::Quit)
-                ),
-                Phase::Failed { .. } => format!(
-                    "{} {} poison  {} ascii  {} log  {} help  {} quit",
-                    k(Action::PrevPoison),
-                    k(Action::NextPoison),
-                    k(Action::Ascii),
-                    k(Action::LogScale),
-                    k(Action::Help),
-                    k(Action::Quit)
-                ),
-                _ => format!(
-                    "{} {}  {} params  {} ckpt  {} export  {} victims  {} {} poison  {} help  {} quit",
-                    k(Action::Pause),
-                    if self.phase == Phase::Paused { "resume" } else { "pause" },
-                    k(Action::Params),
-                    k(Action::Checkpoint),
-                    k(Action::Export),
-                    k(Action::Evaluate),
-                    k(Action::PrevPoison),
-                    k(Action::NextPoison),
-                    k(Action::Help),
-                    k(Action::Quit)
-                ),
-            },
+            None => {
+                let parts: &[(Action, &str)] = match self.phase {
+                    Phase::Done => &[
+                        (Action::Export, "export"),
+                        (Action::Evaluate, "victims"),
+                        (Action::PrevPoison, ""),
+                        (Action::NextPoison, "poison"),
+                        (Action::Ascii, "ascii"),
+                        (Action::LogScale, "log"),
+                        (Action::Help, "help"),
+                        (Action::Quit, "quit"),
+                    ],
+                    Phase::Failed { .. } => &[
+                        (Action::PrevPoison, ""),
+                        (Action::NextPoison, "poison"),
+                        (Action::Ascii, "ascii"),
+                        (Action::LogScale, "log"),
+                        (Action::Help, "help"),
+                        (Action::Quit, "quit"),
+                    ],
+                    Phase::Paused => &[
+                        (Action::Pause, "resume"),
+                        (Action::Params, "params"),
+                        (Action::Checkpoint, "ckpt"),
+                        (Action::Export, "export"),
+                        (Action::Evaluate, "victims"),
+                        (Action::PrevPoison, ""),
+                        (Action::NextPoison, "poison"),
+                        (Action::Help, "help"),
+                        (Action::Quit, "quit"),
+                    ],
+                    _ => &[
+                        (Action::Pause, "pause"),
+                        (Action::Params, "params"),
+                        (Action::Checkpoint, "ckpt"),
+                        (Action::Export, "export"),
+                        (Action::Evaluate, "victims"),
+                        (Action::PrevPoison, ""),
+                        (Action::NextPoison, "poison"),
+                        (Action::Help, "help"),
+                        (Action::Quit, "quit"),
+                    ],
+                };
+                // "[ ] poison": a key with an empty label joins the next one.
+                let mut out = String::new();
+                for (action, label) in parts {
+                    out += &k(*action);
+                    if label.is_empty() {
+                        out.push(' ');
+                    } else {
+                        out += &format!(" {label}  ");
+                    }
+                }
+                out.trim_end().to_string()
+            }
         }
     }
 
