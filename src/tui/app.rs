@@ -652,19 +652,8 @@ impl App {
                         (Action::Help, "help"),
                         (Action::Quit, "quit"),
                     ],
-                    Phase::Paused => &[
-                        (Action::Pause, "resume"),
-                        (Action::Params, "params"),
-                        (Action::Checkpoint, "ckpt"),
-                        (Action::Export, "export"),
-                        (Action::Evaluate, "victims"),
-                        (Action::PrevPoison, ""),
-                        (Action::NextPoison, "poison"),
-                        (Action::Help, "help"),
-                        (Action::Quit, "quit"),
-                    ],
                     _ => &[
-                        (Action::Pause, "pause"),
+                        (Action::Pause, ""),
                         (Action::Params, "params"),
                         (Action::Checkpoint, "ckpt"),
                         (Action::Export, "export"),
@@ -675,11 +664,19 @@ impl App {
                         (Action::Quit, "quit"),
                     ],
                 };
-                // "[ ] poison": a key with an empty label joins the next one.
+                // "[ ] poison": a key with an empty label joins the next one (Pause says
+                // pause or resume).
                 let mut out = String::new();
                 for (action, label) in parts {
                     out += &k(*action);
-                    if label.is_empty() {
+                    if *action == Action::Pause {
+                        let verb = if self.phase == Phase::Paused {
+                            "resume"
+                        } else {
+                            "pause"
+                        };
+                        out += &format!(" {verb}  ");
+                    } else if label.is_empty() {
                         out.push(' ');
                     } else {
                         out += &format!(" {label}  ");
