@@ -153,6 +153,8 @@ fn reports_follow_the_schedule_and_live_changes_apply_and_are_logged() {
                 2,
                 Command::ExportNow {
                     formats: "npz".into(),
+                    step: None,
+                    out: None,
                 },
             ),
         ],
@@ -259,6 +261,36 @@ fn bad_target_id_fails_with_a_clear_message() {
         "{err}"
     );
     assert_eq!(failed, vec![err]);
+}
+
+#[test]
+fn export_now_writes_an_earlier_step_to_a_chosen_folder_and_never_overwrites_it() {
+    let mut config = common::tiny_config(400, 10, 6);
+    config.run.checkpoint_every = 1;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("mine");
+    let export = |step| Command::ExportNow {
+        formats: "npz".into(),
+        step,
+        out: Some(out.display().to_string()),
+    };
+    // After step 2 (of 0..5), export step 1; then try the same destination again.
+    run(
+        config,
+        &dir.path().join("run"),
+        false,
+        None,
+        vec![(2, export(Some(1))), (2, export(Some(2)))],
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["craft_step"], 1);
+    let saved = checkpoint::load(&dir.path().join("run")).unwrap();
+    let kinds: Vec<&str> = saved.state.events.iter().map(|e| e.kind.as_str()).collect();
+    assert!(
+        kinds.contains(&"export") && kinds.contains(&"export_failed"),
+        "{kinds:?}"
+    );
 }
 
 #[test]

@@ -177,10 +177,46 @@ fn keys_become_engine_commands() {
     assert_eq!(
         app.on_key(key(KeyCode::Enter)),
         vec![Command::ExportNow {
-            formats: "npz,native,curves".into()
+            formats: "npz,native,curves".into(),
+            step: None,
+            out: None,
         }]
     );
     assert!(app.popup.is_none());
+
+    // Export menu: an earlier checkpointed step, to a typed destination (letters that are
+    // keys elsewhere are text there).
+    for s in [0, 2] {
+        app.on_telemetry(Telemetry::Checkpoint {
+            step: s,
+            path: "/runs/test/checkpoint.safetensors".into(),
+        });
+    }
+    app.on_key(key(KeyCode::Char('e')));
+    for _ in 0..4 {
+        app.on_key(key(KeyCode::Down));
+    }
+    assert!(
+        app.footer().contains("checkpointed step"),
+        "{}",
+        app.footer()
+    );
+    app.on_key(key(KeyCode::Right)); // newest checkpoint: 2
+    app.on_key(key(KeyCode::Right)); // then 0
+    assert!(text(&render(&app, 80, 24)).contains("step: < 0 (checkpoint) >"));
+    app.on_key(key(KeyCode::Down));
+    for c in "/tmp/q-jk".chars() {
+        app.on_key(key(KeyCode::Char(c)));
+    }
+    app.on_key(key(KeyCode::Backspace));
+    assert_eq!(
+        app.on_key(key(KeyCode::Enter)),
+        vec![Command::ExportNow {
+            formats: "npz,native,png,curves".into(),
+            step: Some(0),
+            out: Some("/tmp/q-j".into()),
+        }]
+    );
 
     // Quit asks; cancel keeps running; checkpoint-and-quit sends Stop.
     app.on_key(key(KeyCode::Char('q')));

@@ -206,28 +206,36 @@ impl Session<'_> {
                 Err(e) => self.event("rejected", format!("{e}: refused")),
             },
             Command::Preview { slot } => self.preview(slot),
-            Command::ExportNow { formats } => {
-                self.export(&formats)?;
+            Command::ExportNow { formats, step, out } => {
+                self.export(&formats, step, out.map(PathBuf::from))?;
             }
             Command::Evaluate { trials } => self.start_evaluation(trials)?,
         }
         Ok(true)
     }
 
-    /// Checkpoints, then exports the current poisons; the folder, or None if it failed (the
-    /// failure is reported as an event).
-    fn export(&mut self, formats: &str) -> Result<Option<PathBuf>, String> {
+    /// Checkpoints, then exports the poisons of `step` (default: now) to `out` (default:
+    /// RUN_DIR/export-step-NNNN); the folder, or None if it failed (the failure is reported as
+    /// an event).
+    fn export(
+        &mut self,
+        formats: &str,
+        step: Option<usize>,
+        out: Option<PathBuf>,
+    ) -> Result<Option<PathBuf>, String> {
         self.checkpoint()?;
-        let step = self.crafter.step;
-        let out = self.setup.run_dir.join(format!("export-step-{step:04}"));
-        // Exporting the same step twice (e.g. before an evaluation) replaces the folder.
+        let shown = step.unwrap_or(self.crafter.step);
+        // The default folder of a step may be replaced (e.g. exporting again before an
+        // evaluation); a destination the user typed is never overwritten.
+        let force = out.is_none();
+        let out = out.unwrap_or_else(|| self.setup.run_dir.join(format!("export-step-{shown:04}")));
         let outcome = crate::export::Formats::parse(formats).and_then(|formats| {
             crate::export::export(&crate::export::ExportRequest {
                 run_dir: self.setup.run_dir.clone(),
-                step: None,
+                step: step.filter(|&s| s != self.crafter.step),
                 out: Some(out),
                 formats,
-                force: true,
+                force,
             })
         });
         match outcome {
@@ -259,7 +267,7 @@ impl Session<'_> {
             .filter(|d| d.join("poisons.npz").exists())
         {
             Some(d) => d,
-            None => match self.export("npz")? {
+            None => match self.export("npz", None, None)? {
                 Some(d) => d,
                 None => return Ok(()),
             },

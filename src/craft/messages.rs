@@ -31,10 +31,16 @@ pub enum Command {
     Preview {
         slot: usize,
     },
-    /// Checkpoint, then export the current poisons (see `export`): `formats` as for
-    /// `export --format`, into RUN_DIR/export-step-NNNN. The outcome comes back as an event.
+    /// Checkpoint, then export poisons (see `export`): `formats` as for `export --format`;
+    /// `step` a checkpointed step (default: the current one); `out` the destination (default
+    /// RUN_DIR/export-step-NNNN, replaced if present; a given destination is never overwritten).
+    /// The outcome comes back as an event.
     ExportNow {
         formats: String,
+        #[serde(default)]
+        step: Option<usize>,
+        #[serde(default)]
+        out: Option<String>,
     },
     /// Train victims on the latest export of this session (exporting poisons.npz first if
     /// there is none) on a background thread, with the config's victim protocol; `trials`

@@ -54,16 +54,26 @@ pub const QUIT_CHOICES: [&str; 3] = ["checkpoint and quit", "quit without checkp
 #[derive(Debug, Clone, PartialEq)]
 pub enum Popup {
     Help,
-    Quit {
-        selected: usize,
-    },
+    Quit { selected: usize },
     Params(ParamsForm),
-    /// Export menu: which parts to write (poisons.npz and the manifest always are).
-    Export {
-        selected: usize,
-        parts: [bool; 4],
-    },
+    Export(ExportForm),
 }
+
+/// The export menu: which parts to write (poisons.npz and the manifest always are), which
+/// step's poisons, and where.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExportForm {
+    /// Rows 0-3: the parts; 4: the step; 5: the destination.
+    pub selected: usize,
+    pub parts: [bool; 4],
+    /// A checkpointed step, or None for the current one.
+    pub step: Option<usize>,
+    /// Typed destination; empty = RUN_DIR/export-step-NNNN.
+    pub dest: String,
+}
+
+/// Rows of the export menu.
+pub const EXPORT_ROWS: usize = 6;
 
 /// What a key on the main screen does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,6 +189,9 @@ pub struct App {
     pub keys: Keymap,
     /// A victim evaluation asked for from here is running.
     pub evaluating: bool,
+    /// Steps with a saved checkpoint (and poison snapshot) in this session: what the export
+    /// menu offers besides the current step.
+    pub checkpoint_steps: Vec<usize>,
     /// The engine reported a termination signal (SIGHUP, SIGTERM, SIGINT): leave when it stops.
     pub signalled: bool,
     pub victims: Option<VictimResult>,
@@ -220,6 +233,7 @@ impl App {
             keys: Keymap::default(),
             evaluating: false,
             signalled: false,
+            checkpoint_steps: Vec::new(),
             victims: None,
         }
     }
@@ -323,6 +337,10 @@ impl App {
                 }
             }
             Telemetry::Checkpoint { step, path } => {
+                if !self.checkpoint_steps.contains(&step) {
+                    self.checkpoint_steps.push(step);
+                    self.checkpoint_steps.sort_unstable();
+                }
                 self.log(format!("checkpoint at step {step}: {path}"))
             }
             Telemetry::Finished {
@@ -383,54 +401,7 @@ impl App {
             }
             Some(Popup::Quit { selected }) => self.on_quit_key(key, selected, ctrl_c),
             Some(Popup::Params(form)) => self.on_params_key(key, form),
-            Some(Popup::Export {
-                selected,
-                mut parts,
-            }) => match key.code {
-                KeyCode::Esc | KeyCode::Char('q') => vec![],
-                KeyCode::Up | KeyCode::Char('k') | KeyCode::BackTab => {
-                    self.popup = Some(Popup::Export {
-                        selected: (selected + 3) % 4,
-                        parts,
-                    });
-                    vec![]
-                }
-                KeyCode::Down | KeyCode::Char('j') | KeyCode::Tab => {
-                    self.popup = Some(Popup::Export {
-                        selected: (selected + 1) % 4,
-                        parts,
-                    });
-                    vec![]
-                }
-                KeyCode::Char(' ') | KeyCode::Char('x') => {
-                    parts[selected] = !parts[selected];
-                    self.popup = Some(Popup::Export { selected, parts });
-                    vec![]
-                }
-                KeyCode::Enter => {
-                    let formats: Vec<&str> = EXPORT_PARTS
-                        .iter()
-                        .zip(parts)
-                        .filter(|(_, on)| *on)
-                        .map(|((_, f), _)| *f)
-                        .collect();
-                    self.log(format!(
-                        "exporting ({})...",
-                        if formats.is_empty() {
-                            "poisons.npz only".into()
-                        } else {
-                            formats.join(", ")
-                        }
-                    ));
-                    vec![Command::ExportNow {
-                        formats: formats.join(","),
-                    }]
-                }
-                _ => {
-                    self.popup = Some(Popup::Export { selected, parts });
-                    vec![]
-                }
-            },
+            Some(Popup::Export(form)) => self.on_export_key(key, form),
             None => {
                 let finished = matches!(self.phase, Phase::Done | Phase::Failed { .. });
                 let action = match key.code {
@@ -471,10 +442,12 @@ impl App {
                     }
                     Action::Checkpoint if !finished => vec![Command::CheckpointNow],
                     Action::Export if !matches!(self.phase, Phase::Failed { .. }) => {
-                        self.popup = Some(Popup::Export {
+                        self.popup = Some(Popup::Export(ExportForm {
                             selected: 0,
                             parts: [true; 4],
-                        });
+                            step: None,
+                            dest: String::new(),
+                        }));
                         vec![]
                     }
                     Action::Evaluate => {
@@ -511,6 +484,74 @@ impl App {
                 }
             }
         }
+    }
+
+    fn on_export_key(&mut self, key: KeyEvent, mut form: ExportForm) -> Vec<Command> {
+        let typing = form.selected == 5;
+        match key.code {
+            KeyCode::Esc => return vec![],
+            KeyCode::Char('q') if !typing => return vec![],
+            KeyCode::Up | KeyCode::BackTab => {
+                form.selected = (form.selected + EXPORT_ROWS - 1) % EXPORT_ROWS
+            }
+            KeyCode::Down | KeyCode::Tab => form.selected = (form.selected + 1) % EXPORT_ROWS,
+            KeyCode::Char('k') if !typing => {
+                form.selected = (form.selected + EXPORT_ROWS - 1) % EXPORT_ROWS
+            }
+            KeyCode::Char('j') if !typing => form.selected = (form.selected + 1) % EXPORT_ROWS,
+            KeyCode::Char(' ') | KeyCode::Char('x') if form.selected < 4 => {
+                form.parts[form.selected] = !form.parts[form.selected]
+            }
+            KeyCode::Left | KeyCode::Right if form.selected == 4 => {
+                // Cycle: now, then the checkpointed steps from the newest back.
+                let mut choices: Vec<Option<usize>> = vec![None];
+                choices.extend(self.checkpoint_steps.iter().rev().map(|&s| Some(s)));
+                let i = choices.iter().position(|c| *c == form.step).unwrap_or(0);
+                let n = choices.len();
+                let j = if key.code == KeyCode::Right {
+                    (i + 1) % n
+                } else {
+                    (i + n - 1) % n
+                };
+                form.step = choices[j];
+            }
+            KeyCode::Backspace if typing => {
+                form.dest.pop();
+            }
+            KeyCode::Char(c) if typing => form.dest.push(c),
+            KeyCode::Enter => {
+                let formats: Vec<&str> = EXPORT_PARTS
+                    .iter()
+                    .zip(form.parts)
+                    .filter(|(_, on)| *on)
+                    .map(|((_, f), _)| *f)
+                    .collect();
+                let dest = form.dest.trim().to_string();
+                self.log(format!(
+                    "exporting {} ({}) to {}...",
+                    form.step
+                        .map_or("the current step".to_string(), |s| format!("step {s}")),
+                    if formats.is_empty() {
+                        "poisons.npz only".into()
+                    } else {
+                        formats.join(", ")
+                    },
+                    if dest.is_empty() {
+                        "RUN_DIR/export-step-NNNN"
+                    } else {
+                        &dest
+                    }
+                ));
+                return vec![Command::ExportNow {
+                    formats: formats.join(","),
+                    step: form.step,
+                    out: (!dest.is_empty()).then_some(dest),
+                }];
+            }
+            _ => {}
+        }
+        self.popup = Some(Popup::Export(form));
+        vec![]
     }
 
     fn on_quit_key(&mut self, key: KeyEvent, selected: usize, ctrl_c: bool) -> Vec<Command> {
@@ -626,7 +667,13 @@ impl App {
             Some(Popup::Quit { .. }) => {
                 "arrows choose  Enter confirm  c checkpoint+quit  q quit  Esc/n cancel".into()
             }
-            Some(Popup::Export { .. }) => {
+            Some(Popup::Export(f)) if f.selected == 5 => {
+                "type the destination (empty: RUN_DIR/export-step-NNNN)  Backspace  Enter export  Esc cancel".into()
+            }
+            Some(Popup::Export(f)) if f.selected == 4 => {
+                "left/right: now or a checkpointed step  up/down rows  Enter export  Esc cancel".into()
+            }
+            Some(Popup::Export(_)) => {
                 "arrows choose  Space toggle  Enter export  Esc/q cancel".into()
             }
             Some(Popup::Params(_)) => {

@@ -437,19 +437,45 @@ fn draw_popup(frame: &mut Frame, app: &App, popup: &Popup, area: Rect) {
             66,
             12,
         ),
-        Popup::Export { selected: s, parts } => {
+        Popup::Export(form) => {
+            let row = |i: usize| {
+                if i == form.selected {
+                    selected
+                } else {
+                    Style::default()
+                }
+            };
             let mut lines: Vec<Line> = EXPORT_PARTS
                 .iter()
                 .enumerate()
                 .map(|(i, (label, _))| {
                     Line::styled(
-                        format!(" [{}] {label}", if parts[i] { 'x' } else { ' ' }),
-                        if i == *s { selected } else { Style::default() },
+                        format!(" [{}] {label}", if form.parts[i] { 'x' } else { ' ' }),
+                        row(i),
                     )
                 })
                 .collect();
             lines.push(Line::from(" poisons.npz + manifest.json always"));
-            (" export ", lines, 44, 7)
+            lines.push(Line::styled(
+                format!(
+                    " step: < {} >",
+                    form.step
+                        .map_or("current".to_string(), |s| format!("{s} (checkpoint)"))
+                ),
+                row(4),
+            ));
+            lines.push(Line::styled(
+                format!(
+                    " to:   {}",
+                    if form.dest.is_empty() && form.selected != 5 {
+                        "RUN_DIR/export-step-NNNN"
+                    } else {
+                        &form.dest
+                    }
+                ),
+                row(5),
+            ));
+            (" export ", lines, 50, 9)
         }
         Popup::Quit { selected: s } => (
             " quit? ",
