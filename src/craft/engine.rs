@@ -299,11 +299,8 @@ impl Session<'_> {
         let spawned = std::thread::Builder::new()
             .name("evaluation".into())
             .spawn(move || {
-                if device == Device::Cpu {
-                    // One CPU thread for the victims: two libtorch thread pools spinning on
-                    // the same cores slow both jobs down many times over.
-                    tch::set_num_threads(1);
-                }
+                // (No set_num_threads here: libtorch's thread count is process-wide, so it
+                // would slow the crafting thread too and change its reduction order.)
                 let note = |kind: &str, message: String| {
                     let _ = out.send(Telemetry::Event(Event {
                         step,
