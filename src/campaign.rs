@@ -108,28 +108,16 @@ pub fn totals(results: &[TargetResult]) -> Vec<ArmTotals> {
                 .iter()
                 .flat_map(|r| r.evals.iter().filter(|e| e.victim_net == net))
                 .collect();
-            let successes = evals.iter().map(|e| e.poisoned.successes).sum::<usize>();
-            let victims = evals
-                .iter()
-                .map(|e| {
-                    e.trials
-                        .iter()
-                        .filter(|t| t.arm == "poisoned")
-                        .map(|t| t.success.len())
-                        .sum::<usize>()
-                })
-                .sum::<usize>();
-            let control_successes = evals.iter().map(|e| e.control.successes).sum::<usize>();
-            let control_victims = evals
-                .iter()
-                .map(|e| {
-                    e.trials
-                        .iter()
-                        .filter(|t| t.arm == "control")
-                        .map(|t| t.success.len())
-                        .sum::<usize>()
-                })
-                .sum::<usize>();
+            // (successes, victim x target outcomes) of one arm over every target.
+            let arm = |name: &str| {
+                let outcomes = evals
+                    .iter()
+                    .flat_map(|e| e.trials.iter().filter(|t| t.arm == name))
+                    .flat_map(|t| t.success.iter());
+                outcomes.fold((0, 0), |(k, n), &hit| (k + usize::from(hit), n + 1))
+            };
+            let (successes, victims) = arm("poisoned");
+            let (control_successes, control_victims) = arm("control");
             let flipped = evals
                 .iter()
                 .filter(|e| e.poisoned.trials > 0 && e.poisoned.success_rate > 0.5)
@@ -313,6 +301,8 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs) -> Result<()> {
     nets.extend(args.black_box.iter().cloned().map(Some));
     let stop = Arc::new(AtomicBool::new(false));
     watch_signals(&stop)?;
+    // Time spent by earlier invocations of a resumed campaign.
+    let earlier_seconds = previous.as_ref().map_or(0.0, |p| p.seconds);
     let mut report = CampaignReport {
         started: previous
             .as_ref()
@@ -321,7 +311,7 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs) -> Result<()> {
         selection: selection.clone(),
         results: vec![],
         totals: vec![],
-        seconds: previous.as_ref().map_or(0.0, |p| p.seconds),
+        seconds: earlier_seconds,
     };
     let device = crate::cli::resolve_device(&config)?;
     for (i, &target) in selection.targets.iter().enumerate() {
@@ -394,8 +384,7 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs) -> Result<()> {
             evals,
         });
         report.totals = totals(&report.results);
-        report.seconds =
-            previous.as_ref().map_or(0.0, |p| p.seconds) + started.elapsed().as_secs_f64();
+        report.seconds = earlier_seconds + started.elapsed().as_secs_f64();
         save(&dir, &report)?;
     }
     print!("{}", summary(&report));

@@ -106,12 +106,16 @@ impl BenchArgs {
     }
 }
 
-fn device_label(device: tch::Device) -> String {
+/// The device as reported ("cuda:0 (NVIDIA H200)") and, on CUDA, the GPU memory this process
+/// holds: one NVML query, made after the device has been used (before that NVML does not list
+/// the process).
+fn device_report(device: tch::Device) -> (String, Option<u64>) {
     match device {
-        tch::Device::Cuda(i) => crate::telemetry::process_gpu_memory(i as u32)
-            .map(|(name, _)| format!("cuda:{i} ({name})"))
-            .unwrap_or_else(|| format!("cuda:{i}")),
-        other => crate::device::describe(other),
+        tch::Device::Cuda(i) => match crate::telemetry::process_gpu_memory(i as u32) {
+            Some((name, bytes)) => (format!("cuda:{i} ({name})"), Some(bytes)),
+            None => (format!("cuda:{i}"), None),
+        },
+        other => (crate::device::describe(other), None),
     }
 }
 
@@ -185,7 +189,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         spec.poisons_in_batch,
         spec.unroll_steps,
         spec.ensemble,
-        device_label(device)
+        crate::device::describe(device)
     );
     let mut inputs = StepInputs::new(&spec, device);
     if let Some(path) = &args.save_inputs {
@@ -203,17 +207,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         args.warmup,
         args.reps,
     )?;
-    let ours_gpu = match device {
-        tch::Device::Cuda(i) => crate::telemetry::process_gpu_memory(i as u32).map(|(_, b)| b),
-        _ => None,
-    };
+    let (label, ours_gpu) = device_report(device);
     let (stats, peak) = match reference.as_mut() {
         Some(r) => (Some(r.stats()?), Some(r.peak()?)),
         None => (None, None),
     };
     let report = report_json(
         &spec,
-        &device_label(device),
+        &label,
         threads,
         &ours,
         theirs.as_ref(),
@@ -328,9 +329,10 @@ fn run_gradcheck(device: tch::Device, out: Option<&PathBuf>) -> Result<()> {
     }
     let dead = checks.iter().any(|c| c.delta_grad_l1 == 0.0);
     let pass = worst < 1e-4 && !dead;
+    let (label, _) = device_report(device);
     let report = json!({
         "kind": "gradcheck",
-        "device": device_label(device),
+        "device": label,
         "libtorch": crate::device::libtorch_version(),
         "worst_error": worst,
         "pass": pass,
@@ -341,15 +343,11 @@ fn run_gradcheck(device: tch::Device, out: Option<&PathBuf>) -> Result<()> {
         append_line(path, &report)?;
     }
     if !pass {
-        bail!(
-            "meta-gradient check failed on {}: worst relative error {worst:e} (limit 1e-4)",
-            device_label(device)
-        );
+        bail!("meta-gradient check failed on {label}: worst relative error {worst:e} (limit 1e-4)");
     }
     eprintln!(
-        "gradcheck: {} checks on {}, worst relative error {worst:.2e}: pass",
-        checks.len(),
-        device_label(device)
+        "gradcheck: {} checks on {label}, worst relative error {worst:.2e}: pass",
+        checks.len()
     );
     Ok(())
 }

@@ -119,6 +119,28 @@ impl Case {
         let p = &self.perturbation;
         adv.double_value(&[]) + p.recolor.smoothness(&p.offsets).double_value(&[]) * s.smooth_coef
     }
+
+    /// Central difference of the objective in entry `j` of delta (`is_delta`) or of the grid
+    /// offsets, with step `h`; the entry is put back afterwards.
+    pub fn central_difference(&self, is_delta: bool, j: i64, h: f64, s: UnrollSettings) -> f64 {
+        let p = &self.perturbation;
+        let flat = if is_delta {
+            p.delta.view(-1)
+        } else {
+            p.offsets.view(-1)
+        };
+        let orig = flat.double_value(&[j]);
+        let set = |v: f64| {
+            let _g = tch::no_grad_guard();
+            let _ = flat.get(j).fill_(v);
+        };
+        set(orig + h);
+        let up = self.objective(s);
+        set(orig - h);
+        let down = self.objective(s);
+        set(orig);
+        (up - down) / (2.0 * h)
+    }
 }
 
 /// One compared entry.
@@ -185,23 +207,8 @@ pub fn check(
     }
     let mut entries = Vec::new();
     for (is_delta, j, h) in picks {
-        let flat = if is_delta {
-            case.perturbation.delta.view(-1)
-        } else {
-            case.perturbation.offsets.view(-1)
-        };
         let analytic = if is_delta { &g_delta } else { &g_offsets }.double_value(&[j]);
-        let orig = flat.double_value(&[j]);
-        let set = |v: f64| {
-            let _g = tch::no_grad_guard();
-            let _ = flat.get(j).fill_(v);
-        };
-        set(orig + h);
-        let up = case.objective(s);
-        set(orig - h);
-        let down = case.objective(s);
-        set(orig);
-        let numeric = (up - down) / (2.0 * h);
+        let numeric = case.central_difference(is_delta, j, h, s);
         let scale = analytic.abs().max(numeric.abs());
         let error = if scale < 1e-7 {
             (analytic - numeric).abs()
