@@ -29,6 +29,10 @@ pub struct CampaignArgs {
     /// Clean victims `targets suggest` trains to rank the candidates.
     #[arg(long, default_value_t = 2)]
     suggest_victims: usize,
+    /// Skip candidates that some clean victim classifies with less than this logit margin
+    /// over the adversarial class (0 = any target every clean victim gets right).
+    #[arg(long, default_value_t = 0.0)]
+    min_margin: f64,
     /// Campaign folder (default: DATA_DIR/campaigns/TIMESTAMP). An existing one resumes.
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -206,19 +210,29 @@ fn choose_targets(config: &Config, args: &CampaignArgs) -> Result<Selection> {
     if args.count == 0 || args.suggest_victims == 0 {
         bail!("--count and --suggest-victims must be at least 1 (or give --targets)");
     }
+    if !(args.min_margin >= 0.0 && args.min_margin.is_finite()) {
+        bail!(
+            "--min-margin {} must be a finite number >= 0 (logits)",
+            args.min_margin
+        );
+    }
     let (s, _, _) = crate::cli::rank_targets(config, args.suggest_victims)?;
     let chosen: Vec<_> = s
-        .candidates
-        .into_iter()
-        .filter(|c| c.correct >= 1.0)
+        .eligible(args.min_margin)
         .take(args.count)
+        .cloned()
         .collect();
     if chosen.is_empty() {
-        bail!("no test image of the target class is classified correctly by every clean victim; train them longer (victim.epochs)");
+        bail!("no test image of the target class is classified correctly by every clean victim with --min-margin {} to spare; train the victims longer (victim.epochs) or lower --min-margin", args.min_margin);
     }
+    let floor = if args.min_margin > 0.0 {
+        format!(" by at least {} logits in each", args.min_margin)
+    } else {
+        String::new()
+    };
     Ok(Selection {
         method: format!(
-            "targets suggest: {} clean {} victims trained {} epochs; of the targets every victim classifies correctly, the {} with the smallest logit margin to the adversarial class",
+            "targets suggest: {} clean {} victims trained {} epochs; of the targets every victim classifies correctly{floor}, the {} with the smallest mean logit margin to the adversarial class",
             args.suggest_victims,
             config.victim.net.name(),
             config.victim.epochs,

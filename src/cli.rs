@@ -529,13 +529,13 @@ fn suggest_targets(config: &Config, victims: usize, top: usize) -> Result<()> {
         class_names[plan.adv_class as usize]
     );
     println!(
-        "{:>5} {:>10} {:>8} {:>8} {:>8}",
-        "id", "test_index", "correct", "margin", "p_adv"
+        "{:>5} {:>10} {:>8} {:>8} {:>10} {:>8}",
+        "id", "test_index", "correct", "margin", "min_margin", "p_adv"
     );
     for c in s.candidates.iter().take(top) {
         println!(
-            "{:>5} {:>10} {:>8.2} {:>8.3} {:>8.4}",
-            c.id, c.test_index, c.correct, c.margin, c.p_adv
+            "{:>5} {:>10} {:>8.2} {:>8.3} {:>10.3} {:>8.4}",
+            c.id, c.test_index, c.correct, c.margin, c.min_margin, c.p_adv
         );
     }
     Ok(())

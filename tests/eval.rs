@@ -154,3 +154,30 @@ fn eval_on_a_real_export_reads_success_from_the_prediction() {
     assert_eq!(t.target_probs[0].len(), 10);
     assert!(t.clean_accuracy > 0.2, "{}", t.clean_accuracy);
 }
+
+#[test]
+fn eligible_targets_respect_the_margin_floor() {
+    use metapoison::victim::targets::{Candidate, Suggestion};
+    let c = |id, correct, margin, min_margin| Candidate {
+        id,
+        test_index: id * 10,
+        correct,
+        margin,
+        min_margin,
+        p_adv: 0.1,
+    };
+    // Ranked as `suggest` ranks: always-correct first, then by mean margin.
+    let s = Suggestion {
+        candidates: vec![
+            c(4, 1.0, 0.3, 0.1),
+            c(7, 1.0, 1.2, 0.9),
+            c(2, 1.0, 2.0, 1.5),
+            c(9, 0.5, 0.2, -0.4),
+        ],
+        accuracies: vec![0.85, 0.86],
+    };
+    let ids = |floor| s.eligible(floor).map(|c| c.id).collect::<Vec<_>>();
+    assert_eq!(ids(0.0), vec![4, 7, 2]);
+    assert_eq!(ids(1.0), vec![2]);
+    assert_eq!(ids(0.5), vec![7, 2]);
+}

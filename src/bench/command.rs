@@ -42,6 +42,10 @@ pub struct BenchArgs {
     /// Surrogates M.
     #[arg(long)]
     ensemble: Option<usize>,
+    /// Surrogates run at once, each on its own thread with its share of the cores (the
+    /// crafter's `craft.parallel_surrogates`). The reference always runs them one after another.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
     /// Device: auto, cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
@@ -102,6 +106,7 @@ impl BenchArgs {
         if let Some(m) = self.ensemble {
             s.ensemble = m;
         }
+        s.workers = self.workers;
         s
     }
 }
@@ -180,7 +185,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         None => None,
     };
     eprintln!(
-        "bench: {} {}x{}x{} batch {}, {} poisons in batch, K {}, M {} on {}",
+        "bench: {} {}x{}x{} batch {}, {} poisons in batch, K {}, M {} ({} at once) on {}",
         spec.net.name(),
         spec.channels,
         spec.side,
@@ -189,8 +194,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
         spec.poisons_in_batch,
         spec.unroll_steps,
         spec.ensemble,
+        spec.workers,
         crate::device::describe(device)
     );
+    // Our side runs `workers` surrogates at once, each with its share of the cores (the
+    // reference process keeps all of them).
+    let _intra_op = (!device.is_cuda()).then(|| {
+        crate::craft::parallel::IntraOpThreads::set(crate::craft::parallel::intra_op_threads(
+            threads as usize,
+            spec.workers,
+        ))
+    });
     let mut inputs = StepInputs::new(&spec, device);
     if let Some(path) = &args.save_inputs {
         inputs.save(path, &[])?;

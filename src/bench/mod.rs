@@ -54,6 +54,9 @@ pub struct StepSpec {
     pub color_eps: f64,
     pub double: bool,
     pub seed: u64,
+    /// Surrogates run at once on their own threads (the crafter's `craft.parallel_surrogates`);
+    /// the reference always runs them one after another, as a plain PyTorch loop does.
+    pub workers: usize,
 }
 
 impl StepSpec {
@@ -78,6 +81,7 @@ impl StepSpec {
             color_eps: 0.04,
             double: false,
             seed: 0,
+            workers: 1,
         }
     }
 
@@ -139,6 +143,9 @@ impl StepSpec {
         if self.ensemble == 0 || self.targets == 0 {
             return Err("--ensemble and --targets must be at least 1".into());
         }
+        if self.workers == 0 {
+            return Err("--workers must be at least 1".into());
+        }
         Ok(())
     }
 }
@@ -157,6 +164,41 @@ pub struct StepInputs {
     pub adam: Adam,
     pub targets: Tensor,
     pub labels: TargetLabels,
+}
+
+/// What one surrogate needs for its part of a benchmarked step, movable to a worker thread.
+struct SurrogateJob {
+    net: Network,
+    state: State,
+    perturbation: Perturbation,
+    batches: UnrollBatches,
+    targets: Tensor,
+    labels: TargetLabels,
+    settings: UnrollSettings,
+    clean: (Tensor, Tensor),
+}
+
+impl SurrogateJob {
+    /// The meta-gradient (d/d delta, d/d offsets), then the clean SGD step.
+    fn run(self) -> (Tensor, Tensor) {
+        let (_, gd, go) = meta_gradient(
+            Surrogate {
+                net: &self.net,
+                weights: &self.state.weights,
+                buffers: &self.state.buffers,
+            },
+            &self.perturbation,
+            &self.batches,
+            Targets {
+                images: &self.targets,
+                labels: &self.labels,
+            },
+            self.settings,
+        );
+        let (x, y) = &self.clean;
+        let _ = sgd_step(&self.net, &self.state, x, y, self.settings.lr, 0.0);
+        (gd, go)
+    }
 }
 
 impl StepInputs {
@@ -263,24 +305,19 @@ impl StepInputs {
     }
 
     /// One whole benchmarked step (no host sync inside): per surrogate the meta-gradient and
-    /// one clean SGD step on its first batch; then the averaged meta-gradient drives one Adam
-    /// step on delta and the grid, and the projection.
+    /// one clean SGD step on its first batch (`spec.workers` surrogates at a time, as the
+    /// crafter runs them); then the averaged meta-gradient drives one Adam step on delta and
+    /// the grid, and the projection.
     pub fn step(&mut self) {
         let mut g_delta = self.perturbation.delta.detach().zeros_like();
         let mut g_offsets = self.perturbation.offsets.detach().zeros_like();
-        for m in 0..self.spec.ensemble {
-            let (_, gd, go) = self.meta_gradient(m);
-            g_delta += gd;
-            g_offsets += go;
-            let (x, y) = &self.batches[m][0];
-            let _ = sgd_step(
-                &self.net,
-                &self.surrogates[m],
-                x,
-                y,
-                self.spec.inner_lr,
-                0.0,
-            );
+        let ms: Vec<usize> = (0..self.spec.ensemble).collect();
+        for wave in ms.chunks(self.spec.workers.max(1)) {
+            let jobs: Vec<SurrogateJob> = wave.iter().map(|&m| self.job(m)).collect();
+            for (gd, go) in crate::craft::parallel::map(jobs, SurrogateJob::run) {
+                g_delta += gd;
+                g_offsets += go;
+            }
         }
         let mm = self.spec.ensemble as f64;
         let p = &mut self.perturbation;
@@ -290,6 +327,21 @@ impl StepInputs {
             self.spec.outer_lr,
         );
         p.project(true);
+    }
+
+    /// Surrogate m's share of a step, with its own handles on the shared tensors.
+    fn job(&self, m: usize) -> SurrogateJob {
+        let (x, y) = &self.batches[m][0];
+        SurrogateJob {
+            net: self.net.clone(),
+            state: self.surrogates[m].shallow_clone(),
+            perturbation: self.perturbation.shallow_clone(),
+            batches: self.unroll_batches(m),
+            targets: self.targets.shallow_clone(),
+            labels: self.labels.shallow_clone(),
+            settings: self.settings(),
+            clean: (x.shallow_clone(), y.shallow_clone()),
+        }
     }
 
     /// Writes the inputs (and the spec as metadata) for the reference, plus `extra` tensors.
@@ -441,6 +493,14 @@ pub fn time_side_by_side(
     warmup: usize,
     reps: usize,
 ) -> Result<(Timing, Option<Timing>)> {
+    // On CPU each side's idle OpenMP threads spin for a while after its step; a pause before
+    // each timed side keeps that tail out of the other side's time.
+    let pause = !device.is_cuda() && reference.is_some();
+    let settle = || {
+        if pause {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+    };
     for _ in 0..warmup {
         inputs.step();
         synchronize(device);
@@ -450,11 +510,13 @@ pub fn time_side_by_side(
     }
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for _ in 0..reps {
+        settle();
         synchronize(device);
         let t = Instant::now();
         inputs.step();
         synchronize(device);
         ours.push(t.elapsed().as_secs_f64());
+        settle();
         if let Some(r) = reference.as_deref_mut() {
             theirs.push(r.step()?);
         }

@@ -189,6 +189,9 @@ pub struct CraftConfig {
     /// Fraction of the poison-holding batches of an epoch at which the meta-gradient is taken;
     /// `auto` = 1.0 (faithful) on CUDA, 0.15 on CPU.
     pub meta_batch_fraction: Auto<f64>,
+    /// Surrogates crafted at the same time, each on its own thread with its share of the CPU
+    /// cores. Speed only: the maths is the same (float rounding aside). 1 = one after another.
+    pub parallel_surrogates: usize,
     pub objective: ObjectiveKind,
     /// Adam learning rate on the 0-255 scale (also applied to the colour grid).
     pub outer_lr: f64,
@@ -212,6 +215,7 @@ impl Default for CraftConfig {
             ensemble_size: Auto::Auto,
             stagger: Auto::Auto,
             meta_batch_fraction: Auto::Auto,
+            parallel_surrogates: 1,
             objective: ObjectiveKind::Cw,
             outer_lr: 200.0,
             warmup_steps: 5,

@@ -59,7 +59,6 @@ pub struct Crafter {
     /// Training images, u8 [N, C, H, W] on the device, and labels.
     train_x: Tensor,
     train_y: Tensor,
-    train_len: usize,
     /// Poison slot of each training index, or -1.
     slot_of: Vec<i64>,
     pub perturbation: Perturbation,
@@ -137,7 +136,6 @@ impl Crafter {
             unroll_steps: config.craft.unroll_steps,
         };
         let mut crafter = Crafter {
-            train_len: data.train.len(),
             train_x,
             train_y,
             slot_of,
@@ -198,163 +196,88 @@ impl Crafter {
         Tensor::from_slice(&v.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(device)
     }
 
-    fn sgd_step(&self, m: usize, x: &Tensor, y: &Tensor, lr: f64) -> Tensor {
-        sgd::sgd_step(
-            &self.net,
-            &self.surrogates[m],
-            x,
-            y,
-            lr,
-            self.config.surrogate.weight_decay,
-        )
-    }
-
-    /// A permutation of the training indices for one epoch.
-    fn permutation(&self, seed: u64) -> Vec<usize> {
-        let mut perm: Vec<usize> = (0..self.train_len).collect();
-        SplitMix64::new(seed).shuffle(&mut perm);
-        perm
-    }
-
-    /// Trains surrogate `m` for one clean epoch at `epoch` (pretraining).
-    fn clean_epoch(&self, m: usize, epoch: usize, generation: usize) {
-        let b = self.batch_size();
-        let lr = self.inner_lr(epoch);
-        let seed = derive(
-            self.config.run.seed,
-            Purpose::Pretrain,
-            (m * 1_000_003 + generation) as u64,
-            epoch as u64,
-        );
-        let perm = self.permutation(seed);
-        for chunk in perm.chunks_exact(b) {
-            let idx = Self::as_index(chunk, self.device);
-            let x = self.train_x.index_select(0, &idx).to_kind(self.kind);
-            let y = self.train_y.index_select(0, &idx);
-            let _ = self.sgd_step(m, &x, &y, lr);
+    /// Surrogate m's clean pretraining epoch `epoch`, as a job a worker thread can own.
+    fn clean_epoch_job(&self, m: usize, epoch: usize, generation: usize) -> CleanEpochJob {
+        CleanEpochJob {
+            net: self.net.clone(),
+            state: self.surrogates[m].shallow_clone(),
+            train_x: self.train_x.shallow_clone(),
+            train_y: self.train_y.shallow_clone(),
+            batch_size: self.batch_size(),
+            lr: self.inner_lr(epoch),
+            weight_decay: self.config.surrogate.weight_decay,
+            seed: derive(
+                self.config.run.seed,
+                Purpose::Pretrain,
+                (m * 1_000_003 + generation) as u64,
+                epoch as u64,
+            ),
+            kind: self.kind,
+            device: self.device,
         }
     }
 
-    /// Staggered pretraining: surrogate m is trained from scratch to its starting epoch.
-    /// `progress(m, epoch, epochs)` is called after each epoch; returning false cancels.
+    /// Staggered pretraining: surrogate m is trained from scratch to its starting epoch,
+    /// `plan.parallel_surrogates` surrogates at a time. `progress(m, epoch, epochs)` is called
+    /// after each epoch; returning false cancels.
     pub fn pretrain(&mut self, mut progress: impl FnMut(usize, usize, usize) -> bool) -> bool {
         let (mm, stagger) = (self.plan.ensemble_size, self.plan.stagger);
-        for m in 0..mm {
-            let epochs = schedule::surrogate_epoch(m, 0, mm, stagger);
-            for e in 0..epochs {
-                self.clean_epoch(m, e, 0);
-                if !progress(m, e + 1, epochs) {
-                    return false;
+        let order: Vec<usize> = (0..mm).collect();
+        for wave in order.chunks(self.plan.parallel_surrogates.max(1)) {
+            let epochs = |m: usize| schedule::surrogate_epoch(m, 0, mm, stagger);
+            let longest = wave.iter().map(|&m| epochs(m)).max().unwrap_or(0);
+            for e in 0..longest {
+                let busy: Vec<usize> = wave.iter().copied().filter(|&m| e < epochs(m)).collect();
+                let jobs = busy
+                    .iter()
+                    .map(|&m| self.clean_epoch_job(m, e, 0))
+                    .collect();
+                super::parallel::map(jobs, CleanEpochJob::run);
+                for &m in &busy {
+                    if !progress(m, e + 1, epochs(m)) {
+                        return false;
+                    }
                 }
             }
-            if epochs == 0 && !progress(m, 0, 0) {
-                return false;
+            for &m in wave {
+                if epochs(m) == 0 && !progress(m, 0, 0) {
+                    return false;
+                }
             }
         }
         true
     }
 
-    /// Positions in a batch that hold poisons, and their slots.
-    fn poisons_in(&self, chunk: &[usize]) -> (Vec<usize>, Vec<usize>) {
-        let mut positions = Vec::new();
-        let mut slots = Vec::new();
-        for (p, &i) in chunk.iter().enumerate() {
-            if self.slot_of[i] >= 0 {
-                positions.push(p);
-                slots.push(self.slot_of[i] as usize);
-            }
+    /// What surrogate m needs to walk its crafting epoch at `step`, as handles a worker
+    /// thread can own.
+    fn epoch_job(&self, m: usize, step: usize, poisons_now: &Tensor) -> EpochJob {
+        let epoch = schedule::surrogate_epoch(m, step, self.plan.ensemble_size, self.plan.stagger);
+        EpochJob {
+            m,
+            step,
+            seed: self.config.run.seed,
+            batch_size: self.batch_size(),
+            settings: UnrollSettings {
+                steps: self.live.unroll_steps,
+                lr: self.inner_lr(epoch),
+                weight_decay: self.config.surrogate.weight_decay,
+                objective: self.plan.objective,
+                smooth_coef: self.config.threat.smooth_coef,
+            },
+            meta_batch_fraction: self.plan.meta_batch_fraction,
+            augment: self.config.craft.augment,
+            kind: self.kind,
+            device: self.device,
+            net: self.net.clone(),
+            state: self.surrogates[m].shallow_clone(),
+            train_x: self.train_x.shallow_clone(),
+            train_y: self.train_y.shallow_clone(),
+            slot_of: self.slot_of.clone(),
+            perturbation: self.perturbation.shallow_clone(),
+            poisons_now: poisons_now.shallow_clone(),
+            targets: self.targets.shallow_clone(),
+            labels: self.labels.shallow_clone(),
         }
-        (positions, slots)
-    }
-
-    /// Surrogate m walks one epoch at craft step `step`, taking the meta-gradient at the chosen
-    /// poison-holding batches and an ordinary clean SGD step at every batch. Returns the summed
-    /// gradients, the summed adversarial loss (a tensor) and the number of meta batches.
-    fn crafting_epoch(
-        &self,
-        m: usize,
-        epoch: usize,
-        step: usize,
-        poisons_now: &Tensor,
-    ) -> (Tensor, Tensor, Tensor, usize) {
-        let b = self.batch_size();
-        let lr = self.inner_lr(epoch);
-        let k = self.live.unroll_steps;
-        let seed = self.config.run.seed;
-        let perm = self.permutation(derive(seed, Purpose::Shuffle, m as u64, step as u64));
-        let mut choose = SplitMix64::new(derive(
-            seed,
-            Purpose::MetaBatchChoice,
-            m as u64,
-            step as u64,
-        ));
-        let chunks: Vec<&[usize]> = perm.chunks_exact(b).collect();
-        let settings = UnrollSettings {
-            steps: k,
-            lr,
-            weight_decay: self.config.surrogate.weight_decay,
-            objective: self.plan.objective,
-            smooth_coef: self.config.threat.smooth_coef,
-        };
-        let mut g_delta = self.perturbation.delta.detach().zeros_like();
-        let mut g_offsets = self.perturbation.offsets.detach().zeros_like();
-        let mut adv_sum = Tensor::zeros([], (self.kind, self.device));
-        let mut count = 0;
-        let load = |chunk: &[usize], with_poisons: bool| -> (Tensor, Tensor) {
-            let idx = Self::as_index(chunk, self.device);
-            let mut x = self.train_x.index_select(0, &idx).to_kind(self.kind);
-            if with_poisons {
-                let (pos, slots) = self.poisons_in(chunk);
-                if !pos.is_empty() {
-                    let p = poisons_now.index_select(0, &Self::as_index(&slots, self.device));
-                    x = x.index_copy(0, &Self::as_index(&pos, self.device), &p);
-                }
-            }
-            (x, self.train_y.index_select(0, &idx))
-        };
-        for (bi, chunk) in chunks.iter().enumerate() {
-            let (positions, slots) = self.poisons_in(chunk);
-            let (x, y) = load(chunk, false);
-            if !positions.is_empty() && choose.next_f64() < self.plan.meta_batch_fraction {
-                let mut batches = vec![(x.shallow_clone(), y.shallow_clone())];
-                for i in 1..=k {
-                    batches.push(load(chunks[(bi + i) % chunks.len()], true));
-                }
-                let input = UnrollBatches {
-                    batches,
-                    positions: Self::as_index(&positions, self.device),
-                    slots: Self::as_index(&slots, self.device),
-                    augment: self.config.craft.augment.then(|| choose.next_u64()),
-                };
-                let s = &self.surrogates[m];
-                let (adv, gd, go) = meta_gradient(
-                    Surrogate {
-                        net: &self.net,
-                        weights: &s.weights,
-                        buffers: &s.buffers,
-                    },
-                    &self.perturbation,
-                    &input,
-                    Targets {
-                        images: &self.targets,
-                        labels: &self.labels,
-                    },
-                    settings,
-                );
-                g_delta += gd;
-                g_offsets += go;
-                adv_sum += adv;
-                count += 1;
-            }
-            // The surrogate itself follows the clean trajectory.
-            let x = if self.config.craft.augment {
-                crate::model::augment::crop_flip(&x, &mut choose)
-            } else {
-                x
-            };
-            let _ = self.sgd_step(m, &x, &y, lr);
-        }
-        (g_delta, g_offsets, adv_sum, count)
     }
 
     /// Ensemble-averaged class probabilities of the targets, and per-surrogate fooled flags.
@@ -416,22 +339,30 @@ impl Crafter {
         // Surrogates change in place during the step; a cancelled step puts them back, so the
         // job always sits at a step boundary (where checkpoints are taken).
         let snapshot: Vec<State> = self.surrogates.iter().map(State::deep_clone).collect();
-        for m in 0..mm {
+        let workers = self.plan.parallel_surrogates.max(1);
+        let order: Vec<usize> = (0..mm).collect();
+        for wave in order.chunks(workers) {
             if cancelled() {
                 self.surrogates = snapshot.into_iter().map(State::trainable).collect();
                 return None;
             }
-            let epoch = schedule::surrogate_epoch(m, step, mm, stagger);
-            if epoch == 0 && step > 0 {
-                let generation = schedule::surrogate_generation(m, step, mm, stagger);
-                self.surrogates[m] = self.fresh_surrogate(m, generation);
+            let mut jobs = Vec::with_capacity(wave.len());
+            for &m in wave {
+                let epoch = schedule::surrogate_epoch(m, step, mm, stagger);
+                if epoch == 0 && step > 0 {
+                    let generation = schedule::surrogate_generation(m, step, mm, stagger);
+                    self.surrogates[m] = self.fresh_surrogate(m, generation);
+                }
+                epochs.push(epoch);
+                jobs.push(self.epoch_job(m, step, &poisons_now));
             }
-            let (gd, go, adv, n) = self.crafting_epoch(m, epoch, step, &poisons_now);
-            g_delta += gd;
-            g_offsets += go;
-            adv_per.push((adv, n));
-            epochs.push(epoch);
-            meta_batches += n;
+            // Summed in surrogate order whatever thread finished first.
+            for (gd, go, adv, n) in super::parallel::map(jobs, EpochJob::run) {
+                g_delta += gd;
+                g_offsets += go;
+                adv_per.push((adv, n));
+                meta_batches += n;
+            }
         }
         let g_delta = g_delta / mm as f64;
         let g_offsets = g_offsets / mm as f64;
@@ -495,5 +426,154 @@ impl Crafter {
 
     pub fn finished(&self) -> bool {
         self.step >= self.config.craft.steps
+    }
+}
+
+/// One clean training epoch of a surrogate (pretraining), trained in place.
+struct CleanEpochJob {
+    net: Network,
+    state: State,
+    train_x: Tensor,
+    train_y: Tensor,
+    batch_size: usize,
+    lr: f64,
+    weight_decay: f64,
+    seed: u64,
+    kind: Kind,
+    device: Device,
+}
+
+impl CleanEpochJob {
+    fn run(self) {
+        let mut perm: Vec<usize> = (0..self.train_x.size()[0] as usize).collect();
+        SplitMix64::new(self.seed).shuffle(&mut perm);
+        for chunk in perm.chunks_exact(self.batch_size) {
+            let idx = Crafter::as_index(chunk, self.device);
+            let x = self.train_x.index_select(0, &idx).to_kind(self.kind);
+            let y = self.train_y.index_select(0, &idx);
+            let _ = sgd::sgd_step(&self.net, &self.state, &x, &y, self.lr, self.weight_decay);
+        }
+    }
+}
+
+/// One surrogate's crafting epoch, with its own handles on the shared tensors so that it can
+/// run on a worker thread (see parallel.rs). The surrogate's weights are trained in place.
+struct EpochJob {
+    m: usize,
+    step: usize,
+    seed: u64,
+    batch_size: usize,
+    settings: UnrollSettings,
+    meta_batch_fraction: f64,
+    augment: bool,
+    kind: Kind,
+    device: Device,
+    net: Network,
+    state: State,
+    train_x: Tensor,
+    train_y: Tensor,
+    /// Poison slot of each training index, or -1.
+    slot_of: Vec<i64>,
+    perturbation: Perturbation,
+    poisons_now: Tensor,
+    targets: Tensor,
+    labels: TargetLabels,
+}
+
+impl EpochJob {
+    /// Positions in a batch that hold poisons, and their slots.
+    fn poisons_in(&self, chunk: &[usize]) -> (Vec<usize>, Vec<usize>) {
+        let mut positions = Vec::new();
+        let mut slots = Vec::new();
+        for (p, &i) in chunk.iter().enumerate() {
+            if self.slot_of[i] >= 0 {
+                positions.push(p);
+                slots.push(self.slot_of[i] as usize);
+            }
+        }
+        (positions, slots)
+    }
+
+    /// A training batch; with `with_poisons` the poisons (as they stand this step) replace
+    /// their clean originals.
+    fn load(&self, chunk: &[usize], with_poisons: bool) -> (Tensor, Tensor) {
+        let idx = Crafter::as_index(chunk, self.device);
+        let mut x = self.train_x.index_select(0, &idx).to_kind(self.kind);
+        if with_poisons {
+            let (pos, slots) = self.poisons_in(chunk);
+            if !pos.is_empty() {
+                let p = self
+                    .poisons_now
+                    .index_select(0, &Crafter::as_index(&slots, self.device));
+                x = x.index_copy(0, &Crafter::as_index(&pos, self.device), &p);
+            }
+        }
+        (x, self.train_y.index_select(0, &idx))
+    }
+
+    /// The surrogate walks one epoch, taking the meta-gradient at the chosen poison-holding
+    /// batches and an ordinary clean SGD step at every batch. Returns the summed gradients,
+    /// the summed adversarial loss (a tensor) and the number of meta batches.
+    fn run(self) -> (Tensor, Tensor, Tensor, usize) {
+        let (m, step, seed) = (self.m as u64, self.step as u64, self.seed);
+        let mut perm: Vec<usize> = (0..self.slot_of.len()).collect();
+        SplitMix64::new(derive(seed, Purpose::Shuffle, m, step)).shuffle(&mut perm);
+        let mut choose = SplitMix64::new(derive(seed, Purpose::MetaBatchChoice, m, step));
+        let chunks: Vec<&[usize]> = perm.chunks_exact(self.batch_size).collect();
+        let k = self.settings.steps;
+        let mut g_delta = self.perturbation.delta.detach().zeros_like();
+        let mut g_offsets = self.perturbation.offsets.detach().zeros_like();
+        let mut adv_sum = Tensor::zeros([], (self.kind, self.device));
+        let mut count = 0;
+        for (bi, chunk) in chunks.iter().enumerate() {
+            let (positions, slots) = self.poisons_in(chunk);
+            let (x, y) = self.load(chunk, false);
+            if !positions.is_empty() && choose.next_f64() < self.meta_batch_fraction {
+                let mut batches = vec![(x.shallow_clone(), y.shallow_clone())];
+                for i in 1..=k {
+                    batches.push(self.load(chunks[(bi + i) % chunks.len()], true));
+                }
+                let input = UnrollBatches {
+                    batches,
+                    positions: Crafter::as_index(&positions, self.device),
+                    slots: Crafter::as_index(&slots, self.device),
+                    augment: self.augment.then(|| choose.next_u64()),
+                };
+                let (adv, gd, go) = meta_gradient(
+                    Surrogate {
+                        net: &self.net,
+                        weights: &self.state.weights,
+                        buffers: &self.state.buffers,
+                    },
+                    &self.perturbation,
+                    &input,
+                    Targets {
+                        images: &self.targets,
+                        labels: &self.labels,
+                    },
+                    self.settings,
+                );
+                g_delta += gd;
+                g_offsets += go;
+                adv_sum += adv;
+                count += 1;
+            }
+            // The surrogate itself follows the clean trajectory.
+            let x = if self.augment {
+                crate::model::augment::crop_flip(&x, &mut choose)
+            } else {
+                x
+            };
+            let settings = &self.settings;
+            let _ = sgd::sgd_step(
+                &self.net,
+                &self.state,
+                &x,
+                &y,
+                settings.lr,
+                settings.weight_decay,
+            );
+        }
+        (g_delta, g_offsets, adv_sum, count)
     }
 }

@@ -4,6 +4,7 @@
 use super::checkpoint;
 use super::crafter::{Crafter, LiveSettings};
 use super::messages::{Command, Event, Phase, Preview, Telemetry};
+use super::parallel;
 use super::plan::Plan;
 use crate::config::Config;
 use crate::data::Dataset;
@@ -433,6 +434,13 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Sender<Telemetry>) -> Re
         tracing::info!("{note}");
     }
     let mut crafter = Crafter::new(config.clone(), &setup.data, plan, setup.device, setup.kind);
+    // Several surrogates at once on the CPU: each worker gets its share of the cores for the
+    // whole job (parallel.rs says why not per worker); put back before the linger phase.
+    let workers = crafter.plan.parallel_surrogates;
+    let intra_op = (!setup.device.is_cuda() && workers > 1).then(|| {
+        let threads = parallel::intra_op_threads(tch::get_num_threads().max(1) as usize, workers);
+        parallel::IntraOpThreads::set(threads)
+    });
     let resumed_at = match &loaded {
         Some(l) => {
             l.restore_into(&mut crafter)?;
@@ -444,7 +452,7 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Sender<Telemetry>) -> Re
         run_dir: setup.run_dir.display().to_string(),
         device: crate::device::describe(setup.device),
         config_summary: format!(
-            "{} on {}, {} poisons of class {}, targets {:?} (class {}) -> class {}, M={} stagger={} K={} fraction={}",
+            "{} on {}, {} poisons of class {}, targets {:?} (class {}) -> class {}, M={} stagger={} K={} fraction={} ({} at once)",
             config.surrogate.net.name(),
             setup.data.name,
             crafter.plan.poison_indices.len(),
@@ -455,7 +463,8 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Sender<Telemetry>) -> Re
             crafter.plan.ensemble_size,
             crafter.plan.stagger,
             crafter.live.unroll_steps,
-            crafter.plan.meta_batch_fraction
+            crafter.plan.meta_batch_fraction,
+            crafter.plan.parallel_surrogates
         ),
         resumed_at,
         class_names: setup.data.class_names.clone(),
@@ -551,6 +560,7 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Sender<Telemetry>) -> Re
         }
     }
     session.checkpoint()?;
+    drop(intra_op);
     session.send(Telemetry::Phase(Phase::Done));
     session.send(Telemetry::Finished {
         steps_done: session.crafter.step,

@@ -7,6 +7,7 @@ pub mod crafter;
 pub mod engine;
 pub mod messages;
 pub mod objective;
+pub mod parallel;
 pub mod perturbation;
 pub mod plan;
 pub mod recolor;

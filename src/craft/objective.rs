@@ -15,6 +15,17 @@ pub struct TargetLabels {
     pub poison_class: i64,
 }
 
+impl TargetLabels {
+    /// Another handle on the same tensors (for a worker thread).
+    pub fn shallow_clone(&self) -> TargetLabels {
+        TargetLabels {
+            truth: self.truth.shallow_clone(),
+            adversarial: self.adversarial.shallow_clone(),
+            poison_class: self.poison_class,
+        }
+    }
+}
+
 /// Carlini-Wagner margin: max_{j != a} z_j - z_a, clamped below at -100.
 fn cw(logits: &Tensor, adv: &Tensor) -> Tensor {
     let z_adv = logits.gather(1, &adv.unsqueeze(1), false).squeeze_dim(1);

@@ -51,6 +51,19 @@ impl Perturbation {
         }
     }
 
+    /// Another handle on the same tensors (same storage, same autograd leaves), for a worker
+    /// thread: tensors can move between threads but not be shared by reference.
+    pub fn shallow_clone(&self) -> Perturbation {
+        Perturbation {
+            base: self.base.shallow_clone(),
+            delta: self.delta.shallow_clone(),
+            offsets: self.offsets.shallow_clone(),
+            recolor: self.recolor.clone(),
+            eps: self.eps,
+            color_eps: self.color_eps,
+        }
+    }
+
     /// The authors' initialisation: delta uniform in [-eps, eps], then clipped so base + delta
     /// stays an image; offsets zero. `seed` fixes the draw.
     pub fn randomise(&mut self, seed: u64) {

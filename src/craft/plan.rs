@@ -20,9 +20,16 @@ pub struct Plan {
     pub ensemble_size: usize,
     pub stagger: usize,
     pub meta_batch_fraction: f64,
+    /// Surrogates crafted at once on their own threads (speed only).
+    #[serde(default = "one")]
+    pub parallel_surrogates: usize,
     pub objective: ObjectiveKind,
     /// Why each `auto` value came out as it did (logged and shown).
     pub notes: Vec<String>,
+}
+
+fn one() -> usize {
+    1
 }
 
 fn err(field: &str, msg: impl std::fmt::Display) -> String {
@@ -122,6 +129,7 @@ impl Plan {
                 .craft
                 .meta_batch_fraction
                 .resolve(if on_gpu { 1.0 } else { 0.15 });
+        let parallel_surrogates = config.craft.parallel_surrogates.min(ensemble_size);
         if config.craft.ensemble_size.value().is_none() {
             notes.push(format!(
                 "craft.ensemble_size = auto -> {ensemble_size} (on {hw})"
@@ -158,6 +166,7 @@ impl Plan {
             ensemble_size,
             stagger,
             meta_batch_fraction,
+            parallel_surrogates,
             objective: config.craft.objective,
             notes,
         })

@@ -87,6 +87,14 @@ impl State {
         }
     }
 
+    /// Another handle on the same tensors: in-place training through it updates this state.
+    pub fn shallow_clone(&self) -> State {
+        State {
+            weights: self.weights.iter().map(|t| t.shallow_clone()).collect(),
+            buffers: self.buffers.iter().map(|t| t.shallow_clone()).collect(),
+        }
+    }
+
     /// A deep copy (fresh storage), so updating one never touches the other.
     pub fn deep_clone(&self) -> State {
         State {

@@ -19,6 +19,10 @@ pub struct Candidate {
     pub correct: f64,
     /// Mean over victims of z_true - z_adv (logits): small and positive is near the boundary.
     pub margin: f64,
+    /// Smallest z_true - z_adv over the victims: how close the least sure victim came to
+    /// flipping it. Selecting on the mean alone favours targets that only looked correct.
+    #[serde(default)]
+    pub min_margin: f64,
     /// Mean probability of the adversarial class.
     pub p_adv: f64,
 }
@@ -27,6 +31,17 @@ pub struct Suggestion {
     pub candidates: Vec<Candidate>,
     /// Clean test accuracy of each victim.
     pub accuracies: Vec<f64>,
+}
+
+impl Suggestion {
+    /// The candidates fit to attack, in rank order: classified correctly by every clean victim
+    /// with at least `min_margin` logits to spare in each. A floor above 0 skips targets that
+    /// a fresh clean victim would often flip on its own (the control would "succeed").
+    pub fn eligible(&self, min_margin: f64) -> impl Iterator<Item = &Candidate> {
+        self.candidates
+            .iter()
+            .filter(move |c| c.correct >= 1.0 && c.min_margin >= min_margin)
+    }
 }
 
 /// Trains `victims` clean models and ranks every test image of the target class by its margin
@@ -62,6 +77,7 @@ pub fn suggest(
     let targets = test_x.index_select(0, &idx);
     let n = of_class.len();
     let (mut correct, mut margin, mut p_adv) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+    let mut min_margin = vec![f64::INFINITY; n];
     let mut accuracies = Vec::new();
     for v in 0..victims {
         let state = train_from_scratch(
@@ -84,8 +100,10 @@ pub fn suggest(
             if pred.int64_value(&[i64_]) == target_class {
                 correct[i] += 1.0;
             }
-            margin[i] += logits.double_value(&[i64_, target_class])
+            let m = logits.double_value(&[i64_, target_class])
                 - logits.double_value(&[i64_, adv_class]);
+            margin[i] += m;
+            min_margin[i] = min_margin[i].min(m);
             p_adv[i] += probs.double_value(&[i64_, adv_class]);
         }
         progress(v + 1, victims);
@@ -97,6 +115,7 @@ pub fn suggest(
             test_index: of_class[i],
             correct: correct[i] / k,
             margin: margin[i] / k,
+            min_margin: min_margin[i],
             p_adv: p_adv[i] / k,
         })
         .collect();
