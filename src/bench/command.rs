@@ -199,12 +199,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     );
     // Our side runs `workers` surrogates at once, each with its share of the cores (the
     // reference process keeps all of them).
-    let _intra_op = (!device.is_cuda()).then(|| {
-        crate::craft::parallel::IntraOpThreads::set(crate::craft::parallel::intra_op_threads(
-            threads as usize,
-            spec.workers,
-        ))
-    });
+    let _intra_op = (!device.is_cuda())
+        .then(|| crate::craft::parallel::IntraOpThreads::share_among(spec.workers));
     let mut inputs = StepInputs::new(&spec, device);
     if let Some(path) = &args.save_inputs {
         inputs.save(path, &[])?;

@@ -311,9 +311,8 @@ impl StepInputs {
     pub fn step(&mut self) {
         let mut g_delta = self.perturbation.delta.detach().zeros_like();
         let mut g_offsets = self.perturbation.offsets.detach().zeros_like();
-        let ms: Vec<usize> = (0..self.spec.ensemble).collect();
-        for wave in ms.chunks(self.spec.workers.max(1)) {
-            let jobs: Vec<SurrogateJob> = wave.iter().map(|&m| self.job(m)).collect();
+        for wave in crate::craft::parallel::waves(self.spec.ensemble, self.spec.workers) {
+            let jobs: Vec<SurrogateJob> = wave.map(|m| self.job(m)).collect();
             for (gd, go) in crate::craft::parallel::map(jobs, SurrogateJob::run) {
                 g_delta += gd;
                 g_offsets += go;

@@ -13,6 +13,7 @@ use super::unroll::{meta_gradient, Surrogate, Targets, UnrollBatches, UnrollSett
 use crate::config::Config;
 use crate::data::{Dataset, Split};
 use crate::model::{sgd, InputNorm, Mode, Network, State};
+use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -59,8 +60,8 @@ pub struct Crafter {
     /// Training images, u8 [N, C, H, W] on the device, and labels.
     train_x: Tensor,
     train_y: Tensor,
-    /// Poison slot of each training index, or -1.
-    slot_of: Vec<i64>,
+    /// Poison slot of each training index, or -1 (shared with the epoch jobs).
+    slot_of: Arc<[i64]>,
     pub perturbation: Perturbation,
     pub adam: Adam,
     pub targets: Tensor,
@@ -138,7 +139,7 @@ impl Crafter {
         let mut crafter = Crafter {
             train_x,
             train_y,
-            slot_of,
+            slot_of: slot_of.into(),
             perturbation,
             adam,
             targets,
@@ -222,12 +223,11 @@ impl Crafter {
     /// after each epoch; returning false cancels.
     pub fn pretrain(&mut self, mut progress: impl FnMut(usize, usize, usize) -> bool) -> bool {
         let (mm, stagger) = (self.plan.ensemble_size, self.plan.stagger);
-        let order: Vec<usize> = (0..mm).collect();
-        for wave in order.chunks(self.plan.parallel_surrogates.max(1)) {
-            let epochs = |m: usize| schedule::surrogate_epoch(m, 0, mm, stagger);
-            let longest = wave.iter().map(|&m| epochs(m)).max().unwrap_or(0);
+        let epochs = |m: usize| schedule::surrogate_epoch(m, 0, mm, stagger);
+        for wave in super::parallel::waves(mm, self.plan.parallel_surrogates) {
+            let longest = wave.clone().map(epochs).max().unwrap_or(0);
             for e in 0..longest {
-                let busy: Vec<usize> = wave.iter().copied().filter(|&m| e < epochs(m)).collect();
+                let busy: Vec<usize> = wave.clone().filter(|&m| e < epochs(m)).collect();
                 let jobs = busy
                     .iter()
                     .map(|&m| self.clean_epoch_job(m, e, 0))
@@ -239,7 +239,7 @@ impl Crafter {
                     }
                 }
             }
-            for &m in wave {
+            for m in wave {
                 if epochs(m) == 0 && !progress(m, 0, 0) {
                     return false;
                 }
@@ -272,7 +272,7 @@ impl Crafter {
             state: self.surrogates[m].shallow_clone(),
             train_x: self.train_x.shallow_clone(),
             train_y: self.train_y.shallow_clone(),
-            slot_of: self.slot_of.clone(),
+            slot_of: Arc::clone(&self.slot_of),
             perturbation: self.perturbation.shallow_clone(),
             poisons_now: poisons_now.shallow_clone(),
             targets: self.targets.shallow_clone(),
@@ -339,15 +339,13 @@ impl Crafter {
         // Surrogates change in place during the step; a cancelled step puts them back, so the
         // job always sits at a step boundary (where checkpoints are taken).
         let snapshot: Vec<State> = self.surrogates.iter().map(State::deep_clone).collect();
-        let workers = self.plan.parallel_surrogates.max(1);
-        let order: Vec<usize> = (0..mm).collect();
-        for wave in order.chunks(workers) {
+        for wave in super::parallel::waves(mm, self.plan.parallel_surrogates) {
             if cancelled() {
                 self.surrogates = snapshot.into_iter().map(State::trainable).collect();
                 return None;
             }
             let mut jobs = Vec::with_capacity(wave.len());
-            for &m in wave {
+            for m in wave {
                 let epoch = schedule::surrogate_epoch(m, step, mm, stagger);
                 if epoch == 0 && step > 0 {
                     let generation = schedule::surrogate_generation(m, step, mm, stagger);
@@ -473,7 +471,7 @@ struct EpochJob {
     train_x: Tensor,
     train_y: Tensor,
     /// Poison slot of each training index, or -1.
-    slot_of: Vec<i64>,
+    slot_of: Arc<[i64]>,
     perturbation: Perturbation,
     poisons_now: Tensor,
     targets: Tensor,

@@ -436,11 +436,8 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Sender<Telemetry>) -> Re
     let mut crafter = Crafter::new(config.clone(), &setup.data, plan, setup.device, setup.kind);
     // Several surrogates at once on the CPU: each worker gets its share of the cores for the
     // whole job (parallel.rs says why not per worker); put back before the linger phase.
-    let workers = crafter.plan.parallel_surrogates;
-    let intra_op = (!setup.device.is_cuda() && workers > 1).then(|| {
-        let threads = parallel::intra_op_threads(tch::get_num_threads().max(1) as usize, workers);
-        parallel::IntraOpThreads::set(threads)
-    });
+    let intra_op = (!setup.device.is_cuda())
+        .then(|| parallel::IntraOpThreads::share_among(crafter.plan.parallel_surrogates));
     let resumed_at = match &loaded {
         Some(l) => {
             l.restore_into(&mut crafter)?;

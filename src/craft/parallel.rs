@@ -28,35 +28,47 @@ pub fn map<J: Send, R: Send>(jobs: Vec<J>, work: impl Fn(J) -> R + Sync) -> Vec<
     })
 }
 
-/// libtorch's intra-op threads while `workers` surrogates run at once on `cores` cores.
-///
-/// libtorch's thread count is process-wide and its convolution kernels remember the count
-/// they were first built with, so it is set once for the whole crafting job (see
-/// [`IntraOpThreads`]), not per worker thread: switching it back and forth left workers
-/// oversubscribing the cores (measured: 2.08 s a step against 1.73 s set once, 2 cores).
-pub fn intra_op_threads(cores: usize, workers: usize) -> usize {
-    (cores / workers.max(1)).max(1)
+/// The indices 0..count in consecutive groups of `at_once` (the last may be shorter): the
+/// surrogates that run together.
+pub fn waves(count: usize, at_once: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let at_once = at_once.max(1);
+    (0..count)
+        .step_by(at_once)
+        .map(move |start| start..(start + at_once).min(count))
 }
 
-/// Sets libtorch's intra-op thread count for as long as it lives, then puts the old one back.
+/// Gives libtorch's intra-op threads to `workers` surrogates running at once, for as long as
+/// it lives, then puts the old count back.
+///
+/// libtorch's thread count is process-wide and its convolution kernels remember the count
+/// they were first built with, so it is set once for the whole job, not per worker thread:
+/// switching it back and forth left workers oversubscribing the cores (measured: 2.08 s a step
+/// against 1.73 s set once, 2 cores).
 pub struct IntraOpThreads {
-    previous: i32,
+    /// The count to put back, when this guard changed it.
+    previous: Option<i32>,
 }
 
 impl IntraOpThreads {
-    pub fn set(threads: usize) -> IntraOpThreads {
+    /// Each of `workers` gets an equal share of the current threads (at least one); with one
+    /// worker nothing changes.
+    pub fn share_among(workers: usize) -> IntraOpThreads {
         let previous = tch::get_num_threads();
-        if threads as i32 != previous {
-            tch::set_num_threads(threads as i32);
+        let share = (previous.max(1) / workers.max(1) as i32).max(1);
+        if share == previous {
+            return IntraOpThreads { previous: None };
         }
-        IntraOpThreads { previous }
+        tch::set_num_threads(share);
+        IntraOpThreads {
+            previous: Some(previous),
+        }
     }
 }
 
 impl Drop for IntraOpThreads {
     fn drop(&mut self) {
-        if tch::get_num_threads() != self.previous {
-            tch::set_num_threads(self.previous);
+        if let Some(previous) = self.previous {
+            tch::set_num_threads(previous);
         }
     }
 }
