@@ -235,7 +235,7 @@ fn choose_targets(config: &Config, args: &CampaignArgs) -> Result<Selection> {
             "targets suggest: {} clean {} victims trained {} epochs; of the targets every victim classifies correctly{floor}, the {} with the smallest mean logit margin to the adversarial class",
             args.suggest_victims,
             config.victim.net.name(),
-            config.victim.epochs,
+            config.victim.epochs(),
             chosen.len()
         ),
         targets: chosen.iter().map(|c| c.id).collect(),
@@ -249,7 +249,7 @@ fn craft_target(config: &Config, run_dir: &Path, stop: &Arc<AtomicBool>) -> Resu
     let checkpoint = run_dir.join(crate::craft::checkpoint::FILE_NAME);
     let (config, resume) = if checkpoint.exists() {
         let loaded = crate::craft::checkpoint::load(run_dir)?;
-        if loaded.state.step >= loaded.state.config.craft.steps {
+        if loaded.state.step >= loaded.state.config.craft.steps() {
             return Ok(true);
         }
         (loaded.state.config, true)
@@ -290,14 +290,20 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs) -> Result<()> {
         .and_then(|t| serde_json::from_str(&t).ok());
     let mut config = config;
     if let Some(s) = args.steps {
-        config.craft.steps = s;
+        config.craft.steps = s.into();
     }
     config.validate()?;
-    // A campaign keeps the config it started with, so resuming cannot mix settings.
+    // A campaign keeps the config it started with, so resuming cannot mix settings; its
+    // `auto` fields are settled for this device once, at the start.
     let config_file = dir.join("config.toml");
+    let device = crate::cli::resolve_device(&config)?;
     if config_file.exists() {
         config = Config::load(&config_file)?;
     } else {
+        for note in config.settle(device.is_cuda()) {
+            eprintln!("{note}");
+            tracing::info!("{note}");
+        }
         crate::craft::checkpoint::write_atomic(&config_file, config.to_toml().as_bytes())
             .with_context(|| format!("cannot write {}", config_file.display()))?;
     }
@@ -327,7 +333,6 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs) -> Result<()> {
         totals: vec![],
         seconds: earlier_seconds,
     };
-    let device = crate::cli::resolve_device(&config)?;
     for (i, &target) in selection.targets.iter().enumerate() {
         let tdir = dir.join(format!("target-{target}"));
         let (run_dir, export_dir) = (tdir.join("run"), tdir.join("export"));

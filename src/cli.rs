@@ -228,7 +228,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Data {
             action: DataCmd::Info,
         } => {
-            let config = load_config(cli.config.as_deref(), &paths)?;
+            let mut config = load_config(cli.config.as_deref(), &paths)?;
+            // What a run on this machine would train on (`data.train_limit` may be auto).
+            config.settle(resolve_device(&config)?.is_cuda());
             let data = crate::data::load(&config.data)?;
             print!("{}", data.summary());
         }
@@ -291,7 +293,7 @@ fn run(cli: Cli) -> Result<()> {
             let _log = init_logging(&paths);
             let mut config = load_config(cli.config.as_deref(), &paths)?;
             if let Some(e) = epochs {
-                config.victim.epochs = e;
+                config.victim.epochs = e.into();
             }
             config.validate()?;
             suggest_targets(&config, victims, top)?;
@@ -369,7 +371,7 @@ fn start_engine(
         config.run.device = d;
     }
     if let Some(s) = steps {
-        config.craft.steps = s;
+        config.craft.steps = s.into();
     }
     let stop = Arc::new(AtomicBool::new(false));
     watch_signals(&stop)?;
@@ -401,7 +403,11 @@ pub(crate) fn spawn_engine(
 ) -> Result<engine::EngineHandle> {
     config.validate()?;
     let device = resolve_device(&config)?;
-    let data = crate::data::load(&config.data)?;
+    // The engine settles the config's `auto` fields itself (and reports them); the data it
+    // crafts on must be loaded with the same choices.
+    let mut settled = config.clone();
+    settled.settle(device.is_cuda());
+    let data = crate::data::load(&settled.data)?;
     tracing::info!("crafting into {} on {device:?}", run_dir.display());
     Ok(engine::spawn(EngineSetup {
         config,
@@ -490,9 +496,12 @@ pub(crate) fn rank_targets(
 )> {
     use crate::victim::{targets, VictimTraining};
     let device = resolve_device(config)?;
+    let mut config = config.clone();
+    for note in config.settle(device.is_cuda()) {
+        tracing::info!("{note}");
+    }
     let data = crate::data::load(&config.data)?;
-    let plan = crate::craft::plan::Plan::resolve(config, &data, device.is_cuda())
-        .map_err(anyhow::Error::msg)?;
+    let plan = crate::craft::plan::Plan::resolve(&config, &data).map_err(anyhow::Error::msg)?;
     let spec = VictimTraining::from_config(&config.victim);
     eprintln!(
         "training {victims} clean {} victim(s) for {} epochs on {} images of {}",
@@ -589,7 +598,7 @@ impl VictimArgs {
             })?;
         }
         if let Some(e) = self.epochs {
-            victim.epochs = e;
+            victim.epochs = e.into();
         }
         if let Some(b) = self.victim_batch {
             victim.batch_size = b;
@@ -607,7 +616,7 @@ impl VictimArgs {
             victim.augment = true;
         }
         let trials = self.trials.unwrap_or(victim.trials);
-        if trials == 0 || victim.epochs == 0 || victim.batch_size == 0 {
+        if trials == 0 || victim.epochs() == 0 || victim.batch_size == 0 {
             bail!("--trials, --epochs and --victim-batch must be at least 1");
         }
         if !(victim.lr > 0.0 && victim.lr.is_finite()) {
@@ -647,7 +656,9 @@ fn evaluate(
     save_weights: bool,
 ) -> Result<()> {
     let device = resolve_device(config)?;
-    let plan = args.plan(victim_protocol(config, dir), save_weights)?;
+    let mut victim = victim_protocol(config, dir);
+    victim.settle(device.is_cuda());
+    let plan = args.plan(victim, save_weights)?;
     let report = crate::victim::eval::evaluate(dir, &plan, device, |p| {
         let r = p.trial;
         eprintln!(

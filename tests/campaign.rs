@@ -88,7 +88,7 @@ fn totals_pool_victims_over_targets_and_count_majority_flips() {
 
 fn tiny_config_file(dir: &std::path::Path) -> std::path::PathBuf {
     let mut c = common::tiny_config(400, 10, 1);
-    c.victim.epochs = 1;
+    c.victim.epochs = 1.into();
     c.victim.batch_size = 50;
     c.run.device = "cpu".into();
     let path = dir.join("tiny.toml");

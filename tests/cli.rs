@@ -90,7 +90,7 @@ fn config_init_writes_once_and_show_prints_the_effective_config() {
     std::fs::write(&written, "[craft]\nunroll_steps = 3\n").unwrap();
     let shown = String::from_utf8_lossy(&run(&["config", "show"]).stdout).into_owned();
     assert!(
-        shown.contains("unroll_steps = 3") && shown.contains("npoison = 200"),
+        shown.contains("unroll_steps = 3") && shown.contains("npoison = \"auto\""),
         "{shown}"
     );
 }
@@ -103,9 +103,9 @@ fn data_info_lists_the_embedded_counts() {
         .output()
         .unwrap();
     let s = String::from_utf8_lossy(&out.stdout);
-    // The default config trains on the first 5,000 images (data.train_limit).
+    // The default config on a CPU trains on the first 2,000 images (data.train_limit auto).
     assert!(
-        s.contains("train    5000 images") && s.contains("test     2000 images"),
+        s.contains("train    2000 images") && s.contains("test     2000 images"),
         "{s}"
     );
     assert!(
@@ -118,5 +118,5 @@ fn data_info_lists_the_embedded_counts() {
         .skip(1)
         .filter_map(|l| l.split_whitespace().rev().nth(1)?.parse::<usize>().ok())
         .sum();
-    assert_eq!(counts, 5000, "{s}");
+    assert_eq!(counts, 2000, "{s}");
 }

@@ -1,7 +1,7 @@
 //! The example config parses, documents exactly the defaults, and bad input is rejected with a
 //! message naming the field and the allowed range.
 
-use metapoison::config::Config;
+use metapoison::config::{Auto, Config};
 use std::path::Path;
 
 const EXAMPLE: &str = include_str!("../config.example.toml");
@@ -39,23 +39,63 @@ fn example_mentions_every_field() {
 }
 
 #[test]
-fn defaults_are_the_published_ones() {
-    let c = Config::default();
-    assert_eq!(c.threat.npoison, 200);
+fn defaults_settled_for_cuda_are_the_published_ones() {
+    let mut c = Config::default();
+    let notes = c.settle(true);
+    assert_eq!(c.threat.npoison, Auto::Value(200));
     assert_eq!(c.threat.eps, 8.0);
     assert_eq!(c.threat.color_eps, 0.04);
     assert_eq!(c.threat.color_grid, 10);
     assert_eq!(c.threat.smooth_coef, 1.0);
     assert_eq!(c.craft.unroll_steps, 2);
-    assert_eq!(c.craft.steps, 61);
+    assert_eq!(c.craft.steps, Auto::Value(61));
     assert_eq!(c.craft.outer_lr, 200.0);
     assert_eq!(c.craft.warmup_steps, 5);
-    assert_eq!(c.craft.lr_drops, vec![20, 40]);
+    assert_eq!(c.craft.lr_drops(), &[20, 40]);
+    assert_eq!(c.craft.ensemble_size, Auto::Value(24));
+    assert_eq!(c.craft.stagger, Auto::Value(1));
+    assert_eq!(c.craft.meta_batch_fraction, Auto::Value(1.0));
     assert_eq!(c.surrogate.lr, 0.1);
     assert_eq!(c.surrogate.batch_size, 125);
     assert_eq!(c.surrogate.warmup_epochs, 5);
-    assert_eq!(c.victim.epochs, 200);
-    assert_eq!(c.data.train_limit, 5000);
+    assert_eq!(c.victim.epochs, Auto::Value(200));
+    assert_eq!(c.data.train_limit, Auto::Value(5000));
+    // One note per field decided, naming it and the hardware.
+    assert_eq!(notes.len(), 8, "{notes:?}");
+    assert!(
+        notes.contains(&"craft.steps = auto -> 61 (on CUDA)".to_string()),
+        "{notes:?}"
+    );
+    // Settling twice changes nothing and says nothing.
+    let again = c.clone();
+    assert!(c.settle(false).is_empty());
+    assert_eq!(c, again);
+}
+
+#[test]
+fn defaults_settled_for_a_cpu_are_the_dense_profile_and_explicit_values_stay() {
+    let mut c = parse("[craft]\nsteps = 7\n[victim]\nepochs = 3\n").unwrap();
+    // Unsettled `auto` fields already read as the CPU profile.
+    assert_eq!(c.data.train_limit(), 2000);
+    let notes = c.settle(false);
+    assert_eq!(c.data.train_limit, Auto::Value(2000));
+    assert_eq!(c.threat.npoison, Auto::Value(150));
+    assert_eq!(c.craft.steps, Auto::Value(7));
+    assert_eq!(c.craft.lr_drops(), &[15, 30]);
+    assert_eq!(c.craft.ensemble_size(), 4);
+    assert_eq!(c.craft.stagger(), 5);
+    assert_eq!(c.craft.meta_batch_fraction(), 1.0);
+    assert_eq!(c.victim.epochs, Auto::Value(3));
+    assert_eq!(notes.len(), 6, "{notes:?}");
+    assert!(
+        !notes.iter().any(|n| n.starts_with("craft.steps")),
+        "{notes:?}"
+    );
+    // The settled config round-trips through TOML with numbers, not "auto".
+    let text = c.to_toml();
+    assert!(text.contains("train_limit = 2000"), "{text}");
+    let back = Config::from_toml_str(&text, Path::new("x.toml")).unwrap();
+    assert_eq!(back, c);
 }
 
 #[test]

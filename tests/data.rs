@@ -39,7 +39,7 @@ fn train_limit_keeps_the_first_images() {
     let ds = data::load(&DataConfig {
         dataset: DatasetKind::Embedded,
         path: None,
-        train_limit: 5000,
+        train_limit: 5000.into(),
     })
     .unwrap();
     assert_eq!(ds.train.len(), 5000);
@@ -189,7 +189,7 @@ fn fashion_mnist_from_the_debian_package_when_installed() {
     let ds = data::load(&DataConfig {
         dataset: DatasetKind::FashionMnist,
         path: Some(dir.into()),
-        train_limit: 0,
+        train_limit: 0.into(),
     })
     .unwrap();
     assert_eq!((ds.train.len(), ds.test.len()), (60_000, 10_000));

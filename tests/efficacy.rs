@@ -17,13 +17,13 @@ fn crafted_poisons_lower_the_target_loss_of_fresh_victims() {
         data: DataConfig {
             dataset: DatasetKind::Embedded,
             path: None,
-            train_limit: 1000,
+            train_limit: 1000.into(),
         },
         ..Config::default()
     };
-    config.threat.npoison = 80;
+    config.threat.npoison = 80.into();
     config.threat.eps = 16.0;
-    config.craft.steps = 12;
+    config.craft.steps = 12.into();
     config.craft.ensemble_size = Auto::Value(2);
     config.craft.stagger = Auto::Value(2);
     config.craft.meta_batch_fraction = Auto::Value(1.0);
@@ -52,7 +52,7 @@ fn crafted_poisons_lower_the_target_loss_of_fresh_victims() {
         .expect("a correctly classified shirt");
     config.threat.target_ids = Auto::Value(vec![target.id]);
 
-    let plan = Plan::resolve(&config, &data, false).unwrap();
+    let plan = Plan::resolve(&config, &data).unwrap();
     let mut crafter = Crafter::new(
         config.clone(),
         &data,

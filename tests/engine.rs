@@ -19,7 +19,7 @@ fn tiny_config() -> Config {
     c.craft.ensemble_size = Auto::Value(2);
     c.craft.meta_batch_fraction = Auto::Value(0.5);
     c.craft.warmup_steps = 2;
-    c.craft.lr_drops = vec![3];
+    c.craft.lr_drops = vec![3].into();
     c.run.checkpoint_every = 2;
     c.run.seed = 11;
     c
@@ -104,6 +104,15 @@ fn interrupted_and_resumed_equals_uninterrupted() {
     );
     let saved = checkpoint::load(&b).unwrap();
     assert_eq!(saved.state.step, first.len());
+    // The run recorded its `auto` fields as the numbers it used (the CPU profile here), so the
+    // resume below reads the same settings whatever machine it runs on.
+    assert_eq!(config.victim.epochs, Auto::Auto);
+    assert_eq!(saved.state.config.victim.epochs, Auto::Value(20));
+    assert_eq!(
+        saved.state.config.craft.stagger,
+        Auto::Value(1),
+        "given values stay"
+    );
     let rest = run(saved.state.config.clone(), &b, true, None, vec![]);
     assert_eq!(first.len() + rest.len(), 5);
 
@@ -296,7 +305,7 @@ fn export_now_writes_an_earlier_step_to_a_chosen_folder_and_never_overwrites_it(
 #[test]
 fn a_lingering_engine_exports_and_evaluates_after_the_last_step() {
     let mut config = common::tiny_config(400, 10, 1);
-    config.victim.epochs = 1;
+    config.victim.epochs = 1.into();
     config.victim.batch_size = 50;
     let dir = tempfile::tempdir().unwrap();
     let handle = spawn(EngineSetup {

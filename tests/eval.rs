@@ -33,7 +33,7 @@ fn clean_victim_reaches_the_accuracy_floor() {
     let ds = data::load(&DataConfig {
         dataset: DatasetKind::Embedded,
         path: None,
-        train_limit: 2000,
+        train_limit: 2000.into(),
     })
     .unwrap();
     let net = Network::new(

@@ -19,7 +19,7 @@ fn craft(parallel: usize) -> (tch::Tensor, tch::Tensor, Vec<f64>) {
     c.craft.meta_batch_fraction = Auto::Value(0.5);
     c.craft.parallel_surrogates = parallel;
     let ds = data::load(&c.data).unwrap();
-    let plan = Plan::resolve(&c, &ds, false).unwrap();
+    let plan = Plan::resolve(&c, &ds).unwrap();
     assert_eq!(plan.parallel_surrogates, parallel);
     let mut crafter = Crafter::new(c, &ds, plan, Device::Cpu, Kind::Double);
     let mut progress = Vec::new();

@@ -13,7 +13,7 @@ use tch::{Device, Kind};
 fn nonfinite_meta_gradients_are_skipped_and_counted() {
     let c = common::tiny_config(300, 10, 4);
     let ds = data::load(&c.data).unwrap();
-    let plan = Plan::resolve(&c, &ds, false).unwrap();
+    let plan = Plan::resolve(&c, &ds).unwrap();
     let mut crafter = Crafter::new(c, &ds, plan, Device::Cpu, Kind::Float);
     assert!(crafter.pretrain(|_, _, _| true));
     // A healthy step first.

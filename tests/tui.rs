@@ -28,7 +28,8 @@ fn started() -> Telemetry {
     let ds = data::embedded::load().unwrap();
     let mut config = Config::default();
     config.craft.ensemble_size = Auto::Value(2);
-    let plan = Plan::resolve(&config, &ds, false).unwrap();
+    config.threat.npoison = 200.into();
+    let plan = Plan::resolve(&config, &ds).unwrap();
     Telemetry::Started {
         run_dir: "/runs/test".into(),
         device: "cpu (2 threads)".into(),

@@ -64,3 +64,9 @@ impl<T: fmt::Display> fmt::Display for Auto<T> {
         }
     }
 }
+
+impl<T> From<T> for Auto<T> {
+    fn from(v: T) -> Self {
+        Auto::Value(v)
+    }
+}

@@ -2,9 +2,11 @@
 //! published setting (see config.example.toml), validated with messages that name the field.
 
 mod auto;
+mod profile;
 mod validate;
 
 pub use auto::Auto;
+pub use profile::HardwareProfile;
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -108,9 +110,9 @@ pub struct DataConfig {
     pub dataset: DatasetKind,
     /// Folder holding the data set's files (unused for `embedded`).
     pub path: Option<PathBuf>,
-    /// Train on the first N training images only; the authors' default is nbatch 40 x batch 125
-    /// = 5000 (10% of CIFAR-10). 0 = the whole training split.
-    pub train_limit: usize,
+    /// Train on the first N training images only; 0 = the whole training split. `auto` = the
+    /// authors' nbatch 40 x batch 125 = 5000 (10% of CIFAR-10) on CUDA, 2000 on CPU.
+    pub train_limit: Auto<usize>,
 }
 
 impl Default for DataConfig {
@@ -118,7 +120,7 @@ impl Default for DataConfig {
         Self {
             dataset: DatasetKind::Embedded,
             path: None,
-            train_limit: 5000,
+            train_limit: Auto::Auto,
         }
     }
 }
@@ -134,8 +136,9 @@ pub struct ThreatConfig {
     pub poison_class: Auto<i64>,
     /// Class the target should be classified as; `auto` = the poison class.
     pub adv_class: Auto<i64>,
-    /// Number of poisons (the first `npoison` training images of the poison class).
-    pub npoison: usize,
+    /// Number of poisons (the first `npoison` training images of the poison class); `auto` =
+    /// 200 on CUDA, 150 on CPU.
+    pub npoison: Auto<usize>,
     /// Draw poisons from all classes instead of the poison class.
     pub multiclass: bool,
     /// L-inf bound of the additive perturbation, on the 0-255 pixel scale.
@@ -155,7 +158,7 @@ impl Default for ThreatConfig {
             target_ids: Auto::Auto,
             poison_class: Auto::Auto,
             adv_class: Auto::Auto,
-            npoison: 200,
+            npoison: Auto::Auto,
             multiclass: false,
             eps: 8.0,
             color_eps: 0.04,
@@ -178,16 +181,17 @@ pub enum ObjectiveKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CraftConfig {
-    /// Outer (craft) steps; the authors run 61 and keep the poisons of step 60.
-    pub steps: usize,
+    /// Outer (craft) steps; `auto` = the authors' 61 (they keep the poisons of step 60) on
+    /// CUDA, 40 on CPU.
+    pub steps: Auto<usize>,
     /// K: unrolled SGD steps kept in the graph.
     pub unroll_steps: usize,
     /// M: surrogates in the staggered ensemble; `auto` = 24 on CUDA, 4 on CPU.
     pub ensemble_size: Auto<usize>,
-    /// Epochs between successive surrogates; `auto` = 1 on CUDA, 2 on CPU.
+    /// Epochs between successive surrogates; `auto` = 1 on CUDA, 5 on CPU.
     pub stagger: Auto<usize>,
     /// Fraction of the poison-holding batches of an epoch at which the meta-gradient is taken;
-    /// `auto` = 1.0 (faithful) on CUDA, 0.15 on CPU.
+    /// `auto` = 1.0 (the authors' every batch) on both; lower it on small machines.
     pub meta_batch_fraction: Auto<f64>,
     /// Surrogates crafted at the same time, each on its own thread with its share of the CPU
     /// cores. Speed only: the maths is the same (float rounding aside). 1 = one after another.
@@ -197,8 +201,9 @@ pub struct CraftConfig {
     pub outer_lr: f64,
     /// Quadratic warm-up of the outer lr over this many steps.
     pub warmup_steps: usize,
-    /// Steps at which the outer lr is multiplied by `lr_drop_factor`.
-    pub lr_drops: Vec<usize>,
+    /// Steps at which the outer lr is multiplied by `lr_drop_factor`; `auto` = the authors'
+    /// [20, 40] on CUDA, [15, 30] on CPU.
+    pub lr_drops: Auto<Vec<usize>>,
     pub lr_drop_factor: f64,
     /// Re-initialise the perturbation every N steps; 0 = never.
     pub restart_period: usize,
@@ -210,7 +215,7 @@ pub struct CraftConfig {
 impl Default for CraftConfig {
     fn default() -> Self {
         Self {
-            steps: 61,
+            steps: Auto::Auto,
             unroll_steps: 2,
             ensemble_size: Auto::Auto,
             stagger: Auto::Auto,
@@ -219,7 +224,7 @@ impl Default for CraftConfig {
             objective: ObjectiveKind::Cw,
             outer_lr: 200.0,
             warmup_steps: 5,
-            lr_drops: vec![20, 40],
+            lr_drops: Auto::Auto,
             lr_drop_factor: 0.1,
             restart_period: 0,
             augment: false,
@@ -284,7 +289,8 @@ impl Default for TrainConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct VictimConfig {
     pub net: NetKind,
-    pub epochs: usize,
+    /// `auto` = the authors' 200 on CUDA, 20 on CPU.
+    pub epochs: Auto<usize>,
     pub lr: f64,
     /// Linear warm-up of the lr over this many epochs (as the authors' training).
     pub warmup_epochs: usize,
@@ -299,7 +305,7 @@ impl Default for VictimConfig {
     fn default() -> Self {
         Self {
             net: NetKind::ConvnetBn,
-            epochs: 200,
+            epochs: Auto::Auto,
             lr: 0.1,
             warmup_epochs: 5,
             lr_drops: vec![100, 150],

@@ -108,14 +108,18 @@ impl Config {
                 ));
             }
         }
-        int_range("threat.npoison", th.npoison, 1, 50_000)?;
+        if let Auto::Value(n) = th.npoison {
+            int_range("threat.npoison", n, 1, 50_000)?;
+        }
         real_range("threat.eps", th.eps, 0.0, 255.0, false)?;
         real_range("threat.color_eps", th.color_eps, 0.0, 0.5, false)?;
         int_range("threat.color_grid", th.color_grid, 2, 64)?;
         real_range("threat.smooth_coef", th.smooth_coef, 0.0, 1e6, false)?;
 
         let c = &self.craft;
-        int_range("craft.steps", c.steps, 1, 1_000_000)?;
+        if let Auto::Value(s) = c.steps {
+            int_range("craft.steps", s, 1, 1_000_000)?;
+        }
         int_range("craft.unroll_steps", c.unroll_steps, 1, 16)?;
         if let Auto::Value(m) = c.ensemble_size {
             int_range("craft.ensemble_size", m, 1, 1024)?;
@@ -129,7 +133,9 @@ impl Config {
         int_range("craft.parallel_surrogates", c.parallel_surrogates, 1, 1024)?;
         real_range("craft.outer_lr", c.outer_lr, 0.0, 1e6, true)?;
         int_range("craft.warmup_steps", c.warmup_steps, 0, 1_000_000)?;
-        increasing("craft.lr_drops", &c.lr_drops)?;
+        if let Auto::Value(d) = &c.lr_drops {
+            increasing("craft.lr_drops", d)?;
+        }
         real_range("craft.lr_drop_factor", c.lr_drop_factor, 0.0, 1.0, true)?;
 
         train(
@@ -148,16 +154,11 @@ impl Config {
             0,
             10_000,
         )?;
-        if th.npoison > 0 && self.surrogate.batch_size <= 1 {
-            return Err(invalid(
-                "surrogate.batch_size",
-                self.surrogate.batch_size,
-                "must be at least 2",
-            ));
-        }
 
         let v = &self.victim;
-        int_range("victim.epochs", v.epochs, 1, 100_000)?;
+        if let Auto::Value(e) = v.epochs {
+            int_range("victim.epochs", e, 1, 100_000)?;
+        }
         int_range("victim.warmup_epochs", v.warmup_epochs, 0, 10_000)?;
         real_range("victim.lr", v.lr, 0.0, 10.0, true)?;
         increasing("victim.lr_drops", &v.lr_drops)?;

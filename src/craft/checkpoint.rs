@@ -265,9 +265,16 @@ impl Loaded {
     /// Puts the saved tensors and state into a crafter built from the same config and data.
     pub fn restore_into(&self, c: &mut Crafter) -> Result<(), String> {
         let _guard = tch::no_grad_guard();
-        if self.state.plan != c.plan {
+        // The notes say how `auto` fields were settled when the run began; a resumed run's
+        // config is already settled, so only the decisions themselves must agree.
+        let decisions = |p: &crate::craft::plan::Plan| crate::craft::plan::Plan {
+            notes: Vec::new(),
+            ..p.clone()
+        };
+        if decisions(&self.state.plan) != decisions(&c.plan) {
             return Err("the run's plan (poisons, targets, ensemble) differs from the checkpoint's; was the data changed?".into());
         }
+        c.plan.notes = self.state.plan.notes.clone();
         let delta = self.take("delta", &c.perturbation.delta)?;
         c.perturbation.delta.copy_(&delta);
         let offsets = self.take("offsets", &c.perturbation.offsets)?;

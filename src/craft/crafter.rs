@@ -188,7 +188,7 @@ impl Crafter {
             self.live.outer_lr,
             step,
             c.warmup_steps,
-            &c.lr_drops,
+            c.lr_drops(),
             c.lr_drop_factor,
         )
     }
@@ -399,7 +399,7 @@ impl Crafter {
         self.step_seconds.push(seconds);
         let recent = &self.step_seconds[self.step_seconds.len().saturating_sub(5)..];
         let mean = recent.iter().sum::<f64>() / recent.len() as f64;
-        let steps = self.config.craft.steps;
+        let steps = self.config.craft.steps();
         let report = StepReport {
             step,
             steps,
@@ -423,7 +423,7 @@ impl Crafter {
     }
 
     pub fn finished(&self) -> bool {
-        self.step >= self.config.craft.steps
+        self.step >= self.config.craft.steps()
     }
 }
 

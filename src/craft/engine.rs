@@ -427,9 +427,13 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Sender<Telemetry>) -> Re
     } else {
         None
     };
-    // On resume the caller passes the checkpoint's config (with any overrides, such as more steps).
-    let config = setup.config.clone();
-    let plan = Plan::resolve(&config, &setup.data, setup.device.is_cuda())?;
+    // On resume the caller passes the checkpoint's config (with any overrides, such as more
+    // steps), settled when the run began. A new run settles its `auto` fields for this device
+    // here, so the run folder records what ran (the caller loaded the data settled the same way).
+    let mut config = setup.config.clone();
+    let settled = config.settle(setup.device.is_cuda());
+    let mut plan = Plan::resolve(&config, &setup.data)?;
+    plan.notes = settled;
     for note in &plan.notes {
         tracing::info!("{note}");
     }
@@ -467,7 +471,7 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Sender<Telemetry>) -> Re
         class_names: setup.data.class_names.clone(),
         plan: crafter.plan.clone(),
         live: crafter.live.clone(),
-        steps: config.craft.steps,
+        steps: config.craft.steps(),
     });
     let mut session = Session {
         events_sent: crafter.events.len(),

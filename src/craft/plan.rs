@@ -1,5 +1,5 @@
-//! Turns a config plus a data set into concrete choices: `auto` values resolved for the
-//! hardware and data set, poison and target indices picked and checked.
+//! Turns a (settled) config plus a data set into concrete choices: the data set's default
+//! classes and targets, poison and target indices picked and checked.
 
 use crate::config::{Config, ObjectiveKind};
 use crate::data::Dataset;
@@ -37,7 +37,7 @@ fn err(field: &str, msg: impl std::fmt::Display) -> String {
 }
 
 impl Plan {
-    pub fn resolve(config: &Config, data: &Dataset, on_gpu: bool) -> Result<Plan, String> {
+    pub fn resolve(config: &Config, data: &Dataset) -> Result<Plan, String> {
         let th = &config.threat;
         let classes = data.num_classes() as i64;
         let (dt, dids, dp) = data.default_pair();
@@ -86,11 +86,11 @@ impl Plan {
             let per: Vec<Vec<usize>> = (0..classes)
                 .map(|c| data.train.indices_of_class(c as u8))
                 .collect();
-            let mut out = Vec::with_capacity(th.npoison);
+            let mut out = Vec::with_capacity(th.npoison());
             let mut depth = 0;
-            while out.len() < th.npoison && depth < data.train.len() {
+            while out.len() < th.npoison() && depth < data.train.len() {
                 for list in &per {
-                    if out.len() < th.npoison {
+                    if out.len() < th.npoison() {
                         if let Some(&i) = list.get(depth) {
                             out.push(i);
                         }
@@ -103,46 +103,26 @@ impl Plan {
             data.train
                 .indices_of_class(poison_class as u8)
                 .into_iter()
-                .take(th.npoison)
+                .take(th.npoison())
                 .collect()
         };
-        if poison_indices.len() < th.npoison {
+        if poison_indices.len() < th.npoison() {
             return Err(err(
                 "threat.npoison",
                 format!(
                     "{} poisons asked for, but the training split holds only {} eligible images",
-                    th.npoison,
+                    th.npoison(),
                     poison_indices.len()
                 ),
             ));
         }
 
-        let mut notes = Vec::new();
-        let hw = if on_gpu { "CUDA" } else { "CPU" };
-        let ensemble_size = config
-            .craft
-            .ensemble_size
-            .resolve(if on_gpu { 24 } else { 4 });
-        let stagger = config.craft.stagger.resolve(if on_gpu { 1 } else { 2 });
-        let meta_batch_fraction =
-            config
-                .craft
-                .meta_batch_fraction
-                .resolve(if on_gpu { 1.0 } else { 0.15 });
+        // Hardware-dependent `auto` fields were settled by `Config::settle` (its notes are
+        // the caller's to add); unsettled ones read as the CPU profile.
+        let ensemble_size = config.craft.ensemble_size();
+        let stagger = config.craft.stagger();
+        let meta_batch_fraction = config.craft.meta_batch_fraction();
         let parallel_surrogates = config.craft.parallel_surrogates.min(ensemble_size);
-        if config.craft.ensemble_size.value().is_none() {
-            notes.push(format!(
-                "craft.ensemble_size = auto -> {ensemble_size} (on {hw})"
-            ));
-        }
-        if config.craft.stagger.value().is_none() {
-            notes.push(format!("craft.stagger = auto -> {stagger} (on {hw})"));
-        }
-        if config.craft.meta_batch_fraction.value().is_none() {
-            notes.push(format!(
-                "craft.meta_batch_fraction = auto -> {meta_batch_fraction} (on {hw}; 1.0 is the authors' every poison-holding batch)"
-            ));
-        }
         let b = config.surrogate.batch_size;
         let batches = data.train.len() / b;
         if batches < config.craft.unroll_steps + 1 {
@@ -168,7 +148,7 @@ impl Plan {
             meta_batch_fraction,
             parallel_surrogates,
             objective: config.craft.objective,
-            notes,
+            notes: Vec::new(),
         })
     }
 }

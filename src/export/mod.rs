@@ -163,7 +163,7 @@ pub fn export(req: &ExportRequest) -> Result<PathBuf, String> {
     let step = req.step.unwrap_or(state.step);
     let snapshot = checkpoint::snapshot_path(&req.run_dir, step);
     let data = data::load(&state.config.data).map_err(|e| e.to_string())?;
-    let plan = Plan::resolve(&state.config, &data, false)
+    let plan = Plan::resolve(&state.config, &data)
         .map_err(|e| format!("the run's data no longer matches: {e}"))?;
     if plan.poison_indices != state.plan.poison_indices
         || plan.target_indices != state.plan.target_indices

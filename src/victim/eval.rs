@@ -88,7 +88,7 @@ pub fn evaluate(
     device: Device,
     mut progress: impl FnMut(&EvalProgress) -> bool,
 ) -> Result<EvalReport, String> {
-    if plan.trials == 0 || plan.victim.epochs == 0 || plan.victim.batch_size == 0 {
+    if plan.trials == 0 || plan.victim.epochs() == 0 || plan.victim.batch_size == 0 {
         return Err("trials, epochs and batch size must be at least 1".into());
     }
     if !(plan.victim.lr > 0.0 && plan.victim.lr.is_finite()) {

@@ -26,7 +26,7 @@ impl VictimTraining {
         VictimTraining {
             net: v.net,
             width: 1,
-            epochs: v.epochs,
+            epochs: v.epochs(),
             lr: v.lr,
             warmup_epochs: v.warmup_epochs,
             lr_drops: v.lr_drops.clone(),

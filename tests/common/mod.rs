@@ -16,12 +16,12 @@ pub fn tiny_config(train_limit: usize, npoison: usize, steps: usize) -> Config {
         data: DataConfig {
             dataset: DatasetKind::Embedded,
             path: None,
-            train_limit,
+            train_limit: train_limit.into(),
         },
         ..Config::default()
     };
-    c.threat.npoison = npoison;
-    c.craft.steps = steps;
+    c.threat.npoison = npoison.into();
+    c.craft.steps = steps.into();
     c.craft.unroll_steps = 1;
     c.craft.ensemble_size = Auto::Value(1);
     c.craft.stagger = Auto::Value(1);

@@ -1,0 +1,187 @@
+//! What `auto` means on each kind of hardware, and `Config::settle`, which writes those choices
+//! into a config once the device is known (so a run folder records what actually ran, and a
+//! later export or resume on other hardware reads the same numbers).
+//!
+//! CUDA gets the authors' setting. A CPU gets a poison-dense setting measured to move targets
+//! on 2 cores in about 20 minutes of crafting: 2,000 training images with 150 poisons, every
+//! poison-holding batch unrolled, 4 surrogates staggered by 5 epochs so that the ensemble spans
+//! the 20 epochs a CPU victim trains (README, "What the default run does").
+
+use super::{Auto, Config};
+
+/// The values `auto` fields take on one kind of hardware.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HardwareProfile {
+    pub name: &'static str,
+    pub train_limit: usize,
+    pub npoison: usize,
+    pub steps: usize,
+    pub craft_lr_drops: &'static [usize],
+    pub ensemble_size: usize,
+    pub stagger: usize,
+    pub meta_batch_fraction: f64,
+    pub victim_epochs: usize,
+}
+
+/// The authors' setting (paper and code): 10% of CIFAR-10's batches, 24 surrogates, stagger 1,
+/// the meta step at every poison-holding batch, 61 steps, 200-epoch victims.
+pub const CUDA: HardwareProfile = HardwareProfile {
+    name: "CUDA",
+    train_limit: 5000,
+    npoison: 200,
+    steps: 61,
+    craft_lr_drops: &[20, 40],
+    ensemble_size: 24,
+    stagger: 1,
+    meta_batch_fraction: 1.0,
+    victim_epochs: 200,
+};
+
+/// The poison-dense CPU setting (benches/dense-cpu.toml spells it out).
+pub const CPU: HardwareProfile = HardwareProfile {
+    name: "CPU",
+    train_limit: 2000,
+    npoison: 150,
+    steps: 40,
+    craft_lr_drops: &[15, 30],
+    ensemble_size: 4,
+    stagger: 5,
+    meta_batch_fraction: 1.0,
+    victim_epochs: 20,
+};
+
+impl HardwareProfile {
+    pub fn for_device(on_gpu: bool) -> HardwareProfile {
+        if on_gpu {
+            CUDA
+        } else {
+            CPU
+        }
+    }
+}
+
+/// Replaces `auto` by `value` and says so in `notes`.
+fn settle<T: Clone + std::fmt::Debug>(
+    field: &str,
+    slot: &mut Auto<T>,
+    value: T,
+    hw: &str,
+    notes: &mut Vec<String>,
+) {
+    if matches!(slot, Auto::Auto) {
+        notes.push(format!("{field} = auto -> {value:?} (on {hw})"));
+        *slot = Auto::Value(value);
+    }
+}
+
+impl Config {
+    /// Decides every hardware-dependent `auto` field for the device the run will use, and
+    /// returns one line per decision (logged as run events). Fields given explicitly are
+    /// kept. Before this is called, `auto` fields read as the CPU profile.
+    pub fn settle(&mut self, on_gpu: bool) -> Vec<String> {
+        let p = HardwareProfile::for_device(on_gpu);
+        let mut notes = Vec::new();
+        let n = &mut notes;
+        settle(
+            "data.train_limit",
+            &mut self.data.train_limit,
+            p.train_limit,
+            p.name,
+            n,
+        );
+        settle(
+            "threat.npoison",
+            &mut self.threat.npoison,
+            p.npoison,
+            p.name,
+            n,
+        );
+        settle("craft.steps", &mut self.craft.steps, p.steps, p.name, n);
+        settle(
+            "craft.lr_drops",
+            &mut self.craft.lr_drops,
+            p.craft_lr_drops.to_vec(),
+            p.name,
+            n,
+        );
+        settle(
+            "craft.ensemble_size",
+            &mut self.craft.ensemble_size,
+            p.ensemble_size,
+            p.name,
+            n,
+        );
+        settle(
+            "craft.stagger",
+            &mut self.craft.stagger,
+            p.stagger,
+            p.name,
+            n,
+        );
+        settle(
+            "craft.meta_batch_fraction",
+            &mut self.craft.meta_batch_fraction,
+            p.meta_batch_fraction,
+            p.name,
+            n,
+        );
+        notes.extend(self.victim.settle(on_gpu));
+        notes
+    }
+}
+
+impl super::VictimConfig {
+    /// The victim protocol's part of `Config::settle` (evaluations of an export settle only this).
+    pub fn settle(&mut self, on_gpu: bool) -> Option<String> {
+        let p = HardwareProfile::for_device(on_gpu);
+        let mut notes = Vec::new();
+        settle(
+            "victim.epochs",
+            &mut self.epochs,
+            p.victim_epochs,
+            p.name,
+            &mut notes,
+        );
+        notes.pop()
+    }
+}
+
+// Readers of the hardware-dependent fields: the settled value, or the CPU profile's before
+// `settle` (tests and tools that never pick a device run on the CPU).
+impl super::DataConfig {
+    pub fn train_limit(&self) -> usize {
+        self.train_limit.resolve(CPU.train_limit)
+    }
+}
+
+impl super::ThreatConfig {
+    pub fn npoison(&self) -> usize {
+        self.npoison.resolve(CPU.npoison)
+    }
+}
+
+impl super::CraftConfig {
+    pub fn steps(&self) -> usize {
+        self.steps.resolve(CPU.steps)
+    }
+    pub fn lr_drops(&self) -> &[usize] {
+        self.lr_drops
+            .value()
+            .map_or(CPU.craft_lr_drops, |v| v.as_slice())
+    }
+    pub fn ensemble_size(&self) -> usize {
+        self.ensemble_size.resolve(CPU.ensemble_size)
+    }
+    pub fn stagger(&self) -> usize {
+        self.stagger.resolve(CPU.stagger)
+    }
+    pub fn meta_batch_fraction(&self) -> f64 {
+        self.meta_batch_fraction.resolve(CPU.meta_batch_fraction)
+    }
+}
+
+impl super::VictimConfig {
+    pub fn epochs(&self) -> usize {
+        self.epochs.resolve(CPU.victim_epochs)
+    }
+}
