@@ -124,7 +124,8 @@ enum Cmd {
 enum ConfigCmd {
     /// Parse and validate a config file.
     Check { file: PathBuf },
-    /// Print the effective config (file given by --config, or the default one, or defaults).
+    /// Print the effective config (file given by --config, or the default one, or defaults),
+    /// and as comments what its `auto` fields become on this machine.
     Show,
     /// Write the documented example config to the config dir (never overwrites).
     Init,
@@ -206,7 +207,16 @@ fn run(cli: Cli) -> Result<()> {
                 Config::load(&file)?;
                 println!("{}: ok", file.display());
             }
-            ConfigCmd::Show => print!("{}", load_config(cli.config.as_deref(), &paths)?.to_toml()),
+            ConfigCmd::Show => {
+                let config = load_config(cli.config.as_deref(), &paths)?;
+                print!("{}", config.to_toml());
+                // What the `auto` fields would become for a run started here, as comments so
+                // that the output stays a valid config file.
+                let on_gpu = resolve_device(&config)?.is_cuda();
+                for note in config.clone().settle(on_gpu) {
+                    println!("# {note}");
+                }
+            }
             ConfigCmd::Init => {
                 let target = &paths.config_file;
                 if target.exists() {

@@ -93,6 +93,12 @@ fn config_init_writes_once_and_show_prints_the_effective_config() {
         shown.contains("unroll_steps = 3") && shown.contains("npoison = \"auto\""),
         "{shown}"
     );
+    // This machine has no GPU: the comments give the CPU profile, and the output still parses.
+    assert!(
+        shown.contains("# threat.npoison = auto -> 150 (on CPU)"),
+        "{shown}"
+    );
+    assert!(toml::from_str::<toml::Table>(&shown).is_ok(), "{shown}");
 }
 
 #[test]
