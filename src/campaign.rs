@@ -385,8 +385,11 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs) -> Result<()> {
                     e
                 }
             };
+            let noise = e.noise.as_ref().map_or(String::new(), |n| {
+                format!(", noise {}/{}", n.successes, n.trials)
+            });
             eprintln!(
-                "  {} ({}): poisoned {}/{} flipped, control {}/{}",
+                "  {} ({}): poisoned {}/{} flipped, control {}/{}{noise}",
                 e.victim_net,
                 e.setting,
                 e.poisoned.successes,

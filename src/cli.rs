@@ -591,6 +591,10 @@ pub struct VictimArgs {
     /// Skip the control victims.
     #[arg(long)]
     pub no_control: bool,
+    /// Also train as many victims on the poisons' clean images moved by random +-eps noise
+    /// (the same budget spent at random): the "noise" arm.
+    #[arg(long)]
+    pub noise_control: bool,
 }
 
 impl VictimArgs {
@@ -639,6 +643,7 @@ impl VictimArgs {
             victim,
             trials,
             control: !self.no_control,
+            noise_control: self.noise_control,
             save_weights,
             first_poisons: self.first_poisons,
         })
@@ -717,6 +722,9 @@ pub fn report_table(report: &crate::victim::eval::EvalReport, control: bool) -> 
     out += &row_line("poisoned", &report.poisoned);
     if control {
         out += &row_line("control", &report.control);
+    }
+    if let Some(noise) = &report.noise {
+        out += &row_line("noise", noise);
     }
     out
 }

@@ -44,6 +44,7 @@ fn report(net: &str, poisoned: &[bool], control: &[bool]) -> EvalReport {
         adversarial: vec![0],
         poisoned: p,
         control: c,
+        noise: None,
         trials,
     }
 }
@@ -185,6 +186,7 @@ fn eval_variation_flags_reach_the_victims_and_bad_values_are_named() {
             "--trials",
             "1",
             "--no-control",
+            "--noise-control",
             "--first-poisons",
             "4",
             "--victim-batch",
@@ -210,6 +212,8 @@ fn eval_variation_flags_reach_the_victims_and_bad_values_are_named() {
     assert_eq!(e["protocol"]["lr"], 0.2);
     assert_eq!(e["protocol"]["augment"], true);
     assert_eq!(e["control"]["trials"], 0);
+    assert_eq!(e["noise"]["trials"], 1);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\nnoise "));
     let bad = Command::new(bin)
         .arg("--config")
         .arg(&config)

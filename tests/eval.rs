@@ -8,7 +8,7 @@ use metapoison::craft::crafter::split_tensor;
 use metapoison::data;
 use metapoison::export::{export, ExportRequest, Formats};
 use metapoison::model::{sgd, InputNorm, Network, State};
-use metapoison::victim::eval::{load_export, run_trial, score, summarise, wilson95};
+use metapoison::victim::eval::{load_export, run_trial, score, summarise, wilson95, Arm};
 use metapoison::victim::{train_from_scratch, VictimTraining};
 use tch::{Device, Kind, Tensor};
 
@@ -150,9 +150,60 @@ fn eval_on_a_real_export_reads_success_from_the_prediction() {
     assert_eq!(s.success_ci95, wilson95(1, 2));
 
     // And a real, short victim trial runs on both splits.
-    let (t, _) = run_trial(&data, &net, &short_victim(1), "control", false, 3);
+    let (t, _) = run_trial(&data, &net, &short_victim(1), Arm::Control, 3);
+    assert_eq!(t.arm, "control");
     assert_eq!(t.target_probs[0].len(), 10);
     assert!(t.clean_accuracy > 0.2, "{}", t.clean_accuracy);
+
+    // The noise arm: the clean split with each of the first n poisons' values moved by exactly
+    // +-eps (8) where the pixel range allows, both signs present, nothing else touched.
+    let mut data = data;
+    data.with_noise_poisons(4, 7);
+    let clean = data.clean_x.to_kind(Kind::Int64);
+    let noisy = data.split(Arm::Noise).to_kind(Kind::Int64);
+    let moved = (&noisy - &clean).abs();
+    let idx = data.poison_indices.narrow(0, 0, 4);
+    let rest = data.poison_indices.narrow(0, 4, 6);
+    assert_eq!(
+        moved
+            .index_select(0, &rest)
+            .sum(Kind::Int64)
+            .int64_value(&[]),
+        0
+    );
+    let in_poisons = moved.index_select(0, &idx);
+    assert!(
+        in_poisons.max().int64_value(&[]) == 8,
+        "moved by at most eps"
+    );
+    let base = clean.index_select(0, &idx);
+    let room = base.ge(8).logical_and(&base.le(247));
+    assert_eq!(
+        in_poisons
+            .masked_select(&room)
+            .ne(8)
+            .sum(Kind::Int64)
+            .int64_value(&[]),
+        0,
+        "every value with room moves by exactly eps"
+    );
+    let up = (&noisy - &clean)
+        .index_select(0, &idx)
+        .gt(0)
+        .sum(Kind::Int64);
+    let down = (&noisy - &clean)
+        .index_select(0, &idx)
+        .lt(0)
+        .sum(Kind::Int64);
+    assert!(up.int64_value(&[]) > 0 && down.int64_value(&[]) > 0);
+    let outside = moved
+        .sum_dim_intlist(&[1i64, 2, 3][..], false, Kind::Int64)
+        .gt(0)
+        .sum(Kind::Int64)
+        .int64_value(&[]);
+    assert_eq!(outside, 4, "only the first 4 poisons' images change");
+    let (t, _) = run_trial(&data, &net, &short_victim(1), Arm::Noise, 3);
+    assert_eq!(t.arm, "noise");
 }
 
 #[test]

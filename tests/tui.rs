@@ -463,6 +463,7 @@ fn v_starts_one_evaluation_and_its_result_reaches_the_header() {
         adversarial: vec![0],
         poisoned: summarise(&pick("poisoned")),
         control: summarise(&pick("control")),
+        noise: None,
         trials: trials.clone(),
     };
     app.on_telemetry(Telemetry::Evaluation(Box::new(report)));

@@ -278,6 +278,7 @@ impl Session<'_> {
             trials: trials.unwrap_or(victim.trials).max(1),
             victim,
             control: true,
+            noise_control: false,
             save_weights: false,
             first_poisons: None,
         };

@@ -1,6 +1,7 @@
 //! `eval`: victims trained from scratch on an export's poisoned training split, beside control
-//! victims trained on the clean split, with the target's prediction and the clean accuracy of
-//! each. The attack's effect is the difference between the two.
+//! victims trained on the clean split (and, on request, on the same images moved by random
+//! +-eps noise instead of the crafted perturbation), with the target's prediction and the clean
+//! accuracy of each. The attack's effect is the difference between the arms.
 
 use super::{probabilities, train_from_scratch, VictimTraining};
 use crate::export::npz::{read_npz, NpyArray};
@@ -13,7 +14,7 @@ use tch::{Device, Kind, Tensor};
 /// One victim's outcome.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Trial {
-    /// "poisoned" or "control".
+    /// "poisoned", "control" or "noise".
     pub arm: String,
     pub seed: u64,
     /// Predicted class of each target.
@@ -57,6 +58,9 @@ pub struct EvalReport {
     pub adversarial: Vec<i64>,
     pub poisoned: ArmSummary,
     pub control: ArmSummary,
+    /// Victims trained with random +-eps noise in place of the crafted perturbations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise: Option<ArmSummary>,
     pub trials: Vec<Trial>,
 }
 
@@ -66,9 +70,33 @@ pub struct EvalPlan {
     pub victim: crate::config::VictimConfig,
     pub trials: usize,
     pub control: bool,
+    /// Also train victims on the poison images moved by random +-eps noise (see
+    /// `EvalData::with_noise_poisons`): does a perturbation of this size alone move the target?
+    pub noise_control: bool,
     pub save_weights: bool,
     /// Keep only the first n poisons.
     pub first_poisons: Option<usize>,
+}
+
+/// Which training split a victim learns from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arm {
+    /// The export's poisoned split.
+    Poisoned,
+    /// The clean split.
+    Control,
+    /// The clean split with random +-eps noise on the poisons' images.
+    Noise,
+}
+
+impl Arm {
+    pub fn name(self) -> &'static str {
+        match self {
+            Arm::Poisoned => "poisoned",
+            Arm::Control => "control",
+            Arm::Noise => "noise",
+        }
+    }
 }
 
 /// Reported after each victim.
@@ -104,19 +132,23 @@ pub fn evaluate(
     let spec = VictimTraining::from_config(&plan.victim);
     let net = victim_network(&data, &spec);
     let surrogate = data.manifest.config.surrogate.net;
-    let arms: &[(&str, bool)] = if plan.control {
-        &[("poisoned", true), ("control", false)]
-    } else {
-        &[("poisoned", true)]
-    };
+    let mut arms = vec![Arm::Poisoned];
+    if plan.control {
+        arms.push(Arm::Control);
+    }
+    if plan.noise_control {
+        data.with_noise_poisons(poisons_used, data.manifest.seed ^ 0x6e6f_6973_6500);
+        arms.push(Arm::Noise);
+    }
     let total = plan.trials * arms.len();
     let started = std::time::Instant::now();
     let mut results: Vec<Trial> = Vec::new();
     for t in 0..plan.trials {
-        for &(arm, poisoned) in arms {
-            // Victim seeds are far from the crafting run's and shared by the two arms (paired).
+        for &arm in &arms {
+            // Victim seeds are far from the crafting run's and shared by the arms (paired).
             let seed = 1_000_000 + data.manifest.seed * 1000 + t as u64;
-            let (trial, state) = run_trial(&data, &net, &spec, arm, poisoned, seed);
+            let (trial, state) = run_trial(&data, &net, &spec, arm, seed);
+            let arm = arm.name();
             if plan.save_weights {
                 let folder = dir.join("victims");
                 std::fs::create_dir_all(&folder)
@@ -155,6 +187,7 @@ pub fn evaluate(
         adversarial: data.adversarial.clone(),
         poisoned: summarise(&pick("poisoned")),
         control: summarise(&pick("control")),
+        noise: plan.noise_control.then(|| summarise(&pick("noise"))),
         trials: results,
     };
     let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
@@ -237,6 +270,8 @@ pub struct EvalData {
     pub test_y: Tensor,
     pub targets: Tensor,
     pub adversarial: Vec<i64>,
+    /// The noise arm's training split, once `with_noise_poisons` made it.
+    pub noise_x: Option<Tensor>,
 }
 
 pub fn load_export(dir: &Path, device: Device) -> Result<EvalData, String> {
@@ -291,6 +326,7 @@ pub fn load_export(dir: &Path, device: Device) -> Result<EvalData, String> {
             .ok_or("target_adv_labels are not int64")?,
         poisoned_x,
         clean_x,
+        noise_x: None,
     })
 }
 
@@ -311,29 +347,60 @@ impl EvalData {
     pub fn poison_count(&self) -> usize {
         self.poison_indices.size()[0] as usize
     }
+
+    /// Makes the noise arm's split: the first `count` poisons' clean originals, every value
+    /// moved by +eps or -eps (the export's `threat.eps`, a fair coin each, from `seed`), rounded
+    /// and clipped to 0..=255 as an exported poison is; no colour shift. The other images are
+    /// clean. The same budget as the crafted perturbation, spent at random.
+    pub fn with_noise_poisons(&mut self, count: usize, seed: u64) {
+        let n = count.min(self.poison_count()) as i64;
+        let eps = self.manifest.config.threat.eps;
+        let base = self.poison_bases.narrow(0, 0, n).to_kind(Kind::Float);
+        let mut coin = crate::craft::rng::SplitMix64::new(seed);
+        let signs: Vec<f32> = (0..base.numel())
+            .map(|_| if coin.next_u64() & 1 == 1 { 1.0 } else { -1.0 })
+            .collect();
+        let noise = Tensor::from_slice(&signs)
+            .view_as(&base)
+            .to_device(base.device())
+            * eps;
+        let noisy = (base + noise)
+            .round()
+            .clamp(0.0, 255.0)
+            .to_kind(self.clean_x.kind());
+        let idx = self.poison_indices.narrow(0, 0, n);
+        self.noise_x = Some(self.clean_x.index_copy(0, &idx, &noisy));
+    }
+
+    /// The training images of an arm (the noise arm needs `with_noise_poisons` first).
+    pub fn split(&self, arm: Arm) -> &Tensor {
+        match arm {
+            Arm::Poisoned => &self.poisoned_x,
+            Arm::Control => &self.clean_x,
+            Arm::Noise => self
+                .noise_x
+                .as_ref()
+                .expect("with_noise_poisons before training the noise arm"),
+        }
+    }
 }
 
-/// Trains one victim (on the poisoned or the clean split) and scores it; returns its weights too.
+/// Trains one victim on the split of its arm and scores it; returns its weights too.
 pub fn run_trial(
     data: &EvalData,
     net: &Network,
     spec: &VictimTraining,
-    arm: &str,
-    poisoned: bool,
+    arm: Arm,
     seed: u64,
 ) -> (Trial, crate::model::State) {
     let started = std::time::Instant::now();
-    let x = if poisoned {
-        &data.poisoned_x
-    } else {
-        &data.clean_x
-    };
+    let x = data.split(arm);
     let state = train_from_scratch(net, spec, x, &data.train_y, seed, Kind::Float, |_| true);
     let trial = score(
         data,
         net,
         &state,
-        arm,
+        arm.name(),
         seed,
         started.elapsed().as_secs_f64(),
     );
