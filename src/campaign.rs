@@ -249,10 +249,15 @@ fn craft_target(config: &Config, run_dir: &Path, stop: &Arc<AtomicBool>) -> Resu
     let checkpoint = run_dir.join(crate::craft::checkpoint::FILE_NAME);
     let (config, resume) = if checkpoint.exists() {
         let loaded = crate::craft::checkpoint::load(run_dir)?;
-        if loaded.state.step >= loaded.state.config.craft.steps() {
+        // The campaign's step count decides: a run reused from a longer campaign is done once
+        // it reached it (its earlier steps equal a shorter run's).
+        let steps = config.craft.steps();
+        if loaded.state.step >= steps {
             return Ok(true);
         }
-        (loaded.state.config, true)
+        let mut resumed = loaded.state.config;
+        resumed.craft.steps = steps.into();
+        (resumed, true)
     } else {
         (config.clone(), false)
     };
@@ -345,9 +350,12 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs) -> Result<()> {
             return Ok(());
         }
         if !export_dir.join("poisons.npz").exists() {
+            // The poisons of the campaign's last step: the same as the run's last step, unless
+            // the run went further (a run reused from a longer campaign; its checkpoints keep
+            // every earlier step's poisons, which equal a shorter run's).
             crate::export::export(&crate::export::ExportRequest {
                 run_dir: run_dir.clone(),
-                step: None,
+                step: Some(target_config.craft.steps()),
                 out: Some(export_dir.clone()),
                 formats: crate::export::Formats::parse("npz").map_err(anyhow::Error::msg)?,
                 force: true,

@@ -182,7 +182,7 @@ pub enum ObjectiveKind {
 #[serde(deny_unknown_fields, default)]
 pub struct CraftConfig {
     /// Outer (craft) steps; `auto` = the authors' 61 (they keep the poisons of step 60) on
-    /// CUDA, 40 on CPU.
+    /// CUDA, 35 on CPU.
     pub steps: Auto<usize>,
     /// K: unrolled SGD steps kept in the graph.
     pub unroll_steps: usize,
