@@ -301,10 +301,12 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs) -> Result<()> {
     // A campaign keeps the config it started with, so resuming cannot mix settings; its
     // `auto` fields are settled for this device once, at the start.
     let config_file = dir.join("config.toml");
-    let device = crate::cli::resolve_device(&config)?;
-    if config_file.exists() {
+    let resuming = config_file.exists();
+    if resuming {
         config = Config::load(&config_file)?;
-    } else {
+    }
+    let device = crate::cli::resolve_device(&config)?;
+    if !resuming {
         for note in config.settle(device.is_cuda()) {
             eprintln!("{note}");
             tracing::info!("{note}");
