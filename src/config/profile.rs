@@ -60,18 +60,19 @@ impl HardwareProfile {
     }
 }
 
-/// Replaces `auto` by `value` and says so in `notes`.
-fn settle<T: Clone + std::fmt::Debug>(
+/// Replaces `auto` by `value`; returns the line that says so (None when a value was given).
+fn settle<T: std::fmt::Debug>(
     field: &str,
     slot: &mut Auto<T>,
     value: T,
     hw: &str,
-    notes: &mut Vec<String>,
-) {
-    if matches!(slot, Auto::Auto) {
-        notes.push(format!("{field} = auto -> {value:?} (on {hw})"));
-        *slot = Auto::Value(value);
+) -> Option<String> {
+    if !matches!(slot, Auto::Auto) {
+        return None;
     }
+    let note = format!("{field} = auto -> {value:?} (on {hw})");
+    *slot = Auto::Value(value);
+    Some(note)
 }
 
 impl Config {
@@ -80,53 +81,44 @@ impl Config {
     /// kept. Before this is called, `auto` fields read as the CPU profile.
     pub fn settle(&mut self, on_gpu: bool) -> Vec<String> {
         let p = HardwareProfile::for_device(on_gpu);
-        let mut notes = Vec::new();
-        let n = &mut notes;
-        settle(
-            "data.train_limit",
-            &mut self.data.train_limit,
-            p.train_limit,
-            p.name,
-            n,
-        );
-        settle(
-            "threat.npoison",
-            &mut self.threat.npoison,
-            p.npoison,
-            p.name,
-            n,
-        );
-        settle("craft.steps", &mut self.craft.steps, p.steps, p.name, n);
-        settle(
-            "craft.lr_drops",
-            &mut self.craft.lr_drops,
-            p.craft_lr_drops.to_vec(),
-            p.name,
-            n,
-        );
-        settle(
-            "craft.ensemble_size",
-            &mut self.craft.ensemble_size,
-            p.ensemble_size,
-            p.name,
-            n,
-        );
-        settle(
-            "craft.stagger",
-            &mut self.craft.stagger,
-            p.stagger,
-            p.name,
-            n,
-        );
-        settle(
-            "craft.meta_batch_fraction",
-            &mut self.craft.meta_batch_fraction,
-            p.meta_batch_fraction,
-            p.name,
-            n,
-        );
-        notes.extend(self.victim.settle(on_gpu));
-        notes
+        [
+            settle(
+                "data.train_limit",
+                &mut self.data.train_limit,
+                p.train_limit,
+                p.name,
+            ),
+            settle(
+                "threat.npoison",
+                &mut self.threat.npoison,
+                p.npoison,
+                p.name,
+            ),
+            settle("craft.steps", &mut self.craft.steps, p.steps, p.name),
+            settle(
+                "craft.lr_drops",
+                &mut self.craft.lr_drops,
+                p.craft_lr_drops.to_vec(),
+                p.name,
+            ),
+            settle(
+                "craft.ensemble_size",
+                &mut self.craft.ensemble_size,
+                p.ensemble_size,
+                p.name,
+            ),
+            settle("craft.stagger", &mut self.craft.stagger, p.stagger, p.name),
+            settle(
+                "craft.meta_batch_fraction",
+                &mut self.craft.meta_batch_fraction,
+                p.meta_batch_fraction,
+                p.name,
+            ),
+            self.victim.settle(on_gpu),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
     }
 }
 
@@ -134,15 +126,7 @@ impl super::VictimConfig {
     /// The victim protocol's part of `Config::settle` (evaluations of an export settle only this).
     pub fn settle(&mut self, on_gpu: bool) -> Option<String> {
         let p = HardwareProfile::for_device(on_gpu);
-        let mut notes = Vec::new();
-        settle(
-            "victim.epochs",
-            &mut self.epochs,
-            p.victim_epochs,
-            p.name,
-            &mut notes,
-        );
-        notes.pop()
+        settle("victim.epochs", &mut self.epochs, p.victim_epochs, p.name)
     }
 }
 
