@@ -368,6 +368,10 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs) -> Result<()> {
         for net in &nets {
             let mut victim_args = args.victim.clone();
             victim_args.victim_net = net.clone();
+            // The control (and noise) victims are the same for every target: trained once.
+            victim_args
+                .victim_cache
+                .get_or_insert_with(|| dir.join("victims"));
             let plan = victim_args.plan(victim_protocol(&target_config, &export_dir), false)?;
             let file = eval_file(&export_dir, plan.victim.net.name());
             let cached: Option<EvalReport> = std::fs::read_to_string(&file)
@@ -378,11 +382,12 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs) -> Result<()> {
                 None => {
                     let e = crate::victim::eval::evaluate(&export_dir, &plan, device, |p| {
                         eprintln!(
-                            "  victim {}/{} ({} {}): target -> {:?}, clean accuracy {:.2}%",
+                            "  victim {}/{} ({} {}{}): target -> {:?}, clean accuracy {:.2}%",
                             p.done,
                             p.total,
                             plan.victim.net.name(),
                             p.trial.arm,
+                            if p.trial.cached { ", reused" } else { "" },
                             p.trial.predicted,
                             p.trial.clean_accuracy * 100.0
                         );

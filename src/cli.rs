@@ -595,6 +595,11 @@ pub struct VictimArgs {
     /// (the same budget spent at random): the "noise" arm.
     #[arg(long)]
     pub noise_control: bool,
+    /// Keep trained victims in DIR and reuse any whose training split, protocol and seed
+    /// match (a campaign keeps them in CAMPAIGN_DIR/victims, so its control victims are
+    /// trained once for all targets).
+    #[arg(long, value_name = "DIR")]
+    pub victim_cache: Option<PathBuf>,
 }
 
 impl VictimArgs {
@@ -646,6 +651,7 @@ impl VictimArgs {
             noise_control: self.noise_control,
             save_weights,
             first_poisons: self.first_poisons,
+            victim_cache: self.victim_cache.clone(),
         })
     }
 }
@@ -677,10 +683,11 @@ fn evaluate(
     let report = crate::victim::eval::evaluate(dir, &plan, device, |p| {
         let r = p.trial;
         eprintln!(
-            "victim {}/{} ({}): target -> {:?}, success {:?}, clean accuracy {:.2}%, ETA {}",
+            "victim {}/{} ({}{}): target -> {:?}, success {:?}, clean accuracy {:.2}%, ETA {}",
             p.done,
             p.total,
             r.arm,
+            if r.cached { ", reused" } else { "" },
             r.predicted,
             r.success,
             r.clean_accuracy * 100.0,

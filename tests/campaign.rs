@@ -16,6 +16,7 @@ fn trial(arm: &str, success: bool, acc: f64) -> Trial {
         success: vec![success],
         clean_accuracy: acc,
         seconds: 1.0,
+        cached: false,
     }
 }
 
@@ -141,6 +142,25 @@ fn a_campaign_crafts_and_evaluates_each_target_and_resumes_without_redoing_work(
     assert_eq!(e["control"]["trials"], 1);
     let csv = std::fs::read_to_string(dir.join("campaign.csv")).unwrap();
     assert_eq!(csv.lines().count(), 3);
+    // The control victim (clean split, same seed) is trained for the first target and read
+    // back for the second: three victims trained, not four.
+    let e5: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("target-5/export/eval-convnet-bn.json")).unwrap(),
+    )
+    .unwrap();
+    let cached = |e: &serde_json::Value, arm: &str| {
+        e["trials"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["arm"] == arm)
+            .unwrap()["cached"]
+            .as_bool()
+            .unwrap_or(false)
+    };
+    assert!(!cached(&e, "control") && cached(&e5, "control"));
+    assert!(!cached(&e, "poisoned") && !cached(&e5, "poisoned"));
+    assert_eq!(std::fs::read_dir(dir.join("victims")).unwrap().count(), 3);
     // Running it again reads everything back: no new evaluation is written.
     let before = std::fs::metadata(&eval3).unwrap().modified().unwrap();
     let again = run();
@@ -256,4 +276,54 @@ fn keeping_the_first_poisons_reverts_the_rest_to_clean() {
         "{kept:?} vs {:?}",
         &idx[..3]
     );
+}
+
+#[test]
+fn a_victim_cache_reuses_exactly_the_victims_whose_inputs_match() {
+    use metapoison::victim::eval::{evaluate, EvalPlan};
+    let tmp = tempfile::tempdir().unwrap();
+    let (config, export) = crafted_export(tmp.path());
+    let config = metapoison::config::Config::load(&config).unwrap();
+    let cache = tmp.path().join("victims");
+    let plan = |trials: usize, epochs: usize| EvalPlan {
+        victim: {
+            let mut v = config.victim.clone();
+            v.epochs = epochs.into();
+            v
+        },
+        trials,
+        control: true,
+        noise_control: false,
+        save_weights: false,
+        first_poisons: None,
+        victim_cache: Some(cache.clone()),
+    };
+    let files = || std::fs::read_dir(&cache).unwrap().count();
+    let cpu = tch::Device::Cpu;
+    let first = evaluate(&export, &plan(1, 1), cpu, |_| true).unwrap();
+    assert!(first.trials.iter().all(|t| !t.cached));
+    assert_eq!(files(), 2);
+    // One more trial: the first trial's two victims are read back and score exactly as when
+    // they were trained; only the new seed's victims are trained.
+    let second = evaluate(&export, &plan(2, 1), cpu, |_| true).unwrap();
+    let cached: Vec<bool> = second.trials.iter().map(|t| t.cached).collect();
+    assert_eq!(cached, vec![true, true, false, false]);
+    for (a, b) in first.trials.iter().zip(&second.trials) {
+        assert_eq!(a.arm, b.arm);
+        assert_eq!(a.predicted, b.predicted);
+        assert_eq!(a.target_probs, b.target_probs);
+        assert_eq!(a.clean_accuracy, b.clean_accuracy);
+    }
+    assert_eq!(files(), 4);
+    // Another protocol (2 epochs) matches nothing.
+    let longer = evaluate(&export, &plan(1, 2), cpu, |_| true).unwrap();
+    assert!(longer.trials.iter().all(|t| !t.cached));
+    assert_eq!(files(), 6);
+    // A damaged file is trained again, not an error.
+    for entry in std::fs::read_dir(&cache).unwrap() {
+        std::fs::write(entry.unwrap().path(), b"not a safetensors file").unwrap();
+    }
+    let again = evaluate(&export, &plan(1, 1), cpu, |_| true).unwrap();
+    assert!(again.trials.iter().all(|t| !t.cached));
+    assert_eq!(again.trials[0].target_probs, first.trials[0].target_probs);
 }

@@ -444,6 +444,7 @@ fn v_starts_one_evaluation_and_its_result_reaches_the_header() {
         success: vec![success],
         clean_accuracy: acc,
         seconds: 1.0,
+        cached: false,
     };
     let trials = vec![
         t("poisoned", true, 0.851),

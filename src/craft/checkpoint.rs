@@ -66,7 +66,7 @@ fn dtype_of(kind: Kind) -> Dtype {
 /// A tensor as safetensors wants it: dtype, shape, little-endian bytes.
 type RawTensor = (Dtype, Vec<usize>, Vec<u8>);
 
-fn bytes_of(t: &Tensor) -> RawTensor {
+pub(crate) fn bytes_of(t: &Tensor) -> RawTensor {
     let t = t.detach().to_device(Device::Cpu).contiguous();
     let kind = match t.kind() {
         Kind::Double | Kind::Int64 | Kind::Uint8 => t.kind(),
@@ -224,7 +224,25 @@ pub fn load(dir: &Path) -> Result<Loaded, CheckpointError> {
             state.format
         )));
     }
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(format!("{e:?}")))?;
+    let tensors = tensors_of(&bytes, &path)?;
+    Ok(Loaded { state, tensors })
+}
+
+/// Every tensor of a safetensors file written by `save_tensors`.
+pub fn load_tensors(path: &Path) -> Result<HashMap<String, Tensor>, CheckpointError> {
+    let bytes = std::fs::read(path).map_err(|source| CheckpointError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    tensors_of(&bytes, path)
+}
+
+fn tensors_of(bytes: &[u8], path: &Path) -> Result<HashMap<String, Tensor>, CheckpointError> {
+    let corrupt = |message: String| CheckpointError::Corrupt {
+        path: path.to_path_buf(),
+        message,
+    };
+    let st = SafeTensors::deserialize(bytes).map_err(|e| corrupt(format!("{e:?}")))?;
     let mut tensors = HashMap::new();
     for (name, view) in st.tensors() {
         let kind = match view.dtype() {
@@ -243,7 +261,7 @@ pub fn load(dir: &Path) -> Result<Loaded, CheckpointError> {
             .map_err(|e| corrupt(format!("tensor {name}: {e}")))?;
         tensors.insert(name, t);
     }
-    Ok(Loaded { state, tensors })
+    Ok(tensors)
 }
 
 impl Loaded {

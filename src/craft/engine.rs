@@ -281,6 +281,8 @@ impl Session<'_> {
             noise_control: false,
             save_weights: false,
             first_poisons: None,
+            // Pressing the key again after more steps retrains only the poisoned victims.
+            victim_cache: Some(self.setup.run_dir.join("victims")),
         };
         self.event(
             "evaluation",

@@ -25,6 +25,10 @@ pub struct Trial {
     pub success: Vec<bool>,
     pub clean_accuracy: f64,
     pub seconds: f64,
+    /// Read back from a victim cache (trained by an earlier evaluation with the same training
+    /// split, protocol and seed) instead of trained now.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cached: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -76,6 +80,8 @@ pub struct EvalPlan {
     pub save_weights: bool,
     /// Keep only the first n poisons.
     pub first_poisons: Option<usize>,
+    /// Folder of trained victims to reuse and add to (see `victim::cache`).
+    pub victim_cache: Option<std::path::PathBuf>,
 }
 
 /// Which training split a victim learns from.
@@ -140,6 +146,10 @@ pub fn evaluate(
         data.with_noise_poisons(poisons_used, data.manifest.seed ^ 0x6e6f_6973_6500);
         arms.push(Arm::Noise);
     }
+    let cache = plan
+        .victim_cache
+        .as_deref()
+        .map(super::cache::VictimCache::new);
     let total = plan.trials * arms.len();
     let started = std::time::Instant::now();
     let mut results: Vec<Trial> = Vec::new();
@@ -147,7 +157,10 @@ pub fn evaluate(
         for &arm in &arms {
             // Victim seeds are far from the crafting run's and shared by the arms (paired).
             let seed = 1_000_000 + data.manifest.seed * 1000 + t as u64;
-            let (trial, state) = run_trial(&data, &net, &spec, arm, seed);
+            let (trial, state) = match &cache {
+                Some(c) => c.train_or_load(&data, &net, &spec, arm, seed),
+                None => run_trial(&data, &net, &spec, arm, seed),
+            };
             let arm = arm.name();
             if plan.save_weights {
                 let folder = dir.join("victims");
@@ -465,6 +478,7 @@ pub fn score(
         target_probs,
         clean_accuracy: sgd::accuracy(net, state, &data.test_x, &data.test_y),
         seconds,
+        cached: false,
     }
 }
 

@@ -96,5 +96,6 @@ pub fn probabilities(net: &Network, state: &State, x: &Tensor) -> Vec<Vec<f64>> 
         .map(|i| Vec::<f64>::try_from(p.get(i)).unwrap_or_default())
         .collect()
 }
+pub mod cache;
 pub mod eval;
 pub mod targets;

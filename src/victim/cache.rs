@@ -1,0 +1,109 @@
+//! Trained victims kept by what determines them. A victim is a function of its training split,
+//! labels, architecture, protocol and seed, so a campaign's control victims (the same clean
+//! split and seeds for every target) need training only once, and an evaluation run again with
+//! more trials reuses the victims it trained before. Each file is named by a SHA-256 of those
+//! inputs; a file that is missing, unreadable or of the wrong shape is simply trained again.
+
+use super::eval::{run_trial, save_victim, score, Arm, EvalData, Trial};
+use super::VictimTraining;
+use crate::model::{Network, State};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
+
+/// Bumped when training changes in a way the key cannot see (a new optimiser detail), so old
+/// victims stop matching.
+const VERSION: &str = "metapoison-victim-1";
+
+pub struct VictimCache {
+    dir: PathBuf,
+}
+
+impl VictimCache {
+    pub fn new(dir: &Path) -> VictimCache {
+        VictimCache {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// The hex key of a victim trained on `x` / `y` with `spec` from `seed`.
+    pub fn key(net: &Network, spec: &VictimTraining, x: &Tensor, y: &Tensor, seed: u64) -> String {
+        let mut h = Sha256::new();
+        h.update(format!("{VERSION}\n{net:?}\n{spec:?}\nseed {seed}\n").as_bytes());
+        for t in [x, y] {
+            let (dtype, shape, bytes) = crate::craft::checkpoint::bytes_of(t);
+            h.update(format!("{dtype:?} {shape:?}\n").as_bytes());
+            h.update(&bytes);
+        }
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub fn path(&self, key: &str) -> PathBuf {
+        self.dir.join(format!("{key}.safetensors"))
+    }
+
+    /// The victim saved under `key`, on `device`, if a complete one is there.
+    pub fn load(&self, key: &str, net: &Network, device: tch::Device) -> Option<State> {
+        let path = self.path(key);
+        if !path.exists() {
+            return None;
+        }
+        let loaded = match crate::craft::checkpoint::load_tensors(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!("victim cache: {e}; training that victim again");
+                return None;
+            }
+        };
+        // The shapes a fresh network of this architecture has.
+        let template = net.init(device, Kind::Float, 0);
+        let take = |prefix: &str, like: &[Tensor]| -> Option<Vec<Tensor>> {
+            like.iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    let t = loaded.get(&format!("{prefix}.{i}"))?;
+                    (t.size() == l.size()).then(|| t.to_kind(l.kind()).to_device(device))
+                })
+                .collect()
+        };
+        let state = State {
+            weights: take("weight", &template.weights)?,
+            buffers: take("buffer", &template.buffers)?,
+        };
+        (loaded.len() == state.weights.len() + state.buffers.len()).then_some(state)
+    }
+
+    /// The victim of `arm` with `seed`: read back when this cache holds it, else trained and
+    /// stored (a failed write only costs the reuse, so it is logged, not returned).
+    pub fn train_or_load(
+        &self,
+        data: &EvalData,
+        net: &Network,
+        spec: &VictimTraining,
+        arm: Arm,
+        seed: u64,
+    ) -> (Trial, State) {
+        let started = std::time::Instant::now();
+        let key = Self::key(net, spec, data.split(arm), &data.train_y, seed);
+        if let Some(state) = self.load(&key, net, data.train_y.device()) {
+            let mut trial = score(
+                data,
+                net,
+                &state,
+                arm.name(),
+                seed,
+                started.elapsed().as_secs_f64(),
+            );
+            trial.cached = true;
+            return (trial, state);
+        }
+        let (trial, state) = run_trial(data, net, spec, arm, seed);
+        let stored = std::fs::create_dir_all(&self.dir)
+            .map_err(|e| format!("cannot create {}: {e}", self.dir.display()))
+            .and_then(|_| save_victim(&self.path(&key), &state, &trial, net));
+        if let Err(e) = stored {
+            tracing::warn!("victim cache: {e}");
+        }
+        (trial, state)
+    }
+}
