@@ -179,6 +179,7 @@ fn init_logging(paths: &Paths) -> Option<tracing_appender::non_blocking::WorkerG
 }
 
 pub fn main() -> std::process::ExitCode {
+    crate::device::tune_host_allocator();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -17,7 +17,7 @@ fn craft(parallel: usize) -> (tch::Tensor, tch::Tensor, Vec<f64>) {
     // uneven waves are covered too.
     c.craft.ensemble_size = Auto::Value(3);
     c.craft.meta_batch_fraction = Auto::Value(0.5);
-    c.craft.parallel_surrogates = parallel;
+    c.craft.parallel_surrogates = parallel.into();
     let ds = data::load(&c.data).unwrap();
     let plan = Plan::resolve(&c, &ds).unwrap();
     assert_eq!(plan.parallel_surrogates, parallel);
@@ -66,7 +66,7 @@ fn parallel_surrogates_craft_the_same_poisons() {
 #[test]
 fn parallel_surrogates_out_of_range_is_a_config_error() {
     let mut c = common::tiny_config(300, 10, 2);
-    c.craft.parallel_surrogates = 0;
+    c.craft.parallel_surrogates = 0.into();
     let e = c.validate().unwrap_err().to_string();
     assert!(e.contains("craft.parallel_surrogates"), "{e}");
 }

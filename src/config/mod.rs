@@ -194,8 +194,9 @@ pub struct CraftConfig {
     /// `auto` = 1.0 (the authors' every batch) on both; lower it on small machines.
     pub meta_batch_fraction: Auto<f64>,
     /// Surrogates crafted at the same time, each on its own thread with its share of the CPU
-    /// cores. Speed only: the maths is the same (float rounding aside). 1 = one after another.
-    pub parallel_surrogates: usize,
+    /// cores. Speed only: the maths is the same (float rounding aside). 1 = one after another;
+    /// `auto` = 2 on CPU, 1 on CUDA.
+    pub parallel_surrogates: Auto<usize>,
     pub objective: ObjectiveKind,
     /// Adam learning rate on the 0-255 scale (also applied to the colour grid).
     pub outer_lr: f64,
@@ -220,7 +221,7 @@ impl Default for CraftConfig {
             ensemble_size: Auto::Auto,
             stagger: Auto::Auto,
             meta_batch_fraction: Auto::Auto,
-            parallel_surrogates: 1,
+            parallel_surrogates: Auto::Auto,
             objective: ObjectiveKind::Cw,
             outer_lr: 200.0,
             warmup_steps: 5,

@@ -20,6 +20,9 @@ pub struct HardwareProfile {
     pub ensemble_size: usize,
     pub stagger: usize,
     pub meta_batch_fraction: f64,
+    /// Surrogates crafted at once on their own threads (a CPU's cores are used better by two
+    /// surrogates on one core each than by one on both; a GPU runs them one after another).
+    pub parallel_surrogates: usize,
     pub victim_epochs: usize,
 }
 
@@ -34,6 +37,7 @@ pub const CUDA: HardwareProfile = HardwareProfile {
     ensemble_size: 24,
     stagger: 1,
     meta_batch_fraction: 1.0,
+    parallel_surrogates: 1,
     victim_epochs: 200,
 };
 
@@ -47,6 +51,7 @@ pub const CPU: HardwareProfile = HardwareProfile {
     ensemble_size: 4,
     stagger: 5,
     meta_batch_fraction: 1.0,
+    parallel_surrogates: 2,
     victim_epochs: 20,
 };
 
@@ -114,6 +119,12 @@ impl Config {
                 p.meta_batch_fraction,
                 p.name,
             ),
+            settle(
+                "craft.parallel_surrogates",
+                &mut self.craft.parallel_surrogates,
+                p.parallel_surrogates,
+                p.name,
+            ),
             self.victim.settle(on_gpu),
         ]
         .into_iter()
@@ -161,6 +172,9 @@ impl super::CraftConfig {
     }
     pub fn meta_batch_fraction(&self) -> f64 {
         self.meta_batch_fraction.resolve(CPU.meta_batch_fraction)
+    }
+    pub fn parallel_surrogates(&self) -> usize {
+        self.parallel_surrogates.resolve(CPU.parallel_surrogates)
     }
 }
 

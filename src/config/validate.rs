@@ -130,7 +130,9 @@ impl Config {
         if let Auto::Value(f) = c.meta_batch_fraction {
             real_range("craft.meta_batch_fraction", f, 0.0, 1.0, true)?;
         }
-        int_range("craft.parallel_surrogates", c.parallel_surrogates, 1, 1024)?;
+        if let Auto::Value(p) = c.parallel_surrogates {
+            int_range("craft.parallel_surrogates", p, 1, 1024)?;
+        }
         real_range("craft.outer_lr", c.outer_lr, 0.0, 1e6, true)?;
         int_range("craft.warmup_steps", c.warmup_steps, 0, 1_000_000)?;
         if let Auto::Value(d) = &c.lr_drops {

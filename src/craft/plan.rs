@@ -122,7 +122,7 @@ impl Plan {
         let ensemble_size = config.craft.ensemble_size();
         let stagger = config.craft.stagger();
         let meta_batch_fraction = config.craft.meta_batch_fraction();
-        let parallel_surrogates = config.craft.parallel_surrogates.min(ensemble_size);
+        let parallel_surrogates = config.craft.parallel_surrogates().min(ensemble_size);
         let b = config.surrogate.batch_size;
         let batches = data.train.len() / b;
         if batches < config.craft.unroll_steps + 1 {
