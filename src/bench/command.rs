@@ -43,9 +43,10 @@ pub struct BenchArgs {
     #[arg(long)]
     ensemble: Option<usize>,
     /// Surrogates run at once, each on its own thread with its share of the cores (the
-    /// crafter's `craft.parallel_surrogates`). The reference always runs them one after another.
-    #[arg(long, default_value_t = 1)]
-    workers: usize,
+    /// crafter's `craft.parallel_surrogates`; default: what its `auto` is on the device, 2 on
+    /// a CPU, 1 on CUDA). The reference always runs them one after another.
+    #[arg(long)]
+    workers: Option<usize>,
     /// Device: auto, cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
@@ -83,7 +84,7 @@ fn parse_net(s: &str) -> Result<NetKind, String> {
 }
 
 impl BenchArgs {
-    fn spec(&self) -> StepSpec {
+    fn spec(&self, on_gpu: bool) -> StepSpec {
         let mut s = match self.setting {
             Setting::Default => StepSpec::default_config(),
             Setting::CifarResnet18 => StepSpec::cifar_resnet18(),
@@ -106,7 +107,9 @@ impl BenchArgs {
         if let Some(m) = self.ensemble {
             s.ensemble = m;
         }
-        s.workers = self.workers;
+        s.workers = self
+            .workers
+            .unwrap_or(crate::config::HardwareProfile::for_device(on_gpu).parallel_surrogates);
         s
     }
 }
@@ -143,7 +146,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.gradcheck {
         return run_gradcheck(device, args.out.as_ref());
     }
-    let spec = args.spec();
+    let spec = args.spec(device.is_cuda());
     spec.validate().map_err(anyhow::Error::msg)?;
     if args.reps == 0 {
         bail!("--reps must be at least 1");
