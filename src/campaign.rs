@@ -257,6 +257,9 @@ fn craft_target(config: &Config, run_dir: &Path, stop: &Arc<AtomicBool>) -> Resu
         }
         let mut resumed = loaded.state.config;
         resumed.craft.steps = steps.into();
+        // Speed only: the campaign's current choice, which may differ from the machine that
+        // started the run.
+        resumed.craft.parallel_surrogates = config.craft.parallel_surrogates.clone();
         (resumed, true)
     } else {
         (config.clone(), false)

@@ -70,3 +70,35 @@ fn parallel_surrogates_out_of_range_is_a_config_error() {
     let e = c.validate().unwrap_err().to_string();
     assert!(e.contains("craft.parallel_surrogates"), "{e}");
 }
+
+#[test]
+fn a_checkpoint_resumes_with_another_count_of_parallel_surrogates_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let build = |parallel: usize, npoison: usize| {
+        let mut c = common::tiny_config(300, npoison, 2);
+        c.craft.ensemble_size = Auto::Value(2);
+        c.craft.parallel_surrogates = parallel.into();
+        let ds = data::load(&c.data).unwrap();
+        let plan = Plan::resolve(&c, &ds).unwrap();
+        Crafter::new(c, &ds, plan, Device::Cpu, Kind::Float)
+    };
+    let mut first = build(1, 10);
+    assert!(first.pretrain(|_, _, _| true));
+    first.craft_step(&|| false).unwrap();
+    metapoison::craft::checkpoint::save(&first, tmp.path()).unwrap();
+    let loaded = metapoison::craft::checkpoint::load(tmp.path()).unwrap();
+    // Two at once (a machine with more cores) continues the run where it stopped...
+    let mut resumed = build(2, 10);
+    loaded.restore_into(&mut resumed).unwrap();
+    assert_eq!(resumed.step, 1);
+    assert_eq!(resumed.plan.parallel_surrogates, 2);
+    let same = (&resumed.perturbation.delta - &first.perturbation.delta)
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert_eq!(same, 0.0);
+    // ...while a change of the maths (another poison budget) is still refused.
+    let mut other = build(2, 12);
+    let e = loaded.restore_into(&mut other).unwrap_err();
+    assert!(e.contains("plan"), "{e}");
+}

@@ -284,9 +284,11 @@ impl Loaded {
     pub fn restore_into(&self, c: &mut Crafter) -> Result<(), String> {
         let _guard = tch::no_grad_guard();
         // The notes say how `auto` fields were settled when the run began; a resumed run's
-        // config is already settled, so only the decisions themselves must agree.
+        // config is already settled, so only the decisions themselves must agree. How many
+        // surrogates run at once is speed only (a resume on another machine may change it).
         let decisions = |p: &crate::craft::plan::Plan| crate::craft::plan::Plan {
             notes: Vec::new(),
+            parallel_surrogates: 1,
             ..p.clone()
         };
         if decisions(&self.state.plan) != decisions(&c.plan) {
