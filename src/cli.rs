@@ -340,6 +340,10 @@ struct RunArgs {
     /// Override craft.steps.
     #[arg(long)]
     steps: Option<usize>,
+    /// Override threat.target_ids: the target ids (indices among the test images of the
+    /// target class), comma separated; several ids craft one poison set for all of them.
+    #[arg(long, value_delimiter = ',', conflicts_with = "resume")]
+    targets: Vec<usize>,
 }
 
 /// Loads what a run needs and starts the engine thread; signals set its stop flag.
@@ -356,6 +360,7 @@ fn start_engine(
         run_dir,
         device,
         steps,
+        targets,
     } = args;
     let (mut config, run_dir, resuming) = match resume {
         Some(dir) => {
@@ -363,7 +368,10 @@ fn start_engine(
             (loaded.state.config, dir, true)
         }
         None => {
-            let config = load_config(config_path, paths)?;
+            let mut config = load_config(config_path, paths)?;
+            if !targets.is_empty() {
+                config.threat.target_ids = crate::config::Auto::Value(targets);
+            }
             let dir = match run_dir {
                 Some(d) => d,
                 None => {

@@ -327,3 +327,44 @@ fn a_victim_cache_reuses_exactly_the_victims_whose_inputs_match() {
     assert!(again.trials.iter().all(|t| !t.cached));
     assert_eq!(again.trials[0].target_probs, first.trials[0].target_probs);
 }
+
+#[test]
+fn craft_takes_its_target_ids_from_the_command_line_and_names_a_bad_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tiny_config_file(tmp.path());
+    let craft = |targets: &str, run: &str| {
+        Command::new(env!("CARGO_BIN_EXE_metapoison"))
+            .arg("--data-dir")
+            .arg(tmp.path().join("data"))
+            .arg("--config")
+            .arg(&config)
+            .args(["craft", "--headless", "--steps", "1", "--targets", targets])
+            .arg("--run-dir")
+            .arg(tmp.path().join(run))
+            .output()
+            .unwrap()
+    };
+    let out = craft("3,5", "run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let saved =
+        metapoison::config::Config::load(&tmp.path().join("run").join("config.toml")).unwrap();
+    assert_eq!(
+        saved.threat.target_ids,
+        metapoison::config::Auto::Value(vec![3, 5])
+    );
+    let started = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["type"] == "started")
+        .unwrap();
+    assert_eq!(started["plan"]["target_ids"], serde_json::json!([3, 5]));
+    let bad = craft("3,100000", "bad");
+    assert!(!bad.status.success());
+    let msg = String::from_utf8_lossy(&bad.stderr);
+    assert!(msg.contains("threat.target_ids"), "{msg}");
+    assert_eq!(msg.trim().lines().count(), 1, "{msg}");
+}
