@@ -107,9 +107,12 @@ impl BenchArgs {
         if let Some(m) = self.ensemble {
             s.ensemble = m;
         }
-        s.workers = self
+        // As the crafter: never more at once than there are surrogates (a surplus worker
+        // would only take its share of the cores away).
+        let workers = self
             .workers
             .unwrap_or(crate::config::HardwareProfile::for_device(on_gpu).parallel_surrogates);
+        s.workers = workers.min(s.ensemble.max(1));
         s
     }
 }
