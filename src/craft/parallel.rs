@@ -2,12 +2,12 @@
 //!
 //! A surrogate's meta-gradient is independent of the others' (they share only the read-only
 //! perturbation), so several can run at once instead of splitting every small kernel across
-//! the cores (libtorch's intra-op threading). Measured on 2 cores (BENCHMARKS.md): the bench's
-//! single step 1.25x faster, a whole crafting step no faster, so it is opt-in
-//! (`craft.parallel_surrogates`). Each surrogate's work is a self-contained job, which is also
-//! the shape needed to place surrogates on several devices. Results come back in job order and
-//! the callers sum them in that order, so the outcome does not depend on which thread finished
-//! first.
+//! the cores (libtorch's intra-op threading). Measured on 2 cores (BENCHMARKS.md): a whole
+//! crafting step 1.19x faster once glibc keeps freed memory (`device::tune_host_allocator`),
+//! so `craft.parallel_surrogates` is 2 on a CPU by default. Each surrogate's work is a
+//! self-contained job, which is also the shape needed to place surrogates on several devices.
+//! Results come back in job order and the callers sum them in that order, so the outcome does
+//! not depend on which thread finished first.
 
 /// Runs `work` on every job, each on its own scoped thread when there are several, and
 /// returns the results in job order.
