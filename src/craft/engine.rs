@@ -316,10 +316,11 @@ impl Session<'_> {
                     note(
                         "evaluation",
                         format!(
-                            "victim {}/{} ({}): target -> {:?}, clean accuracy {:.1}%",
+                            "victim {}/{} ({}{}): target -> {:?}, clean accuracy {:.1}%",
                             p.done,
                             p.total,
                             p.trial.arm,
+                            if p.trial.cached { ", reused" } else { "" },
                             p.trial.predicted,
                             p.trial.clean_accuracy * 100.0
                         ),
