@@ -1,7 +1,8 @@
 //! `metapoison campaign`: one crafting run per target id, each exported and judged by fresh
 //! victims, so that a success rate *over targets* can be measured (as the papers report it).
 //!
-//! Layout: CAMPAIGN_DIR/{campaign.json, campaign.csv, config.toml, target-ID/{run, export}}.
+//! Layout: CAMPAIGN_DIR/{campaign.json, campaign.csv, campaign.md, config.toml, victims,
+//! target-ID/{run, export}}.
 //! Every finished piece is kept, so re-running with the same --dir resumes: finished targets
 //! are read back, an interrupted crafting run continues from its checkpoint.
 
@@ -187,6 +188,76 @@ pub fn csv(results: &[TargetResult]) -> String {
     out
 }
 
+/// The campaign as a Markdown table, one row per target and victim net (what a README or a
+/// paper's appendix shows): the target's clean margins when it was ranked, each arm's flips and
+/// every victim's probability of the adversarial class, clean accuracies; then the totals.
+pub fn markdown(report: &CampaignReport) -> String {
+    let mut out = format!(
+        "Targets: {:?} ({}).\n\n| target | victims | clean margin mean / worst | poisoned flipped | p(adv) poisoned | controls flipped | p(adv) controls | clean accuracy poisoned / control |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        report.selection.targets, report.selection.method
+    );
+    for r in &report.results {
+        let margins = report
+            .selection
+            .candidates
+            .iter()
+            .find(|c| c.id == r.target_id)
+            .map_or("-".to_string(), |c| {
+                format!("{:.2} / {:.2}", c.margin, c.min_margin)
+            });
+        for e in &r.evals {
+            // Each victim's probability of the first target's adversarial class.
+            let probs = |arm: &str| {
+                let p: Vec<String> = e
+                    .trials
+                    .iter()
+                    .filter(|t| t.arm == arm)
+                    .filter_map(|t| {
+                        let cls = *e.adversarial.first()?;
+                        t.target_probs.first()?.get(cls as usize).copied()
+                    })
+                    .map(|p| format!("{p:.2}"))
+                    .collect();
+                p.join(", ")
+            };
+            out += &format!(
+                "| {} | {} ({}) | {margins} | {}/{} | {} | {}/{} | {} | {:.1}% / {:.1}% |\n",
+                r.target_id,
+                e.victim_net,
+                e.setting,
+                e.poisoned.successes,
+                e.poisoned.trials,
+                probs("poisoned"),
+                e.control.successes,
+                e.control.trials,
+                probs("control"),
+                e.poisoned.accuracy_mean * 100.0,
+                e.control.accuracy_mean * 100.0,
+            );
+        }
+    }
+    out += "\n";
+    for t in &report.totals {
+        out += &format!(
+            "{} ({}): {} of {} poisoned victims flipped ({:.1}%, 95% Wilson [{:.1}%, {:.1}%]), {} of {} targets by a majority; controls {} of {}; clean accuracy {:.2}% vs {:.2}%.\n",
+            t.victim_net,
+            t.setting,
+            t.successes,
+            t.victims,
+            t.success_rate * 100.0,
+            t.success_ci95.0 * 100.0,
+            t.success_ci95.1 * 100.0,
+            t.targets_flipped,
+            t.targets,
+            t.control_successes,
+            t.control_victims,
+            t.accuracy_poisoned * 100.0,
+            t.accuracy_control * 100.0
+        );
+    }
+    out
+}
+
 fn save(dir: &Path, report: &CampaignReport) -> Result<()> {
     let json = serde_json::to_string_pretty(report)?;
     crate::craft::checkpoint::write_atomic(&dir.join("campaign.json"), json.as_bytes())
@@ -196,6 +267,8 @@ fn save(dir: &Path, report: &CampaignReport) -> Result<()> {
         csv(&report.results).as_bytes(),
     )
     .with_context(|| format!("cannot write {}", dir.join("campaign.csv").display()))?;
+    crate::craft::checkpoint::write_atomic(&dir.join("campaign.md"), markdown(report).as_bytes())
+        .with_context(|| format!("cannot write {}", dir.join("campaign.md").display()))?;
     Ok(())
 }
 
@@ -429,7 +502,7 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs) -> Result<()> {
     }
     print!("{}", summary(&report));
     eprintln!(
-        "wrote {} and campaign.csv",
+        "wrote {}, campaign.csv and campaign.md",
         dir.join("campaign.json").display()
     );
     Ok(())

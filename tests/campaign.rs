@@ -142,6 +142,9 @@ fn a_campaign_crafts_and_evaluates_each_target_and_resumes_without_redoing_work(
     assert_eq!(e["control"]["trials"], 1);
     let csv = std::fs::read_to_string(dir.join("campaign.csv")).unwrap();
     assert_eq!(csv.lines().count(), 3);
+    let md = std::fs::read_to_string(dir.join("campaign.md")).unwrap();
+    assert!(md.contains("| 3 | convnet-bn (gray-box) | - | "), "{md}");
+    assert!(md.contains("| 5 | convnet-bn (gray-box) | - | "), "{md}");
     // The control victim (clean split, same seed) is trained for the first target and read
     // back for the second: three victims trained, not four.
     let e5: serde_json::Value = serde_json::from_str(
@@ -367,4 +370,51 @@ fn craft_takes_its_target_ids_from_the_command_line_and_names_a_bad_one() {
     let msg = String::from_utf8_lossy(&bad.stderr);
     assert!(msg.contains("threat.target_ids"), "{msg}");
     assert_eq!(msg.trim().lines().count(), 1, "{msg}");
+}
+
+#[test]
+fn the_markdown_table_shows_each_victims_adversarial_probability_and_the_totals() {
+    use metapoison::campaign::{markdown, CampaignReport, Selection};
+    use metapoison::victim::targets::Candidate;
+    let mut gray = report("convnet-bn", &[true, false], &[false, false]);
+    // Victims in arm order: poisoned 0.91, 0.12; controls 0.03, 0.40.
+    for (t, p) in gray.trials.iter_mut().zip([0.91, 0.12, 0.03, 0.40]) {
+        t.target_probs[0][0] = p;
+    }
+    let results = vec![TargetResult {
+        target_id: 7,
+        run_dir: String::new(),
+        export_dir: String::new(),
+        evals: vec![gray],
+    }];
+    let r = CampaignReport {
+        started: String::new(),
+        selection: Selection {
+            method: "test".into(),
+            targets: vec![7],
+            candidates: vec![Candidate {
+                id: 7,
+                test_index: 70,
+                correct: 1.0,
+                margin: 2.5,
+                min_margin: 1.25,
+                p_adv: 0.1,
+            }],
+        },
+        totals: totals(&results),
+        results,
+        seconds: 0.0,
+    };
+    let md = markdown(&r);
+    assert!(
+        md.contains(
+            "| 7 | convnet-bn (gray-box) | 2.50 / 1.25 | 1/2 | 0.91, 0.12 | 0/2 | 0.03, 0.40 | 80.0% / 90.0% |"
+        ),
+        "{md}"
+    );
+    assert!(
+        md.contains("1 of 2 poisoned victims flipped (50.0%"),
+        "{md}"
+    );
+    assert!(md.contains("controls 0 of 2"), "{md}");
 }
