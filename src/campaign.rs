@@ -190,7 +190,8 @@ pub fn csv(results: &[TargetResult]) -> String {
 
 /// The campaign as a Markdown table, one row per target and victim net (what a README or a
 /// paper's appendix shows): the target's clean margins when it was ranked, each arm's flips and
-/// every victim's probability of the adversarial class, clean accuracies; then the totals.
+/// every victim's probability of the adversarial class, clean accuracies; then the printed
+/// summary of the totals.
 pub fn markdown(report: &CampaignReport) -> String {
     let mut out = format!(
         "Targets: {:?} ({}).\n\n| target | victims | clean margin mean / worst | poisoned flipped | p(adv) poisoned | controls flipped | p(adv) controls | clean accuracy poisoned / control |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n",
@@ -236,25 +237,8 @@ pub fn markdown(report: &CampaignReport) -> String {
             );
         }
     }
-    out += "\n";
-    for t in &report.totals {
-        out += &format!(
-            "{} ({}): {} of {} poisoned victims flipped ({:.1}%, 95% Wilson [{:.1}%, {:.1}%]), {} of {} targets by a majority; controls {} of {}; clean accuracy {:.2}% vs {:.2}%.\n",
-            t.victim_net,
-            t.setting,
-            t.successes,
-            t.victims,
-            t.success_rate * 100.0,
-            t.success_ci95.0 * 100.0,
-            t.success_ci95.1 * 100.0,
-            t.targets_flipped,
-            t.targets,
-            t.control_successes,
-            t.control_victims,
-            t.accuracy_poisoned * 100.0,
-            t.accuracy_control * 100.0
-        );
-    }
+    // The totals as the command prints them.
+    out += &format!("\n```\n{}```\n", summary(report));
     out
 }
 
