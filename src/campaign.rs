@@ -148,6 +148,18 @@ pub fn totals(results: &[TargetResult]) -> Vec<ArmTotals> {
         .collect()
 }
 
+/// Each victim's probability of the first target's adversarial class, for the victims of `arm`.
+fn adv_probs(e: &EvalReport, arm: &str) -> Vec<f64> {
+    e.trials
+        .iter()
+        .filter(|t| t.arm == arm)
+        .filter_map(|t| {
+            let cls = *e.adversarial.first()?;
+            t.target_probs.first()?.get(cls as usize).copied()
+        })
+        .collect()
+}
+
 /// The campaign's table as printed and saved (CSV: one row per target and victim net).
 pub fn csv(results: &[TargetResult]) -> String {
     let mut out = String::from(
@@ -157,15 +169,7 @@ pub fn csv(results: &[TargetResult]) -> String {
         for e in &r.evals {
             // Mean probability of the first target's adversarial class, per arm.
             let p_adv = |arm: &str| {
-                let v: Vec<f64> = e
-                    .trials
-                    .iter()
-                    .filter(|t| t.arm == arm)
-                    .filter_map(|t| {
-                        let cls = *e.adversarial.first()?;
-                        t.target_probs.first()?.get(cls as usize).copied()
-                    })
-                    .collect();
+                let v = adv_probs(e, arm);
                 v.iter().sum::<f64>() / v.len().max(1) as f64
             };
             out += &format!(
@@ -207,16 +211,9 @@ pub fn markdown(report: &CampaignReport) -> String {
                 format!("{:.2} / {:.2}", c.margin, c.min_margin)
             });
         for e in &r.evals {
-            // Each victim's probability of the first target's adversarial class.
             let probs = |arm: &str| {
-                let p: Vec<String> = e
-                    .trials
+                let p: Vec<String> = adv_probs(e, arm)
                     .iter()
-                    .filter(|t| t.arm == arm)
-                    .filter_map(|t| {
-                        let cls = *e.adversarial.first()?;
-                        t.target_probs.first()?.get(cls as usize).copied()
-                    })
                     .map(|p| format!("{p:.2}"))
                     .collect();
                 p.join(", ")
