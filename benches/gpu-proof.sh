@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The CUDA proof and GPU figures of BENCHMARKS.md, on a machine with an NVIDIA GPU and a
 # python3 that has torch 2.11 (no Rust needed: carry target/release/metapoison there).
-# Writes everything under ${OUT:-gpu-proof}/. Each part has its own time limit, so one
-# failure does not cost the rest.
+# Writes everything under ${OUT:-gpu-proof}/. Parts run in priority order, each under its own
+# time limit, and a part is skipped when less than its limit is left of BUDGET_S (default 520),
+# so one slow part never costs the rest of a short device lease.
 set -u
 OUT=${OUT:-gpu-proof}
 mkdir -p "$OUT"
@@ -10,43 +11,63 @@ B=${METAPOISON_BIN:-target/release/metapoison}
 TORCH_LIB=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export METAPOISON_PYTHON=${METAPOISON_PYTHON:-python3}
+BUDGET_S=${BUDGET_S:-520}
 J="$OUT/bench.jsonl"
-log() { echo "== $(date +%T) $*" | tee -a "$OUT/progress.log"; }
-
-log start
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >"$OUT/gpu.txt" 2>&1
-"$B" --version >"$OUT/version.txt" 2>&1
-
-log gradcheck
-timeout 120 "$B" bench --gradcheck --device cuda --out "$J" 2>"$OUT/gradcheck.log" >/dev/null
-
-log "bench default (M 4) and default at the GPU ensemble (M 24)"
-timeout 90 "$B" bench --device cuda --reps 10 --out "$J" 2>>"$OUT/bench.log" >/dev/null
-timeout 90 "$B" bench --device cuda --ensemble 24 --reps 5 --out "$J" 2>>"$OUT/bench.log" >/dev/null
-
-log "bench cifar-resnet18 (M 8, M 24)"
-timeout 120 "$B" bench --device cuda --setting cifar-resnet18 --ensemble 8 --reps 5 --out "$J" 2>>"$OUT/bench.log" >/dev/null
-timeout 150 "$B" bench --device cuda --setting cifar-resnet18 --ensemble 24 --reps 3 --warmup 1 --out "$J" 2>>"$OUT/bench.log" >/dev/null
-
-log "scaling: K, batch, ensemble (resnet18, ours only)"
 S="$OUT/scaling.jsonl"
-for k in 1 2 3 4; do
-  timeout 60 "$B" bench --device cuda --setting cifar-resnet18 --ensemble 1 --unroll $k --reps 5 --no-reference --out "$S" 2>>"$OUT/scaling.log" >/dev/null
+LOG="$OUT/progress.log"
+
+# part LIMIT NAME COMMAND...: runs COMMAND (stdout to $OUT/NAME.out, stderr to $OUT/parts.log)
+part() {
+  local limit=$1 name=$2
+  shift 2
+  if (( SECONDS + limit > BUDGET_S )); then
+    echo "== $(date +%T) skip $name (${SECONDS}s used of $BUDGET_S)" | tee -a "$LOG"
+    return
+  fi
+  echo "== $(date +%T) $name" | tee -a "$LOG"
+  echo "== $name" >>"$OUT/parts.log"
+  timeout "$limit" "$@" >>"$OUT/$name.out" 2>>"$OUT/parts.log"
+  echo "   rc=$? after ${SECONDS}s" | tee -a "$LOG"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >"$OUT/gpu.txt" 2>&1
+"$B" --version >>"$OUT/gpu.txt" 2>&1
+
+part 90 gradcheck "$B" bench --gradcheck --device cuda --out "$J"
+# ResNet-18 on CIFAR shapes (the seed's setting), M 4: both NCHW; ours channels-last against the
+# reference as written (NCHW); both channels-last.
+R18=(bench --device cuda --setting cifar-resnet18 --ensemble 4 --reps 5 --out "$J")
+part 75 r18-nchw "$B" "${R18[@]}"
+part 75 r18-cl "$B" "${R18[@]}" --channels-last
+part 75 r18-cl-both "$B" "${R18[@]}" --channels-last --reference-channels-last
+# The default step (ConvNetBN, Fashion-MNIST shapes, M 4), both layouts of ours.
+part 60 default-nchw "$B" bench --device cuda --reps 10 --out "$J"
+part 60 default-cl "$B" bench --device cuda --reps 10 --channels-last --out "$J"
+# End to end: a short crafting run on CUDA, export, verify, one victim.
+D=$(mktemp -d)
+R=$D/run
+part 150 craft "$B" craft --config benches/cuda-short.toml --data-dir "$D" --run-dir "$R" --headless
+part 30 export "$B" export "$R" --out "$R-export"
+part 30 verify "$B" export --verify "$R-export"
+part 90 eval "$B" eval "$R-export" --config benches/cuda-short.toml --data-dir "$D" --trials 1 --epochs 20 --headless
+cp "$R-export/eval.json" "$OUT/" 2>/dev/null
+
+# Two or four surrogates at once on their own threads (one CUDA stream: what overlaps is the
+# host side's kernel launches, which bound ConvNetBN on a GPU).
+part 60 default-cl-w2 "$B" bench --device cuda --reps 10 --channels-last --workers 2 --out "$J"
+part 60 default-cl-w4 "$B" bench --device cuda --reps 10 --channels-last --workers 4 --out "$J"
+part 75 r18-cl-w2 "$B" "${R18[@]}" --channels-last --workers 2
+# Whether batching the surrogates as grouped convolutions pays on a GPU (PyTorch side).
+part 60 grouped python3 benches/experiments/grouped_surrogates_and_channels_last.py cuda 4
+part 60 grouped24 python3 benches/experiments/grouped_surrogates_and_channels_last.py cuda 24
+
+# Scaling in the batch (ours alone, ResNet-18, M 1), channels-last and NCHW.
+for b in 64 250 500; do
+  part 40 "scaling-b$b" "$B" bench --device cuda --setting cifar-resnet18 --ensemble 1 --batch $b \
+    --poisons-in-batch $((b / 10)) --reps 5 --no-reference --channels-last --out "$S"
 done
 for b in 64 250 500; do
-  timeout 60 "$B" bench --device cuda --setting cifar-resnet18 --ensemble 1 --batch $b --poisons-in-batch $((b / 10)) --reps 5 --no-reference --out "$S" 2>>"$OUT/scaling.log" >/dev/null
+  part 40 "scaling-nchw-b$b" "$B" bench --device cuda --setting cifar-resnet18 --ensemble 1 --batch $b \
+    --poisons-in-batch $((b / 10)) --reps 5 --no-reference --out "$S"
 done
-for m in 2 4; do
-  timeout 60 "$B" bench --device cuda --setting cifar-resnet18 --ensemble $m --reps 5 --no-reference --out "$S" 2>>"$OUT/scaling.log" >/dev/null
-done
-
-log "short crafting run on CUDA (benches/cuda-short.toml), export, verify, eval"
-R=$(mktemp -d)/run
-timeout 240 "$B" craft --config benches/cuda-short.toml --run-dir "$R" >"$OUT/craft.jsonl" 2>"$OUT/craft.log"
-echo "craft rc=$?" >>"$OUT/progress.log"
-"$B" export "$R" --out "$R-export" >"$OUT/export.log" 2>&1
-"$B" export --verify "$R-export" >>"$OUT/export.log" 2>&1
-echo "verify rc=$?" >>"$OUT/progress.log"
-timeout 120 "$B" eval "$R-export" --config benches/cuda-short.toml --trials 1 --epochs 20 --headless >"$OUT/eval.jsonl" 2>"$OUT/eval.log"
-cp "$R-export/eval.json" "$OUT/" 2>/dev/null
-log done
+echo "== $(date +%T) done after ${SECONDS}s" | tee -a "$LOG"

@@ -1,9 +1,14 @@
 # Experiment behind BENCHMARKS.md "Tried on the CPU": the M surrogates of a ConvNetBN meta step
 # batched as grouped convolutions vs one after another, and channels-last vs NCHW. Synthetic inputs.
-import time, torch, torch.nn.functional as F
+# Usage: python3 grouped_surrogates_and_channels_last.py [DEVICE [M]]  (default: cpu 4)
+import sys, time, torch, torch.nn.functional as F
+DEV = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cpu")
 torch.set_num_threads(2)
 torch.manual_seed(0)
-M, B, K = 4, 126, 2
+if DEV.type == "cuda":
+    torch.backends.cudnn.benchmark = True
+    torch.set_default_device(DEV)
+M, B, K = (int(sys.argv[2]) if len(sys.argv) > 2 else 4), 126, 2
 widths = [16, 32, 32, 64, 64]
 def init(M):
     ws = []
@@ -40,10 +45,13 @@ def meta(ws, xs, ys, delta, M):
 xs = [torch.randn(B, M, 32, 32) for _ in range(K + 1)]
 ys = [torch.randint(0, 10, (B - 1, M)) for _ in range(K + 1)]
 delta = torch.zeros(5, M, 32, 32, requires_grad=True)
+def sync():
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
 def timed(f, n=3):
-    f(); ts = []
+    f(); sync(); ts = []
     for _ in range(n):
-        t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
+        t = time.perf_counter(); f(); sync(); ts.append(time.perf_counter() - t)
     return sorted(ts)[n // 2]
 wsM = init(M)
 tb = timed(lambda: meta(wsM, xs, ys, delta, M))
@@ -52,7 +60,7 @@ def seq():
     for m in range(M):
         meta(ws1[m], [x[:, m:m+1] for x in xs], [y[:, m:m+1] for y in ys], delta[:, m:m+1].detach().requires_grad_(), 1)
 ts = timed(seq)
-print(f"batched M={M}: {tb:.3f}s  sequential: {ts:.3f}s  speedup {ts/tb:.2f}")
+print(f"{DEV} batched M={M}: {tb:.3f}s  sequential: {ts:.3f}s  speedup {ts/tb:.2f}")
 cl = torch.channels_last
 ws1c = [[w.detach().to(memory_format=cl).requires_grad_() if w.dim() == 4 else w for w in ws] for ws in ws1]
 def seq_cl():

@@ -47,6 +47,12 @@ pub struct BenchArgs {
     /// a CPU, 1 on CUDA). The reference always runs them one after another.
     #[arg(long)]
     workers: Option<usize>,
+    /// Our convolutions on channels-last (NHWC) tensors.
+    #[arg(long)]
+    channels_last: bool,
+    /// The reference's convolutions on channels-last tensors too (default: PyTorch's NCHW).
+    #[arg(long)]
+    reference_channels_last: bool,
     /// Device: auto, cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
@@ -113,6 +119,8 @@ impl BenchArgs {
             .workers
             .unwrap_or(crate::config::HardwareProfile::for_device(on_gpu).parallel_surrogates);
         s.workers = workers.min(s.ensemble.max(1));
+        s.channels_last = self.channels_last;
+        s.reference_channels_last = self.reference_channels_last;
         s
     }
 }
@@ -338,8 +346,8 @@ fn run_gradcheck(device: tch::Device, out: Option<&PathBuf>) -> Result<()> {
     let mut worst: f64 = 0.0;
     for c in &checks {
         eprintln!(
-            "{:<9} K={} C={} augment={:<5} worst relative error {:.2e}",
-            c.objective, c.unroll_steps, c.channels, c.augment, c.worst_error
+            "{:<9} K={} C={} augment={:<5} channels-last={:<5} worst relative error {:.2e}",
+            c.objective, c.unroll_steps, c.channels, c.augment, c.channels_last, c.worst_error
         );
         worst = worst.max(c.worst_error);
     }

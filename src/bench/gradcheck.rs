@@ -32,6 +32,17 @@ pub struct Case {
 impl Case {
     /// `channels` 1 (28 px, 1-D colour grid) or 3 (32 px, YUV grid); `k` unrolled steps.
     pub fn new(channels: usize, k: usize, seed: u64, device: Device) -> Case {
+        Case::with_layout(channels, k, seed, device, false)
+    }
+
+    /// As `new`, with the network's convolutions on channels-last tensors or not.
+    pub fn with_layout(
+        channels: usize,
+        k: usize,
+        seed: u64,
+        device: Device,
+        channels_last: bool,
+    ) -> Case {
         let opts = (Kind::Double, device);
         let mut rng = SplitMix64::new(seed);
         let side = if channels == 1 { 28 } else { 32 };
@@ -42,7 +53,8 @@ impl Case {
             4,
             1,
             InputNorm::for_dataset("test", channels),
-        );
+        )
+        .with_channels_last(channels_last);
         let state = net.init(device, Kind::Double, seed);
         let weights = state
             .weights
@@ -162,6 +174,7 @@ pub struct GradCheck {
     pub unroll_steps: usize,
     pub objective: String,
     pub augment: bool,
+    pub channels_last: bool,
     pub entries: Vec<EntryCheck>,
     pub worst_error: f64,
     /// Sum of |d/d delta|: the check only means something if this is not zero.
@@ -177,7 +190,19 @@ pub fn check(
     augment: Option<u64>,
     device: Device,
 ) -> GradCheck {
-    let mut case = Case::new(channels, k, 7 + k as u64, device);
+    check_layout(channels, k, objective, augment, device, false)
+}
+
+/// As `check`, with the network's convolutions on channels-last tensors or not.
+pub fn check_layout(
+    channels: usize,
+    k: usize,
+    objective: ObjectiveKind,
+    augment: Option<u64>,
+    device: Device,
+    channels_last: bool,
+) -> GradCheck {
+    let mut case = Case::with_layout(channels, k, 7 + k as u64, device, channels_last);
     case.batches.augment = augment;
     let s = UnrollSettings {
         steps: k,
@@ -229,6 +254,7 @@ pub fn check(
         unroll_steps: k,
         objective: format!("{objective:?}").to_lowercase(),
         augment: augment.is_some(),
+        channels_last,
         worst_error: entries.iter().map(|e| e.error).fold(0.0, f64::max),
         entries,
         delta_grad_l1: g_delta.abs().sum(Kind::Double).double_value(&[]),
@@ -236,7 +262,7 @@ pub fn check(
 }
 
 /// The suite `bench --gradcheck` runs: grey K = 1, 2 with every objective, RGB with the colour
-/// grid, and through differentiable augmentation.
+/// grid, through differentiable augmentation, and with channels-last convolutions.
 pub fn suite(device: Device) -> Vec<GradCheck> {
     use ObjectiveKind::*;
     let mut out = Vec::new();
@@ -248,5 +274,6 @@ pub fn suite(device: Device) -> Vec<GradCheck> {
     }
     out.push(check(1, 2, Cw, Some(42), device));
     out.push(check(3, 1, Xent, Some(7), device));
+    out.push(check_layout(3, 2, Cw, None, device, true));
     out
 }

@@ -57,6 +57,11 @@ pub struct StepSpec {
     /// Surrogates run at once on their own threads (the crafter's `craft.parallel_surrogates`);
     /// the reference always runs them one after another, as a plain PyTorch loop does.
     pub workers: usize,
+    /// Our convolutions on channels-last tensors (`run.channels_last`).
+    pub channels_last: bool,
+    /// The reference's too (`model.to(memory_format=torch.channels_last)`, as a PyTorch user
+    /// would write it); by default it runs in PyTorch's default NCHW layout.
+    pub reference_channels_last: bool,
 }
 
 impl StepSpec {
@@ -82,6 +87,8 @@ impl StepSpec {
             double: false,
             seed: 0,
             workers: 1,
+            channels_last: false,
+            reference_channels_last: false,
         }
     }
 
@@ -119,6 +126,7 @@ impl StepSpec {
             1,
             InputNorm::for_dataset(name, self.channels),
         )
+        .with_channels_last(self.channels_last)
     }
 
     pub fn validate(&self) -> Result<(), String> {

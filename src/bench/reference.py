@@ -192,7 +192,11 @@ class Step:
                 i += 1
             return out
 
-        self.weights = [[w.requires_grad_(True) for w in seq("w", m)] for m in range(M)]
+        # Channels-last as a PyTorch user asks for it: model.to(memory_format=...) on the conv
+        # weights, input.contiguous(memory_format=...) on the input.
+        self.channels_last = spec.get("reference_channels_last", False)
+        layout = lambda w: w.contiguous(memory_format=torch.channels_last) if self.channels_last and w.dim() == 4 else w
+        self.weights = [[layout(w).requires_grad_(True) for w in seq("w", m)] for m in range(M)]
         self.buffers = [seq("b", m) for m in range(M)]
         self.batches = [[(tensors[f"x.{m}.{j}"], tensors[f"y.{m}.{j}"]) for j in range(K + 1)] for m in range(M)]
         self.slots = [tensors[f"slots.{m}"] for m in range(M)]
@@ -212,7 +216,8 @@ class Step:
         if h < self.side:
             top = (self.side - h) // 2
             x = F.pad(x, (top, self.side - h - top, top, self.side - h - top))
-        return (x / 255.0 - self.mean) / self.std
+        x = (x / 255.0 - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def logits(self, w, buffers, x, update_stats=False):
         return self.net.forward(w, buffers, self.normalise(x), update_stats)

@@ -332,6 +332,9 @@ pub struct RunConfig {
     pub threads: usize,
     /// Stop after this many consecutive non-finite meta-gradients.
     pub max_nonfinite_steps: usize,
+    /// Convolutions on channels-last (NHWC) tensors; `auto`: on CUDA only (same maths, the
+    /// layout cuDNN's tensor-core kernels want; slower on a CPU).
+    pub channels_last: Auto<bool>,
 }
 
 impl Default for RunConfig {
@@ -343,6 +346,7 @@ impl Default for RunConfig {
             checkpoint_every: 5,
             threads: 0,
             max_nonfinite_steps: 3,
+            channels_last: Auto::Auto,
         }
     }
 }

@@ -23,6 +23,9 @@ pub struct HardwareProfile {
     /// Surrogates crafted at once on their own threads (a CPU's cores are used better by two
     /// surrogates on one core each than by one on both; a GPU runs them one after another).
     pub parallel_surrogates: usize,
+    /// Convolutions on channels-last tensors (BENCHMARKS.md: faster with cuDNN, slower with
+    /// oneDNN on a CPU).
+    pub channels_last: bool,
     pub victim_epochs: usize,
 }
 
@@ -38,6 +41,7 @@ pub const CUDA: HardwareProfile = HardwareProfile {
     stagger: 1,
     meta_batch_fraction: 1.0,
     parallel_surrogates: 1,
+    channels_last: true,
     victim_epochs: 200,
 };
 
@@ -52,6 +56,7 @@ pub const CPU: HardwareProfile = HardwareProfile {
     stagger: 5,
     meta_batch_fraction: 1.0,
     parallel_surrogates: 2,
+    channels_last: false,
     victim_epochs: 20,
 };
 
@@ -125,6 +130,12 @@ impl Config {
                 p.parallel_surrogates,
                 p.name,
             ),
+            settle(
+                "run.channels_last",
+                &mut self.run.channels_last,
+                p.channels_last,
+                p.name,
+            ),
             self.victim.settle(on_gpu),
         ]
         .into_iter()
@@ -175,6 +186,12 @@ impl super::CraftConfig {
     }
     pub fn parallel_surrogates(&self) -> usize {
         self.parallel_surrogates.resolve(CPU.parallel_surrogates)
+    }
+}
+
+impl super::RunConfig {
+    pub fn channels_last(&self) -> bool {
+        self.channels_last.resolve(CPU.channels_last)
     }
 }
 

@@ -130,7 +130,8 @@ impl Crafter {
             data.num_classes(),
             config.surrogate.width,
             norm,
-        );
+        )
+        .with_channels_last(config.run.channels_last());
         let live = LiveSettings {
             outer_lr: config.craft.outer_lr,
             inner_lr: config.surrogate.lr,

@@ -66,6 +66,22 @@ impl InputNorm {
     }
 }
 
+/// The same values with NHWC strides (PyTorch's channels-last format: convolutions on such an
+/// input produce channels-last outputs, and element-wise ops keep the layout). Tensors that
+/// are not 4-D are returned as they are. Differentiable: a permuted copy, permuted back.
+pub fn to_channels_last(t: &Tensor) -> Tensor {
+    if t.dim() != 4 {
+        return t.shallow_clone();
+    }
+    let out = t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]);
+    if t.requires_grad() && t.is_leaf() {
+        // Keep a leaf a leaf (the weights are what training differentiates).
+        out.detach().set_requires_grad(true)
+    } else {
+        out
+    }
+}
+
 /// Weights (trained) and batch-norm running statistics (not trained) of one network instance.
 #[derive(Debug)]
 pub struct State {
@@ -112,6 +128,10 @@ pub struct Network {
     pub num_classes: i64,
     pub width: i64,
     pub norm: InputNorm,
+    /// Run the convolutions on channels-last (NHWC) tensors: cuDNN's tensor-core kernels want
+    /// that layout. The maths is unchanged; only the memory order of activations and conv
+    /// weights differs.
+    pub channels_last: bool,
 }
 
 impl Network {
@@ -128,7 +148,14 @@ impl Network {
             num_classes: num_classes as i64,
             width: width as i64,
             norm,
+            channels_last: false,
         }
+    }
+
+    /// The same network with its convolutions on channels-last tensors (or not).
+    pub fn with_channels_last(mut self, on: bool) -> Self {
+        self.channels_last = on;
+        self
     }
 
     /// Fresh weights; `seed` fixes them.
@@ -145,7 +172,11 @@ impl Network {
             (kind, device),
         );
         let _ = nets::body(self, &mut layers, &x);
-        layers.into_state()
+        let mut state = layers.into_state();
+        if self.channels_last {
+            state.weights = state.weights.iter().map(to_channels_last).collect();
+        }
+        state
     }
 
     /// Logits for raw 0-255 images `x` [N, C, H, W].
@@ -161,7 +192,10 @@ impl Network {
         mode: Mode,
     ) -> Tensor {
         let mut layers = Layers::apply(weights, buffers, mode);
-        let input = self.norm.apply(x);
+        let mut input = self.norm.apply(x);
+        if self.channels_last {
+            input = to_channels_last(&input);
+        }
         let out = nets::body(self, &mut layers, &input);
         layers.finish();
         out
