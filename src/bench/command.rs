@@ -53,6 +53,10 @@ pub struct BenchArgs {
     /// The reference's convolutions on channels-last tensors too (default: PyTorch's NCHW).
     #[arg(long)]
     reference_channels_last: bool,
+    /// Our surrogates batched into one grouped network (one kernel a layer for all M); the
+    /// reference still runs them one after another, as a PyTorch loop does.
+    #[arg(long)]
+    grouped: bool,
     /// Device: auto, cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
@@ -121,6 +125,10 @@ impl BenchArgs {
         s.workers = workers.min(s.ensemble.max(1));
         s.channels_last = self.channels_last;
         s.reference_channels_last = self.reference_channels_last;
+        s.grouped = self.grouped;
+        if s.grouped {
+            s.workers = 1; // one grouped network for all M
+        }
         s
     }
 }
@@ -199,7 +207,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         None => None,
     };
     eprintln!(
-        "bench: {} {}x{}x{} batch {}, {} poisons in batch, K {}, M {} ({} at once) on {}",
+        "bench: {} {}x{}x{} batch {}, {} poisons in batch, K {}, M {} ({}{}) on {}",
         spec.net.name(),
         spec.channels,
         spec.side,
@@ -208,7 +216,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
         spec.poisons_in_batch,
         spec.unroll_steps,
         spec.ensemble,
-        spec.workers,
+        if spec.grouped {
+            "grouped".to_string()
+        } else {
+            format!("{} at once", spec.workers)
+        },
+        if spec.channels_last {
+            ", channels-last"
+        } else {
+            ""
+        },
         crate::device::describe(device)
     );
     // Our side runs `workers` surrogates at once, each with its share of the cores (the

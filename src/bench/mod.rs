@@ -18,8 +18,11 @@ use crate::craft::objective::TargetLabels;
 use crate::craft::perturbation::Perturbation;
 use crate::craft::recolor::Recolor;
 use crate::craft::rng::SplitMix64;
-use crate::craft::unroll::{meta_gradient, Surrogate, Targets, UnrollBatches, UnrollSettings};
-use crate::model::sgd::sgd_step;
+use crate::craft::unroll::{
+    meta_gradient, meta_gradient_grouped, GroupedSurrogates, Surrogate, Targets, UnrollBatches,
+    UnrollSettings,
+};
+use crate::model::sgd::{sgd_step, sgd_step_grouped};
 use crate::model::{InputNorm, Network, State};
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -62,6 +65,9 @@ pub struct StepSpec {
     /// The reference's too (`model.to(memory_format=torch.channels_last)`, as a PyTorch user
     /// would write it); by default it runs in PyTorch's default NCHW layout.
     pub reference_channels_last: bool,
+    /// Our M surrogates batched into one grouped network (`craft.grouped_surrogates`); the
+    /// reference runs them one after another.
+    pub grouped: bool,
 }
 
 impl StepSpec {
@@ -89,6 +95,7 @@ impl StepSpec {
             workers: 1,
             channels_last: false,
             reference_channels_last: false,
+            grouped: false,
         }
     }
 
@@ -163,6 +170,9 @@ pub struct StepInputs {
     pub spec: StepSpec,
     pub net: Network,
     pub surrogates: Vec<State>,
+    /// With `spec.grouped`: the surrogates stacked into one grouped state, which the timed
+    /// steps train (the crafter stacks once per epoch, so the copy is not timed).
+    pub stacked: Option<State>,
     /// Per surrogate: K + 1 batches (images 0-255, labels).
     pub batches: Vec<Vec<(Tensor, Tensor)>>,
     /// Per surrogate: which perturbation slots sit in its first batch (at positions 0..P).
@@ -222,9 +232,12 @@ impl StepInputs {
             let v: Vec<i64> = (0..n).map(|_| rng.below(spec.classes) as i64).collect();
             Tensor::from_slice(&v).to_device(device)
         };
-        let surrogates = (0..spec.ensemble)
+        let surrogates: Vec<State> = (0..spec.ensemble)
             .map(|m| net.init(device, kind, spec.seed + 1 + m as u64).trainable())
             .collect();
+        let stacked = spec
+            .grouped
+            .then(|| State::stack(&surrogates.iter().collect::<Vec<_>>()).trainable());
         let batches = (0..spec.ensemble)
             .map(|_| {
                 (0..=spec.unroll_steps)
@@ -257,6 +270,7 @@ impl StepInputs {
             spec: spec.clone(),
             net,
             surrogates,
+            stacked,
             batches,
             slots,
             positions: Tensor::arange(p, (Kind::Int64, device)),
@@ -312,6 +326,49 @@ impl StepInputs {
         )
     }
 
+    /// The meta-gradients of all surrogates summed: (summed adversarial loss, d/d delta,
+    /// d/d offsets); grouped when the spec says so (what the agreement check compares).
+    pub fn meta_gradient_sum(&self) -> (Tensor, Tensor, Tensor) {
+        if let Some(stacked) = &self.stacked {
+            let inputs: Vec<UnrollBatches> = (0..self.spec.ensemble)
+                .map(|m| self.unroll_batches(m))
+                .collect();
+            let (adv, gd, go) = meta_gradient_grouped(
+                GroupedSurrogates {
+                    net: &self.net,
+                    weights: &stacked.weights,
+                    buffers: &stacked.buffers,
+                },
+                &self.perturbation,
+                &inputs.iter().collect::<Vec<_>>(),
+                Targets {
+                    images: &self.targets,
+                    labels: &self.labels,
+                },
+                self.settings(),
+            );
+            return (adv.sum(adv.kind()), gd, go);
+        }
+        let (mut loss, mut gd, mut go) = self.meta_gradient(0);
+        for m in 1..self.spec.ensemble {
+            let (l, d, o) = self.meta_gradient(m);
+            loss += l;
+            gd += d;
+            go += o;
+        }
+        (loss, gd, go)
+    }
+
+    /// The grouped step: all surrogates' meta-gradients in one grouped unroll, then one
+    /// grouped clean SGD step. Returns the summed gradients.
+    fn grouped_step(&self, stacked: &State) -> (Tensor, Tensor) {
+        let (_, gd, go) = self.meta_gradient_sum();
+        let xs = Tensor::stack(&self.batches.iter().map(|b| &b[0].0).collect::<Vec<_>>(), 0);
+        let ys = Tensor::stack(&self.batches.iter().map(|b| &b[0].1).collect::<Vec<_>>(), 0);
+        let _ = sgd_step_grouped(&self.net, stacked, &xs, &ys, self.spec.inner_lr, 0.0);
+        (gd, go)
+    }
+
     /// One whole benchmarked step (no host sync inside): per surrogate the meta-gradient and
     /// one clean SGD step on its first batch (`spec.workers` surrogates at a time, as the
     /// crafter runs them); then the averaged meta-gradient drives one Adam step on delta and
@@ -319,7 +376,13 @@ impl StepInputs {
     pub fn step(&mut self) {
         let mut g_delta = self.perturbation.delta.detach().zeros_like();
         let mut g_offsets = self.perturbation.offsets.detach().zeros_like();
-        for wave in crate::craft::parallel::waves(self.spec.ensemble, self.spec.workers) {
+        let waves = if let Some(stacked) = &self.stacked {
+            (g_delta, g_offsets) = self.grouped_step(stacked);
+            crate::craft::parallel::waves(0, 1)
+        } else {
+            crate::craft::parallel::waves(self.spec.ensemble, self.spec.workers)
+        };
+        for wave in waves {
             let jobs: Vec<SurrogateJob> = wave.map(|m| self.job(m)).collect();
             for (gd, go) in crate::craft::parallel::map(jobs, SurrogateJob::run) {
                 g_delta += gd;
@@ -442,14 +505,15 @@ pub fn agreement_spec(spec: &StepSpec) -> StepSpec {
         poisons_in_batch: 3,
         npoison: 5,
         targets: 2,
-        ensemble: 1,
+        // Two surrogates when grouped, so that the grouping itself is checked.
+        ensemble: if spec.grouped { 2 } else { 1 },
         grid: 4,
         double: true,
         ..spec.clone()
     }
 }
 
-/// Computes surrogate 0's meta-gradient here and in the reference, and compares them.
+/// Computes the surrogates' summed meta-gradient here and in the reference, and compares them.
 pub fn check_agreement(
     spec: &StepSpec,
     device: Device,
@@ -470,7 +534,7 @@ pub fn check_agreement(
         );
         inputs.perturbation.offsets.copy_(&o);
     }
-    let (loss, gd, go) = inputs.meta_gradient(0);
+    let (loss, gd, go) = inputs.meta_gradient_sum();
     let path = dir.join("agreement.safetensors");
     inputs.save(
         &path,

@@ -336,6 +336,9 @@ def main():
                 tensors, meta = read_safetensors(arg, device)
                 s = Step(tensors, meta, device)
                 loss, gd, go = s.meta_gradient(0)
+                for m in range(1, s.spec["ensemble"]):  # the sum over surrogates
+                    l, d, o = s.meta_gradient(m)
+                    loss, gd, go = loss + l, gd + d, go + o
                 answer = {
                     "loss": loss.item(),
                     "loss_expected": tensors["expected_loss"].item(),

@@ -137,3 +137,129 @@ pub fn meta_gradient(
     let g_delta = grads.pop().unwrap();
     (adv.detach(), g_delta, g_offsets)
 }
+
+/// Several surrogates batched into one grouped network (`Network::forward_grouped`): their
+/// weights and buffers stacked along dim 0 (`State::stack`); the weights must require grad.
+#[derive(Clone, Copy)]
+pub struct GroupedSurrogates<'a> {
+    pub net: &'a Network,
+    pub weights: &'a [Tensor],
+    pub buffers: &'a [Tensor],
+}
+
+/// `unrolled_adversarial_loss` of m surrogates at once, surrogate i unrolled on `inputs[i]`
+/// (all with the same batch size): the m losses as a tensor [m]. The same maths as m separate
+/// calls; each layer runs as one grouped kernel for all of them.
+pub fn unrolled_adversarial_losses_grouped(
+    model: GroupedSurrogates,
+    perturbation: &Perturbation,
+    inputs: &[&UnrollBatches],
+    targets: Targets,
+    settings: UnrollSettings,
+) -> Tensor {
+    let (net, buffers) = (model.net, model.buffers);
+    let m = inputs.len() as i64;
+    let k = settings.steps;
+    assert!(
+        inputs.iter().all(|input| input.batches.len() > k),
+        "need K + 1 batches for K unrolled steps"
+    );
+    let firsts: Vec<Tensor> = inputs
+        .iter()
+        .map(|input| {
+            let poisons = perturbation.poisons(Some(&input.slots));
+            input.batches[0].0.index_copy(0, &input.positions, &poisons)
+        })
+        .collect();
+    let mut rngs: Vec<Option<crate::craft::rng::SplitMix64>> = inputs
+        .iter()
+        .map(|input| input.augment.map(crate::craft::rng::SplitMix64::new))
+        .collect();
+    let images = targets.images;
+    let n_targets = images.size()[0];
+    let mut target_shape = vec![m];
+    target_shape.extend(images.size());
+    let target_images = images.unsqueeze(0).expand(&target_shape, false);
+    let mut w: Vec<Tensor> = model.weights.iter().map(|t| t.shallow_clone()).collect();
+    let mut total: Option<Tensor> = None;
+    for i in 0..=k {
+        let xs: Vec<Tensor> = (0..inputs.len())
+            .map(|j| {
+                let x = if i == 0 {
+                    &firsts[j]
+                } else {
+                    &inputs[j].batches[i].0
+                };
+                match rngs[j].as_mut() {
+                    Some(r) => crate::model::augment::crop_flip(x, r),
+                    None => x.shallow_clone(),
+                }
+            })
+            .collect();
+        let b = xs[0].size()[0];
+        let x = Tensor::cat(&[Tensor::stack(&xs, 0), target_images.shallow_clone()], 1);
+        let logits = net.forward_grouped(&w, buffers, &x, Mode::Train);
+        if i > 0 {
+            let adv: Vec<Tensor> = (0..m)
+                .map(|j| {
+                    let z = logits.get(j).narrow(0, b, n_targets);
+                    adversarial_loss(settings.objective, &z, targets.labels)
+                })
+                .collect();
+            let adv = Tensor::stack(&adv, 0);
+            total = Some(match total {
+                None => adv,
+                Some(t) => t + adv,
+            });
+        }
+        if i < k {
+            // The mean over all m batches of equal size, times m: the sum of the m losses, so
+            // each surrogate's weights get exactly its own loss's gradient.
+            let classes = logits.size()[2];
+            let z = logits.narrow(1, 0, b).reshape([m * b, classes]);
+            let ys: Vec<&Tensor> = inputs.iter().map(|input| &input.batches[i].1).collect();
+            let ce = cross_entropy(&z, &Tensor::cat(&ys, 0)) * m as f64;
+            let grads = Tensor::run_backward(&[ce], &w, true, true);
+            w = w
+                .iter()
+                .zip(grads.iter())
+                .map(|(wi, gi)| {
+                    if settings.weight_decay > 0.0 {
+                        wi - (gi + wi * settings.weight_decay) * settings.lr
+                    } else {
+                        wi - gi * settings.lr
+                    }
+                })
+                .collect();
+        }
+    }
+    total.expect("K >= 1") / k as f64
+}
+
+/// `meta_gradient` of m surrogates at once: their adversarial losses [m] and the gradients
+/// of their sum (each surrogate's objective, the smoothness penalty included, summed), as m
+/// separate calls summed would give.
+pub fn meta_gradient_grouped(
+    model: GroupedSurrogates,
+    perturbation: &Perturbation,
+    inputs: &[&UnrollBatches],
+    targets: Targets,
+    settings: UnrollSettings,
+) -> (Tensor, Tensor, Tensor) {
+    let adv = unrolled_adversarial_losses_grouped(model, perturbation, inputs, targets, settings);
+    let m = inputs.len() as f64;
+    let mut objective = adv.sum(adv.kind());
+    if settings.smooth_coef > 0.0 {
+        objective = objective
+            + perturbation.recolor.smoothness(&perturbation.offsets) * (settings.smooth_coef * m);
+    }
+    let mut grads = Tensor::run_backward(
+        &[&objective],
+        &[&perturbation.delta, &perturbation.offsets],
+        false,
+        false,
+    );
+    let g_offsets = grads.pop().unwrap();
+    let g_delta = grads.pop().unwrap();
+    (adv.detach(), g_delta, g_offsets)
+}

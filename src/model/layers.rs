@@ -32,6 +32,8 @@ enum Source<'a> {
         mode: Mode,
         wi: usize,
         bi: usize,
+        /// Surrogates batched along the channel axis (see `Network::forward_grouped`).
+        groups: i64,
     },
 }
 
@@ -77,6 +79,18 @@ impl<'a> Layers<'a> {
     }
 
     pub(crate) fn apply(weights: &'a [Tensor], buffers: &'a [Tensor], mode: Mode) -> Layers<'a> {
+        Layers::apply_grouped(weights, buffers, mode, 1)
+    }
+
+    /// Apply mode for `groups` networks at once: every weight holds the networks' tensors
+    /// concatenated along dim 0 and activations hold their channels side by side
+    /// ([N, groups * C, H, W]); convolutions run grouped, the linear layer as a batched matmul.
+    pub(crate) fn apply_grouped(
+        weights: &'a [Tensor],
+        buffers: &'a [Tensor],
+        mode: Mode,
+        groups: i64,
+    ) -> Layers<'a> {
         Layers {
             source: Source::Apply {
                 weights,
@@ -84,8 +98,21 @@ impl<'a> Layers<'a> {
                 mode,
                 wi: 0,
                 bi: 0,
+                groups,
             },
         }
+    }
+
+    fn groups(&self) -> i64 {
+        match &self.source {
+            Source::Build { .. } => 1,
+            Source::Apply { groups, .. } => *groups,
+        }
+    }
+
+    /// Channels of one network's share of an activation.
+    pub fn channels(&self, x: &Tensor) -> i64 {
+        x.size()[1] / self.groups()
     }
 
     pub(crate) fn into_state(self) -> super::State {
@@ -143,7 +170,7 @@ impl<'a> Layers<'a> {
                 init.normal(&[out, cin, k, k], (2.0 / fan_out).sqrt())
             }
         });
-        x.conv2d(&w, None::<Tensor>, [stride], [k / 2], [1], 1)
+        x.conv2d(&w, None::<Tensor>, [stride], [k / 2], [1], self.groups())
     }
 
     /// A bias added per channel (ConvNetBN's conv bias), initialised to zero.
@@ -232,6 +259,16 @@ impl<'a> Layers<'a> {
                 init.uniform(&[out], 1.0 / (fan_in as f64).sqrt())
             }
         });
-        x.linear(&w, Some(&b))
+        let g = self.groups();
+        if g == 1 {
+            return x.linear(&w, Some(&b));
+        }
+        // [N, g * F] -> [g, N, F] @ [g, F, out] -> [g, N, out]: one matmul for all networks.
+        let (n, f) = (x.size()[0], x.size()[1] / g);
+        let out = w.size()[0] / g;
+        x.view([n, g, f])
+            .transpose(0, 1)
+            .bmm(&w.view([g, out, f]).transpose(1, 2))
+            + b.view([g, 1, out])
     }
 }

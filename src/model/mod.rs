@@ -111,6 +111,39 @@ impl State {
         }
     }
 
+    /// Several networks' states as one, each tensor concatenated along dim 0 (what
+    /// `Network::forward_grouped` reads). A copy: train it, then `unstack_into` the originals.
+    pub fn stack(states: &[&State]) -> State {
+        let cat = |pick: &dyn Fn(&State) -> &Vec<Tensor>| -> Vec<Tensor> {
+            (0..pick(states[0]).len())
+                .map(|j| {
+                    let parts: Vec<Tensor> = states.iter().map(|s| pick(s)[j].detach()).collect();
+                    Tensor::cat(&parts, 0)
+                })
+                .collect()
+        };
+        State {
+            weights: cat(&|s| &s.weights),
+            buffers: cat(&|s| &s.buffers),
+        }
+    }
+
+    /// Copies network i's share of a stacked state back into `states[i]`, in place.
+    pub fn unstack_into(&self, states: &[State]) {
+        let _guard = tch::no_grad_guard();
+        let m = states.len() as i64;
+        let copy = |stacked: &[Tensor], pick: &dyn Fn(&State) -> &Vec<Tensor>| {
+            for (j, t) in stacked.iter().enumerate() {
+                for (i, part) in t.chunk(m, 0).iter().enumerate() {
+                    let mut dst = pick(&states[i])[j].shallow_clone();
+                    dst.copy_(part);
+                }
+            }
+        };
+        copy(&self.weights, &|s| &s.weights);
+        copy(&self.buffers, &|s| &s.buffers);
+    }
+
     /// A deep copy (fresh storage), so updating one never touches the other.
     pub fn deep_clone(&self) -> State {
         State {
@@ -199,6 +232,38 @@ impl Network {
         let out = nets::body(self, &mut layers, &input);
         layers.finish();
         out
+    }
+
+    /// Logits of `m` networks at once for raw 0-255 images `x` [m, N, C, H, W] (network i sees
+    /// `x[i]`), as [m, N, classes]. `weights` and `buffers` hold the m networks' tensors
+    /// concatenated along dim 0 (`State::stack`). The same maths as m calls of `forward`, in
+    /// one grouped kernel per layer: on a GPU, where small networks are bound by kernel
+    /// launches, that is several times faster (BENCHMARKS.md).
+    pub fn forward_grouped(
+        &self,
+        weights: &[Tensor],
+        buffers: &[Tensor],
+        x: &Tensor,
+        mode: Mode,
+    ) -> Tensor {
+        let (m, n, c, h, w) = x.size5().expect("grouped images are [m, N, C, H, W]");
+        let input = self.norm.apply(&x.reshape([m * n, c, h, w]));
+        let (c, h, w) = (input.size()[1], input.size()[2], input.size()[3]);
+        let mut input = input
+            .view([m, n, c, h, w])
+            .transpose(0, 1)
+            .reshape([n, m * c, h, w]);
+        if self.channels_last {
+            input = to_channels_last(&input);
+        }
+        let mut layers = Layers::apply_grouped(weights, buffers, mode, m);
+        let out = nets::body(self, &mut layers, &input);
+        layers.finish();
+        if m == 1 {
+            out.unsqueeze(0)
+        } else {
+            out
+        }
     }
 
     pub fn param_count(&self) -> i64 {

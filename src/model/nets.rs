@@ -47,7 +47,7 @@ fn basic_block(l: &mut Layers, x: &Tensor, out: i64, stride: i64) -> Tensor {
     let h = l.batch_norm(&h).relu();
     let h = l.conv(&h, out, 3, 1);
     let h = l.batch_norm(&h);
-    let shortcut = if stride != 1 || x.size()[1] != out {
+    let shortcut = if stride != 1 || l.channels(x) != out {
         let s = l.conv(x, out, 1, stride);
         l.batch_norm(&s)
     } else {

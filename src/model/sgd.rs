@@ -60,3 +60,32 @@ pub fn accuracy(net: &Network, state: &State, x: &Tensor, y: &Tensor) -> f64 {
         .mean(tch::Kind::Double)
         .double_value(&[])
 }
+
+/// `sgd_step` of m networks at once (stacked state, `Network::forward_grouped`), network i on
+/// `xs[i]` / `ys[i]` ([m, N, C, H, W] and [m, N]). Returns the mean of the m losses (no host
+/// sync).
+pub fn sgd_step_grouped(
+    net: &Network,
+    state: &State,
+    xs: &Tensor,
+    ys: &Tensor,
+    lr: f64,
+    weight_decay: f64,
+) -> Tensor {
+    let logits = net.forward_grouped(&state.weights, &state.buffers, xs, Mode::TrainUpdateStats);
+    let (m, n, classes) = logits.size3().expect("[m, N, classes]");
+    // Mean over all m * N, times m: the sum of the m mean losses (each network's own gradient).
+    let loss = cross_entropy(&logits.reshape([m * n, classes]), &ys.reshape([m * n])) * m as f64;
+    let grads = Tensor::run_backward(&[&loss], &state.weights, false, false);
+    let _guard = tch::no_grad_guard();
+    for (w, g) in state.weights.iter().zip(grads.iter()) {
+        let update = if weight_decay > 0.0 {
+            (g + w * weight_decay) * lr
+        } else {
+            g * lr
+        };
+        let mut w = w.shallow_clone();
+        let _ = w.f_sub_(&update).expect("sgd update");
+    }
+    loss.detach() / m as f64
+}

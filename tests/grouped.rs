@@ -1,0 +1,180 @@
+//! Surrogates batched into one grouped network compute the same maths as one at a time:
+//! logits, meta-gradients (the sum over surrogates) and clean SGD steps agree in float64.
+
+use metapoison::bench::gradcheck::Case;
+use metapoison::config::{NetKind, ObjectiveKind};
+use metapoison::craft::unroll::{
+    meta_gradient, meta_gradient_grouped, GroupedSurrogates, Surrogate, Targets, UnrollBatches,
+    UnrollSettings,
+};
+use metapoison::model::sgd::{sgd_step, sgd_step_grouped};
+use metapoison::model::{InputNorm, Mode, Network, State};
+use tch::{Device, Kind, Tensor};
+
+fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+    let scale = a
+        .abs()
+        .max()
+        .double_value(&[])
+        .max(b.abs().max().double_value(&[]));
+    (a - b).abs().max().double_value(&[]) / scale.max(1e-30)
+}
+
+fn net(kind: NetKind, channels: usize) -> Network {
+    Network::new(
+        kind,
+        channels,
+        4,
+        1,
+        InputNorm::for_dataset("test", channels),
+    )
+}
+
+fn states(net: &Network, m: usize) -> Vec<State> {
+    (0..m)
+        .map(|i| {
+            net.init(Device::Cpu, Kind::Double, 11 + i as u64)
+                .trainable()
+        })
+        .collect()
+}
+
+#[test]
+fn grouped_logits_equal_one_network_at_a_time() {
+    for (kind, channels) in [
+        (NetKind::ConvnetBn, 1),
+        (NetKind::Resnet20, 3),
+        (NetKind::Vgg11, 3),
+    ] {
+        let net = net(kind, channels);
+        let ss = states(&net, 3);
+        let side = if channels == 1 { 28 } else { 32 };
+        let x = Tensor::rand(
+            [3, 5, channels as i64, side, side],
+            (Kind::Double, Device::Cpu),
+        ) * 255.0;
+        let stacked = State::stack(&ss.iter().collect::<Vec<_>>());
+        for mode in [Mode::Train, Mode::Eval] {
+            let grouped = net.forward_grouped(&stacked.weights, &stacked.buffers, &x, mode);
+            assert_eq!(grouped.size(), vec![3, 5, 4]);
+            for (i, s) in ss.iter().enumerate() {
+                let one = net.forward(&s.weights, &s.buffers, &x.get(i as i64), mode);
+                let err = max_rel(&grouped.get(i as i64), &one);
+                assert!(
+                    err < 1e-10,
+                    "{kind:?} {mode:?} network {i}: relative error {err:e}"
+                );
+            }
+        }
+    }
+}
+
+/// Three surrogates (own weights, own batches) sharing one perturbation and target.
+fn three_cases(channels: usize, k: usize, augment: bool) -> Vec<Case> {
+    (0..3u64)
+        .map(|i| {
+            let mut c = Case::new(channels, k, 5 + i, Device::Cpu);
+            c.batches.augment = augment.then_some(100 + i);
+            c
+        })
+        .collect()
+}
+
+#[test]
+fn grouped_meta_gradient_is_the_sum_of_the_surrogates_meta_gradients() {
+    for (channels, k, augment, objective) in [
+        (1, 2, false, ObjectiveKind::Cw),
+        (3, 1, true, ObjectiveKind::Xent),
+        (3, 2, false, ObjectiveKind::Cw),
+    ] {
+        let cases = three_cases(channels, k, augment);
+        let shared = &cases[0];
+        let s = UnrollSettings {
+            steps: k,
+            lr: 0.1,
+            weight_decay: 5e-4,
+            objective,
+            smooth_coef: 1.0,
+        };
+        let targets = Targets {
+            images: &shared.targets,
+            labels: &shared.labels,
+        };
+        let mut sum_d = shared.perturbation.delta.zeros_like();
+        let mut sum_o = shared.perturbation.offsets.zeros_like();
+        let mut advs = Vec::new();
+        for c in &cases {
+            let model = Surrogate {
+                net: &shared.net,
+                weights: &c.weights,
+                buffers: &c.buffers,
+            };
+            let (adv, gd, go) = meta_gradient(model, &shared.perturbation, &c.batches, targets, s);
+            sum_d += gd;
+            sum_o += go;
+            advs.push(adv.double_value(&[]));
+        }
+        let states: Vec<State> = cases
+            .iter()
+            .map(|c| State {
+                weights: c.weights.iter().map(|t| t.shallow_clone()).collect(),
+                buffers: c.buffers.iter().map(|t| t.shallow_clone()).collect(),
+            })
+            .collect();
+        let stacked = State::stack(&states.iter().collect::<Vec<_>>()).trainable();
+        let inputs: Vec<&UnrollBatches> = cases.iter().map(|c| &c.batches).collect();
+        let (adv, gd, go) = meta_gradient_grouped(
+            GroupedSurrogates {
+                net: &shared.net,
+                weights: &stacked.weights,
+                buffers: &stacked.buffers,
+            },
+            &shared.perturbation,
+            &inputs,
+            targets,
+            s,
+        );
+        let adv: Vec<f64> = Vec::<f64>::try_from(adv).unwrap();
+        for (a, b) in adv.iter().zip(&advs) {
+            assert!(
+                (a - b).abs() < 1e-10 * b.abs().max(1.0),
+                "{adv:?} vs {advs:?}"
+            );
+        }
+        let (ed, eo) = (max_rel(&gd, &sum_d), max_rel(&go, &sum_o));
+        assert!(sum_d.abs().sum(Kind::Double).double_value(&[]) > 0.0);
+        assert!(
+            ed < 1e-9 && eo < 1e-9,
+            "C {channels} K {k} augment {augment}: delta {ed:e}, grid {eo:e}"
+        );
+    }
+}
+
+#[test]
+fn grouped_sgd_step_trains_each_network_as_its_own_step_would() {
+    let net = net(NetKind::Resnet20, 3);
+    let ones = states(&net, 3);
+    let stacked = State::stack(&ones.iter().collect::<Vec<_>>()).trainable();
+    let xs = Tensor::rand([3, 6, 3, 32, 32], (Kind::Double, Device::Cpu)) * 255.0;
+    let ys = Tensor::randint(4, [3, 6], (Kind::Int64, Device::Cpu));
+    let _ = sgd_step_grouped(&net, &stacked, &xs, &ys, 0.1, 5e-4);
+    for (i, s) in ones.iter().enumerate() {
+        let _ = sgd_step(&net, s, &xs.get(i as i64), &ys.get(i as i64), 0.1, 5e-4);
+    }
+    let back = states(&net, 3);
+    stacked.unstack_into(&back);
+    for (a, b) in back.iter().zip(&ones) {
+        for (x, y) in a
+            .weights
+            .iter()
+            .zip(&b.weights)
+            .chain(a.buffers.iter().zip(&b.buffers))
+        {
+            let err = max_rel(x, y);
+            assert!(err < 1e-10, "relative error {err:e}");
+        }
+    }
+    // And the step moved the weights (so the comparison means something).
+    let fresh = states(&net, 1);
+    assert!(max_rel(&back[0].weights[0], &fresh[0].weights[0]) > 1e-6);
+}
