@@ -314,6 +314,7 @@ fn craft_target(config: &Config, run_dir: &Path, stop: &Arc<AtomicBool>) -> Resu
         // Speed only: the campaign's current choice, which may differ from the machine that
         // started the run.
         resumed.craft.parallel_surrogates = config.craft.parallel_surrogates.clone();
+        resumed.craft.grouped_surrogates = config.craft.grouped_surrogates.clone();
         (resumed, true)
     } else {
         (config.clone(), false)

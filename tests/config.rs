@@ -62,7 +62,7 @@ fn defaults_settled_for_cuda_are_the_published_ones() {
     assert_eq!(c.victim.epochs, Auto::Value(200));
     assert_eq!(c.data.train_limit, Auto::Value(5000));
     // One note per field decided, naming it and the hardware.
-    assert_eq!(notes.len(), 10, "{notes:?}");
+    assert_eq!(notes.len(), 11, "{notes:?}");
     assert!(
         notes.contains(&"craft.steps = auto -> 61 (on CUDA)".to_string()),
         "{notes:?}"
@@ -88,7 +88,7 @@ fn defaults_settled_for_a_cpu_are_the_dense_profile_and_explicit_values_stay() {
     assert_eq!(c.craft.meta_batch_fraction(), 1.0);
     assert_eq!(c.craft.parallel_surrogates(), 2);
     assert_eq!(c.victim.epochs, Auto::Value(3));
-    assert_eq!(notes.len(), 8, "{notes:?}");
+    assert_eq!(notes.len(), 9, "{notes:?}");
     assert!(
         !notes.iter().any(|n| n.starts_with("craft.steps")),
         "{notes:?}"

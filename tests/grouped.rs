@@ -103,13 +103,17 @@ fn grouped_meta_gradient_is_the_sum_of_the_surrogates_meta_gradients() {
         let mut sum_d = shared.perturbation.delta.zeros_like();
         let mut sum_o = shared.perturbation.offsets.zeros_like();
         let mut advs = Vec::new();
-        for c in &cases {
+        // Each surrogate at its own inner rate (they sit at different epochs of the schedule).
+        let lrs = [0.1, 0.05, 0.2];
+        for (c, &lr) in cases.iter().zip(&lrs) {
             let model = Surrogate {
                 net: &shared.net,
                 weights: &c.weights,
                 buffers: &c.buffers,
             };
-            let (adv, gd, go) = meta_gradient(model, &shared.perturbation, &c.batches, targets, s);
+            let one = UnrollSettings { lr, ..s };
+            let (adv, gd, go) =
+                meta_gradient(model, &shared.perturbation, &c.batches, targets, one);
             sum_d += gd;
             sum_o += go;
             advs.push(adv.double_value(&[]));
@@ -128,6 +132,7 @@ fn grouped_meta_gradient_is_the_sum_of_the_surrogates_meta_gradients() {
                 net: &shared.net,
                 weights: &stacked.weights,
                 buffers: &stacked.buffers,
+                lrs: &lrs,
             },
             &shared.perturbation,
             &inputs,
@@ -157,9 +162,11 @@ fn grouped_sgd_step_trains_each_network_as_its_own_step_would() {
     let stacked = State::stack(&ones.iter().collect::<Vec<_>>()).trainable();
     let xs = Tensor::rand([3, 6, 3, 32, 32], (Kind::Double, Device::Cpu)) * 255.0;
     let ys = Tensor::randint(4, [3, 6], (Kind::Int64, Device::Cpu));
-    let _ = sgd_step_grouped(&net, &stacked, &xs, &ys, 0.1, 5e-4);
+    // Each network at its own rate (surrogates at different epochs of their schedule).
+    let lrs = [0.1, 0.05, 0.2];
+    let _ = sgd_step_grouped(&net, &stacked, &xs, &ys, &lrs, 5e-4);
     for (i, s) in ones.iter().enumerate() {
-        let _ = sgd_step(&net, s, &xs.get(i as i64), &ys.get(i as i64), 0.1, 5e-4);
+        let _ = sgd_step(&net, s, &xs.get(i as i64), &ys.get(i as i64), lrs[i], 5e-4);
     }
     let back = states(&net, 3);
     stacked.unstack_into(&back);

@@ -1,5 +1,6 @@
-//! Surrogates crafted side by side (craft.parallel_surrogates) give the same poisons as one
-//! after another: each surrogate's work is independent and the sums run in surrogate order.
+//! Surrogates crafted side by side (craft.parallel_surrogates) or as one grouped network
+//! (craft.grouped_surrogates) give the same poisons as one after another: each surrogate's work
+//! is independent and the sums run in surrogate order.
 
 mod common;
 
@@ -12,7 +13,19 @@ use tch::{Device, Kind};
 /// Pretrains and runs two craft steps in float64 with `parallel` surrogates at once; returns
 /// the final delta, offsets and the adversarial losses reported.
 fn craft(parallel: usize) -> (tch::Tensor, tch::Tensor, Vec<f64>) {
+    craft_with(parallel, false, false)
+}
+
+fn craft_with(
+    parallel: usize,
+    grouped: bool,
+    augment: bool,
+) -> (tch::Tensor, tch::Tensor, Vec<f64>) {
     let mut c = common::tiny_config(300, 10, 2);
+    c.craft.grouped_surrogates = grouped.into();
+    c.craft.augment = augment;
+    // Surrogates at different epochs of a warm-up train at different inner rates.
+    c.surrogate.warmup_epochs = 2;
     // Three surrogates at epochs 0, 1, 2: with 2 at once the second wave holds one, so
     // uneven waves are covered too.
     c.craft.ensemble_size = Auto::Value(3);
@@ -21,6 +34,7 @@ fn craft(parallel: usize) -> (tch::Tensor, tch::Tensor, Vec<f64>) {
     let ds = data::load(&c.data).unwrap();
     let plan = Plan::resolve(&c, &ds).unwrap();
     assert_eq!(plan.parallel_surrogates, parallel);
+    assert_eq!(plan.grouped_surrogates, grouped);
     let mut crafter = Crafter::new(c, &ds, plan, Device::Cpu, Kind::Double);
     let mut progress = Vec::new();
     assert!(crafter.pretrain(|m, e, n| {
@@ -61,6 +75,27 @@ fn parallel_surrogates_craft_the_same_poisons() {
     let doff = (&o1 - &o2).abs().max().double_value(&[]);
     assert!(dd <= 1e-9, "delta differs by {dd}");
     assert!(doff <= 1e-12, "offsets differ by {doff}");
+}
+
+#[test]
+fn grouped_surrogates_craft_the_same_poisons() {
+    for augment in [false, true] {
+        let (d1, o1, l1) = craft_with(1, false, augment);
+        let (d2, o2, l2) = craft_with(1, true, augment);
+        assert_eq!(l1.len(), l2.len());
+        assert!(!l1.is_empty());
+        for (a, b) in l1.iter().zip(&l2) {
+            assert!(
+                (a - b).abs() <= 1e-9 * a.abs().max(1.0),
+                "augment {augment}: adv loss {a} vs {b}"
+            );
+        }
+        assert!(d1.abs().max().double_value(&[]) > 0.0);
+        let dd = (&d1 - &d2).abs().max().double_value(&[]);
+        let doff = (&o1 - &o2).abs().max().double_value(&[]);
+        assert!(dd <= 1e-9, "augment {augment}: delta differs by {dd}");
+        assert!(doff <= 1e-12, "augment {augment}: offsets differ by {doff}");
+    }
 }
 
 #[test]

@@ -333,11 +333,13 @@ impl StepInputs {
             let inputs: Vec<UnrollBatches> = (0..self.spec.ensemble)
                 .map(|m| self.unroll_batches(m))
                 .collect();
+            let lrs = vec![self.spec.inner_lr; self.spec.ensemble];
             let (adv, gd, go) = meta_gradient_grouped(
                 GroupedSurrogates {
                     net: &self.net,
                     weights: &stacked.weights,
                     buffers: &stacked.buffers,
+                    lrs: &lrs,
                 },
                 &self.perturbation,
                 &inputs.iter().collect::<Vec<_>>(),
@@ -365,7 +367,8 @@ impl StepInputs {
         let (_, gd, go) = self.meta_gradient_sum();
         let xs = Tensor::stack(&self.batches.iter().map(|b| &b[0].0).collect::<Vec<_>>(), 0);
         let ys = Tensor::stack(&self.batches.iter().map(|b| &b[0].1).collect::<Vec<_>>(), 0);
-        let _ = sgd_step_grouped(&self.net, stacked, &xs, &ys, self.spec.inner_lr, 0.0);
+        let lrs = vec![self.spec.inner_lr; self.spec.ensemble];
+        let _ = sgd_step_grouped(&self.net, stacked, &xs, &ys, &lrs, 0.0);
         (gd, go)
     }
 

@@ -197,6 +197,10 @@ pub struct CraftConfig {
     /// cores. Speed only: the maths is the same (float rounding aside). 1 = one after another;
     /// `auto` = 2 on CPU, 1 on CUDA.
     pub parallel_surrogates: Auto<usize>,
+    /// All surrogates batched into one grouped network (one kernel a layer for all of them,
+    /// walking their epochs in lockstep). Speed only: the same maths (float rounding aside).
+    /// `auto` = on CUDA (ConvNetBN is kernel-launch bound there), off on a CPU.
+    pub grouped_surrogates: Auto<bool>,
     pub objective: ObjectiveKind,
     /// Adam learning rate on the 0-255 scale (also applied to the colour grid).
     pub outer_lr: f64,
@@ -222,6 +226,7 @@ impl Default for CraftConfig {
             stagger: Auto::Auto,
             meta_batch_fraction: Auto::Auto,
             parallel_surrogates: Auto::Auto,
+            grouped_surrogates: Auto::Auto,
             objective: ObjectiveKind::Cw,
             outer_lr: 200.0,
             warmup_steps: 5,
@@ -332,8 +337,8 @@ pub struct RunConfig {
     pub threads: usize,
     /// Stop after this many consecutive non-finite meta-gradients.
     pub max_nonfinite_steps: usize,
-    /// Convolutions on channels-last (NHWC) tensors; `auto`: on CUDA only (same maths, the
-    /// layout cuDNN's tensor-core kernels want; slower on a CPU).
+    /// Convolutions on channels-last (NHWC) tensors: same maths, another memory layout.
+    /// `auto` = off (measured no faster on an H100 and slower on a CPU).
     pub channels_last: Auto<bool>,
 }
 

@@ -23,8 +23,11 @@ pub struct HardwareProfile {
     /// Surrogates crafted at once on their own threads (a CPU's cores are used better by two
     /// surrogates on one core each than by one on both; a GPU runs them one after another).
     pub parallel_surrogates: usize,
-    /// Convolutions on channels-last tensors (BENCHMARKS.md: faster with cuDNN, slower with
-    /// oneDNN on a CPU).
+    /// All surrogates as one grouped network (BENCHMARKS.md: several times faster on a GPU,
+    /// no faster with oneDNN on a CPU).
+    pub grouped_surrogates: bool,
+    /// Convolutions on channels-last tensors (BENCHMARKS.md: no faster with cuDNN on an H100,
+    /// slower with oneDNN on a CPU; so off on both, an option).
     pub channels_last: bool,
     pub victim_epochs: usize,
 }
@@ -41,7 +44,8 @@ pub const CUDA: HardwareProfile = HardwareProfile {
     stagger: 1,
     meta_batch_fraction: 1.0,
     parallel_surrogates: 1,
-    channels_last: true,
+    grouped_surrogates: true,
+    channels_last: false,
     victim_epochs: 200,
 };
 
@@ -56,6 +60,7 @@ pub const CPU: HardwareProfile = HardwareProfile {
     stagger: 5,
     meta_batch_fraction: 1.0,
     parallel_surrogates: 2,
+    grouped_surrogates: false,
     channels_last: false,
     victim_epochs: 20,
 };
@@ -131,6 +136,12 @@ impl Config {
                 p.name,
             ),
             settle(
+                "craft.grouped_surrogates",
+                &mut self.craft.grouped_surrogates,
+                p.grouped_surrogates,
+                p.name,
+            ),
+            settle(
                 "run.channels_last",
                 &mut self.run.channels_last,
                 p.channels_last,
@@ -186,6 +197,9 @@ impl super::CraftConfig {
     }
     pub fn parallel_surrogates(&self) -> usize {
         self.parallel_surrogates.resolve(CPU.parallel_surrogates)
+    }
+    pub fn grouped_surrogates(&self) -> bool {
+        self.grouped_surrogates.resolve(CPU.grouped_surrogates)
     }
 }
 

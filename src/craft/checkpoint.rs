@@ -289,6 +289,7 @@ impl Loaded {
         let decisions = |p: &crate::craft::plan::Plan| crate::craft::plan::Plan {
             notes: Vec::new(),
             parallel_surrogates: 1,
+            grouped_surrogates: false,
             ..p.clone()
         };
         if decisions(&self.state.plan) != decisions(&c.plan) {

@@ -2,17 +2,18 @@
 //! (engine.rs) drives it, the checkpoint module saves and restores it.
 
 use super::adam::Adam;
+use super::epoch::{CleanEpochJob, EpochJob, GroupedEpoch};
 use super::messages::{Event, StepReport};
 use super::objective::TargetLabels;
 use super::perturbation::Perturbation;
 use super::plan::Plan;
 use super::recolor::Recolor;
-use super::rng::{derive, Purpose, SplitMix64};
+use super::rng::{derive, Purpose};
 use super::schedule;
-use super::unroll::{meta_gradient, Surrogate, Targets, UnrollBatches, UnrollSettings};
+use super::unroll::UnrollSettings;
 use crate::config::Config;
 use crate::data::{Dataset, Split};
-use crate::model::{sgd, InputNorm, Mode, Network, State};
+use crate::model::{InputNorm, Mode, Network, State};
 use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -194,10 +195,6 @@ impl Crafter {
         )
     }
 
-    fn as_index(v: &[usize], device: Device) -> Tensor {
-        Tensor::from_slice(&v.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(device)
-    }
-
     /// Surrogate m's clean pretraining epoch `epoch`, as a job a worker thread can own.
     fn clean_epoch_job(&self, m: usize, epoch: usize, generation: usize) -> CleanEpochJob {
         CleanEpochJob {
@@ -310,11 +307,23 @@ impl Crafter {
         (rows, fooled)
     }
 
+    /// Surrogate m's epoch at `step`; a surrogate whose epoch wraps to 0 starts afresh (its
+    /// next generation).
+    fn start_epoch(&mut self, m: usize, step: usize) -> usize {
+        let (mm, stagger) = (self.plan.ensemble_size, self.plan.stagger);
+        let epoch = schedule::surrogate_epoch(m, step, mm, stagger);
+        if epoch == 0 && step > 0 {
+            let generation = schedule::surrogate_generation(m, step, mm, stagger);
+            self.surrogates[m] = self.fresh_surrogate(m, generation);
+        }
+        epoch
+    }
+
     /// Runs craft step `self.step` and advances it. `cancelled` is polled between surrogates.
     pub fn craft_step(&mut self, cancelled: &dyn Fn() -> bool) -> Option<StepReport> {
         let started = Instant::now();
         let step = self.step;
-        let (mm, stagger) = (self.plan.ensemble_size, self.plan.stagger);
+        let mm = self.plan.ensemble_size;
         let restart = self.config.craft.restart_period;
         if step > 0 && restart > 0 && step % restart == 0 {
             let seed = derive(
@@ -340,19 +349,39 @@ impl Crafter {
         // Surrogates change in place during the step; a cancelled step puts them back, so the
         // job always sits at a step boundary (where checkpoints are taken).
         let snapshot: Vec<State> = self.surrogates.iter().map(State::deep_clone).collect();
-        for wave in super::parallel::waves(mm, self.plan.parallel_surrogates) {
+        let waves = if self.plan.grouped_surrogates {
+            // All surrogates as one grouped network, in lockstep through their epochs.
+            if cancelled() {
+                self.surrogates = snapshot.into_iter().map(State::trainable).collect();
+                return None;
+            }
+            let mut jobs = Vec::with_capacity(mm);
+            for m in 0..mm {
+                epochs.push(self.start_epoch(m, step));
+                jobs.push(self.epoch_job(m, step, &poisons_now));
+            }
+            let Some((gd, go, adv)) = (GroupedEpoch { jobs }).run(cancelled) else {
+                self.surrogates = snapshot.into_iter().map(State::trainable).collect();
+                return None;
+            };
+            g_delta += gd;
+            g_offsets += go;
+            for (a, n) in adv {
+                meta_batches += n;
+                adv_per.push((a, n));
+            }
+            super::parallel::waves(0, 1)
+        } else {
+            super::parallel::waves(mm, self.plan.parallel_surrogates)
+        };
+        for wave in waves {
             if cancelled() {
                 self.surrogates = snapshot.into_iter().map(State::trainable).collect();
                 return None;
             }
             let mut jobs = Vec::with_capacity(wave.len());
             for m in wave {
-                let epoch = schedule::surrogate_epoch(m, step, mm, stagger);
-                if epoch == 0 && step > 0 {
-                    let generation = schedule::surrogate_generation(m, step, mm, stagger);
-                    self.surrogates[m] = self.fresh_surrogate(m, generation);
-                }
-                epochs.push(epoch);
+                epochs.push(self.start_epoch(m, step));
                 jobs.push(self.epoch_job(m, step, &poisons_now));
             }
             // Summed in surrogate order whatever thread finished first.
@@ -425,154 +454,5 @@ impl Crafter {
 
     pub fn finished(&self) -> bool {
         self.step >= self.config.craft.steps()
-    }
-}
-
-/// One clean training epoch of a surrogate (pretraining), trained in place.
-struct CleanEpochJob {
-    net: Network,
-    state: State,
-    train_x: Tensor,
-    train_y: Tensor,
-    batch_size: usize,
-    lr: f64,
-    weight_decay: f64,
-    seed: u64,
-    kind: Kind,
-    device: Device,
-}
-
-impl CleanEpochJob {
-    fn run(self) {
-        let mut perm: Vec<usize> = (0..self.train_x.size()[0] as usize).collect();
-        SplitMix64::new(self.seed).shuffle(&mut perm);
-        for chunk in perm.chunks_exact(self.batch_size) {
-            let idx = Crafter::as_index(chunk, self.device);
-            let x = self.train_x.index_select(0, &idx).to_kind(self.kind);
-            let y = self.train_y.index_select(0, &idx);
-            let _ = sgd::sgd_step(&self.net, &self.state, &x, &y, self.lr, self.weight_decay);
-        }
-    }
-}
-
-/// One surrogate's crafting epoch, with its own handles on the shared tensors so that it can
-/// run on a worker thread (see parallel.rs). The surrogate's weights are trained in place.
-struct EpochJob {
-    m: usize,
-    step: usize,
-    seed: u64,
-    batch_size: usize,
-    settings: UnrollSettings,
-    meta_batch_fraction: f64,
-    augment: bool,
-    kind: Kind,
-    device: Device,
-    net: Network,
-    state: State,
-    train_x: Tensor,
-    train_y: Tensor,
-    /// Poison slot of each training index, or -1.
-    slot_of: Arc<[i64]>,
-    perturbation: Perturbation,
-    poisons_now: Tensor,
-    targets: Tensor,
-    labels: TargetLabels,
-}
-
-impl EpochJob {
-    /// Positions in a batch that hold poisons, and their slots.
-    fn poisons_in(&self, chunk: &[usize]) -> (Vec<usize>, Vec<usize>) {
-        let mut positions = Vec::new();
-        let mut slots = Vec::new();
-        for (p, &i) in chunk.iter().enumerate() {
-            if self.slot_of[i] >= 0 {
-                positions.push(p);
-                slots.push(self.slot_of[i] as usize);
-            }
-        }
-        (positions, slots)
-    }
-
-    /// A training batch; with `with_poisons` the poisons (as they stand this step) replace
-    /// their clean originals.
-    fn load(&self, chunk: &[usize], with_poisons: bool) -> (Tensor, Tensor) {
-        let idx = Crafter::as_index(chunk, self.device);
-        let mut x = self.train_x.index_select(0, &idx).to_kind(self.kind);
-        if with_poisons {
-            let (pos, slots) = self.poisons_in(chunk);
-            if !pos.is_empty() {
-                let p = self
-                    .poisons_now
-                    .index_select(0, &Crafter::as_index(&slots, self.device));
-                x = x.index_copy(0, &Crafter::as_index(&pos, self.device), &p);
-            }
-        }
-        (x, self.train_y.index_select(0, &idx))
-    }
-
-    /// The surrogate walks one epoch, taking the meta-gradient at the chosen poison-holding
-    /// batches and an ordinary clean SGD step at every batch. Returns the summed gradients,
-    /// the summed adversarial loss (a tensor) and the number of meta batches.
-    fn run(self) -> (Tensor, Tensor, Tensor, usize) {
-        let (m, step, seed) = (self.m as u64, self.step as u64, self.seed);
-        let mut perm: Vec<usize> = (0..self.slot_of.len()).collect();
-        SplitMix64::new(derive(seed, Purpose::Shuffle, m, step)).shuffle(&mut perm);
-        let mut choose = SplitMix64::new(derive(seed, Purpose::MetaBatchChoice, m, step));
-        let chunks: Vec<&[usize]> = perm.chunks_exact(self.batch_size).collect();
-        let k = self.settings.steps;
-        let mut g_delta = self.perturbation.delta.detach().zeros_like();
-        let mut g_offsets = self.perturbation.offsets.detach().zeros_like();
-        let mut adv_sum = Tensor::zeros([], (self.kind, self.device));
-        let mut count = 0;
-        for (bi, chunk) in chunks.iter().enumerate() {
-            let (positions, slots) = self.poisons_in(chunk);
-            let (x, y) = self.load(chunk, false);
-            if !positions.is_empty() && choose.next_f64() < self.meta_batch_fraction {
-                let mut batches = vec![(x.shallow_clone(), y.shallow_clone())];
-                for i in 1..=k {
-                    batches.push(self.load(chunks[(bi + i) % chunks.len()], true));
-                }
-                let input = UnrollBatches {
-                    batches,
-                    positions: Crafter::as_index(&positions, self.device),
-                    slots: Crafter::as_index(&slots, self.device),
-                    augment: self.augment.then(|| choose.next_u64()),
-                };
-                let (adv, gd, go) = meta_gradient(
-                    Surrogate {
-                        net: &self.net,
-                        weights: &self.state.weights,
-                        buffers: &self.state.buffers,
-                    },
-                    &self.perturbation,
-                    &input,
-                    Targets {
-                        images: &self.targets,
-                        labels: &self.labels,
-                    },
-                    self.settings,
-                );
-                g_delta += gd;
-                g_offsets += go;
-                adv_sum += adv;
-                count += 1;
-            }
-            // The surrogate itself follows the clean trajectory.
-            let x = if self.augment {
-                crate::model::augment::crop_flip(&x, &mut choose)
-            } else {
-                x
-            };
-            let settings = &self.settings;
-            let _ = sgd::sgd_step(
-                &self.net,
-                &self.state,
-                &x,
-                &y,
-                settings.lr,
-                settings.weight_decay,
-            );
-        }
-        (g_delta, g_offsets, adv_sum, count)
     }
 }

@@ -5,6 +5,7 @@ pub mod adam;
 pub mod checkpoint;
 pub mod crafter;
 pub mod engine;
+mod epoch;
 pub mod messages;
 pub mod objective;
 pub mod parallel;

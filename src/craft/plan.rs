@@ -23,6 +23,9 @@ pub struct Plan {
     /// Surrogates crafted at once on their own threads (speed only).
     #[serde(default = "one")]
     pub parallel_surrogates: usize,
+    /// All surrogates as one grouped network (speed only).
+    #[serde(default)]
+    pub grouped_surrogates: bool,
     pub objective: ObjectiveKind,
     /// Why each `auto` value came out as it did (logged and shown).
     pub notes: Vec<String>,
@@ -147,6 +150,7 @@ impl Plan {
             stagger,
             meta_batch_fraction,
             parallel_surrogates,
+            grouped_surrogates: config.craft.grouped_surrogates() && ensemble_size > 1,
             objective: config.craft.objective,
             notes: Vec::new(),
         })

@@ -145,6 +145,9 @@ pub struct GroupedSurrogates<'a> {
     pub net: &'a Network,
     pub weights: &'a [Tensor],
     pub buffers: &'a [Tensor],
+    /// Each surrogate's inner learning rate (they differ with the surrogates' epochs); the
+    /// settings' `lr` is not used.
+    pub lrs: &'a [f64],
 }
 
 /// `unrolled_adversarial_loss` of m surrogates at once, surrogate i unrolled on `inputs[i]`
@@ -180,6 +183,7 @@ pub fn unrolled_adversarial_losses_grouped(
     let mut target_shape = vec![m];
     target_shape.extend(images.size());
     let target_images = images.unsqueeze(0).expand(&target_shape, false);
+    let rates = crate::model::sgd::GroupRates::new(model.lrs, model.weights);
     let mut w: Vec<Tensor> = model.weights.iter().map(|t| t.shallow_clone()).collect();
     let mut total: Option<Tensor> = None;
     for i in 0..=k {
@@ -223,11 +227,12 @@ pub fn unrolled_adversarial_losses_grouped(
             w = w
                 .iter()
                 .zip(grads.iter())
-                .map(|(wi, gi)| {
+                .enumerate()
+                .map(|(j, (wi, gi))| {
                     if settings.weight_decay > 0.0 {
-                        wi - (gi + wi * settings.weight_decay) * settings.lr
+                        wi - rates.scale(j, &(gi + wi * settings.weight_decay))
                     } else {
-                        wi - gi * settings.lr
+                        wi - rates.scale(j, gi)
                     }
                 })
                 .collect();

@@ -61,28 +61,74 @@ pub fn accuracy(net: &Network, state: &State, x: &Tensor, y: &Tensor) -> f64 {
         .double_value(&[])
 }
 
+/// The learning rates of m stacked networks (`State::stack`), one per network, as factors
+/// that broadcast over each stacked weight; a plain scalar when they are all equal.
+pub struct GroupRates {
+    scalar: Option<f64>,
+    /// Per weight tensor [m * d0, 1, ...]: network i's rate on its d0 rows.
+    per_weight: Vec<Tensor>,
+}
+
+impl GroupRates {
+    pub fn new(lrs: &[f64], weights: &[Tensor]) -> GroupRates {
+        if lrs.iter().all(|&lr| lr == lrs[0]) {
+            return GroupRates {
+                scalar: Some(lrs[0]),
+                per_weight: Vec::new(),
+            };
+        }
+        let m = lrs.len() as i64;
+        let per_weight = weights
+            .iter()
+            .map(|w| {
+                let rows = w.size()[0] / m;
+                let mut shape = vec![w.size()[0]];
+                shape.extend(std::iter::repeat_n(1, w.dim() - 1));
+                Tensor::from_slice(lrs)
+                    .to_kind(w.kind())
+                    .to_device(w.device())
+                    .repeat_interleave_self_int(rows, 0, None)
+                    .view(shape.as_slice())
+            })
+            .collect();
+        GroupRates {
+            scalar: None,
+            per_weight,
+        }
+    }
+
+    /// `t` (a step for weight tensor `j`) times each network's rate.
+    pub fn scale(&self, j: usize, t: &Tensor) -> Tensor {
+        match self.scalar {
+            Some(lr) => t * lr,
+            None => t * &self.per_weight[j],
+        }
+    }
+}
+
 /// `sgd_step` of m networks at once (stacked state, `Network::forward_grouped`), network i on
-/// `xs[i]` / `ys[i]` ([m, N, C, H, W] and [m, N]). Returns the mean of the m losses (no host
-/// sync).
+/// `xs[i]` / `ys[i]` ([m, N, C, H, W] and [m, N]) with learning rate `lrs[i]`. Returns the
+/// mean of the m losses (no host sync).
 pub fn sgd_step_grouped(
     net: &Network,
     state: &State,
     xs: &Tensor,
     ys: &Tensor,
-    lr: f64,
+    lrs: &[f64],
     weight_decay: f64,
 ) -> Tensor {
+    let rates = GroupRates::new(lrs, &state.weights);
     let logits = net.forward_grouped(&state.weights, &state.buffers, xs, Mode::TrainUpdateStats);
     let (m, n, classes) = logits.size3().expect("[m, N, classes]");
     // Mean over all m * N, times m: the sum of the m mean losses (each network's own gradient).
     let loss = cross_entropy(&logits.reshape([m * n, classes]), &ys.reshape([m * n])) * m as f64;
     let grads = Tensor::run_backward(&[&loss], &state.weights, false, false);
     let _guard = tch::no_grad_guard();
-    for (w, g) in state.weights.iter().zip(grads.iter()) {
+    for (j, (w, g)) in state.weights.iter().zip(grads.iter()).enumerate() {
         let update = if weight_decay > 0.0 {
-            (g + w * weight_decay) * lr
+            rates.scale(j, &(g + w * weight_decay))
         } else {
-            g * lr
+            rates.scale(j, g)
         };
         let mut w = w.shallow_clone();
         let _ = w.f_sub_(&update).expect("sgd update");

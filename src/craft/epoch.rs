@@ -1,0 +1,315 @@
+//! One crafting epoch: a surrogate's clean pretraining epoch, its crafting epoch (the
+//! meta-gradient at the chosen poison-holding batches and a clean SGD step at every batch), and
+//! the crafting epoch of all surrogates at once as one grouped network.
+//!
+//! Each job owns handles on the shared tensors, so a worker thread can run it (parallel.rs).
+
+use super::objective::TargetLabels;
+use super::perturbation::Perturbation;
+use super::rng::{derive, Purpose, SplitMix64};
+use super::unroll::{
+    meta_gradient, meta_gradient_grouped, GroupedSurrogates, Surrogate, Targets, UnrollBatches,
+    UnrollSettings,
+};
+use crate::model::{sgd, Network, State};
+use std::sync::Arc;
+use tch::{Device, Kind, Tensor};
+
+pub(super) fn as_index(v: &[usize], device: Device) -> Tensor {
+    Tensor::from_slice(&v.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(device)
+}
+
+/// One clean training epoch of a surrogate (pretraining), trained in place.
+pub(super) struct CleanEpochJob {
+    pub(super) net: Network,
+    pub(super) state: State,
+    pub(super) train_x: Tensor,
+    pub(super) train_y: Tensor,
+    pub(super) batch_size: usize,
+    pub(super) lr: f64,
+    pub(super) weight_decay: f64,
+    pub(super) seed: u64,
+    pub(super) kind: Kind,
+    pub(super) device: Device,
+}
+
+impl CleanEpochJob {
+    pub(super) fn run(self) {
+        let mut perm: Vec<usize> = (0..self.train_x.size()[0] as usize).collect();
+        SplitMix64::new(self.seed).shuffle(&mut perm);
+        for chunk in perm.chunks_exact(self.batch_size) {
+            let idx = as_index(chunk, self.device);
+            let x = self.train_x.index_select(0, &idx).to_kind(self.kind);
+            let y = self.train_y.index_select(0, &idx);
+            let _ = sgd::sgd_step(&self.net, &self.state, &x, &y, self.lr, self.weight_decay);
+        }
+    }
+}
+
+/// One surrogate's crafting epoch, with its own handles on the shared tensors so that it can
+/// run on a worker thread (see parallel.rs). The surrogate's weights are trained in place.
+pub(super) struct EpochJob {
+    pub(super) m: usize,
+    pub(super) step: usize,
+    pub(super) seed: u64,
+    pub(super) batch_size: usize,
+    pub(super) settings: UnrollSettings,
+    pub(super) meta_batch_fraction: f64,
+    pub(super) augment: bool,
+    pub(super) kind: Kind,
+    pub(super) device: Device,
+    pub(super) net: Network,
+    pub(super) state: State,
+    pub(super) train_x: Tensor,
+    pub(super) train_y: Tensor,
+    /// Poison slot of each training index, or -1.
+    pub(super) slot_of: Arc<[i64]>,
+    pub(super) perturbation: Perturbation,
+    pub(super) poisons_now: Tensor,
+    pub(super) targets: Tensor,
+    pub(super) labels: TargetLabels,
+}
+
+impl EpochJob {
+    /// Positions in a batch that hold poisons, and their slots.
+    fn poisons_in(&self, chunk: &[usize]) -> (Vec<usize>, Vec<usize>) {
+        let mut positions = Vec::new();
+        let mut slots = Vec::new();
+        for (p, &i) in chunk.iter().enumerate() {
+            if self.slot_of[i] >= 0 {
+                positions.push(p);
+                slots.push(self.slot_of[i] as usize);
+            }
+        }
+        (positions, slots)
+    }
+
+    /// A training batch; with `with_poisons` the poisons (as they stand this step) replace
+    /// their clean originals.
+    fn load(&self, chunk: &[usize], with_poisons: bool) -> (Tensor, Tensor) {
+        let idx = as_index(chunk, self.device);
+        let mut x = self.train_x.index_select(0, &idx).to_kind(self.kind);
+        if with_poisons {
+            let (pos, slots) = self.poisons_in(chunk);
+            if !pos.is_empty() {
+                let p = self
+                    .poisons_now
+                    .index_select(0, &as_index(&slots, self.device));
+                x = x.index_copy(0, &as_index(&pos, self.device), &p);
+            }
+        }
+        (x, self.train_y.index_select(0, &idx))
+    }
+
+    /// The surrogate's batches this epoch (its own shuffle) and its stream of choices.
+    fn walk(&self) -> (Vec<Vec<usize>>, SplitMix64) {
+        let (m, step, seed) = (self.m as u64, self.step as u64, self.seed);
+        let mut perm: Vec<usize> = (0..self.slot_of.len()).collect();
+        SplitMix64::new(derive(seed, Purpose::Shuffle, m, step)).shuffle(&mut perm);
+        let chunks = perm
+            .chunks_exact(self.batch_size)
+            .map(<[usize]>::to_vec)
+            .collect();
+        (
+            chunks,
+            SplitMix64::new(derive(seed, Purpose::MetaBatchChoice, m, step)),
+        )
+    }
+
+    /// Batch `bi` of the walk, clean, and, when it holds poisons and is chosen for a meta
+    /// step, the K + 1 batches to unroll on. Draws from `choose` in a fixed order, so a
+    /// grouped epoch makes exactly the choices of a lone one.
+    fn batch(
+        &self,
+        chunks: &[Vec<usize>],
+        bi: usize,
+        choose: &mut SplitMix64,
+    ) -> ((Tensor, Tensor), Option<UnrollBatches>) {
+        let chunk = &chunks[bi];
+        let (positions, slots) = self.poisons_in(chunk);
+        let (x, y) = self.load(chunk, false);
+        let meta =
+            (!positions.is_empty() && choose.next_f64() < self.meta_batch_fraction).then(|| {
+                let mut batches = vec![(x.shallow_clone(), y.shallow_clone())];
+                for i in 1..=self.settings.steps {
+                    batches.push(self.load(&chunks[(bi + i) % chunks.len()], true));
+                }
+                UnrollBatches {
+                    batches,
+                    positions: as_index(&positions, self.device),
+                    slots: as_index(&slots, self.device),
+                    augment: self.augment.then(|| choose.next_u64()),
+                }
+            });
+        ((x, y), meta)
+    }
+
+    /// The clean step's input: the batch, augmented when the run augments.
+    fn clean_input(&self, x: Tensor, choose: &mut SplitMix64) -> Tensor {
+        if self.augment {
+            crate::model::augment::crop_flip(&x, choose)
+        } else {
+            x
+        }
+    }
+
+    /// The surrogate walks one epoch, taking the meta-gradient at the chosen poison-holding
+    /// batches and an ordinary clean SGD step at every batch. Returns the summed gradients,
+    /// the summed adversarial loss (a tensor) and the number of meta batches.
+    pub(super) fn run(self) -> (Tensor, Tensor, Tensor, usize) {
+        let (chunks, mut choose) = self.walk();
+        let mut g_delta = self.perturbation.delta.detach().zeros_like();
+        let mut g_offsets = self.perturbation.offsets.detach().zeros_like();
+        let mut adv_sum = Tensor::zeros([], (self.kind, self.device));
+        let mut count = 0;
+        for bi in 0..chunks.len() {
+            let ((x, y), meta) = self.batch(&chunks, bi, &mut choose);
+            if let Some(input) = meta {
+                let (adv, gd, go) = meta_gradient(
+                    Surrogate {
+                        net: &self.net,
+                        weights: &self.state.weights,
+                        buffers: &self.state.buffers,
+                    },
+                    &self.perturbation,
+                    &input,
+                    Targets {
+                        images: &self.targets,
+                        labels: &self.labels,
+                    },
+                    self.settings,
+                );
+                g_delta += gd;
+                g_offsets += go;
+                adv_sum += adv;
+                count += 1;
+            }
+            // The surrogate itself follows the clean trajectory.
+            let x = self.clean_input(x, &mut choose);
+            let settings = &self.settings;
+            let _ = sgd::sgd_step(
+                &self.net,
+                &self.state,
+                &x,
+                &y,
+                settings.lr,
+                settings.weight_decay,
+            );
+        }
+        (g_delta, g_offsets, adv_sum, count)
+    }
+}
+
+/// The crafting epochs of several surrogates walked in lockstep as one grouped network
+/// (`craft.grouped_surrogates`): at each batch index, one grouped unroll for the surrogates
+/// whose batch gets a meta step, then one grouped clean SGD step for all. The same choices,
+/// batches and maths as each job's own `run`; on a GPU, one kernel a layer instead of one per
+/// surrogate.
+pub(super) struct GroupedEpoch {
+    pub(super) jobs: Vec<EpochJob>,
+}
+
+impl GroupedEpoch {
+    /// Per surrogate (in job order): summed d/d delta and d/d offsets are returned summed over
+    /// all surrogates, with each surrogate's summed adversarial loss and meta-batch count.
+    /// `cancelled` is polled between batches; None when it said stop (the surrogates are then
+    /// part-way through the epoch: the caller restores them).
+    pub(super) fn run(
+        self,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Option<(Tensor, Tensor, Vec<(Tensor, usize)>)> {
+        let jobs = &self.jobs;
+        let first = &jobs[0];
+        let (net, device, kind) = (&first.net, first.device, first.kind);
+        let states: Vec<&State> = jobs.iter().map(|j| &j.state).collect();
+        let stacked = State::stack(&states).trainable();
+        let lrs: Vec<f64> = jobs.iter().map(|j| j.settings.lr).collect();
+        let mut walks: Vec<(Vec<Vec<usize>>, SplitMix64)> =
+            jobs.iter().map(EpochJob::walk).collect();
+        let n_batches = walks[0].0.len();
+        assert!(
+            walks.iter().all(|(c, _)| c.len() == n_batches),
+            "grouped surrogates walk epochs of the same length"
+        );
+        let mut g_delta = first.perturbation.delta.detach().zeros_like();
+        let mut g_offsets = first.perturbation.offsets.detach().zeros_like();
+        let mut adv: Vec<(Tensor, usize)> = jobs
+            .iter()
+            .map(|_| (Tensor::zeros([], (kind, device)), 0))
+            .collect();
+        for bi in 0..n_batches {
+            if cancelled() {
+                return None;
+            }
+            let mut clean = Vec::with_capacity(jobs.len());
+            let mut metas = Vec::new();
+            for (i, (job, (chunks, choose))) in jobs.iter().zip(walks.iter_mut()).enumerate() {
+                let ((x, y), meta) = job.batch(chunks, bi, choose);
+                if let Some(input) = meta {
+                    metas.push((i, input));
+                }
+                clean.push((job.clean_input(x, choose), y));
+            }
+            if !metas.is_empty() {
+                let who: Vec<usize> = metas.iter().map(|(i, _)| *i).collect();
+                let (weights, buffers) = subset(&stacked, &who, jobs.len());
+                let inputs: Vec<&UnrollBatches> = metas.iter().map(|(_, b)| b).collect();
+                let sub_lrs: Vec<f64> = who.iter().map(|&i| lrs[i]).collect();
+                let (advs, gd, go) = meta_gradient_grouped(
+                    GroupedSurrogates {
+                        net,
+                        weights: &weights,
+                        buffers: &buffers,
+                        lrs: &sub_lrs,
+                    },
+                    &first.perturbation,
+                    &inputs,
+                    Targets {
+                        images: &first.targets,
+                        labels: &first.labels,
+                    },
+                    first.settings,
+                );
+                g_delta += gd;
+                g_offsets += go;
+                for (k, &i) in who.iter().enumerate() {
+                    adv[i].0 += advs.get(k as i64);
+                    adv[i].1 += 1;
+                }
+            }
+            let xs = Tensor::stack(&clean.iter().map(|(x, _)| x).collect::<Vec<_>>(), 0);
+            let ys = Tensor::stack(&clean.iter().map(|(_, y)| y).collect::<Vec<_>>(), 0);
+            let _ =
+                sgd::sgd_step_grouped(net, &stacked, &xs, &ys, &lrs, first.settings.weight_decay);
+        }
+        let originals: Vec<State> = jobs.iter().map(|j| j.state.shallow_clone()).collect();
+        stacked.unstack_into(&originals);
+        Some((g_delta, g_offsets, adv))
+    }
+}
+
+/// The stacked weights and buffers of surrogates `who` (of `m`), as fresh leaves: all of
+/// them as they are, or a gathered copy of the chosen ones' rows.
+fn subset(stacked: &State, who: &[usize], m: usize) -> (Vec<Tensor>, Vec<Tensor>) {
+    if who.len() == m {
+        let all = |ts: &[Tensor]| ts.iter().map(|t| t.shallow_clone()).collect();
+        return (all(&stacked.weights), all(&stacked.buffers));
+    }
+    let device = stacked.weights[0].device();
+    let index = as_index(who, device);
+    let pick = |t: &Tensor| {
+        let mut shape = t.size();
+        let rows = shape[0] / m as i64;
+        let parts = t.detach().reshape([m as i64, -1]).index_select(0, &index);
+        shape[0] = rows * who.len() as i64;
+        parts.view(shape.as_slice())
+    };
+    (
+        stacked
+            .weights
+            .iter()
+            .map(|t| pick(t).set_requires_grad(true))
+            .collect(),
+        stacked.buffers.iter().map(pick).collect(),
+    )
+}
