@@ -180,8 +180,12 @@ fn init_logging(paths: &Paths) -> Option<tracing_appender::non_blocking::WorkerG
 
 pub fn main() -> std::process::ExitCode {
     crate::device::tune_host_allocator();
+    crate::failure::install_panic_hook();
     let cli = Cli::parse();
-    match run(cli) {
+    // libtorch's errors arrive as panics: reported as one line like every other error.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli)))
+        .unwrap_or_else(|payload| Err(anyhow::anyhow!(crate::failure::message(&*payload))));
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             let msg = format!("{e:#}");

@@ -8,6 +8,7 @@ pub mod craft;
 pub mod data;
 pub mod device;
 pub mod export;
+pub mod failure;
 pub mod model;
 pub mod paths;
 pub mod telemetry;

@@ -13,13 +13,15 @@ use tch::{Device, Kind};
 /// Pretrains and runs two craft steps in float64 with `parallel` surrogates at once; returns
 /// the final delta, offsets and the adversarial losses reported.
 fn craft(parallel: usize) -> (tch::Tensor, tch::Tensor, Vec<f64>) {
-    craft_with(parallel, false, false)
+    craft_with(parallel, false, false, 3)
 }
 
+/// As `craft`, optionally with the surrogates grouped, `group` of them in one network.
 fn craft_with(
     parallel: usize,
     grouped: bool,
     augment: bool,
+    group: usize,
 ) -> (tch::Tensor, tch::Tensor, Vec<f64>) {
     let mut c = common::tiny_config(300, 10, 2);
     c.craft.grouped_surrogates = grouped.into();
@@ -36,6 +38,7 @@ fn craft_with(
     assert_eq!(plan.parallel_surrogates, parallel);
     assert_eq!(plan.grouped_surrogates, grouped);
     let mut crafter = Crafter::new(c, &ds, plan, Device::Cpu, Kind::Double);
+    crafter.set_group_size(group);
     let mut progress = Vec::new();
     assert!(crafter.pretrain(|m, e, n| {
         progress.push((m, e, n));
@@ -79,9 +82,11 @@ fn parallel_surrogates_craft_the_same_poisons() {
 
 #[test]
 fn grouped_surrogates_craft_the_same_poisons() {
-    for augment in [false, true] {
-        let (d1, o1, l1) = craft_with(1, false, augment);
-        let (d2, o2, l2) = craft_with(1, true, augment);
+    // All three in one group, with and without augmentation; and groups of 2 + 1 (what the
+    // crafter falls back to when a GPU runs out of memory).
+    for (augment, group) in [(false, 3), (true, 3), (false, 2)] {
+        let (d1, o1, l1) = craft_with(1, false, augment, 3);
+        let (d2, o2, l2) = craft_with(1, true, augment, group);
         assert_eq!(l1.len(), l2.len());
         assert!(!l1.is_empty());
         for (a, b) in l1.iter().zip(&l2) {

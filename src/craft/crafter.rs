@@ -75,6 +75,9 @@ pub struct Crafter {
     pub history: Vec<StepReport>,
     pub nonfinite_in_row: usize,
     step_seconds: Vec<f64>,
+    /// Surrogates in one grouped network (with `plan.grouped_surrogates`): the whole ensemble
+    /// until the GPU runs out of memory, then halved.
+    group_size: usize,
 }
 
 /// Images of a split as a [N, C, H, W] u8 tensor.
@@ -94,6 +97,7 @@ pub fn split_tensor(split: &Split, device: Device) -> Tensor {
 impl Crafter {
     /// Builds the job; surrogates are initialised but not yet pretrained (see [`Self::pretrain`]).
     pub fn new(config: Config, data: &Dataset, plan: Plan, device: Device, kind: Kind) -> Crafter {
+        let plan_ensemble = plan.ensemble_size;
         let train_x = split_tensor(&data.train, device);
         let train_y = Tensor::from_slice(&data.train.labels)
             .to_kind(Kind::Int64)
@@ -153,6 +157,7 @@ impl Crafter {
             history: Vec::new(),
             nonfinite_in_row: 0,
             step_seconds: Vec::new(),
+            group_size: plan_ensemble,
             net,
             device,
             kind,
@@ -307,6 +312,12 @@ impl Crafter {
         (rows, fooled)
     }
 
+    /// Caps the surrogates in one grouped network (normally the whole ensemble, halved when
+    /// the GPU runs out of memory).
+    pub fn set_group_size(&mut self, n: usize) {
+        self.group_size = n.max(1);
+    }
+
     /// Surrogate m's epoch at `step`; a surrogate whose epoch wraps to 0 starts afresh (its
     /// next generation).
     fn start_epoch(&mut self, m: usize, step: usize) -> usize {
@@ -350,17 +361,41 @@ impl Crafter {
         // job always sits at a step boundary (where checkpoints are taken).
         let snapshot: Vec<State> = self.surrogates.iter().map(State::deep_clone).collect();
         let waves = if self.plan.grouped_surrogates {
-            // All surrogates as one grouped network, in lockstep through their epochs.
-            if cancelled() {
-                self.surrogates = snapshot.into_iter().map(State::trainable).collect();
-                return None;
-            }
-            let mut jobs = Vec::with_capacity(mm);
-            for m in 0..mm {
-                epochs.push(self.start_epoch(m, step));
-                jobs.push(self.epoch_job(m, step, &poisons_now));
-            }
-            let Some((gd, go, adv)) = (GroupedEpoch { jobs }).run(cancelled) else {
+            // All surrogates as one grouped network, in lockstep through their epochs; if the
+            // GPU runs out of memory, the step starts again with half as many in a group.
+            let outcome = loop {
+                epochs.clear();
+                let mut jobs = Vec::with_capacity(mm);
+                for m in 0..mm {
+                    epochs.push(self.start_epoch(m, step));
+                    jobs.push(self.epoch_job(m, step, &poisons_now));
+                }
+                let group_size = self.group_size.clamp(1, mm);
+                let grouped = GroupedEpoch { jobs, group_size };
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    grouped.run(cancelled)
+                })) {
+                    Ok(outcome) => break outcome,
+                    Err(p) if group_size > 1 && crate::failure::is_out_of_memory(&*p) => {
+                        drop(p);
+                        self.surrogates = snapshot
+                            .iter()
+                            .map(|s| s.deep_clone().trainable())
+                            .collect();
+                        self.group_size = group_size.div_ceil(2);
+                        self.events.push(Event {
+                            step,
+                            kind: "memory".into(),
+                            message: format!(
+                                "the GPU ran out of memory with {group_size} surrogates in a group: now {} at a time",
+                                self.group_size
+                            ),
+                        });
+                    }
+                    Err(p) => std::panic::resume_unwind(p),
+                }
+            };
+            let Some((gd, go, adv)) = outcome else {
                 self.surrogates = snapshot.into_iter().map(State::trainable).collect();
                 return None;
             };

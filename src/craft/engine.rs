@@ -55,7 +55,12 @@ pub fn spawn(setup: EngineSetup) -> EngineHandle {
     let thread = std::thread::Builder::new()
         .name("crafting".into())
         .spawn(move || {
-            let result = run(setup, cmd_rx, &tel_tx);
+            // A libtorch error (a panic in tch) ends the job with a one-line message, like any
+            // other failure; checkpoints already written stay.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run(setup, cmd_rx, &tel_tx)
+            }))
+            .unwrap_or_else(|payload| Err(crate::failure::message(&*payload)));
             if let Err(message) = &result {
                 tracing::error!("crafting failed: {message}");
                 let _ = tel_tx.send(Telemetry::Phase(Phase::Failed {

@@ -207,18 +207,37 @@ impl EpochJob {
 /// surrogate.
 pub(super) struct GroupedEpoch {
     pub(super) jobs: Vec<EpochJob>,
+    /// Surrogates in one grouped network; the jobs run in groups of this many, one group
+    /// after another (GPU memory grows with the group).
+    pub(super) group_size: usize,
 }
 
+/// d/d delta and d/d offsets summed over surrogates, and per surrogate its summed
+/// adversarial loss and meta-batch count.
+type EpochSums = (Tensor, Tensor, Vec<(Tensor, usize)>);
+
 impl GroupedEpoch {
-    /// Per surrogate (in job order): summed d/d delta and d/d offsets are returned summed over
-    /// all surrogates, with each surrogate's summed adversarial loss and meta-batch count.
-    /// `cancelled` is polled between batches; None when it said stop (the surrogates are then
-    /// part-way through the epoch: the caller restores them).
-    pub(super) fn run(
-        self,
-        cancelled: &dyn Fn() -> bool,
-    ) -> Option<(Tensor, Tensor, Vec<(Tensor, usize)>)> {
-        let jobs = &self.jobs;
+    /// The gradients summed over all surrogates, with each surrogate's (in job order) summed
+    /// adversarial loss and meta-batch count. `cancelled` is polled between batches; None when
+    /// it said stop (the surrogates are then part-way through the epoch: the caller restores
+    /// them).
+    pub(super) fn run(&self, cancelled: &dyn Fn() -> bool) -> Option<EpochSums> {
+        let mut total: Option<EpochSums> = None;
+        for group in self.jobs.chunks(self.group_size.max(1)) {
+            let (gd, go, adv) = Self::run_group(group, cancelled)?;
+            total = Some(match total {
+                None => (gd, go, adv),
+                Some((d, o, mut a)) => {
+                    a.extend(adv);
+                    (d + gd, o + go, a)
+                }
+            });
+        }
+        total
+    }
+
+    /// One group's epoch in lockstep.
+    fn run_group(jobs: &[EpochJob], cancelled: &dyn Fn() -> bool) -> Option<EpochSums> {
         let first = &jobs[0];
         let (net, device, kind) = (&first.net, first.device, first.kind);
         let states: Vec<&State> = jobs.iter().map(|j| &j.state).collect();

@@ -253,11 +253,12 @@ pub fn meta_gradient_grouped(
 ) -> (Tensor, Tensor, Tensor) {
     let adv = unrolled_adversarial_losses_grouped(model, perturbation, inputs, targets, settings);
     let m = inputs.len() as f64;
-    let mut objective = adv.sum(adv.kind());
-    if settings.smooth_coef > 0.0 {
-        objective = objective
-            + perturbation.recolor.smoothness(&perturbation.offsets) * (settings.smooth_coef * m);
-    }
+    let summed = adv.sum(adv.kind());
+    let objective = if settings.smooth_coef > 0.0 {
+        summed + perturbation.recolor.smoothness(&perturbation.offsets) * (settings.smooth_coef * m)
+    } else {
+        summed
+    };
     let mut grads = Tensor::run_backward(
         &[&objective],
         &[&perturbation.delta, &perturbation.offsets],

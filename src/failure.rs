@@ -1,0 +1,86 @@
+//! libtorch reports its errors (a CUDA out-of-memory, a shape mismatch) as Rust panics from
+//! tch's calls. This module turns them into the one-line messages users get everywhere else:
+//! the panic hook writes the whole text (libtorch's C++ trace included) to the log file only,
+//! and `message` distils the payload to its first line, with what to do about memory.
+
+use std::any::Any;
+
+/// Installs the hook: every panic is logged in full (tracing, to the log file), never printed
+/// over the terminal; whoever catches it reports the one-line `message`.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let thread = std::thread::current();
+        tracing::error!(
+            "panic in thread {}{location}: {}",
+            thread.name().unwrap_or("unnamed"),
+            payload_text(info.payload())
+        );
+    }));
+}
+
+fn payload_text(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else {
+        "unknown failure".to_string()
+    }
+}
+
+/// Whether a caught panic was the GPU running out of memory.
+pub fn is_out_of_memory(payload: &(dyn Any + Send)) -> bool {
+    payload_text(payload).contains("out of memory")
+}
+
+/// A caught panic as one line: libtorch's own message without its C++ trace, plus what to do
+/// when the GPU ran out of memory.
+pub fn message(payload: &(dyn Any + Send)) -> String {
+    let text = payload_text(payload);
+    // tch formats libtorch errors as `...: Torch("<message>\n<C++ trace>")`.
+    let core = match text.find("Torch(\"") {
+        Some(i) => {
+            let rest = &text[i + 7..];
+            let end = rest
+                .find("\\n")
+                .or_else(|| rest.find('"'))
+                .unwrap_or(rest.len());
+            format!("libtorch: {}", &rest[..end])
+        }
+        None => text.lines().next().unwrap_or("").to_string(),
+    };
+    if text.contains("out of memory") {
+        format!(
+            "{core} (lower craft.ensemble_size, surrogate.batch_size or craft.unroll_steps, or set craft.grouped_surrogates = false)"
+        )
+    } else {
+        core
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_libtorch_error_becomes_one_line_without_the_trace() {
+        let payload: Box<dyn Any + Send> = Box::new(String::from(
+            "called `Result::unwrap()` on an `Err` value: Torch(\"CUDA out of memory. Tried to allocate 190.00 MiB.\\nException raised from malloc at alloc.cpp:1\\nframe #0: c10::Error\")",
+        ));
+        let m = message(payload.as_ref());
+        assert_eq!(
+            m.split(" (").next().unwrap(),
+            "libtorch: CUDA out of memory. Tried to allocate 190.00 MiB."
+        );
+        assert!(m.contains("craft.ensemble_size"), "{m}");
+        assert!(!m.contains("frame"), "{m}");
+        assert!(is_out_of_memory(payload.as_ref()));
+        let other: Box<dyn Any + Send> = Box::new("index out of range\nmore");
+        assert_eq!(message(other.as_ref()), "index out of range");
+        assert!(!is_out_of_memory(other.as_ref()));
+    }
+}
