@@ -227,6 +227,9 @@ impl Crafter {
     pub fn pretrain(&mut self, mut progress: impl FnMut(usize, usize, usize) -> bool) -> bool {
         let (mm, stagger) = (self.plan.ensemble_size, self.plan.stagger);
         let epochs = |m: usize| schedule::surrogate_epoch(m, 0, mm, stagger);
+        if self.plan.grouped_surrogates {
+            return self.pretrain_grouped(progress);
+        }
         for wave in super::parallel::waves(mm, self.plan.parallel_surrogates) {
             let longest = wave.clone().map(epochs).max().unwrap_or(0);
             for e in 0..longest {
@@ -244,6 +247,57 @@ impl Crafter {
             }
             for m in wave {
                 if epochs(m) == 0 && !progress(m, 0, 0) {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// `pretrain` with the surrogates grouped: at each epoch, every surrogate still short of
+    /// its starting epoch trains as part of one grouped network (the same batches and steps
+    /// as one at a time). Halves the group when the GPU runs out of memory.
+    fn pretrain_grouped(&mut self, mut progress: impl FnMut(usize, usize, usize) -> bool) -> bool {
+        let (mm, stagger) = (self.plan.ensemble_size, self.plan.stagger);
+        let epochs = |m: usize| schedule::surrogate_epoch(m, 0, mm, stagger);
+        let longest = (0..mm).map(epochs).max().unwrap_or(0);
+        for m in 0..mm {
+            if epochs(m) == 0 && !progress(m, 0, 0) {
+                return false;
+            }
+        }
+        for e in 0..longest {
+            let busy: Vec<usize> = (0..mm).filter(|&m| e < epochs(m)).collect();
+            let before: Vec<State> = busy
+                .iter()
+                .map(|&m| self.surrogates[m].deep_clone())
+                .collect();
+            loop {
+                let jobs: Vec<CleanEpochJob> = busy
+                    .iter()
+                    .map(|&m| self.clean_epoch_job(m, e, 0))
+                    .collect();
+                let group_size = self.group_size.clamp(1, busy.len());
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    CleanEpochJob::run_grouped(&jobs, group_size)
+                })) {
+                    Ok(()) => break,
+                    Err(p) if group_size > 1 && crate::failure::is_out_of_memory(&*p) => {
+                        drop(p);
+                        for (&m, s) in busy.iter().zip(&before) {
+                            self.surrogates[m] = s.deep_clone().trainable();
+                        }
+                        self.group_size = group_size.div_ceil(2);
+                        tracing::warn!(
+                            "pretraining: the GPU ran out of memory with {group_size} surrogates in a group: now {} at a time",
+                            self.group_size
+                        );
+                    }
+                    Err(p) => std::panic::resume_unwind(p),
+                }
+            }
+            for &m in &busy {
+                if !progress(m, e + 1, epochs(m)) {
                     return false;
                 }
             }

@@ -34,14 +34,50 @@ pub(super) struct CleanEpochJob {
 }
 
 impl CleanEpochJob {
-    pub(super) fn run(self) {
+    /// The epoch's batches: the surrogate's own shuffle, cut into full batches.
+    fn chunks(&self) -> Vec<Vec<usize>> {
         let mut perm: Vec<usize> = (0..self.train_x.size()[0] as usize).collect();
         SplitMix64::new(self.seed).shuffle(&mut perm);
-        for chunk in perm.chunks_exact(self.batch_size) {
-            let idx = as_index(chunk, self.device);
-            let x = self.train_x.index_select(0, &idx).to_kind(self.kind);
-            let y = self.train_y.index_select(0, &idx);
+        perm.chunks_exact(self.batch_size)
+            .map(<[usize]>::to_vec)
+            .collect()
+    }
+
+    fn load(&self, chunk: &[usize]) -> (Tensor, Tensor) {
+        let idx = as_index(chunk, self.device);
+        let x = self.train_x.index_select(0, &idx).to_kind(self.kind);
+        (x, self.train_y.index_select(0, &idx))
+    }
+
+    pub(super) fn run(self) {
+        for chunk in self.chunks() {
+            let (x, y) = self.load(&chunk);
             let _ = sgd::sgd_step(&self.net, &self.state, &x, &y, self.lr, self.weight_decay);
+        }
+    }
+
+    /// Several surrogates' clean epochs in lockstep as one grouped network, `group_size` at a
+    /// time: the same batches and steps as each job's own `run`.
+    pub(super) fn run_grouped(jobs: &[CleanEpochJob], group_size: usize) {
+        for group in jobs.chunks(group_size.max(1)) {
+            let first = &group[0];
+            let states: Vec<&State> = group.iter().map(|j| &j.state).collect();
+            let stacked = State::stack(&states).trainable();
+            let lrs: Vec<f64> = group.iter().map(|j| j.lr).collect();
+            let walks: Vec<Vec<Vec<usize>>> = group.iter().map(CleanEpochJob::chunks).collect();
+            for bi in 0..walks[0].len() {
+                let batches: Vec<(Tensor, Tensor)> = group
+                    .iter()
+                    .zip(&walks)
+                    .map(|(job, chunks)| job.load(&chunks[bi]))
+                    .collect();
+                let xs = Tensor::stack(&batches.iter().map(|(x, _)| x).collect::<Vec<_>>(), 0);
+                let ys = Tensor::stack(&batches.iter().map(|(_, y)| y).collect::<Vec<_>>(), 0);
+                let _ =
+                    sgd::sgd_step_grouped(&first.net, &stacked, &xs, &ys, &lrs, first.weight_decay);
+            }
+            let originals: Vec<State> = group.iter().map(|j| j.state.shallow_clone()).collect();
+            stacked.unstack_into(&originals);
         }
     }
 }

@@ -26,16 +26,23 @@ impl VictimCache {
         }
     }
 
-    /// The hex key of a victim trained on `x` / `y` with `spec` from `seed`.
-    pub fn key(net: &Network, spec: &VictimTraining, x: &Tensor, y: &Tensor, seed: u64) -> String {
+    /// The hex SHA-256 of a training split: images `x` and labels `y` (computed once per arm,
+    /// since every victim of the arm trains on the same split).
+    pub fn split_digest(x: &Tensor, y: &Tensor) -> String {
         let mut h = Sha256::new();
-        h.update(format!("{VERSION}\n{net:?}\n{spec:?}\nseed {seed}\n").as_bytes());
         for t in [x, y] {
             let (dtype, shape, bytes) = crate::craft::checkpoint::bytes_of(t);
             h.update(format!("{dtype:?} {shape:?}\n").as_bytes());
             h.update(&bytes);
         }
-        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+        hex(&h.finalize())
+    }
+
+    /// The hex key of a victim trained on the split with digest `split` with `spec` from `seed`.
+    pub fn key(net: &Network, spec: &VictimTraining, split: &str, seed: u64) -> String {
+        let mut h = Sha256::new();
+        h.update(format!("{VERSION}\n{net:?}\n{spec:?}\nseed {seed}\nsplit {split}\n").as_bytes());
+        hex(&h.finalize())
     }
 
     pub fn path(&self, key: &str) -> PathBuf {
@@ -73,18 +80,19 @@ impl VictimCache {
         (loaded.len() == state.weights.len() + state.buffers.len()).then_some(state)
     }
 
-    /// The victim of `arm` with `seed`: read back when this cache holds it, else trained and
-    /// stored (a failed write only costs the reuse, so it is logged, not returned).
+    /// The victim of `arm` (whose split has digest `split`) with `seed`: read back when this
+    /// cache holds it, else trained and stored (a failed write only costs the reuse, so it is
+    /// logged, not returned).
     pub fn train_or_load(
         &self,
         data: &EvalData,
         net: &Network,
         spec: &VictimTraining,
-        arm: Arm,
+        (arm, split): (Arm, &str),
         seed: u64,
     ) -> (Trial, State) {
         let started = std::time::Instant::now();
-        let key = Self::key(net, spec, data.split(arm), &data.train_y, seed);
+        let key = Self::key(net, spec, split, seed);
         if let Some(state) = self.load(&key, net, data.train_y.device()) {
             let mut trial = score(
                 data,
@@ -106,4 +114,8 @@ impl VictimCache {
         }
         (trial, state)
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -150,15 +150,23 @@ pub fn evaluate(
         .victim_cache
         .as_deref()
         .map(super::cache::VictimCache::new);
+    // Each arm's split, hashed once for all its victims.
+    let digests: Vec<String> = match &cache {
+        Some(_) => arms
+            .iter()
+            .map(|&arm| super::cache::VictimCache::split_digest(data.split(arm), &data.train_y))
+            .collect(),
+        None => Vec::new(),
+    };
     let total = plan.trials * arms.len();
     let started = std::time::Instant::now();
     let mut results: Vec<Trial> = Vec::new();
     for t in 0..plan.trials {
-        for &arm in &arms {
+        for (a, &arm) in arms.iter().enumerate() {
             // Victim seeds are far from the crafting run's and shared by the arms (paired).
             let seed = 1_000_000 + data.manifest.seed * 1000 + t as u64;
             let (trial, state) = match &cache {
-                Some(c) => c.train_or_load(&data, &net, &spec, arm, seed),
+                Some(c) => c.train_or_load(&data, &net, &spec, (arm, &digests[a]), seed),
                 None => run_trial(&data, &net, &spec, arm, seed),
             };
             let arm = arm.name();
