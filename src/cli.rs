@@ -664,6 +664,7 @@ impl VictimArgs {
             noise_control: self.noise_control,
             save_weights,
             first_poisons: self.first_poisons,
+            grouped: None,
             victim_cache: self.victim_cache.clone(),
         })
     }

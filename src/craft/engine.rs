@@ -287,6 +287,7 @@ impl Session<'_> {
             save_weights: false,
             first_poisons: None,
             // Pressing the key again after more steps retrains only the poisoned victims.
+            grouped: None,
             victim_cache: Some(self.setup.run_dir.join("victims")),
         };
         self.event(

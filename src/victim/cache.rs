@@ -4,7 +4,7 @@
 //! more trials reuses the victims it trained before. Each file is named by a SHA-256 of those
 //! inputs; a file that is missing, unreadable or of the wrong shape is simply trained again.
 
-use super::eval::{run_trial, save_victim, score, Arm, EvalData, Trial};
+use super::eval::{save_victim, score, Arm, EvalData, Trial};
 use super::VictimTraining;
 use crate::model::{Network, State};
 use sha2::{Digest, Sha256};
@@ -80,39 +80,38 @@ impl VictimCache {
         (loaded.len() == state.weights.len() + state.buffers.len()).then_some(state)
     }
 
-    /// The victim of `arm` (whose split has digest `split`) with `seed`: read back when this
-    /// cache holds it, else trained and stored (a failed write only costs the reuse, so it is
-    /// logged, not returned).
-    pub fn train_or_load(
+    /// The victim saved under `key`, scored, if this cache holds a complete one.
+    pub fn lookup(
         &self,
         data: &EvalData,
         net: &Network,
-        spec: &VictimTraining,
-        (arm, split): (Arm, &str),
+        key: &str,
+        arm: Arm,
         seed: u64,
-    ) -> (Trial, State) {
+    ) -> Option<(Trial, State)> {
         let started = std::time::Instant::now();
-        let key = Self::key(net, spec, split, seed);
-        if let Some(state) = self.load(&key, net, data.train_y.device()) {
-            let mut trial = score(
-                data,
-                net,
-                &state,
-                arm.name(),
-                seed,
-                started.elapsed().as_secs_f64(),
-            );
-            trial.cached = true;
-            return (trial, state);
-        }
-        let (trial, state) = run_trial(data, net, spec, arm, seed);
+        let state = self.load(key, net, data.train_y.device())?;
+        let mut trial = score(
+            data,
+            net,
+            &state,
+            arm.name(),
+            seed,
+            started.elapsed().as_secs_f64(),
+        );
+        trial.cached = true;
+        Some((trial, state))
+    }
+
+    /// Keeps a trained victim under `key` (a failed write only costs the reuse, so it is
+    /// logged, not returned).
+    pub fn store(&self, key: &str, state: &State, trial: &Trial, net: &Network) {
         let stored = std::fs::create_dir_all(&self.dir)
             .map_err(|e| format!("cannot create {}: {e}", self.dir.display()))
-            .and_then(|_| save_victim(&self.path(&key), &state, &trial, net));
+            .and_then(|_| save_victim(&self.path(key), state, trial, net));
         if let Err(e) = stored {
             tracing::warn!("victim cache: {e}");
         }
-        (trial, state)
     }
 }
 

@@ -3,10 +3,11 @@
 //! +-eps noise instead of the crafted perturbation), with the target's prediction and the clean
 //! accuracy of each. The attack's effect is the difference between the arms.
 
+use super::cache::VictimCache;
 use super::{probabilities, train_from_scratch, VictimTraining};
 use crate::export::npz::{read_npz, NpyArray};
 use crate::export::Manifest;
-use crate::model::{sgd, InputNorm, Network};
+use crate::model::{sgd, InputNorm, Network, State};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -82,6 +83,9 @@ pub struct EvalPlan {
     pub first_poisons: Option<usize>,
     /// Folder of trained victims to reuse and add to (see `victim::cache`).
     pub victim_cache: Option<std::path::PathBuf>,
+    /// Train the victims as one grouped network (the same victims, one kernel a layer for all
+    /// of them); None = on CUDA, where that is faster, not on a CPU, where it is not.
+    pub grouped: Option<bool>,
 }
 
 /// Which training split a victim learns from.
@@ -161,20 +165,64 @@ pub fn evaluate(
     let total = plan.trials * arms.len();
     let started = std::time::Instant::now();
     let mut results: Vec<Trial> = Vec::new();
-    for t in 0..plan.trials {
-        for (a, &arm) in arms.iter().enumerate() {
-            // Victim seeds are far from the crafting run's and shared by the arms (paired).
-            let seed = 1_000_000 + data.manifest.seed * 1000 + t as u64;
-            let (trial, state) = match &cache {
-                Some(c) => c.train_or_load(&data, &net, &spec, (arm, &digests[a]), seed),
-                None => run_trial(&data, &net, &spec, arm, seed),
-            };
-            let arm = arm.name();
+    // Every victim: (trial number, arm index). Victim seeds are far from the crafting run's
+    // and shared by the arms (paired).
+    let jobs: Vec<(usize, usize)> = (0..plan.trials)
+        .flat_map(|t| (0..arms.len()).map(move |a| (t, a)))
+        .collect();
+    let seed_of = |t: usize| 1_000_000 + data.manifest.seed * 1000 + t as u64;
+    // Grouped, all victims train at once (halved whenever the GPU runs out of memory).
+    let mut group_size = if plan.grouped.unwrap_or(device.is_cuda()) {
+        jobs.len()
+    } else {
+        1
+    };
+    let mut next = 0;
+    while next < jobs.len() {
+        let group = &jobs[next..(next + group_size).min(jobs.len())];
+        let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut victims: Vec<Option<(Trial, State)>> = Vec::new();
+            let mut keys = Vec::new();
+            for &(t, a) in group {
+                let key = cache
+                    .as_ref()
+                    .map(|_| VictimCache::key(&net, &spec, &digests[a], seed_of(t)));
+                let hit = cache
+                    .as_ref()
+                    .and_then(|c| c.lookup(&data, &net, key.as_deref()?, arms[a], seed_of(t)));
+                victims.push(hit);
+                keys.push(key);
+            }
+            let missing: Vec<usize> = (0..group.len()).filter(|&i| victims[i].is_none()).collect();
+            let trained = train_victims(&data, &net, &spec, &arms, group, &missing, seed_of);
+            for (i, victim) in missing.into_iter().zip(trained) {
+                if let (Some(c), Some(key)) = (&cache, &keys[i]) {
+                    c.store(key, &victim.1, &victim.0, &net);
+                }
+                victims[i] = Some(victim);
+            }
+            victims
+        }));
+        let victims = match attempt {
+            Ok(v) => v,
+            Err(p) if group_size > 1 && crate::failure::is_out_of_memory(&*p) => {
+                group_size = group_size.div_ceil(2);
+                tracing::warn!("victims: the GPU ran out of memory; now {group_size} at a time");
+                continue;
+            }
+            Err(p) => std::panic::resume_unwind(p),
+        };
+        for (&(t, _), victim) in group.iter().zip(victims) {
+            let (trial, state) = victim.expect("every victim trained or read back");
             if plan.save_weights {
                 let folder = dir.join("victims");
                 std::fs::create_dir_all(&folder)
                     .map_err(|e| format!("cannot create {}: {e}", folder.display()))?;
-                let path = folder.join(format!("{arm}-{t:03}-{}.safetensors", spec.net.name()));
+                let path = folder.join(format!(
+                    "{}-{t:03}-{}.safetensors",
+                    trial.arm,
+                    spec.net.name()
+                ));
                 save_victim(&path, &state, &trial, &net)?;
             }
             results.push(trial);
@@ -190,6 +238,7 @@ pub fn evaluate(
                 return Err("evaluation cancelled".into());
             }
         }
+        next += group.len();
     }
     let pick = |arm: &str| results.iter().filter(|t| t.arm == arm).collect::<Vec<_>>();
     let report = EvalReport {
@@ -426,6 +475,44 @@ pub fn run_trial(
         started.elapsed().as_secs_f64(),
     );
     (trial, state)
+}
+
+/// Trains the victims at positions `missing` of `group` ((trial, arm index) pairs): one at a
+/// time, or as one grouped network when there are several.
+fn train_victims(
+    data: &EvalData,
+    net: &Network,
+    spec: &VictimTraining,
+    arms: &[Arm],
+    group: &[(usize, usize)],
+    missing: &[usize],
+    seed_of: impl Fn(usize) -> u64,
+) -> Vec<(Trial, State)> {
+    if missing.len() == 1 {
+        let (t, a) = group[missing[0]];
+        return vec![run_trial(data, net, spec, arms[a], seed_of(t))];
+    }
+    if missing.is_empty() {
+        return Vec::new();
+    }
+    let started = std::time::Instant::now();
+    let xs: Vec<&Tensor> = missing
+        .iter()
+        .map(|&i| data.split(arms[group[i].1]))
+        .collect();
+    let seeds: Vec<u64> = missing.iter().map(|&i| seed_of(group[i].0)).collect();
+    let states =
+        super::train_from_scratch_grouped(net, spec, &xs, &data.train_y, &seeds, Kind::Float);
+    let seconds = started.elapsed().as_secs_f64() / missing.len() as f64;
+    missing
+        .iter()
+        .zip(states)
+        .map(|(&i, state)| {
+            let (t, a) = group[i];
+            let trial = score(data, net, &state, arms[a].name(), seed_of(t), seconds);
+            (trial, state)
+        })
+        .collect()
 }
 
 /// Saves a victim's weights and batch-norm statistics (safetensors, `weight.I` / `buffer.I` in

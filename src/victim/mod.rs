@@ -79,6 +79,73 @@ pub fn train_from_scratch(
     state
 }
 
+/// `train_from_scratch` of several victims at once as one grouped network
+/// (`Network::forward_grouped`): victim i learns images `xs[i]` (labels `y`, shared) from
+/// `seeds[i]`, with the init, shuffles and augmentation draws it would have alone, so the
+/// victims equal those trained one at a time (float rounding aside). On a GPU, one kernel a
+/// layer for all of them.
+pub fn train_from_scratch_grouped(
+    net: &Network,
+    spec: &VictimTraining,
+    xs: &[&Tensor],
+    y: &Tensor,
+    seeds: &[u64],
+    kind: Kind,
+) -> Vec<State> {
+    let device = y.device();
+    let states: Vec<State> = seeds
+        .iter()
+        .map(|&seed| {
+            net.init(
+                device,
+                kind,
+                derive(seed, Purpose::SurrogateInit, u64::MAX, 0),
+            )
+        })
+        .collect();
+    let stacked = State::stack(&states.iter().collect::<Vec<_>>()).trainable();
+    let n = y.size()[0] as usize;
+    for epoch in 0..spec.epochs {
+        let lr = schedule::inner_lr(spec.lr, epoch, spec.warmup_epochs, &spec.lr_drops);
+        let lrs = vec![lr; seeds.len()];
+        let mut walks: Vec<(SplitMix64, Vec<i64>)> = seeds
+            .iter()
+            .map(|&seed| {
+                let mut rng =
+                    SplitMix64::new(derive(seed, Purpose::Shuffle, u64::MAX, epoch as u64));
+                let mut perm: Vec<i64> = (0..n as i64).collect();
+                rng.shuffle(&mut perm);
+                (rng, perm)
+            })
+            .collect();
+        let b = spec.batch_size.min(n);
+        for start in (0..n - n % b).step_by(b) {
+            let mut xbs = Vec::with_capacity(xs.len());
+            let mut ybs = Vec::with_capacity(xs.len());
+            for (x, (rng, perm)) in xs.iter().zip(walks.iter_mut()) {
+                let idx = Tensor::from_slice(&perm[start..start + b]).to_device(device);
+                let mut xb = x.index_select(0, &idx).to_kind(kind);
+                if spec.augment {
+                    xb = crate::model::augment::crop_flip(&xb, rng);
+                }
+                xbs.push(xb);
+                ybs.push(y.index_select(0, &idx));
+            }
+            let _ = sgd::sgd_step_grouped(
+                net,
+                &stacked,
+                &Tensor::stack(&xbs, 0),
+                &Tensor::stack(&ybs, 0),
+                &lrs,
+                spec.weight_decay,
+            );
+        }
+    }
+    let states: Vec<State> = states.into_iter().map(State::trainable).collect();
+    stacked.unstack_into(&states);
+    states
+}
+
 /// The training images with the poisons in place: `poisons` ([P, C, H, W], 0-255, already
 /// quantised as they would be saved) replace the images at `indices`.
 pub fn poisoned_training_set(train_x: &Tensor, indices: &[usize], poisons: &Tensor) -> Tensor {
