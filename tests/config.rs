@@ -134,6 +134,16 @@ fn invalid_values_name_field_value_and_range() {
             "1..=1024",
         ),
         (
+            "[run]\nsurrogate_devices = [\"cuda:0\", \"auto\"]\n",
+            "`run.surrogate_devices` = \"auto\"",
+            "must name a device",
+        ),
+        (
+            "[run]\nsurrogate_devices = [\"gpu1\"]\n",
+            "`run.surrogate_devices` = \"gpu1\"",
+            "cuda:N",
+        ),
+        (
             "[craft]\nlr_drops = [40, 20]\n",
             "`craft.lr_drops` = [40, 20]",
             "strictly increasing",

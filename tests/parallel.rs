@@ -23,6 +23,17 @@ fn craft_with(
     augment: bool,
     group: usize,
 ) -> (tch::Tensor, tch::Tensor, Vec<f64>) {
+    craft_on(parallel, grouped, augment, group, &[])
+}
+
+/// As `craft_with`, the surrogates spread over `devices` (see `Crafter::spread_over`).
+fn craft_on(
+    parallel: usize,
+    grouped: bool,
+    augment: bool,
+    group: usize,
+    devices: &[Device],
+) -> (tch::Tensor, tch::Tensor, Vec<f64>) {
     let mut c = common::tiny_config(300, 10, 2);
     c.craft.grouped_surrogates = grouped.into();
     c.craft.augment = augment;
@@ -39,6 +50,7 @@ fn craft_with(
     assert_eq!(plan.grouped_surrogates, grouped);
     let mut crafter = Crafter::new(c, &ds, plan, Device::Cpu, Kind::Double);
     crafter.set_group_size(group);
+    crafter.spread_over(devices);
     let mut progress = Vec::new();
     assert!(crafter.pretrain(|m, e, n| {
         progress.push((m, e, n));
@@ -100,6 +112,29 @@ fn grouped_surrogates_craft_the_same_poisons() {
         let doff = (&o1 - &o2).abs().max().double_value(&[]);
         assert!(dd <= 1e-9, "augment {augment}: delta differs by {dd}");
         assert!(doff <= 1e-12, "augment {augment}: offsets differ by {doff}");
+    }
+}
+
+#[test]
+fn surrogates_spread_over_devices_craft_the_same_poisons() {
+    // Two replicas (here both the CPU: each with its own copy of the data and its own
+    // detached perturbation, whose gradients are brought back and summed), one surrogate at a
+    // time and grouped per device side by side.
+    let (d1, o1, l1) = craft_with(1, false, false, 3);
+    assert!(d1.abs().max().double_value(&[]) > 0.0);
+    for grouped in [false, true] {
+        let (d2, o2, l2) = craft_on(1, grouped, false, 3, &[Device::Cpu, Device::Cpu]);
+        assert_eq!(l1.len(), l2.len());
+        for (a, b) in l1.iter().zip(&l2) {
+            assert!(
+                (a - b).abs() <= 1e-9 * a.abs().max(1.0),
+                "grouped {grouped}: {a} vs {b}"
+            );
+        }
+        let dd = (&d1 - &d2).abs().max().double_value(&[]);
+        let doff = (&o1 - &o2).abs().max().double_value(&[]);
+        assert!(dd <= 1e-9, "grouped {grouped}: delta differs by {dd}");
+        assert!(doff <= 1e-12, "grouped {grouped}: offsets differ by {doff}");
     }
 }
 

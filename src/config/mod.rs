@@ -340,6 +340,9 @@ pub struct RunConfig {
     /// Convolutions on channels-last (NHWC) tensors: same maths, another memory layout.
     /// `auto` = off (measured no faster on an H100 and slower on a CPU).
     pub channels_last: Auto<bool>,
+    /// Devices the surrogates are spread over, round robin ("cuda:0", "cuda:1", ...); empty =
+    /// all on `device`. The perturbation stays on `device`.
+    pub surrogate_devices: Vec<String>,
 }
 
 impl Default for RunConfig {
@@ -352,6 +355,7 @@ impl Default for RunConfig {
             threads: 0,
             max_nonfinite_steps: 3,
             channels_last: Auto::Auto,
+            surrogate_devices: Vec::new(),
         }
     }
 }

@@ -172,6 +172,19 @@ impl Config {
         if let Err(e) = r.device.parse::<DeviceChoice>() {
             return Err(invalid("run.device", format!("\"{}\"", r.device), e));
         }
+        for d in &r.surrogate_devices {
+            match d.parse::<DeviceChoice>() {
+                Ok(DeviceChoice::Auto) => {
+                    return Err(invalid(
+                        "run.surrogate_devices",
+                        format!("\"{d}\""),
+                        "must name a device: \"cpu\", \"cuda\" or \"cuda:N\"",
+                    ))
+                }
+                Ok(_) => {}
+                Err(e) => return Err(invalid("run.surrogate_devices", format!("\"{d}\""), e)),
+            }
+        }
         int_range("run.threads", r.threads, 0, 1024)?;
         int_range("run.max_nonfinite_steps", r.max_nonfinite_steps, 1, 1000)?;
         if self.data.dataset != super::DatasetKind::Embedded && self.data.path.is_none() {

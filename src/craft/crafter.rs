@@ -78,6 +78,28 @@ pub struct Crafter {
     /// Surrogates in one grouped network (with `plan.grouped_surrogates`): the whole ensemble
     /// until the GPU runs out of memory, then halved.
     group_size: usize,
+    /// The devices surrogates live on, each with its copy of what they read; the first is
+    /// the crafter's own device unless `spread_over` says otherwise.
+    replicas: Vec<Replica>,
+    /// Surrogate m lives on `replicas[placement[m]]`.
+    placement: Vec<usize>,
+}
+
+/// What surrogates on one device read, copied there once: the training split, the targets
+/// and their labels.
+struct Replica {
+    device: Device,
+    train_x: Tensor,
+    train_y: Tensor,
+    targets: Tensor,
+    labels: TargetLabels,
+}
+
+/// Per replica for one craft step: the perturbation (on another device, a detached copy whose
+/// gradients are moved back) and the poisons as they stand.
+struct StepInputs {
+    perturbation: Perturbation,
+    poisons_now: Tensor,
 }
 
 /// Images of a split as a [N, C, H, W] u8 tensor.
@@ -142,7 +164,16 @@ impl Crafter {
             inner_lr: config.surrogate.lr,
             unroll_steps: config.craft.unroll_steps,
         };
+        let replicas = vec![Replica {
+            device,
+            train_x: train_x.shallow_clone(),
+            train_y: train_y.shallow_clone(),
+            targets: targets.shallow_clone(),
+            labels: labels.shallow_clone(),
+        }];
         let mut crafter = Crafter {
+            replicas,
+            placement: vec![0; plan_ensemble],
             train_x,
             train_y,
             slot_of: slot_of.into(),
@@ -177,7 +208,83 @@ impl Crafter {
             m as u64,
             generation as u64,
         );
-        self.net.init(self.device, self.kind, seed).trainable()
+        self.net
+            .init(self.surrogate_device(m), self.kind, seed)
+            .trainable()
+    }
+
+    /// Places the surrogates on `devices`, round robin (surrogate m on `devices[m % n]`), each
+    /// device with its own copy of the training split and targets. The perturbation and its
+    /// optimiser stay on the crafter's device; each step sends them over and brings the
+    /// meta-gradients back. Call before pretraining (or restoring a checkpoint, which keeps
+    /// each surrogate where it is). Several entries may name one device.
+    pub fn spread_over(&mut self, devices: &[Device]) {
+        if devices.is_empty() {
+            return;
+        }
+        let _guard = tch::no_grad_guard();
+        let main = self.device;
+        let copy = |t: &Tensor, d: Device| {
+            if d == main {
+                t.shallow_clone()
+            } else {
+                t.to_device(d)
+            }
+        };
+        self.replicas = devices
+            .iter()
+            .map(|&d| Replica {
+                device: d,
+                train_x: copy(&self.train_x, d),
+                train_y: copy(&self.train_y, d),
+                targets: copy(&self.targets, d),
+                labels: TargetLabels {
+                    truth: copy(&self.labels.truth, d),
+                    adversarial: copy(&self.labels.adversarial, d),
+                    poison_class: self.labels.poison_class,
+                },
+            })
+            .collect();
+        self.placement = (0..self.plan.ensemble_size)
+            .map(|m| m % devices.len())
+            .collect();
+        for m in 0..self.surrogates.len() {
+            let d = self.surrogate_device(m);
+            let s = &self.surrogates[m];
+            self.surrogates[m] = State {
+                weights: s.weights.iter().map(|w| w.detach().to_device(d)).collect(),
+                buffers: s.buffers.iter().map(|b| b.to_device(d)).collect(),
+            }
+            .trainable();
+        }
+    }
+
+    /// The device surrogate m lives on.
+    pub fn surrogate_device(&self, m: usize) -> Device {
+        self.replicas[self.placement[m]].device
+    }
+
+    /// Each replica's view of the perturbation for this step: the perturbation itself when
+    /// all surrogates share the crafter's device, else a detached copy per replica (even one
+    /// on the crafter's device, so replicas never share a gradient).
+    fn step_inputs(&self, poisons_now: &Tensor) -> Vec<StepInputs> {
+        let alone = self.replicas.len() == 1 && self.replicas[0].device == self.device;
+        self.replicas
+            .iter()
+            .map(|r| {
+                if alone {
+                    StepInputs {
+                        perturbation: self.perturbation.shallow_clone(),
+                        poisons_now: poisons_now.shallow_clone(),
+                    }
+                } else {
+                    StepInputs {
+                        perturbation: self.perturbation.detached_on(r.device),
+                        poisons_now: poisons_now.to_device(r.device),
+                    }
+                }
+            })
+            .collect()
     }
 
     fn batch_size(&self) -> usize {
@@ -202,11 +309,12 @@ impl Crafter {
 
     /// Surrogate m's clean pretraining epoch `epoch`, as a job a worker thread can own.
     fn clean_epoch_job(&self, m: usize, epoch: usize, generation: usize) -> CleanEpochJob {
+        let r = &self.replicas[self.placement[m]];
         CleanEpochJob {
             net: self.net.clone(),
             state: self.surrogates[m].shallow_clone(),
-            train_x: self.train_x.shallow_clone(),
-            train_y: self.train_y.shallow_clone(),
+            train_x: r.train_x.shallow_clone(),
+            train_y: r.train_y.shallow_clone(),
             batch_size: self.batch_size(),
             lr: self.inner_lr(epoch),
             weight_decay: self.config.surrogate.weight_decay,
@@ -217,7 +325,7 @@ impl Crafter {
                 epoch as u64,
             ),
             kind: self.kind,
-            device: self.device,
+            device: r.device,
         }
     }
 
@@ -273,15 +381,18 @@ impl Crafter {
                 .map(|&m| self.surrogates[m].deep_clone())
                 .collect();
             loop {
-                let jobs: Vec<CleanEpochJob> = busy
-                    .iter()
-                    .map(|&m| self.clean_epoch_job(m, e, 0))
-                    .collect();
+                // One grouped network per device, the devices side by side.
+                let mut jobs: Vec<Vec<CleanEpochJob>> =
+                    self.replicas.iter().map(|_| Vec::new()).collect();
+                for &m in &busy {
+                    jobs[self.placement[m]].push(self.clean_epoch_job(m, e, 0));
+                }
+                jobs.retain(|j| !j.is_empty());
                 let group_size = self.group_size.clamp(1, busy.len());
                 match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    CleanEpochJob::run_grouped(&jobs, group_size)
+                    super::parallel::map(jobs, |j| CleanEpochJob::run_grouped(&j, group_size))
                 })) {
-                    Ok(()) => break,
+                    Ok(_) => break,
                     Err(p) if group_size > 1 && crate::failure::is_out_of_memory(&*p) => {
                         drop(p);
                         for (&m, s) in busy.iter().zip(&before) {
@@ -307,8 +418,10 @@ impl Crafter {
 
     /// What surrogate m needs to walk its crafting epoch at `step`, as handles a worker
     /// thread can own.
-    fn epoch_job(&self, m: usize, step: usize, poisons_now: &Tensor) -> EpochJob {
+    fn epoch_job(&self, m: usize, step: usize, inputs: &[StepInputs]) -> EpochJob {
         let epoch = schedule::surrogate_epoch(m, step, self.plan.ensemble_size, self.plan.stagger);
+        let r = &self.replicas[self.placement[m]];
+        let here = &inputs[self.placement[m]];
         EpochJob {
             m,
             step,
@@ -324,16 +437,16 @@ impl Crafter {
             meta_batch_fraction: self.plan.meta_batch_fraction,
             augment: self.config.craft.augment,
             kind: self.kind,
-            device: self.device,
+            device: r.device,
             net: self.net.clone(),
             state: self.surrogates[m].shallow_clone(),
-            train_x: self.train_x.shallow_clone(),
-            train_y: self.train_y.shallow_clone(),
+            train_x: r.train_x.shallow_clone(),
+            train_y: r.train_y.shallow_clone(),
             slot_of: Arc::clone(&self.slot_of),
-            perturbation: self.perturbation.shallow_clone(),
-            poisons_now: poisons_now.shallow_clone(),
-            targets: self.targets.shallow_clone(),
-            labels: self.labels.shallow_clone(),
+            perturbation: here.perturbation.shallow_clone(),
+            poisons_now: here.poisons_now.shallow_clone(),
+            targets: r.targets.shallow_clone(),
+            labels: r.labels.shallow_clone(),
         }
     }
 
@@ -342,10 +455,12 @@ impl Crafter {
         let _guard = tch::no_grad_guard();
         let mut sum: Option<Tensor> = None;
         let mut fooled = Tensor::zeros([self.targets.size()[0]], (Kind::Double, self.device));
-        for s in &self.surrogates {
+        for (m, s) in self.surrogates.iter().enumerate() {
+            let r = &self.replicas[self.placement[m]];
             let logits = self
                 .net
-                .forward(&s.weights, &s.buffers, &self.targets, Mode::Eval);
+                .forward(&s.weights, &s.buffers, &r.targets, Mode::Eval)
+                .to_device(self.device);
             let p = logits.softmax(1, Kind::Double);
             fooled += logits
                 .argmax(1, false)
@@ -385,7 +500,7 @@ impl Crafter {
     }
 
     /// Runs craft step `self.step` and advances it. `cancelled` is polled between surrogates.
-    pub fn craft_step(&mut self, cancelled: &dyn Fn() -> bool) -> Option<StepReport> {
+    pub fn craft_step(&mut self, cancelled: &(dyn Fn() -> bool + Sync)) -> Option<StepReport> {
         let started = Instant::now();
         let step = self.step;
         let mm = self.plan.ensemble_size;
@@ -406,6 +521,8 @@ impl Crafter {
             });
         }
         let poisons_now = self.perturbation.poisons_detached();
+        let inputs = self.step_inputs(&poisons_now);
+        let main = self.device;
         let mut g_delta = self.perturbation.delta.detach().zeros_like();
         let mut g_offsets = self.perturbation.offsets.detach().zeros_like();
         let mut adv_per = Vec::with_capacity(mm);
@@ -415,21 +532,31 @@ impl Crafter {
         // job always sits at a step boundary (where checkpoints are taken).
         let snapshot: Vec<State> = self.surrogates.iter().map(State::deep_clone).collect();
         let waves = if self.plan.grouped_surrogates {
-            // All surrogates as one grouped network, in lockstep through their epochs; if the
-            // GPU runs out of memory, the step starts again with half as many in a group.
+            // The surrogates of each device as one grouped network, in lockstep through their
+            // epochs, the devices side by side; if a GPU runs out of memory, the step starts
+            // again with half as many in a group.
             let outcome = loop {
                 epochs.clear();
-                let mut jobs = Vec::with_capacity(mm);
+                let mut jobs: Vec<Vec<EpochJob>> =
+                    self.replicas.iter().map(|_| Vec::new()).collect();
+                let mut members: Vec<Vec<usize>> =
+                    self.replicas.iter().map(|_| Vec::new()).collect();
                 for m in 0..mm {
                     epochs.push(self.start_epoch(m, step));
-                    jobs.push(self.epoch_job(m, step, &poisons_now));
+                    jobs[self.placement[m]].push(self.epoch_job(m, step, &inputs));
+                    members[self.placement[m]].push(m);
                 }
                 let group_size = self.group_size.clamp(1, mm);
-                let grouped = GroupedEpoch { jobs, group_size };
+                let grouped: Vec<GroupedEpoch> = jobs
+                    .into_iter()
+                    .filter(|j| !j.is_empty())
+                    .map(|jobs| GroupedEpoch { jobs, group_size })
+                    .collect();
+                members.retain(|m| !m.is_empty());
                 match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    grouped.run(cancelled)
+                    super::parallel::map(grouped, |g| g.run(cancelled))
                 })) {
-                    Ok(outcome) => break outcome,
+                    Ok(outcome) => break (outcome, members),
                     Err(p) if group_size > 1 && crate::failure::is_out_of_memory(&*p) => {
                         drop(p);
                         self.surrogates = snapshot
@@ -449,13 +576,20 @@ impl Crafter {
                     Err(p) => std::panic::resume_unwind(p),
                 }
             };
-            let Some((gd, go, adv)) = outcome else {
-                self.surrogates = snapshot.into_iter().map(State::trainable).collect();
-                return None;
-            };
-            g_delta += gd;
-            g_offsets += go;
-            for (a, n) in adv {
+            let (per_device, members) = outcome;
+            let mut per_surrogate: Vec<Option<(Tensor, usize)>> = (0..mm).map(|_| None).collect();
+            for (result, members) in per_device.into_iter().zip(members) {
+                let Some((gd, go, adv)) = result else {
+                    self.surrogates = snapshot.into_iter().map(State::trainable).collect();
+                    return None;
+                };
+                g_delta += gd.to_device(main);
+                g_offsets += go.to_device(main);
+                for (m, a) in members.into_iter().zip(adv) {
+                    per_surrogate[m] = Some(a);
+                }
+            }
+            for (a, n) in per_surrogate.into_iter().flatten() {
                 meta_batches += n;
                 adv_per.push((a, n));
             }
@@ -471,12 +605,12 @@ impl Crafter {
             let mut jobs = Vec::with_capacity(wave.len());
             for m in wave {
                 epochs.push(self.start_epoch(m, step));
-                jobs.push(self.epoch_job(m, step, &poisons_now));
+                jobs.push(self.epoch_job(m, step, &inputs));
             }
             // Summed in surrogate order whatever thread finished first.
             for (gd, go, adv, n) in super::parallel::map(jobs, EpochJob::run) {
-                g_delta += gd;
-                g_offsets += go;
+                g_delta += gd.to_device(main);
+                g_offsets += go.to_device(main);
                 adv_per.push((adv, n));
                 meta_batches += n;
             }

@@ -448,6 +448,19 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Sender<Telemetry>) -> Re
         tracing::info!("{note}");
     }
     let mut crafter = Crafter::new(config.clone(), &setup.data, plan, setup.device, setup.kind);
+    if !config.run.surrogate_devices.is_empty() {
+        let devices = config
+            .run
+            .surrogate_devices
+            .iter()
+            .map(|d| {
+                d.parse::<crate::device::DeviceChoice>()
+                    .and_then(|c| c.resolve())
+                    .map_err(|e| format!("run.surrogate_devices: {e}"))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        crafter.spread_over(&devices);
+    }
     // Several surrogates at once on the CPU: each worker gets its share of the cores for the
     // whole job (parallel.rs says why not per worker); put back before the linger phase.
     let intra_op = (!setup.device.is_cuda())

@@ -257,7 +257,7 @@ impl GroupedEpoch {
     /// adversarial loss and meta-batch count. `cancelled` is polled between batches; None when
     /// it said stop (the surrogates are then part-way through the epoch: the caller restores
     /// them).
-    pub(super) fn run(&self, cancelled: &dyn Fn() -> bool) -> Option<EpochSums> {
+    pub(super) fn run(&self, cancelled: &(dyn Fn() -> bool + Sync)) -> Option<EpochSums> {
         let mut total: Option<EpochSums> = None;
         for group in self.jobs.chunks(self.group_size.max(1)) {
             let (gd, go, adv) = Self::run_group(group, cancelled)?;
@@ -273,7 +273,7 @@ impl GroupedEpoch {
     }
 
     /// One group's epoch in lockstep.
-    fn run_group(jobs: &[EpochJob], cancelled: &dyn Fn() -> bool) -> Option<EpochSums> {
+    fn run_group(jobs: &[EpochJob], cancelled: &(dyn Fn() -> bool + Sync)) -> Option<EpochSums> {
         let first = &jobs[0];
         let (net, device, kind) = (&first.net, first.device, first.kind);
         let states: Vec<&State> = jobs.iter().map(|j| &j.state).collect();

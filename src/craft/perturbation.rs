@@ -4,7 +4,7 @@
 use super::recolor::Recolor;
 use super::rng::SplitMix64;
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 #[derive(Debug)]
 pub struct Perturbation {
@@ -96,6 +96,21 @@ impl Perturbation {
     }
 
     /// All poisons, detached.
+    /// A copy on `device` whose delta and offsets are fresh leaves: a surrogate on another
+    /// device differentiates with respect to them, and its gradients are moved back.
+    pub fn detached_on(&self, device: Device) -> Perturbation {
+        let _guard = tch::no_grad_guard();
+        let leaf = |t: &Tensor| t.detach().to_device(device).set_requires_grad(true);
+        Perturbation {
+            base: self.base.to_device(device),
+            delta: leaf(&self.delta),
+            offsets: leaf(&self.offsets),
+            recolor: self.recolor.clone(),
+            eps: self.eps,
+            color_eps: self.color_eps,
+        }
+    }
+
     pub fn poisons_detached(&self) -> Tensor {
         let _guard = tch::no_grad_guard();
         self.poisons(None).detach()
