@@ -476,7 +476,7 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Sender<Telemetry>) -> Re
         run_dir: setup.run_dir.display().to_string(),
         device: crate::device::describe(setup.device),
         config_summary: format!(
-            "{} on {}, {} poisons of class {}, targets {:?} (class {}) -> class {}, M={} stagger={} K={} fraction={} ({} at once)",
+            "{} on {}, {} poisons of class {}, targets {:?} (class {}) -> class {}, M={} stagger={} K={} fraction={} ({})",
             config.surrogate.net.name(),
             setup.data.name,
             crafter.plan.poison_indices.len(),
@@ -488,7 +488,11 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Sender<Telemetry>) -> Re
             crafter.plan.stagger,
             crafter.live.unroll_steps,
             crafter.plan.meta_batch_fraction,
-            crafter.plan.parallel_surrogates
+            if crafter.plan.grouped_surrogates {
+                "grouped".to_string()
+            } else {
+                format!("{} at once", crafter.plan.parallel_surrogates)
+            }
         ),
         resumed_at,
         class_names: setup.data.class_names.clone(),
