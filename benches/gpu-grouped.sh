@@ -6,25 +6,10 @@
 set -u
 OUT=${OUT:-gpu-grouped}
 mkdir -p "$OUT/r"
-B=${METAPOISON_BIN:-target/release/metapoison}
-TORCH_LIB=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
-export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-export METAPOISON_PYTHON=${METAPOISON_PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-230}
+LOGS="$OUT/r"
+source "$(dirname "${BASH_SOURCE[0]}")/gpu-lib.sh"
 J="$OUT/r/bench.jsonl"
-LOG="$OUT/r/progress.log"
-part() {
-  local limit=$1 name=$2
-  shift 2
-  if (( SECONDS + limit > BUDGET_S )); then
-    echo "== $(date +%T) skip $name (${SECONDS}s used of $BUDGET_S)" | tee -a "$LOG"
-    return
-  fi
-  echo "== $(date +%T) $name" | tee -a "$LOG"
-  echo "== $name" >>"$OUT/r/parts.log"
-  timeout "$limit" "$@" >>"$OUT/r/$name.out" 2>>"$OUT/r/parts.log"
-  echo "   rc=$? after ${SECONDS}s" | tee -a "$LOG"
-}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/r/gpu.txt" 2>&1
 
 part 40 default-m4 "$B" bench --device cuda --grouped --reps 10 --out "$J"
@@ -36,5 +21,5 @@ part 45 craft-m4-grouped "$B" craft --config benches/cuda-short.toml --data-dir 
 part 45 craft-m4-sequential "$B" craft --config "$D/sequential.toml" --data-dir "$D" --run-dir "$D/s4" --headless
 part 60 r18-m24 "$B" bench --device cuda --setting cifar-resnet18 --grouped --ensemble 24 --reps 3 --warmup 1 --out "$J"
 part 150 craft-m24-grouped "$B" craft --config benches/cuda-m24.toml --data-dir "$D" --run-dir "$D/g24" --headless
-echo "== $(date +%T) done after ${SECONDS}s" | tee -a "$LOG"
+echo "== $(date +%T) done after ${SECONDS}s" | tee -a "$LOGS/progress.log"
 tar -czf "$OUT/results.tar.gz" -C "$OUT" r

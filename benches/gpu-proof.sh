@@ -1,37 +1,21 @@
 #!/usr/bin/env bash
 # The CUDA proof and GPU figures of BENCHMARKS.md, on a machine with an NVIDIA GPU and a
 # python3 that has torch 2.11 (no Rust needed: carry target/release/metapoison there).
-# Writes everything under ${OUT:-gpu-proof}/. Parts run in priority order, each under its own
+# Writes everything under ${OUT:-gpu-proof}/r/, packed at the end into ${OUT}/results.tar.gz
+# (the device tool brings back at most 8 files). Parts run in priority order, each under its own
 # time limit, and a part is skipped when less than its limit is left of BUDGET_S (default 520),
 # so one slow part never costs the rest of a short device lease.
 set -u
 OUT=${OUT:-gpu-proof}
-mkdir -p "$OUT"
-B=${METAPOISON_BIN:-target/release/metapoison}
-TORCH_LIB=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
-export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-export METAPOISON_PYTHON=${METAPOISON_PYTHON:-python3}
+mkdir -p "$OUT/r"
 BUDGET_S=${BUDGET_S:-520}
-J="$OUT/bench.jsonl"
-S="$OUT/scaling.jsonl"
-LOG="$OUT/progress.log"
+LOGS="$OUT/r"
+source "$(dirname "${BASH_SOURCE[0]}")/gpu-lib.sh"
+J="$LOGS/bench.jsonl"
+S="$LOGS/scaling.jsonl"
 
-# part LIMIT NAME COMMAND...: runs COMMAND (stdout to $OUT/NAME.out, stderr to $OUT/parts.log)
-part() {
-  local limit=$1 name=$2
-  shift 2
-  if (( SECONDS + limit > BUDGET_S )); then
-    echo "== $(date +%T) skip $name (${SECONDS}s used of $BUDGET_S)" | tee -a "$LOG"
-    return
-  fi
-  echo "== $(date +%T) $name" | tee -a "$LOG"
-  echo "== $name" >>"$OUT/parts.log"
-  timeout "$limit" "$@" >>"$OUT/$name.out" 2>>"$OUT/parts.log"
-  echo "   rc=$? after ${SECONDS}s" | tee -a "$LOG"
-}
-
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >"$OUT/gpu.txt" 2>&1
-"$B" --version >>"$OUT/gpu.txt" 2>&1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >"$LOGS/gpu.txt" 2>&1
+"$B" --version >>"$LOGS/gpu.txt" 2>&1
 
 part 90 gradcheck "$B" bench --gradcheck --device cuda --out "$J"
 # ResNet-18 on CIFAR shapes (the seed's setting), M 4: both NCHW; ours channels-last against the
@@ -50,7 +34,7 @@ part 150 craft "$B" craft --config benches/cuda-short.toml --data-dir "$D" --run
 part 30 export "$B" export "$R" --out "$R-export"
 part 30 verify "$B" export --verify "$R-export"
 part 90 eval "$B" eval "$R-export" --config benches/cuda-short.toml --data-dir "$D" --trials 1 --epochs 20 --headless
-cp "$R-export/eval.json" "$OUT/" 2>/dev/null
+cp "$R-export/eval.json" "$LOGS/" 2>/dev/null
 
 # Two or four surrogates at once on their own threads (one CUDA stream: what overlaps is the
 # host side's kernel launches, which bound ConvNetBN on a GPU).
@@ -70,4 +54,5 @@ for b in 64 250 500; do
   part 40 "scaling-nchw-b$b" "$B" bench --device cuda --setting cifar-resnet18 --ensemble 1 --batch $b \
     --poisons-in-batch $((b / 10)) --reps 5 --no-reference --out "$S"
 done
-echo "== $(date +%T) done after ${SECONDS}s" | tee -a "$LOG"
+echo "== $(date +%T) done after ${SECONDS}s" | tee -a "$LOGS/progress.log"
+tar -czf "$OUT/results.tar.gz" -C "$OUT" r

@@ -120,12 +120,26 @@ pub fn meta_gradient(
     targets: Targets,
     settings: UnrollSettings,
 ) -> (Tensor, Tensor, Tensor) {
-    let smooth_coef = settings.smooth_coef;
     let adv = unrolled_adversarial_loss(model, perturbation, input, targets, settings);
-    let objective = if smooth_coef > 0.0 {
-        &adv + perturbation.recolor.smoothness(&perturbation.offsets) * smooth_coef
+    let (g_delta, g_offsets) = perturbation_gradients(&adv, 1.0, perturbation, settings);
+    (adv.detach(), g_delta, g_offsets)
+}
+
+/// d/d delta and d/d offsets of `adv` (summed) plus `surrogates` times the smoothness penalty
+/// (each surrogate's objective carries one).
+fn perturbation_gradients(
+    adv: &Tensor,
+    surrogates: f64,
+    perturbation: &Perturbation,
+    settings: UnrollSettings,
+) -> (Tensor, Tensor) {
+    let summed = adv.sum(adv.kind());
+    let objective = if settings.smooth_coef > 0.0 {
+        summed
+            + perturbation.recolor.smoothness(&perturbation.offsets)
+                * (settings.smooth_coef * surrogates)
     } else {
-        adv.shallow_clone()
+        summed
     };
     let mut grads = Tensor::run_backward(
         &[&objective],
@@ -134,8 +148,7 @@ pub fn meta_gradient(
         false,
     );
     let g_offsets = grads.pop().unwrap();
-    let g_delta = grads.pop().unwrap();
-    (adv.detach(), g_delta, g_offsets)
+    (grads.pop().unwrap(), g_offsets)
 }
 
 /// Several surrogates batched into one grouped network (`Network::forward_grouped`): their
@@ -252,20 +265,7 @@ pub fn meta_gradient_grouped(
     settings: UnrollSettings,
 ) -> (Tensor, Tensor, Tensor) {
     let adv = unrolled_adversarial_losses_grouped(model, perturbation, inputs, targets, settings);
-    let m = inputs.len() as f64;
-    let summed = adv.sum(adv.kind());
-    let objective = if settings.smooth_coef > 0.0 {
-        summed + perturbation.recolor.smoothness(&perturbation.offsets) * (settings.smooth_coef * m)
-    } else {
-        summed
-    };
-    let mut grads = Tensor::run_backward(
-        &[&objective],
-        &[&perturbation.delta, &perturbation.offsets],
-        false,
-        false,
-    );
-    let g_offsets = grads.pop().unwrap();
-    let g_delta = grads.pop().unwrap();
+    let (g_delta, g_offsets) =
+        perturbation_gradients(&adv, inputs.len() as f64, perturbation, settings);
     (adv.detach(), g_delta, g_offsets)
 }

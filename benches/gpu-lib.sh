@@ -1,0 +1,22 @@
+# Sourced by the GPU scripts (bash): the carried binary, libtorch from this machine's python3
+# torch, and `part`, which runs one measured step under its own time limit.
+# Set before sourcing: LOGS (the folder parts write into) and BUDGET_S (seconds in all).
+B=${METAPOISON_BIN:-target/release/metapoison}
+TORCH_LIB=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
+export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export METAPOISON_PYTHON=${METAPOISON_PYTHON:-python3}
+
+# part LIMIT NAME COMMAND...: runs COMMAND (stdout to $LOGS/NAME.out, stderr to
+# $LOGS/parts.log), or skips it when less than LIMIT seconds are left of BUDGET_S.
+part() {
+  local limit=$1 name=$2
+  shift 2
+  if (( SECONDS + limit > BUDGET_S )); then
+    echo "== $(date +%T) skip $name (${SECONDS}s used of $BUDGET_S)" | tee -a "$LOGS/progress.log"
+    return
+  fi
+  echo "== $(date +%T) $name" | tee -a "$LOGS/progress.log"
+  echo "== $name" >>"$LOGS/parts.log"
+  timeout "$limit" "$@" >>"$LOGS/$name.out" 2>>"$LOGS/parts.log"
+  echo "   rc=$? after ${SECONDS}s" | tee -a "$LOGS/progress.log"
+}
