@@ -120,3 +120,47 @@ fn timed_steps_alternate_with_the_reference_and_both_take_time() {
     // The reference counted the FLOPs of a real step (convolutions and their double backward).
     assert!(stats["flops_per_step"].as_f64().unwrap() > 1e6);
 }
+
+#[test]
+fn grouped_bench_steps_compute_the_same_meta_gradient_and_step_in_any_group_size() {
+    let base = StepSpec {
+        ensemble: 3,
+        double: true,
+        ..tiny()
+    };
+    let alone = StepInputs::new(&base, Device::Cpu);
+    let (loss, gd, go) = alone.meta_gradient_sum();
+    assert!(gd.abs().sum(Kind::Double).double_value(&[]) > 0.0);
+    let mut stepped = Vec::new();
+    for group_size in [0, 1, 2] {
+        let spec = StepSpec {
+            grouped: true,
+            group_size,
+            ..base.clone()
+        };
+        let mut inputs = StepInputs::new(&spec, Device::Cpu);
+        let (l, d, o) = inputs.meta_gradient_sum();
+        let rel = |a: &Tensor, b: &Tensor| {
+            (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(1e-12)
+        };
+        assert!(rel(&l, &loss) < 1e-10, "group size {group_size}: loss");
+        assert!(
+            rel(&d, &gd) < 1e-9,
+            "group size {group_size}: delta {}",
+            rel(&d, &gd)
+        );
+        assert!(
+            rel(&o, &go) < 1e-9,
+            "group size {group_size}: grid {}",
+            rel(&o, &go)
+        );
+        inputs.step();
+        stepped.push(inputs.perturbation.delta.detach().copy());
+    }
+    // A whole grouped step (meta-gradients, clean steps, Adam) lands in the same place
+    // whatever the grouping.
+    for d in &stepped[1..] {
+        let diff = (d - &stepped[0]).abs().max().double_value(&[]);
+        assert!(diff < 1e-9, "{diff}");
+    }
+}

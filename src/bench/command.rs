@@ -57,6 +57,10 @@ pub struct BenchArgs {
     /// reference still runs them one after another, as a PyTorch loop does.
     #[arg(long)]
     grouped: bool,
+    /// With --grouped: surrogates in one grouped network (default all M), the groups one after
+    /// another, as the crafter runs them when a GPU's memory holds fewer.
+    #[arg(long, requires = "grouped")]
+    group_size: Option<usize>,
     /// Device: auto, cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
@@ -126,6 +130,7 @@ impl BenchArgs {
         s.channels_last = self.channels_last;
         s.reference_channels_last = self.reference_channels_last;
         s.grouped = self.grouped;
+        s.group_size = self.group_size.unwrap_or(0);
         if s.grouped {
             s.workers = 1; // one grouped network for all M
         }
@@ -216,7 +221,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         spec.poisons_in_batch,
         spec.unroll_steps,
         spec.ensemble,
-        if spec.grouped {
+        if spec.grouped && spec.group_size > 0 {
+            format!("grouped, {} a group", spec.group_size)
+        } else if spec.grouped {
             "grouped".to_string()
         } else {
             format!("{} at once", spec.workers)

@@ -68,6 +68,10 @@ pub struct StepSpec {
     /// Our M surrogates batched into one grouped network (`craft.grouped_surrogates`); the
     /// reference runs them one after another.
     pub grouped: bool,
+    /// With `grouped`: surrogates in one grouped network (0 = all M), the groups one after
+    /// another (what the crafter does when a GPU's memory holds fewer than M).
+    #[serde(default)]
+    pub group_size: usize,
 }
 
 impl StepSpec {
@@ -96,6 +100,7 @@ impl StepSpec {
             channels_last: false,
             reference_channels_last: false,
             grouped: false,
+            group_size: 0,
         }
     }
 
@@ -170,9 +175,10 @@ pub struct StepInputs {
     pub spec: StepSpec,
     pub net: Network,
     pub surrogates: Vec<State>,
-    /// With `spec.grouped`: the surrogates stacked into one grouped state, which the timed
-    /// steps train (the crafter stacks once per epoch, so the copy is not timed).
-    pub stacked: Option<State>,
+    /// With `spec.grouped`: the surrogates stacked into grouped states, one per group of
+    /// `spec.group_size`, which the timed steps train (the crafter stacks once per epoch, so
+    /// the copy is not timed). Empty when not grouped.
+    pub stacked: Vec<(std::ops::Range<usize>, State)>,
     /// Per surrogate: K + 1 batches (images 0-255, labels).
     pub batches: Vec<Vec<(Tensor, Tensor)>>,
     /// Per surrogate: which perturbation slots sit in its first batch (at positions 0..P).
@@ -235,9 +241,21 @@ impl StepInputs {
         let surrogates: Vec<State> = (0..spec.ensemble)
             .map(|m| net.init(device, kind, spec.seed + 1 + m as u64).trainable())
             .collect();
-        let stacked = spec
-            .grouped
-            .then(|| State::stack(&surrogates.iter().collect::<Vec<_>>()).trainable());
+        let stacked = if spec.grouped {
+            let size = if spec.group_size == 0 {
+                spec.ensemble
+            } else {
+                spec.group_size
+            };
+            crate::craft::parallel::waves(spec.ensemble, size)
+                .map(|range| {
+                    let members: Vec<&State> = surrogates[range.clone()].iter().collect();
+                    (range, State::stack(&members).trainable())
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let batches = (0..spec.ensemble)
             .map(|_| {
                 (0..=spec.unroll_steps)
@@ -329,31 +347,19 @@ impl StepInputs {
     /// The meta-gradients of all surrogates summed: (summed adversarial loss, d/d delta,
     /// d/d offsets); grouped when the spec says so (what the agreement check compares).
     pub fn meta_gradient_sum(&self) -> (Tensor, Tensor, Tensor) {
-        if let Some(stacked) = &self.stacked {
-            let inputs: Vec<UnrollBatches> = (0..self.spec.ensemble)
-                .map(|m| self.unroll_batches(m))
-                .collect();
-            let lrs = vec![self.spec.inner_lr; self.spec.ensemble];
-            let (adv, gd, go) = meta_gradient_grouped(
-                GroupedSurrogates {
-                    net: &self.net,
-                    weights: &stacked.weights,
-                    buffers: &stacked.buffers,
-                    lrs: &lrs,
-                },
-                &self.perturbation,
-                &inputs.iter().collect::<Vec<_>>(),
-                Targets {
-                    images: &self.targets,
-                    labels: &self.labels,
-                },
-                self.settings(),
-            );
-            return (adv.sum(adv.kind()), gd, go);
-        }
-        let (mut loss, mut gd, mut go) = self.meta_gradient(0);
-        for m in 1..self.spec.ensemble {
-            let (l, d, o) = self.meta_gradient(m);
+        let parts: Vec<(Tensor, Tensor, Tensor)> = if self.stacked.is_empty() {
+            (0..self.spec.ensemble)
+                .map(|m| self.meta_gradient(m))
+                .collect()
+        } else {
+            self.stacked
+                .iter()
+                .map(|(range, stacked)| self.group_meta_gradient(range.clone(), stacked))
+                .collect()
+        };
+        let mut parts = parts.into_iter();
+        let (mut loss, mut gd, mut go) = parts.next().expect("at least one surrogate");
+        for (l, d, o) in parts {
             loss += l;
             gd += d;
             go += o;
@@ -361,15 +367,48 @@ impl StepInputs {
         (loss, gd, go)
     }
 
-    /// The grouped step: all surrogates' meta-gradients in one grouped unroll, then one
-    /// grouped clean SGD step. Returns the summed gradients.
-    fn grouped_step(&self, stacked: &State) -> (Tensor, Tensor) {
-        let (_, gd, go) = self.meta_gradient_sum();
-        let xs = Tensor::stack(&self.batches.iter().map(|b| &b[0].0).collect::<Vec<_>>(), 0);
-        let ys = Tensor::stack(&self.batches.iter().map(|b| &b[0].1).collect::<Vec<_>>(), 0);
-        let lrs = vec![self.spec.inner_lr; self.spec.ensemble];
-        let _ = sgd_step_grouped(&self.net, stacked, &xs, &ys, &lrs, 0.0);
-        (gd, go)
+    /// One group's summed meta-gradient, as one grouped unroll.
+    fn group_meta_gradient(
+        &self,
+        range: std::ops::Range<usize>,
+        stacked: &State,
+    ) -> (Tensor, Tensor, Tensor) {
+        let inputs: Vec<UnrollBatches> = range.clone().map(|m| self.unroll_batches(m)).collect();
+        let lrs = vec![self.spec.inner_lr; range.len()];
+        let (adv, gd, go) = meta_gradient_grouped(
+            GroupedSurrogates {
+                net: &self.net,
+                weights: &stacked.weights,
+                buffers: &stacked.buffers,
+                lrs: &lrs,
+            },
+            &self.perturbation,
+            &inputs.iter().collect::<Vec<_>>(),
+            Targets {
+                images: &self.targets,
+                labels: &self.labels,
+            },
+            self.settings(),
+        );
+        (adv.sum(adv.kind()), gd, go)
+    }
+
+    /// The grouped step: per group, the surrogates' meta-gradients in one grouped unroll, then
+    /// one grouped clean SGD step. Returns the summed gradients.
+    fn grouped_step(&self) -> (Tensor, Tensor) {
+        let mut g_delta = self.perturbation.delta.detach().zeros_like();
+        let mut g_offsets = self.perturbation.offsets.detach().zeros_like();
+        for (range, stacked) in &self.stacked {
+            let (_, gd, go) = self.group_meta_gradient(range.clone(), stacked);
+            g_delta += gd;
+            g_offsets += go;
+            let batches = &self.batches[range.clone()];
+            let xs = Tensor::stack(&batches.iter().map(|b| &b[0].0).collect::<Vec<_>>(), 0);
+            let ys = Tensor::stack(&batches.iter().map(|b| &b[0].1).collect::<Vec<_>>(), 0);
+            let lrs = vec![self.spec.inner_lr; range.len()];
+            let _ = sgd_step_grouped(&self.net, stacked, &xs, &ys, &lrs, 0.0);
+        }
+        (g_delta, g_offsets)
     }
 
     /// One whole benchmarked step (no host sync inside): per surrogate the meta-gradient and
@@ -379,8 +418,8 @@ impl StepInputs {
     pub fn step(&mut self) {
         let mut g_delta = self.perturbation.delta.detach().zeros_like();
         let mut g_offsets = self.perturbation.offsets.detach().zeros_like();
-        let waves = if let Some(stacked) = &self.stacked {
-            (g_delta, g_offsets) = self.grouped_step(stacked);
+        let waves = if !self.stacked.is_empty() {
+            (g_delta, g_offsets) = self.grouped_step();
             crate::craft::parallel::waves(0, 1)
         } else {
             crate::craft::parallel::waves(self.spec.ensemble, self.spec.workers)
