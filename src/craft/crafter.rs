@@ -85,10 +85,15 @@ pub struct Crafter {
     placement: Vec<usize>,
 }
 
-/// What surrogates on one device read, copied there once: the training split, the targets
-/// and their labels.
+/// A device surrogates live on; on a device other than the crafter's, its copy of what they
+/// read (on the crafter's own device they read the crafter's tensors themselves).
 struct Replica {
     device: Device,
+    copies: Option<ReplicaData>,
+}
+
+/// The training split, the targets and their labels, copied to a replica's device once.
+struct ReplicaData {
     train_x: Tensor,
     train_y: Tensor,
     targets: Tensor,
@@ -166,10 +171,7 @@ impl Crafter {
         };
         let replicas = vec![Replica {
             device,
-            train_x: train_x.shallow_clone(),
-            train_y: train_y.shallow_clone(),
-            targets: targets.shallow_clone(),
-            labels: labels.shallow_clone(),
+            copies: None,
         }];
         let mut crafter = Crafter {
             replicas,
@@ -223,26 +225,20 @@ impl Crafter {
             return;
         }
         let _guard = tch::no_grad_guard();
-        let main = self.device;
-        let copy = |t: &Tensor, d: Device| {
-            if d == main {
-                t.shallow_clone()
-            } else {
-                t.to_device(d)
-            }
-        };
         self.replicas = devices
             .iter()
             .map(|&d| Replica {
                 device: d,
-                train_x: copy(&self.train_x, d),
-                train_y: copy(&self.train_y, d),
-                targets: copy(&self.targets, d),
-                labels: TargetLabels {
-                    truth: copy(&self.labels.truth, d),
-                    adversarial: copy(&self.labels.adversarial, d),
-                    poison_class: self.labels.poison_class,
-                },
+                copies: (d != self.device).then(|| ReplicaData {
+                    train_x: self.train_x.to_device(d),
+                    train_y: self.train_y.to_device(d),
+                    targets: self.targets.to_device(d),
+                    labels: TargetLabels {
+                        truth: self.labels.truth.to_device(d),
+                        adversarial: self.labels.adversarial.to_device(d),
+                        poison_class: self.labels.poison_class,
+                    },
+                }),
             })
             .collect();
         self.placement = (0..self.plan.ensemble_size)
@@ -256,6 +252,15 @@ impl Crafter {
                 buffers: s.buffers.iter().map(|b| b.to_device(d)).collect(),
             }
             .trainable();
+        }
+    }
+
+    /// What surrogate m reads, on its device: training images and labels, targets and their
+    /// labels.
+    fn data_of(&self, m: usize) -> (&Tensor, &Tensor, &Tensor, &TargetLabels) {
+        match &self.replicas[self.placement[m]].copies {
+            Some(c) => (&c.train_x, &c.train_y, &c.targets, &c.labels),
+            None => (&self.train_x, &self.train_y, &self.targets, &self.labels),
         }
     }
 
@@ -309,12 +314,12 @@ impl Crafter {
 
     /// Surrogate m's clean pretraining epoch `epoch`, as a job a worker thread can own.
     fn clean_epoch_job(&self, m: usize, epoch: usize, generation: usize) -> CleanEpochJob {
-        let r = &self.replicas[self.placement[m]];
+        let (train_x, train_y, _, _) = self.data_of(m);
         CleanEpochJob {
             net: self.net.clone(),
             state: self.surrogates[m].shallow_clone(),
-            train_x: r.train_x.shallow_clone(),
-            train_y: r.train_y.shallow_clone(),
+            train_x: train_x.shallow_clone(),
+            train_y: train_y.shallow_clone(),
             batch_size: self.batch_size(),
             lr: self.inner_lr(epoch),
             weight_decay: self.config.surrogate.weight_decay,
@@ -325,7 +330,7 @@ impl Crafter {
                 epoch as u64,
             ),
             kind: self.kind,
-            device: r.device,
+            device: self.surrogate_device(m),
         }
     }
 
@@ -420,7 +425,7 @@ impl Crafter {
     /// thread can own.
     fn epoch_job(&self, m: usize, step: usize, inputs: &[StepInputs]) -> EpochJob {
         let epoch = schedule::surrogate_epoch(m, step, self.plan.ensemble_size, self.plan.stagger);
-        let r = &self.replicas[self.placement[m]];
+        let (train_x, train_y, targets, labels) = self.data_of(m);
         let here = &inputs[self.placement[m]];
         EpochJob {
             m,
@@ -437,16 +442,16 @@ impl Crafter {
             meta_batch_fraction: self.plan.meta_batch_fraction,
             augment: self.config.craft.augment,
             kind: self.kind,
-            device: r.device,
+            device: self.surrogate_device(m),
             net: self.net.clone(),
             state: self.surrogates[m].shallow_clone(),
-            train_x: r.train_x.shallow_clone(),
-            train_y: r.train_y.shallow_clone(),
+            train_x: train_x.shallow_clone(),
+            train_y: train_y.shallow_clone(),
             slot_of: Arc::clone(&self.slot_of),
             perturbation: here.perturbation.shallow_clone(),
             poisons_now: here.poisons_now.shallow_clone(),
-            targets: r.targets.shallow_clone(),
-            labels: r.labels.shallow_clone(),
+            targets: targets.shallow_clone(),
+            labels: labels.shallow_clone(),
         }
     }
 
@@ -456,10 +461,10 @@ impl Crafter {
         let mut sum: Option<Tensor> = None;
         let mut fooled = Tensor::zeros([self.targets.size()[0]], (Kind::Double, self.device));
         for (m, s) in self.surrogates.iter().enumerate() {
-            let r = &self.replicas[self.placement[m]];
+            let (_, _, targets, _) = self.data_of(m);
             let logits = self
                 .net
-                .forward(&s.weights, &s.buffers, &r.targets, Mode::Eval)
+                .forward(&s.weights, &s.buffers, targets, Mode::Eval)
                 .to_device(self.device);
             let p = logits.softmax(1, Kind::Double);
             fooled += logits

@@ -95,7 +95,6 @@ impl Perturbation {
         }
     }
 
-    /// All poisons, detached.
     /// A copy on `device` whose delta and offsets are fresh leaves: a surrogate on another
     /// device differentiates with respect to them, and its gradients are moved back.
     pub fn detached_on(&self, device: Device) -> Perturbation {
@@ -111,6 +110,7 @@ impl Perturbation {
         }
     }
 
+    /// All poisons, detached.
     pub fn poisons_detached(&self) -> Tensor {
         let _guard = tch::no_grad_guard();
         self.poisons(None).detach()
