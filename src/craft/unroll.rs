@@ -72,6 +72,7 @@ pub fn unrolled_adversarial_loss(
     let poisons = perturbation.poisons(Some(&input.slots));
     let first = input.batches[0].0.index_copy(0, &input.positions, &poisons);
     let n_targets = targets.size()[0];
+    let rates = crate::model::sgd::GroupRates::new(&[settings.lr], weights);
     let mut w: Vec<Tensor> = weights.iter().map(|t| t.shallow_clone()).collect();
     let mut total: Option<Tensor> = None;
     let mut rng = input.augment.map(crate::craft::rng::SplitMix64::new);
@@ -98,13 +99,8 @@ pub fn unrolled_adversarial_loss(
             w = w
                 .iter()
                 .zip(grads.iter())
-                .map(|(wi, gi)| {
-                    if settings.weight_decay > 0.0 {
-                        wi - (gi + wi * settings.weight_decay) * settings.lr
-                    } else {
-                        wi - gi * settings.lr
-                    }
-                })
+                .enumerate()
+                .map(|(j, (wi, gi))| wi - rates.update(j, wi, gi, settings.weight_decay))
                 .collect();
         }
     }
@@ -241,13 +237,7 @@ pub fn unrolled_adversarial_losses_grouped(
                 .iter()
                 .zip(grads.iter())
                 .enumerate()
-                .map(|(j, (wi, gi))| {
-                    if settings.weight_decay > 0.0 {
-                        wi - rates.scale(j, &(gi + wi * settings.weight_decay))
-                    } else {
-                        wi - rates.scale(j, gi)
-                    }
-                })
+                .map(|(j, (wi, gi))| wi - rates.update(j, wi, gi, settings.weight_decay))
                 .collect();
         }
     }

@@ -225,10 +225,7 @@ impl Network {
         mode: Mode,
     ) -> Tensor {
         let mut layers = Layers::apply(weights, buffers, mode);
-        let mut input = self.norm.apply(x);
-        if self.channels_last {
-            input = to_channels_last(&input);
-        }
+        let input = self.layout(self.norm.apply(x));
         let out = nets::body(self, &mut layers, &input);
         layers.finish();
         out
@@ -249,13 +246,13 @@ impl Network {
         let (m, n, c, h, w) = x.size5().expect("grouped images are [m, N, C, H, W]");
         let input = self.norm.apply(&x.reshape([m * n, c, h, w]));
         let (c, h, w) = (input.size()[1], input.size()[2], input.size()[3]);
-        let mut input = input
-            .view([m, n, c, h, w])
-            .transpose(0, 1)
-            .reshape([n, m * c, h, w]);
-        if self.channels_last {
-            input = to_channels_last(&input);
-        }
+        let input =
+            self.layout(
+                input
+                    .view([m, n, c, h, w])
+                    .transpose(0, 1)
+                    .reshape([n, m * c, h, w]),
+            );
         let mut layers = Layers::apply_grouped(weights, buffers, mode, m);
         let out = nets::body(self, &mut layers, &input);
         layers.finish();
@@ -263,6 +260,15 @@ impl Network {
             out.unsqueeze(0)
         } else {
             out
+        }
+    }
+
+    /// The network input in the memory layout its convolutions run on.
+    fn layout(&self, input: Tensor) -> Tensor {
+        if self.channels_last {
+            to_channels_last(&input)
+        } else {
+            input
         }
     }
 

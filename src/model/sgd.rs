@@ -18,16 +18,8 @@ pub fn sgd_step(
     let logits = net.forward(&state.weights, &state.buffers, x, Mode::TrainUpdateStats);
     let loss = cross_entropy(&logits, y);
     let grads = Tensor::run_backward(&[&loss], &state.weights, false, false);
-    let _guard = tch::no_grad_guard();
-    for (w, g) in state.weights.iter().zip(grads.iter()) {
-        let update = if weight_decay > 0.0 {
-            (g + w * weight_decay) * lr
-        } else {
-            g * lr
-        };
-        let mut w = w.shallow_clone();
-        let _ = w.f_sub_(&update).expect("sgd update");
-    }
+    let rates = GroupRates::new(&[lr], &state.weights);
+    update_in_place(&state.weights, &grads, &rates, weight_decay);
     loss.detach()
 }
 
@@ -104,6 +96,26 @@ impl GroupRates {
             None => t * &self.per_weight[j],
         }
     }
+
+    /// The SGD update of weight tensor `j`, `w`, with gradient `g`: rate x (g + decay x w).
+    /// What every plain, unrolled and grouped step subtracts.
+    pub fn update(&self, j: usize, w: &Tensor, g: &Tensor, weight_decay: f64) -> Tensor {
+        if weight_decay > 0.0 {
+            self.scale(j, &(g + w * weight_decay))
+        } else {
+            self.scale(j, g)
+        }
+    }
+}
+
+/// Subtracts each weight's SGD update in place (outside autograd).
+fn update_in_place(weights: &[Tensor], grads: &[Tensor], rates: &GroupRates, weight_decay: f64) {
+    let _guard = tch::no_grad_guard();
+    for (j, (w, g)) in weights.iter().zip(grads).enumerate() {
+        let update = rates.update(j, w, g, weight_decay);
+        let mut w = w.shallow_clone();
+        let _ = w.f_sub_(&update).expect("sgd update");
+    }
 }
 
 /// `sgd_step` of m networks at once (stacked state, `Network::forward_grouped`), network i on
@@ -123,15 +135,6 @@ pub fn sgd_step_grouped(
     // Mean over all m * N, times m: the sum of the m mean losses (each network's own gradient).
     let loss = cross_entropy(&logits.reshape([m * n, classes]), &ys.reshape([m * n])) * m as f64;
     let grads = Tensor::run_backward(&[&loss], &state.weights, false, false);
-    let _guard = tch::no_grad_guard();
-    for (j, (w, g)) in state.weights.iter().zip(grads.iter()).enumerate() {
-        let update = if weight_decay > 0.0 {
-            rates.scale(j, &(g + w * weight_decay))
-        } else {
-            rates.scale(j, g)
-        };
-        let mut w = w.shallow_clone();
-        let _ = w.f_sub_(&update).expect("sgd update");
-    }
+    update_in_place(&state.weights, &grads, &rates, weight_decay);
     loss.detach() / m as f64
 }
