@@ -37,6 +37,28 @@ pub fn is_out_of_memory(payload: &(dyn Any + Send)) -> bool {
     payload_text(payload).contains("out of memory")
 }
 
+/// How one attempt at a group of networks trained as one grouped network ended.
+pub enum GroupAttempt<T> {
+    Done(T),
+    /// The GPU ran out of memory with more than one network in the group: whatever the
+    /// attempt changed must be restored, then tried again with `smaller` at a time.
+    OutOfMemory {
+        smaller: usize,
+    },
+}
+
+/// Runs `run` (grouped over `group_size` networks), catching libtorch's out-of-memory panic
+/// when halving the group could help; any other panic goes on unwinding.
+pub fn attempt_group<T>(group_size: usize, run: impl FnOnce() -> T) -> GroupAttempt<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        Ok(value) => GroupAttempt::Done(value),
+        Err(p) if group_size > 1 && is_out_of_memory(&*p) => GroupAttempt::OutOfMemory {
+            smaller: group_size.div_ceil(2),
+        },
+        Err(p) => std::panic::resume_unwind(p),
+    }
+}
+
 /// A caught panic as one line: libtorch's own message without its C++ trace, plus what to do
 /// when the GPU ran out of memory.
 pub fn message(payload: &(dyn Any + Send)) -> String {
@@ -82,5 +104,20 @@ mod tests {
         let other: Box<dyn Any + Send> = Box::new("index out of range\nmore");
         assert_eq!(message(other.as_ref()), "index out of range");
         assert!(!is_out_of_memory(other.as_ref()));
+    }
+
+    #[test]
+    fn only_an_out_of_memory_of_a_real_group_asks_for_a_smaller_one() {
+        let oom =
+            || -> u8 { std::panic::panic_any(String::from("Torch(\"CUDA out of memory.\")")) };
+        assert!(matches!(attempt_group(5, || 7), GroupAttempt::Done(7)));
+        assert!(matches!(
+            attempt_group(5, oom),
+            GroupAttempt::OutOfMemory { smaller: 3 }
+        ));
+        // One network that does not fit, or another failure, is not retried.
+        assert!(std::panic::catch_unwind(|| attempt_group(1, oom)).is_err());
+        let other = || -> u8 { panic!("shape mismatch") };
+        assert!(std::panic::catch_unwind(|| attempt_group(4, other)).is_err());
     }
 }

@@ -13,6 +13,7 @@ use super::schedule;
 use super::unroll::UnrollSettings;
 use crate::config::Config;
 use crate::data::{Dataset, Split};
+use crate::failure::{attempt_group, GroupAttempt};
 use crate::model::{InputNorm, Mode, Network, State};
 use std::sync::Arc;
 use std::time::Instant;
@@ -394,22 +395,19 @@ impl Crafter {
                 }
                 jobs.retain(|j| !j.is_empty());
                 let group_size = self.group_size.clamp(1, busy.len());
-                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                match attempt_group(group_size, || {
                     super::parallel::map(jobs, |j| CleanEpochJob::run_grouped(&j, group_size))
-                })) {
-                    Ok(_) => break,
-                    Err(p) if group_size > 1 && crate::failure::is_out_of_memory(&*p) => {
-                        drop(p);
+                }) {
+                    GroupAttempt::Done(_) => break,
+                    GroupAttempt::OutOfMemory { smaller } => {
                         for (&m, s) in busy.iter().zip(&before) {
                             self.surrogates[m] = s.deep_clone().trainable();
                         }
-                        self.group_size = group_size.div_ceil(2);
+                        self.group_size = smaller;
                         tracing::warn!(
-                            "pretraining: the GPU ran out of memory with {group_size} surrogates in a group: now {} at a time",
-                            self.group_size
+                            "pretraining: the GPU ran out of memory with {group_size} surrogates in a group: now {smaller} at a time"
                         );
                     }
-                    Err(p) => std::panic::resume_unwind(p),
                 }
             }
             for &m in &busy {
@@ -558,27 +556,24 @@ impl Crafter {
                     .map(|jobs| GroupedEpoch { jobs, group_size })
                     .collect();
                 members.retain(|m| !m.is_empty());
-                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                match attempt_group(group_size, || {
                     super::parallel::map(grouped, |g| g.run(cancelled))
-                })) {
-                    Ok(outcome) => break (outcome, members),
-                    Err(p) if group_size > 1 && crate::failure::is_out_of_memory(&*p) => {
-                        drop(p);
+                }) {
+                    GroupAttempt::Done(outcome) => break (outcome, members),
+                    GroupAttempt::OutOfMemory { smaller } => {
                         self.surrogates = snapshot
                             .iter()
                             .map(|s| s.deep_clone().trainable())
                             .collect();
-                        self.group_size = group_size.div_ceil(2);
+                        self.group_size = smaller;
                         self.events.push(Event {
                             step,
                             kind: "memory".into(),
                             message: format!(
-                                "the GPU ran out of memory with {group_size} surrogates in a group: now {} at a time",
-                                self.group_size
+                                "the GPU ran out of memory with {group_size} surrogates in a group: now {smaller} at a time"
                             ),
                         });
                     }
-                    Err(p) => std::panic::resume_unwind(p),
                 }
             };
             let (per_device, members) = outcome;

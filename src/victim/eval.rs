@@ -7,6 +7,7 @@ use super::cache::VictimCache;
 use super::{probabilities, train_from_scratch, VictimTraining};
 use crate::export::npz::{read_npz, NpyArray};
 use crate::export::Manifest;
+use crate::failure::{attempt_group, GroupAttempt};
 use crate::model::{sgd, InputNorm, Network, State};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -180,7 +181,7 @@ pub fn evaluate(
     let mut next = 0;
     while next < jobs.len() {
         let group = &jobs[next..(next + group_size).min(jobs.len())];
-        let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let attempt = attempt_group(group_size, || {
             let mut victims: Vec<Option<(Trial, State)>> = Vec::new();
             let mut keys = Vec::new();
             for &(t, a) in group {
@@ -202,15 +203,14 @@ pub fn evaluate(
                 victims[i] = Some(victim);
             }
             victims
-        }));
+        });
         let victims = match attempt {
-            Ok(v) => v,
-            Err(p) if group_size > 1 && crate::failure::is_out_of_memory(&*p) => {
-                group_size = group_size.div_ceil(2);
+            GroupAttempt::Done(v) => v,
+            GroupAttempt::OutOfMemory { smaller } => {
+                group_size = smaller;
                 tracing::warn!("victims: the GPU ran out of memory; now {group_size} at a time");
                 continue;
             }
-            Err(p) => std::panic::resume_unwind(p),
         };
         for (&(t, _), victim) in group.iter().zip(victims) {
             let (trial, state) = victim.expect("every victim trained or read back");
