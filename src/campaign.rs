@@ -6,7 +6,9 @@
 //! Every finished piece is kept, so re-running with the same --dir resumes: finished targets
 //! are read back, an interrupted crafting run continues from its checkpoint.
 
-use crate::cli::{progress_line, spawn_engine, victim_protocol, watch_signals, VictimArgs};
+use crate::cli::{
+    progress_line, progress_text, spawn_engine, victim_protocol, watch_signals, VictimArgs,
+};
 use crate::config::Config;
 use crate::craft::messages::{Phase, Telemetry};
 use crate::paths::{timestamp, Paths};
@@ -299,7 +301,49 @@ fn choose_targets(config: &Config, args: &CampaignArgs) -> Result<Selection> {
 
 /// Crafts (or resumes, or skips when finished) the run of one target. Returns false when a
 /// signal stopped it.
-fn craft_target(config: &Config, run_dir: &Path, stop: &Arc<AtomicBool>) -> Result<bool> {
+/// Where a campaign's crafting runs report: on a terminal a progress line that rewrites
+/// itself; otherwise (a log file, nohup) one plain line per craft step; with `--headless` also
+/// every telemetry message as a JSON line on stdout, tagged with its target id.
+#[derive(Clone, Copy)]
+struct Reporting {
+    terminal: bool,
+    json: bool,
+}
+
+impl Reporting {
+    fn report(&self, target: usize, t: &Telemetry) -> Result<()> {
+        use std::io::Write;
+        if self.json
+            && !matches!(
+                t,
+                Telemetry::Preview(_) | Telemetry::PretrainProgress { .. }
+            )
+        {
+            let mut value = serde_json::to_value(t)?;
+            if let Some(object) = value.as_object_mut() {
+                object.insert("target".into(), target.into());
+            }
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{value}")?;
+            out.flush()?;
+        }
+        if self.terminal {
+            progress_line(t);
+        } else if let (Telemetry::Step(_), Some(line)) = (t, progress_text(t)) {
+            // stderr may be a file that went away: never fail the campaign on it.
+            let _ = writeln!(std::io::stderr(), "  target {target}: {line}");
+        }
+        Ok(())
+    }
+}
+
+fn craft_target(
+    config: &Config,
+    target: usize,
+    run_dir: &Path,
+    stop: &Arc<AtomicBool>,
+    reporting: Reporting,
+) -> Result<bool> {
     let checkpoint = run_dir.join(crate::craft::checkpoint::FILE_NAME);
     let (config, resume) = if checkpoint.exists() {
         let loaded = crate::craft::checkpoint::load(run_dir)?;
@@ -320,18 +364,15 @@ fn craft_target(config: &Config, run_dir: &Path, stop: &Arc<AtomicBool>) -> Resu
         (config.clone(), false)
     };
     let handle = spawn_engine(config, run_dir.to_path_buf(), resume, stop.clone(), false)?;
-    let progress = std::io::stderr().is_terminal();
     let mut failure = None;
     for t in handle.telemetry.iter() {
-        if progress {
-            progress_line(&t);
-        }
+        reporting.report(target, &t)?;
         if let Telemetry::Phase(Phase::Failed { message }) = &t {
             failure = Some(message.clone());
             break;
         }
     }
-    if progress {
+    if reporting.terminal {
         eprintln!();
     }
     handle.join().map_err(anyhow::Error::msg)?;
@@ -341,8 +382,14 @@ fn craft_target(config: &Config, run_dir: &Path, stop: &Arc<AtomicBool>) -> Resu
     Ok(!stop.load(Ordering::SeqCst))
 }
 
-pub fn run(config: Config, paths: &Paths, args: CampaignArgs) -> Result<()> {
+/// Runs (or resumes) a campaign; `json` (the `--headless` flag) puts every crafting run's
+/// telemetry on stdout as JSON lines, and the final totals as one last JSON line.
+pub fn run(config: Config, paths: &Paths, args: CampaignArgs, json: bool) -> Result<()> {
     let started = std::time::Instant::now();
+    let reporting = Reporting {
+        terminal: std::io::stderr().is_terminal(),
+        json,
+    };
     let dir = args
         .dir
         .clone()
@@ -404,7 +451,7 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs) -> Result<()> {
         let mut target_config = config.clone();
         target_config.threat.target_ids = crate::config::Auto::Value(vec![target]);
         eprintln!("target {}/{}: id {target}", i + 1, selection.targets.len());
-        if !craft_target(&target_config, &run_dir, &stop)? {
+        if !craft_target(&target_config, target, &run_dir, &stop, reporting)? {
             eprintln!("stopped by a signal; run the same command again to resume");
             save(&dir, &report)?;
             return Ok(());
@@ -482,7 +529,14 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs) -> Result<()> {
         report.seconds = earlier_seconds + started.elapsed().as_secs_f64();
         save(&dir, &report)?;
     }
-    print!("{}", summary(&report));
+    if json {
+        // stdout stays JSON lines: the table goes to stderr, the totals as the last line.
+        eprint!("{}", summary(&report));
+        let totals = serde_json::json!({"type": "campaign_totals", "totals": report.totals});
+        println!("{totals}");
+    } else {
+        print!("{}", summary(&report));
+    }
     eprintln!(
         "wrote {}, campaign.csv and campaign.md",
         dir.join("campaign.json").display()

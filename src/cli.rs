@@ -295,7 +295,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Campaign(args) => {
             let _log = init_logging(&paths);
             let config = load_config(cli.config.as_deref(), &paths)?;
-            crate::campaign::run(config, &paths, args)?;
+            crate::campaign::run(config, &paths, args, cli.headless)?;
         }
         Cmd::Targets {
             action:
@@ -473,7 +473,14 @@ fn craft(config_path: Option<&Path>, paths: &Paths, args: RunArgs) -> Result<()>
 }
 
 pub(crate) fn progress_line(t: &Telemetry) {
-    let line = match t {
+    if let Some(line) = progress_text(t) {
+        let _ = write!(std::io::stderr(), "\r\x1b[2K{line}");
+    }
+}
+
+/// The one-line progress text of a pretraining epoch or a craft step (None for the rest).
+pub(crate) fn progress_text(t: &Telemetry) -> Option<String> {
+    Some(match t {
         Telemetry::PretrainProgress {
             surrogate,
             of,
@@ -493,9 +500,8 @@ pub(crate) fn progress_line(t: &Telemetry) {
             r.seconds,
             format_duration(r.eta_seconds)
         ),
-        _ => return,
-    };
-    let _ = write!(std::io::stderr(), "\r\x1b[2K{line}");
+        _ => return None,
+    })
 }
 
 pub fn format_duration(secs: f64) -> String {

@@ -103,8 +103,12 @@ fn a_campaign_crafts_and_evaluates_each_target_and_resumes_without_redoing_work(
     let tmp = tempfile::tempdir().unwrap();
     let config = tiny_config_file(tmp.path());
     let dir = tmp.path().join("camp");
-    let run = || {
-        Command::new(env!("CARGO_BIN_EXE_metapoison"))
+    let run = |headless: bool| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_metapoison"));
+        if headless {
+            command.arg("--headless");
+        }
+        command
             .arg("--data-dir")
             .arg(tmp.path().join("data"))
             .arg("--config")
@@ -114,12 +118,28 @@ fn a_campaign_crafts_and_evaluates_each_target_and_resumes_without_redoing_work(
             .output()
             .unwrap()
     };
-    let out = run();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run(true);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // Not a terminal: one plain progress line per craft step, naming the target.
+    assert!(stderr.contains("  target 3: step 1/"), "{stderr}");
+    assert!(stderr.contains("  target 5: step 1/"), "{stderr}");
+    // --headless: stdout is JSON lines only, each crafting message tagged with its target,
+    // the totals last.
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let steps_of = |target: u64| {
+        lines
+            .iter()
+            .filter(|v| v["type"] == "step" && v["target"] == target)
+            .count()
+    };
+    assert!(steps_of(3) >= 1 && steps_of(3) == steps_of(5), "{lines:?}");
+    let last = lines.last().unwrap();
+    assert_eq!(last["type"], "campaign_totals");
+    assert_eq!(last["totals"][0]["victims"], 2);
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("campaign.json")).unwrap()).unwrap();
     let targets: Vec<u64> = report["results"]
@@ -166,7 +186,7 @@ fn a_campaign_crafts_and_evaluates_each_target_and_resumes_without_redoing_work(
     assert_eq!(std::fs::read_dir(dir.join("victims")).unwrap().count(), 3);
     // Running it again reads everything back: no new evaluation is written.
     let before = std::fs::metadata(&eval3).unwrap().modified().unwrap();
-    let again = run();
+    let again = run(false);
     assert!(again.status.success());
     assert_eq!(
         std::fs::metadata(&eval3).unwrap().modified().unwrap(),
