@@ -55,7 +55,7 @@ sleep 2
 for arm in $ARMS; do
   name=${arm%%:*}
   cp "$W/$name"/campaign.{json,md,csv} "$OUT/r/$name/" 2>/dev/null
-  # Per-step crafting losses of every target (the runs' own logs stay behind).
+  # Each target's effective config (its run folder stays behind).
   for t in "$W/$name"/target-*; do
     [ -d "$t/run" ] && cp "$t/run/config.toml" "$OUT/r/$name/$(basename "$t").config.toml" 2>/dev/null
   done

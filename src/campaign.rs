@@ -299,8 +299,6 @@ fn choose_targets(config: &Config, args: &CampaignArgs) -> Result<Selection> {
     })
 }
 
-/// Crafts (or resumes, or skips when finished) the run of one target. Returns false when a
-/// signal stopped it.
 /// Where a campaign's crafting runs report: on a terminal a progress line that rewrites
 /// itself; otherwise (a log file, nohup) one plain line per craft step; with `--headless` also
 /// every telemetry message as a JSON line on stdout, tagged with its target id.
@@ -337,6 +335,8 @@ impl Reporting {
     }
 }
 
+/// Crafts (or resumes, or skips when finished) the run of one target. Returns false when a
+/// signal stopped it.
 fn craft_target(
     config: &Config,
     target: usize,
