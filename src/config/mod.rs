@@ -215,6 +215,19 @@ pub struct CraftConfig {
     /// Random crop + flip of the unrolled batches, inside the graph (so gradients flow
     /// through it), and of the surrogates' own training batches.
     pub augment: bool,
+    /// What the surrogates themselves train on while crafting (the authors' `-trajectory`).
+    pub trajectory: Trajectory,
+}
+
+/// The surrogates' own training batches during crafting. Pretraining is always clean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Trajectory {
+    /// The clean batches (the authors' default): the surrogates never learn the poisons.
+    Clean,
+    /// The batches with the poisons as they stand at this craft step in place of their clean
+    /// originals, as a victim trains: the surrogates carry what the poisons did so far.
+    Poison,
 }
 
 impl Default for CraftConfig {
@@ -234,6 +247,7 @@ impl Default for CraftConfig {
             lr_drop_factor: 0.1,
             restart_period: 0,
             augment: false,
+            trajectory: Trajectory::Clean,
         }
     }
 }

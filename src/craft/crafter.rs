@@ -439,6 +439,7 @@ impl Crafter {
             },
             meta_batch_fraction: self.plan.meta_batch_fraction,
             augment: self.config.craft.augment,
+            poison_trajectory: self.config.craft.trajectory == crate::config::Trajectory::Poison,
             kind: self.kind,
             device: self.surrogate_device(m),
             net: self.net.clone(),

@@ -1,5 +1,6 @@
 //! One crafting epoch: a surrogate's clean pretraining epoch, its crafting epoch (the
-//! meta-gradient at the chosen poison-holding batches and a clean SGD step at every batch), and
+//! meta-gradient at the chosen poison-holding batches and an SGD step at every batch, clean or
+//! with the poisons in place as `craft.trajectory` says), and
 //! the crafting epoch of all surrogates at once as one grouped network.
 //!
 //! Each job owns handles on the shared tensors, so a worker thread can run it (parallel.rs).
@@ -92,6 +93,8 @@ pub(super) struct EpochJob {
     pub(super) settings: UnrollSettings,
     pub(super) meta_batch_fraction: f64,
     pub(super) augment: bool,
+    /// The surrogate trains on the batches with the poisons in place (`craft.trajectory`).
+    pub(super) poison_trajectory: bool,
     pub(super) kind: Kind,
     pub(super) device: Device,
     pub(super) net: Network,
@@ -152,9 +155,11 @@ impl EpochJob {
         )
     }
 
-    /// Batch `bi` of the walk, clean, and, when it holds poisons and is chosen for a meta
-    /// step, the K + 1 batches to unroll on. Draws from `choose` in a fixed order, so a
-    /// grouped epoch makes exactly the choices of a lone one.
+    /// Batch `bi` of the walk as the surrogate trains on it (clean, or with the poisons in
+    /// place on the poison trajectory), and, when it holds poisons and is chosen for a meta
+    /// step, the K + 1 batches to unroll on (the first clean: the unroll puts the poisons in
+    /// with their graph). Draws from `choose` in a fixed order, so a grouped epoch makes
+    /// exactly the choices of a lone one.
     fn batch(
         &self,
         chunks: &[Vec<usize>],
@@ -177,11 +182,16 @@ impl EpochJob {
                     augment: self.augment.then(|| choose.next_u64()),
                 }
             });
+        let x = if self.poison_trajectory && !positions.is_empty() {
+            self.load(chunk, true).0
+        } else {
+            x
+        };
         ((x, y), meta)
     }
 
-    /// The clean step's input: the batch, augmented when the run augments.
-    fn clean_input(&self, x: Tensor, choose: &mut SplitMix64) -> Tensor {
+    /// The trajectory step's input: the batch, augmented when the run augments.
+    fn trajectory_input(&self, x: Tensor, choose: &mut SplitMix64) -> Tensor {
         if self.augment {
             crate::model::augment::crop_flip(&x, choose)
         } else {
@@ -190,7 +200,7 @@ impl EpochJob {
     }
 
     /// The surrogate walks one epoch, taking the meta-gradient at the chosen poison-holding
-    /// batches and an ordinary clean SGD step at every batch. Returns the summed gradients,
+    /// batches and an ordinary SGD step at every batch (on its trajectory's batch). Returns the summed gradients,
     /// the summed adversarial loss (a tensor) and the number of meta batches.
     pub(super) fn run(self) -> (Tensor, Tensor, Tensor, usize) {
         let (chunks, mut choose) = self.walk();
@@ -220,8 +230,8 @@ impl EpochJob {
                 adv_sum += adv;
                 count += 1;
             }
-            // The surrogate itself follows the clean trajectory.
-            let x = self.clean_input(x, &mut choose);
+            // The surrogate's own step: on the clean batch, or on the poisoned one.
+            let x = self.trajectory_input(x, &mut choose);
             let settings = &self.settings;
             let _ = sgd::sgd_step(
                 &self.net,
@@ -238,7 +248,7 @@ impl EpochJob {
 
 /// The crafting epochs of several surrogates walked in lockstep as one grouped network
 /// (`craft.grouped_surrogates`): at each batch index, one grouped unroll for the surrogates
-/// whose batch gets a meta step, then one grouped clean SGD step for all. The same choices,
+/// whose batch gets a meta step, then one grouped SGD step for all (on their trajectory batches). The same choices,
 /// batches and maths as each job's own `run`; on a GPU, one kernel a layer instead of one per
 /// surrogate.
 pub(super) struct GroupedEpoch {
@@ -303,7 +313,7 @@ impl GroupedEpoch {
                 if let Some(input) = meta {
                     metas.push((i, input));
                 }
-                clean.push((job.clean_input(x, choose), y));
+                clean.push((job.trajectory_input(x, choose), y));
             }
             if !metas.is_empty() {
                 let who: Vec<usize> = metas.iter().map(|(i, _)| *i).collect();
@@ -367,4 +377,124 @@ fn subset(stacked: &State, who: &[usize], m: usize) -> (Vec<Tensor>, Vec<Tensor>
             .collect(),
         stacked.buffers.iter().map(pick).collect(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{NetKind, ObjectiveKind};
+    use crate::craft::recolor::Recolor;
+    use crate::model::InputNorm;
+
+    const KIND: Kind = Kind::Double;
+
+    /// A crafting epoch of a small ConvNetBN on random grey images: 40 training images in
+    /// batches of 10, 8 of them poisons carrying a perturbation far from zero; 4 classes.
+    fn job(m: usize, poison_trajectory: bool) -> EpochJob {
+        let device = Device::Cpu;
+        let net = Network::new(
+            NetKind::ConvnetBn,
+            1,
+            4,
+            1,
+            InputNorm::for_dataset("test", 1),
+        );
+        let mut rng = SplitMix64::new(5 + m as u64);
+        let train_x = rng.uniform_tensor(&[40, 1, 12, 12], 0.0, 255.0, (KIND, device));
+        let train_y = Tensor::from_slice(&(0..40).map(|i| i % 4).collect::<Vec<i64>>());
+        let poison_idx: Vec<usize> = (0..40).step_by(5).collect();
+        let mut slot_of = vec![-1i64; 40];
+        for (slot, &i) in poison_idx.iter().enumerate() {
+            slot_of[i] = slot as i64;
+        }
+        let base = train_x.index_select(0, &as_index(&poison_idx, device));
+        let mut perturbation = Perturbation::zeros(base, Recolor::new(1, 4), 64.0, 0.04);
+        perturbation.randomise(7);
+        let poisons_now = perturbation.poisons_detached();
+        EpochJob {
+            m,
+            step: 3,
+            seed: 9,
+            batch_size: 10,
+            settings: UnrollSettings {
+                steps: 1,
+                lr: 0.1,
+                weight_decay: 0.0,
+                objective: ObjectiveKind::Cw,
+                smooth_coef: 1.0,
+            },
+            meta_batch_fraction: 0.5,
+            augment: false,
+            poison_trajectory,
+            kind: KIND,
+            device,
+            net: net.clone(),
+            state: net.init(device, KIND, 3 + m as u64).trainable(),
+            train_x,
+            train_y,
+            slot_of: slot_of.into(),
+            perturbation,
+            poisons_now,
+            targets: rng.uniform_tensor(&[1, 1, 12, 12], 0.0, 255.0, (KIND, device)),
+            labels: TargetLabels {
+                truth: Tensor::from_slice(&[1i64]),
+                adversarial: Tensor::from_slice(&[0i64]),
+                poison_class: 0,
+            },
+        }
+    }
+
+    /// The surrogate's weights after plain SGD over the job's walk, on the batches with or
+    /// without the poisons in place (the meta steps do not move the surrogate).
+    fn replay(job: &EpochJob, with_poisons: bool) -> State {
+        let state = job.state.deep_clone().trainable();
+        let (chunks, _) = job.walk();
+        for chunk in &chunks {
+            let (x, y) = job.load(chunk, with_poisons);
+            let _ = sgd::sgd_step(&job.net, &state, &x, &y, 0.1, 0.0);
+        }
+        state
+    }
+
+    fn max_diff(a: &State, b: &State) -> f64 {
+        a.weights
+            .iter()
+            .chain(&a.buffers)
+            .zip(b.weights.iter().chain(&b.buffers))
+            .map(|(x, y)| (x - y).abs().max().double_value(&[]))
+            .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn the_surrogate_trains_on_the_batches_its_trajectory_names() {
+        for poison_trajectory in [false, true] {
+            let lone = job(0, poison_trajectory);
+            let expected = replay(&lone, poison_trajectory);
+            let other = replay(&lone, !poison_trajectory);
+            let state = lone.state.shallow_clone();
+            let (_, _, _, meta_batches) = lone.run();
+            assert!(meta_batches > 0, "the epoch took meta steps");
+            assert!(
+                max_diff(&state, &expected) < 1e-10,
+                "poison trajectory {poison_trajectory}: off by {}",
+                max_diff(&state, &expected)
+            );
+            // The two trajectories differ, so the check above can tell them apart.
+            assert!(max_diff(&expected, &other) > 1e-3);
+
+            // Grouped surrogates walk the same trajectories.
+            let jobs = vec![job(0, poison_trajectory), job(1, poison_trajectory)];
+            let expected: Vec<State> = jobs.iter().map(|j| replay(j, poison_trajectory)).collect();
+            let states: Vec<State> = jobs.iter().map(|j| j.state.shallow_clone()).collect();
+            let _sums = GroupedEpoch {
+                jobs,
+                group_size: 2,
+            }
+            .run(&|| false)
+            .expect("not cancelled");
+            for (s, e) in states.iter().zip(&expected) {
+                assert!(max_diff(s, e) < 1e-10, "grouped: off by {}", max_diff(s, e));
+            }
+        }
+    }
 }
