@@ -3,7 +3,7 @@
 
 mod common;
 
-use metapoison::config::Config;
+use metapoison::config::{Auto, Config};
 use metapoison::data;
 use metapoison::export::npz::read_npz;
 use metapoison::export::{export, verify::verify, ExportRequest, Formats};
@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 fn craft_tiny(dir: &Path) -> Config {
     let mut c = common::tiny_config(300, 10, 3);
     c.run.checkpoint_every = 2;
+    // Two surrogates two epochs apart on a 4-epoch cycle: one re-initialised at step 2.
+    c.craft.ensemble_size = Auto::Value(2);
+    c.craft.stagger = Auto::Value(2);
     common::craft_to_end(&c, dir);
     c
 }
@@ -102,17 +105,48 @@ fn export_round_trip_verify_and_failures() {
         "png/target_00.png",
         "curves.svg",
         "curves.csv",
+        "surrogates.csv",
     ] {
         assert!(out.join(f).exists(), "{f} missing");
     }
     let csv = std::fs::read_to_string(out.join("curves.csv")).unwrap();
     assert_eq!(csv.lines().count(), 4, "header + 3 steps");
+    // Per surrogate: the schedule's epochs, each instance's birth step, and losses whose mean
+    // is the step's loss in curves.csv.
+    let per = std::fs::read_to_string(out.join("surrogates.csv")).unwrap();
+    let rows: Vec<Vec<String>> = per
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect();
+    assert_eq!(rows.len(), 3 * 2, "3 steps x 2 surrogates");
+    for (step, line) in csv.lines().skip(1).enumerate() {
+        let step_loss: f64 = line.split(',').nth(1).unwrap().parse().unwrap();
+        let mine: Vec<&Vec<String>> = rows.iter().filter(|r| r[0] == step.to_string()).collect();
+        let mut sum = 0.0;
+        for (m, r) in mine.iter().enumerate() {
+            let epoch = metapoison::craft::schedule::surrogate_epoch(m, step, 2, 2);
+            assert_eq!(r[1], m.to_string());
+            assert_eq!(r[2], epoch.to_string(), "step {step} surrogate {m}");
+            assert_eq!(r[3], (step as i64 - epoch as i64).to_string());
+            sum += r[4].parse::<f64>().unwrap();
+        }
+        assert!((sum / 2.0 - step_loss).abs() < 1e-9 * step_loss.abs().max(1.0));
+    }
+    // Surrogate 1 (epochs 2, 3, then 0) was pretrained two epochs before step 0 and
+    // re-initialised at step 2.
+    let born: Vec<&str> = rows
+        .iter()
+        .filter(|r| r[1] == "1")
+        .map(|r| r[3].as_str())
+        .collect();
+    assert_eq!(born, ["-2", "-2", "2"]);
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["craft_step"], 3);
     assert_eq!(
         manifest["files"].as_object().unwrap().len(),
-        10 * 3 + 1 + 1 + 3 + 4 + 2
+        10 * 3 + 1 + 1 + 3 + 4 + 3
     );
 
     // numpy reads it with the documented keys, when numpy is there.

@@ -25,6 +25,28 @@ pub fn csv(history: &[StepReport]) -> String {
     s
 }
 
+/// One row per surrogate and craft step: its epoch, the craft step at which that instance was
+/// initialised (`step - epoch`; negative for one pretrained before step 0) and its adversarial
+/// loss (empty when it took no meta step). This is what separates a surrogate's age from its
+/// identity: whether poisons fool old surrogates, or only the instances they were crafted on.
+pub fn surrogates_csv(history: &[StepReport]) -> String {
+    let mut s = String::from("step,surrogate,epoch,born_step,adv_loss\n");
+    for r in history {
+        for (m, &epoch) in r.epochs.iter().enumerate() {
+            let loss = r.adv_loss_per_surrogate.get(m).copied().flatten();
+            s += &format!(
+                "{},{},{},{},{}\n",
+                r.step,
+                m,
+                epoch,
+                r.step as i64 - epoch as i64,
+                loss.map(|v| v.to_string()).unwrap_or_default()
+            );
+        }
+    }
+    s
+}
+
 fn polyline(points: &[(f64, f64)], x0: f64, y0: f64, w: f64, h: f64, colour: &str) -> String {
     if points.is_empty() {
         return String::new();

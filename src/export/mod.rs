@@ -462,6 +462,8 @@ fn write_folder(
         std::fs::write(&path, curves::csv(&history)).map_err(io(&path))?;
         let path = dir.join("curves.svg");
         std::fs::write(&path, curves::svg(&history)).map_err(io(&path))?;
+        let path = dir.join("surrogates.csv");
+        std::fs::write(&path, curves::surrogates_csv(&history)).map_err(io(&path))?;
     }
 
     let recolor = Recolor::new(c, state.config.threat.color_grid);
