@@ -8,6 +8,8 @@
 # into $OUT/results.tar.gz; campaigns still running at BUDGET_S (default 420) are stopped with
 # SIGTERM, which saves the targets finished so far.
 #   ARMS="p150:npoison=150 p190:npoison=190" TARGETS=81,120,... bash benches/gpu-efficacy.sh
+# An override's key must have a line in dense-cpu.toml; string values keep their quotes:
+#   ARMS='m24:ensemble_size=24,stagger=1 poison:trajectory="poison"'
 set -u
 OUT=${OUT:-gpu-efficacy}
 mkdir -p "$OUT/r"
@@ -31,6 +33,11 @@ arm_config() {
   IFS=',' read -ra kv <<<"$2"
   for pair in "${kv[@]}"; do
     [ -n "$pair" ] || continue
+    # A key the file lacks would leave the arm silently equal to the default.
+    if ! grep -q "^${pair%%=*} = " "$file"; then
+      echo "arm $1: no line \"${pair%%=*} = ...\" in benches/dense-cpu.toml to override" >&2
+      return 1
+    fi
     sed -i "s/^${pair%%=*} = .*/${pair%%=*} = ${pair#*=}/" "$file"
   done
   echo "$file"
@@ -39,7 +46,7 @@ arm_config() {
 pids=()
 for arm in $ARMS; do
   name=${arm%%:*}
-  cfg=$(arm_config "$name" "${arm#*:}")
+  cfg=$(arm_config "$name" "${arm#*:}") || exit 1
   mkdir -p "$OUT/r/$name"
   cp "$cfg" "$OUT/r/$name/arm.toml"
   (
