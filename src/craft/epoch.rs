@@ -1,7 +1,7 @@
 //! One crafting epoch: a surrogate's clean pretraining epoch, its crafting epoch (the
 //! meta-gradient at the chosen poison-holding batches and an SGD step at every batch, clean or
-//! with the poisons in place as `craft.trajectory` says), and
-//! the crafting epoch of all surrogates at once as one grouped network.
+//! with the poisons in place as `craft.trajectory` says), and the crafting epoch of all
+//! surrogates at once as one grouped network.
 //!
 //! Each job owns handles on the shared tensors, so a worker thread can run it (parallel.rs).
 
@@ -200,8 +200,9 @@ impl EpochJob {
     }
 
     /// The surrogate walks one epoch, taking the meta-gradient at the chosen poison-holding
-    /// batches and an ordinary SGD step at every batch (on its trajectory's batch). Returns the summed gradients,
-    /// the summed adversarial loss (a tensor) and the number of meta batches.
+    /// batches and an ordinary SGD step at every batch (on its trajectory's batch). Returns
+    /// the summed gradients, the summed adversarial loss (a tensor) and the number of meta
+    /// batches.
     pub(super) fn run(self) -> (Tensor, Tensor, Tensor, usize) {
         let (chunks, mut choose) = self.walk();
         let mut g_delta = self.perturbation.delta.detach().zeros_like();
@@ -248,9 +249,9 @@ impl EpochJob {
 
 /// The crafting epochs of several surrogates walked in lockstep as one grouped network
 /// (`craft.grouped_surrogates`): at each batch index, one grouped unroll for the surrogates
-/// whose batch gets a meta step, then one grouped SGD step for all (on their trajectory batches). The same choices,
-/// batches and maths as each job's own `run`; on a GPU, one kernel a layer instead of one per
-/// surrogate.
+/// whose batch gets a meta step, then one grouped SGD step for all (on their trajectory
+/// batches). The same choices, batches and maths as each job's own `run`; on a GPU, one kernel
+/// a layer instead of one per surrogate.
 pub(super) struct GroupedEpoch {
     pub(super) jobs: Vec<EpochJob>,
     /// Surrogates in one grouped network; the jobs run in groups of this many, one group
@@ -306,14 +307,14 @@ impl GroupedEpoch {
             if cancelled() {
                 return None;
             }
-            let mut clean = Vec::with_capacity(jobs.len());
+            let mut trajectory = Vec::with_capacity(jobs.len());
             let mut metas = Vec::new();
             for (i, (job, (chunks, choose))) in jobs.iter().zip(walks.iter_mut()).enumerate() {
                 let ((x, y), meta) = job.batch(chunks, bi, choose);
                 if let Some(input) = meta {
                     metas.push((i, input));
                 }
-                clean.push((job.trajectory_input(x, choose), y));
+                trajectory.push((job.trajectory_input(x, choose), y));
             }
             if !metas.is_empty() {
                 let who: Vec<usize> = metas.iter().map(|(i, _)| *i).collect();
@@ -342,8 +343,8 @@ impl GroupedEpoch {
                     adv[i].1 += 1;
                 }
             }
-            let xs = Tensor::stack(&clean.iter().map(|(x, _)| x).collect::<Vec<_>>(), 0);
-            let ys = Tensor::stack(&clean.iter().map(|(_, y)| y).collect::<Vec<_>>(), 0);
+            let xs = Tensor::stack(&trajectory.iter().map(|(x, _)| x).collect::<Vec<_>>(), 0);
+            let ys = Tensor::stack(&trajectory.iter().map(|(_, y)| y).collect::<Vec<_>>(), 0);
             let _ =
                 sgd::sgd_step_grouped(net, &stacked, &xs, &ys, &lrs, first.settings.weight_decay);
         }
