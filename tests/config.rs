@@ -180,9 +180,21 @@ fn auto_fields_take_the_word_auto_or_a_value() {
 }
 
 #[test]
-fn wrong_types_are_reported_with_location() {
+fn wrong_types_are_reported_with_field_and_line() {
     let e = parse("[craft]\nsteps = \"sixty\"\n").unwrap_err();
-    assert!(e.contains("test.toml") && e.contains("at byte"), "{e}");
+    assert!(e.contains("test.toml") && e.contains("(line 2)"), "{e}");
+    assert!(e.contains("craft.steps:"), "{e}");
+    let e = parse("[run]\nseed = 1\n\n[craft]\nobjective = \"cw\"\ntrajectory = \"dirty\"\n")
+        .unwrap_err();
+    assert!(
+        e.contains("craft.trajectory: unknown variant `dirty`"),
+        "{e}"
+    );
+    assert!(
+        e.contains("`clean` or `poison`") && e.contains("(line 6)"),
+        "{e}"
+    );
+    assert!(!e.contains('\n'), "one line: {e}");
 }
 
 #[test]

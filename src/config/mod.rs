@@ -397,7 +397,7 @@ impl Config {
     pub fn from_toml_str(text: &str, origin: &Path) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_path_buf(),
-            message: one_line_toml_error(&e),
+            message: one_line_toml_error(&e, text),
         })?;
         config.validate()?;
         Ok(config)
@@ -416,11 +416,30 @@ impl Config {
     }
 }
 
-/// toml's errors span several lines with a source excerpt; keep the location and the message.
-fn one_line_toml_error(e: &toml::de::Error) -> String {
+/// toml's errors span several lines with a source excerpt; keep one line: the field (its
+/// table and key, read from the text at the error), the message and the line number.
+fn one_line_toml_error(e: &toml::de::Error, text: &str) -> String {
     let message = e.message().trim().replace('\n', " ");
-    match e.span() {
-        Some(span) => format!("{message} (at byte {})", span.start),
-        None => message,
+    let Some(span) = e.span() else {
+        return message;
+    };
+    let start = span.start.min(text.len());
+    let line_no = text[..start].matches('\n').count() + 1;
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"'))
+        .filter(|k| !k.is_empty() && !k.starts_with('['));
+    let table = text[..line_start]
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with('[') && l.ends_with(']'))
+        .last()
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
+    match (table, key) {
+        (Some(t), Some(k)) => format!("{t}.{k}: {message} (line {line_no})"),
+        (None, Some(k)) => format!("{k}: {message} (line {line_no})"),
+        _ => format!("{message} (line {line_no})"),
     }
 }
