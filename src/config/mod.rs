@@ -434,8 +434,8 @@ fn one_line_toml_error(e: &toml::de::Error, text: &str) -> String {
     let table = text[..line_start]
         .lines()
         .map(str::trim)
-        .filter(|l| l.starts_with('[') && l.ends_with(']'))
-        .last()
+        .rev()
+        .find(|l| l.starts_with('[') && l.ends_with(']'))
         .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
     match (table, key) {
         (Some(t), Some(k)) => format!("{t}.{k}: {message} (line {line_no})"),
