@@ -127,17 +127,25 @@ impl EpochJob {
     /// their clean originals.
     fn load(&self, chunk: &[usize], with_poisons: bool) -> (Tensor, Tensor) {
         let idx = as_index(chunk, self.device);
-        let mut x = self.train_x.index_select(0, &idx).to_kind(self.kind);
-        if with_poisons {
-            let (pos, slots) = self.poisons_in(chunk);
-            if !pos.is_empty() {
-                let p = self
-                    .poisons_now
-                    .index_select(0, &as_index(&slots, self.device));
-                x = x.index_copy(0, &as_index(&pos, self.device), &p);
-            }
-        }
+        let x = self.train_x.index_select(0, &idx).to_kind(self.kind);
+        let x = if with_poisons {
+            let (positions, slots) = self.poisons_in(chunk);
+            self.with_poisons(x, &positions, &slots)
+        } else {
+            x
+        };
         (x, self.train_y.index_select(0, &idx))
+    }
+
+    /// Clean batch `x` with the poisons (as they stand this step) of `slots` at `positions`.
+    fn with_poisons(&self, x: Tensor, positions: &[usize], slots: &[usize]) -> Tensor {
+        if positions.is_empty() {
+            return x;
+        }
+        let p = self
+            .poisons_now
+            .index_select(0, &as_index(slots, self.device));
+        x.index_copy(0, &as_index(positions, self.device), &p)
     }
 
     /// The surrogate's batches this epoch (its own shuffle) and its stream of choices.
@@ -182,8 +190,8 @@ impl EpochJob {
                     augment: self.augment.then(|| choose.next_u64()),
                 }
             });
-        let x = if self.poison_trajectory && !positions.is_empty() {
-            self.load(chunk, true).0
+        let x = if self.poison_trajectory {
+            self.with_poisons(x, &positions, &slots)
         } else {
             x
         };
@@ -452,7 +460,8 @@ mod tests {
         let (chunks, _) = job.walk();
         for chunk in &chunks {
             let (x, y) = job.load(chunk, with_poisons);
-            let _ = sgd::sgd_step(&job.net, &state, &x, &y, 0.1, 0.0);
+            let s = &job.settings;
+            let _ = sgd::sgd_step(&job.net, &state, &x, &y, s.lr, s.weight_decay);
         }
         state
     }
