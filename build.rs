@@ -27,6 +27,9 @@ fn main() {
     if target_os != "linux" {
         return;
     }
+    if let Some(lib_dir) = lib_dir.as_deref() {
+        compile_fused_batch_norm(lib_dir);
+    }
     if let Some(lib_dir) = lib_dir {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{lib_dir}");
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
@@ -39,4 +42,31 @@ fn main() {
         }
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
+}
+
+/// The fused batch norm (csrc/fused_batch_norm.cpp), compiled against libtorch's headers with
+/// the flags torch-sys uses for its own C++.
+fn compile_fused_batch_norm(lib_dir: &str) {
+    println!("cargo:rerun-if-changed=csrc/fused_batch_norm.cpp");
+    let root = std::path::Path::new(lib_dir)
+        .parent()
+        .expect("libtorch's lib folder has a parent");
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/fused_batch_norm.cpp")
+        .include(root.join("include"))
+        .include(root.join("include/torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .flag("-fopenmp-simd")
+        .opt_level(3)
+        .warnings(false)
+        .extra_warnings(false)
+        .compile("metapoison_fused_batch_norm");
+    // The static library calls into libtorch: name its libraries after it on the link line.
+    println!("cargo:rustc-link-search=native={lib_dir}");
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
 }

@@ -53,6 +53,10 @@ pub struct BenchArgs {
     /// The reference's convolutions on channels-last tensors too (default: PyTorch's NCHW).
     #[arg(long)]
     reference_channels_last: bool,
+    /// Our batch norm through libtorch's composite second derivative, not the fused CPU kernel
+    /// (`run.fused_batch_norm = false`).
+    #[arg(long)]
+    native_batch_norm: bool,
     /// Our surrogates batched into one grouped network (one kernel a layer for all M); the
     /// reference still runs them one after another, as a PyTorch loop does.
     #[arg(long)]
@@ -129,6 +133,7 @@ impl BenchArgs {
         s.workers = workers.min(s.ensemble.max(1));
         s.channels_last = self.channels_last;
         s.reference_channels_last = self.reference_channels_last;
+        s.native_batch_norm = self.native_batch_norm;
         s.grouped = self.grouped;
         s.group_size = self.group_size.unwrap_or(0);
         if s.grouped {

@@ -72,6 +72,10 @@ pub struct StepSpec {
     /// another (what the crafter does when a GPU's memory holds fewer than M).
     #[serde(default)]
     pub group_size: usize,
+    /// Our batch norm through libtorch's composite second derivative instead of the fused CPU
+    /// kernel (`run.fused_batch_norm = false`).
+    #[serde(default)]
+    pub native_batch_norm: bool,
 }
 
 impl StepSpec {
@@ -101,6 +105,7 @@ impl StepSpec {
             reference_channels_last: false,
             grouped: false,
             group_size: 0,
+            native_batch_norm: false,
         }
     }
 
@@ -139,6 +144,7 @@ impl StepSpec {
             InputNorm::for_dataset(name, self.channels),
         )
         .with_channels_last(self.channels_last)
+        .with_fused_batch_norm(!self.native_batch_norm)
     }
 
     pub fn validate(&self) -> Result<(), String> {

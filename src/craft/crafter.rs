@@ -164,7 +164,8 @@ impl Crafter {
             config.surrogate.width,
             norm,
         )
-        .with_channels_last(config.run.channels_last());
+        .with_channels_last(config.run.channels_last())
+        .with_fused_batch_norm(config.run.fused_batch_norm);
         let live = LiveSettings {
             outer_lr: config.craft.outer_lr,
             inner_lr: config.surrogate.lr,

@@ -34,6 +34,9 @@ enum Source<'a> {
         bi: usize,
         /// Surrogates batched along the channel axis (see `Network::forward_grouped`).
         groups: i64,
+        /// Training-mode batch norm on the CPU through `fused_bn` (same values and first
+        /// derivatives, a fused second derivative).
+        fused_batch_norm: bool,
     },
 }
 
@@ -78,8 +81,13 @@ impl<'a> Layers<'a> {
         }
     }
 
-    pub(crate) fn apply(weights: &'a [Tensor], buffers: &'a [Tensor], mode: Mode) -> Layers<'a> {
-        Layers::apply_grouped(weights, buffers, mode, 1)
+    pub(crate) fn apply(
+        weights: &'a [Tensor],
+        buffers: &'a [Tensor],
+        mode: Mode,
+        fused_batch_norm: bool,
+    ) -> Layers<'a> {
+        Layers::apply_grouped(weights, buffers, mode, 1, fused_batch_norm)
     }
 
     /// Apply mode for `groups` networks at once: every weight holds the networks' tensors
@@ -90,6 +98,7 @@ impl<'a> Layers<'a> {
         buffers: &'a [Tensor],
         mode: Mode,
         groups: i64,
+        fused_batch_norm: bool,
     ) -> Layers<'a> {
         Layers {
             source: Source::Apply {
@@ -99,6 +108,7 @@ impl<'a> Layers<'a> {
                 wi: 0,
                 bi: 0,
                 groups,
+                fused_batch_norm,
             },
         }
     }
@@ -200,10 +210,26 @@ impl<'a> Layers<'a> {
                 )
             }
             Source::Apply {
-                buffers, mode, bi, ..
+                buffers,
+                mode,
+                bi,
+                fused_batch_norm,
+                ..
             } => {
                 let (mean, var) = (&buffers[*bi], &buffers[*bi + 1]);
                 *bi += 2;
+                if *fused_batch_norm && *mode != Mode::Eval && super::fused_bn::applies_to(x) {
+                    let running = (*mode == Mode::TrainUpdateStats).then_some((mean, var));
+                    return super::fused_bn::batch_norm_train(
+                        x,
+                        &gamma,
+                        &beta,
+                        running,
+                        BN_MOMENTUM,
+                        BN_EPS,
+                    )
+                    .unwrap_or_else(|e| panic!("{e}"));
+                }
                 match mode {
                     Mode::Train => x.batch_norm(
                         Some(&gamma),

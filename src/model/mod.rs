@@ -7,6 +7,7 @@
 //! forward pass.
 
 pub mod augment;
+mod fused_bn;
 mod layers;
 mod nets;
 pub mod sgd;
@@ -165,6 +166,9 @@ pub struct Network {
     /// that layout. The maths is unchanged; only the memory order of activations and conv
     /// weights differs.
     pub channels_last: bool,
+    /// Training-mode batch norm on the CPU through one fused kernel for its second derivative
+    /// (`fused_bn`); libtorch's own composite when off or on other devices.
+    pub fused_batch_norm: bool,
 }
 
 impl Network {
@@ -182,12 +186,19 @@ impl Network {
             width: width as i64,
             norm,
             channels_last: false,
+            fused_batch_norm: true,
         }
     }
 
     /// The same network with its convolutions on channels-last tensors (or not).
     pub fn with_channels_last(mut self, on: bool) -> Self {
         self.channels_last = on;
+        self
+    }
+
+    /// The same network with batch norm's fused second derivative on the CPU (or not).
+    pub fn with_fused_batch_norm(mut self, on: bool) -> Self {
+        self.fused_batch_norm = on;
         self
     }
 
@@ -224,7 +235,7 @@ impl Network {
         x: &Tensor,
         mode: Mode,
     ) -> Tensor {
-        let mut layers = Layers::apply(weights, buffers, mode);
+        let mut layers = Layers::apply(weights, buffers, mode, self.fused_batch_norm);
         let input = self.layout(self.norm.apply(x));
         let out = nets::body(self, &mut layers, &input);
         layers.finish();
@@ -253,7 +264,7 @@ impl Network {
                     .transpose(0, 1)
                     .reshape([n, m * c, h, w]),
             );
-        let mut layers = Layers::apply_grouped(weights, buffers, mode, m);
+        let mut layers = Layers::apply_grouped(weights, buffers, mode, m, self.fused_batch_norm);
         let out = nets::body(self, &mut layers, &input);
         layers.finish();
         if m == 1 {
