@@ -44,17 +44,17 @@ fn main() {
     }
 }
 
-/// The fused batch norm (csrc/fused_batch_norm.cpp), compiled against libtorch's headers with
+/// The fused batch norm (src/model/fused_bn.cpp), compiled against libtorch's headers with
 /// the flags torch-sys uses for its own C++.
 fn compile_fused_batch_norm(lib_dir: &str) {
-    println!("cargo:rerun-if-changed=csrc/fused_batch_norm.cpp");
+    println!("cargo:rerun-if-changed=src/model/fused_bn.cpp");
     let root = std::path::Path::new(lib_dir)
         .parent()
         .expect("libtorch's lib folder has a parent");
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
     cc::Build::new()
         .cpp(true)
-        .file("csrc/fused_batch_norm.cpp")
+        .file("src/model/fused_bn.cpp")
         .include(root.join("include"))
         .include(root.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")

@@ -3,7 +3,7 @@
 //! later export or resume on other hardware reads the same numbers).
 //!
 //! CUDA gets the authors' setting. A CPU gets a poison-dense setting measured to move targets
-//! on 2 cores in about 16 minutes of crafting: 2,000 training images with 150 poisons, every
+//! on 2 cores in about 11 minutes of crafting: 2,000 training images with 150 poisons, every
 //! poison-holding batch unrolled, 4 surrogates staggered by 5 epochs so that the ensemble spans
 //! the 20 epochs a CPU victim trains (README, "What the default run does").
 

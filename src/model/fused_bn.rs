@@ -1,5 +1,5 @@
 //! Training-mode batch norm whose double backward is one fused CPU kernel
-//! (`csrc/fused_batch_norm.cpp`, compiled by build.rs). The values and first derivatives are
+//! (`src/model/fused_bn.cpp`, compiled by build.rs). The values and first derivatives are
 //! libtorch's own kernels; only the second derivative, which the unrolled meta-gradient takes
 //! through every batch norm of every unrolled step, is computed in two passes over the
 //! activations instead of libtorch's composite of some thirty kernels.
