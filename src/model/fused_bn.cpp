@@ -157,6 +157,20 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void double_backwar
                                    out_go, out_x, out_gamma);
 }
 
+// Calls one of the kernels above on contiguous tensors of its dtype (a, gg_gamma and gg_beta
+// may be undefined: zero).
+template <typename T, typename Kernel>
+void launch(Kernel kernel, const Tensor& x, const Tensor& go, const Tensor& a, const Tensor& mean,
+            const Tensor& invstd, const Tensor& gamma, const Tensor& gg_gamma,
+            const Tensor& gg_beta, Tensor& out_go, Tensor& out_x, Tensor& out_gamma) {
+  auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+  const int64_t N = x.size(0), C = x.size(1);
+  const int64_t HW = C > 0 && N > 0 ? x.numel() / (N * C) : 0;
+  kernel(ptr(x), ptr(go), ptr(a), ptr(mean), ptr(invstd), ptr(gamma), ptr(gg_gamma),
+         ptr(gg_beta), N, C, HW, out_go.data_ptr<T>(), out_x.data_ptr<T>(),
+         out_gamma.data_ptr<T>());
+}
+
 // [C] tensors as contiguous of x's dtype, or undefined.
 Tensor channel_vector(const Tensor& t, const Tensor& like) {
   if (!t.defined()) return t;
@@ -185,28 +199,17 @@ struct FusedBatchNormBackward : public torch::autograd::Function<FusedBatchNormB
     const Tensor a = adjoints[0].defined() ? adjoints[0].to(x.scalar_type()).contiguous() : Tensor();
     const Tensor gg_gamma = channel_vector(adjoints[1], x);
     const Tensor gg_beta = channel_vector(adjoints[2], x);
-    const int64_t N = x.size(0), C = x.size(1);
-    const int64_t HW = C > 0 && N > 0 ? x.numel() / (N * C) : 0;
+    const int64_t C = x.size(1);
     Tensor out_go = at::empty_like(x, at::MemoryFormat::Contiguous);
     Tensor out_x = at::empty_like(x, at::MemoryFormat::Contiguous);
     Tensor out_gamma = at::empty({C}, x.options());
     if (x.scalar_type() == at::kFloat) {
-      double_backward_f32(x.data_ptr<float>(), go.data_ptr<float>(),
-                          a.defined() ? a.data_ptr<float>() : nullptr, mean.data_ptr<float>(),
-                          invstd.data_ptr<float>(), gamma.data_ptr<float>(),
-                          gg_gamma.defined() ? gg_gamma.data_ptr<float>() : nullptr,
-                          gg_beta.defined() ? gg_beta.data_ptr<float>() : nullptr, N, C, HW,
-                          out_go.data_ptr<float>(), out_x.data_ptr<float>(),
-                          out_gamma.data_ptr<float>());
+      launch<float>(double_backward_f32, x, go, a, mean, invstd, gamma, gg_gamma, gg_beta,
+                    out_go, out_x, out_gamma);
     } else {
       TORCH_CHECK(x.scalar_type() == at::kDouble, "fused batch norm: float32 or float64 only");
-      double_backward_f64(x.data_ptr<double>(), go.data_ptr<double>(),
-                          a.defined() ? a.data_ptr<double>() : nullptr, mean.data_ptr<double>(),
-                          invstd.data_ptr<double>(), gamma.data_ptr<double>(),
-                          gg_gamma.defined() ? gg_gamma.data_ptr<double>() : nullptr,
-                          gg_beta.defined() ? gg_beta.data_ptr<double>() : nullptr, N, C, HW,
-                          out_go.data_ptr<double>(), out_x.data_ptr<double>(),
-                          out_gamma.data_ptr<double>());
+      launch<double>(double_backward_f64, x, go, a, mean, invstd, gamma, gg_gamma, gg_beta,
+                     out_go, out_x, out_gamma);
     }
     return {out_go, out_x, out_gamma, Tensor(), Tensor(), Tensor()};
   }
