@@ -140,8 +140,14 @@ inline __attribute__((always_inline)) void double_backward_channels(
   });
 }
 
-// Compiled for AVX-512, AVX2 and the baseline; the loader picks the best the CPU has.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void double_backward_f32(
+// On x86-64, compiled for AVX-512, AVX2 and the baseline; the loader picks the best the CPU has.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define MP_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MP_CPU_CLONES
+#endif
+
+MP_CPU_CLONES void double_backward_f32(
     const float* x, const float* go, const float* a, const float* mean, const float* invstd,
     const float* gamma, const float* gg_gamma, const float* gg_beta, int64_t N, int64_t C,
     int64_t HW, float* out_go, float* out_x, float* out_gamma) {
@@ -149,7 +155,7 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void double_backwar
                                   out_go, out_x, out_gamma);
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) void double_backward_f64(
+MP_CPU_CLONES void double_backward_f64(
     const double* x, const double* go, const double* a, const double* mean,
     const double* invstd, const double* gamma, const double* gg_gamma, const double* gg_beta,
     int64_t N, int64_t C, int64_t HW, double* out_go, double* out_x, double* out_gamma) {
