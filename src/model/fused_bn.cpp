@@ -177,8 +177,8 @@ void launch(Kernel kernel, const Tensor& x, const Tensor& go, const Tensor& a, c
          out_gamma.data_ptr<T>());
 }
 
-// [C] tensors as contiguous of x's dtype, or undefined.
-Tensor channel_vector(const Tensor& t, const Tensor& like) {
+// `t` contiguous in `like`'s dtype, or undefined when `t` is.
+Tensor contiguous_like(const Tensor& t, const Tensor& like) {
   if (!t.defined()) return t;
   return t.to(like.scalar_type()).contiguous();
 }
@@ -188,6 +188,9 @@ struct FusedBatchNormBackward : public torch::autograd::Function<FusedBatchNormB
                                const Tensor& gamma, const Tensor& save_mean,
                                const Tensor& save_invstd, double eps) {
     ctx->save_for_backward({grad_out, x, gamma});
+    // An adjoint nobody asked for stays undefined: the kernel treats it as zero without
+    // reading a tensor of zeros.
+    ctx->set_materialize_grads(false);
     ctx->saved_data["mean"] = save_mean;
     ctx->saved_data["invstd"] = save_invstd;
     auto grads = at::native_batch_norm_backward(grad_out, x, gamma, {}, {}, save_mean,
@@ -199,12 +202,12 @@ struct FusedBatchNormBackward : public torch::autograd::Function<FusedBatchNormB
     auto saved = ctx->get_saved_variables();
     const Tensor go = saved[0].contiguous();
     const Tensor x = saved[1].contiguous();
-    const Tensor gamma = channel_vector(saved[2], x);
-    const Tensor mean = channel_vector(ctx->saved_data["mean"].toTensor(), x);
-    const Tensor invstd = channel_vector(ctx->saved_data["invstd"].toTensor(), x);
-    const Tensor a = adjoints[0].defined() ? adjoints[0].to(x.scalar_type()).contiguous() : Tensor();
-    const Tensor gg_gamma = channel_vector(adjoints[1], x);
-    const Tensor gg_beta = channel_vector(adjoints[2], x);
+    const Tensor gamma = contiguous_like(saved[2], x);
+    const Tensor mean = contiguous_like(ctx->saved_data["mean"].toTensor(), x);
+    const Tensor invstd = contiguous_like(ctx->saved_data["invstd"].toTensor(), x);
+    const Tensor a = contiguous_like(adjoints[0], x);
+    const Tensor gg_gamma = contiguous_like(adjoints[1], x);
+    const Tensor gg_beta = contiguous_like(adjoints[2], x);
     const int64_t C = x.size(1);
     Tensor out_go = at::empty_like(x, at::MemoryFormat::Contiguous);
     Tensor out_x = at::empty_like(x, at::MemoryFormat::Contiguous);
