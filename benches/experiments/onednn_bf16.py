@@ -2,6 +2,7 @@
 # matmuls in bfloat16 ("ieee" vs "bf16" fp32 precision) on a K = 2 meta batch of a 5-layer
 # conv + batch-norm net shaped like ConvNetBN. Synthetic inputs. Usage: python3 onednn_bf16.py
 import sys, time, torch, torch.nn.functional as F
+from unrolled_step import meta_gradient
 torch.set_num_threads(2); torch.manual_seed(0)
 B, K = 126, 2
 widths = [16, 32, 32, 64, 64]
@@ -22,17 +23,7 @@ def fwd(ws, x):
     h = F.adaptive_avg_pool2d(h, 1).flatten(1)
     return F.linear(h, ws[20], ws[21])
 def meta(ws, xs, ys, delta):
-    w=ws; total=0
-    for i in range(K+1):
-        x = xs[i]
-        if i==0: x = x + F.pad(delta,(0,0,0,0,0,0,0,B-delta.shape[0]))
-        z = fwd(w, x)
-        if i>0: total = total + z[-1,1]
-        if i<K:
-            l = F.cross_entropy(z[:-1], ys[i])
-            g = torch.autograd.grad(l, w, create_graph=True)
-            w = [a - 0.1*b for a,b in zip(w,g)]
-    return torch.autograd.grad(total, delta)[0]
+    return meta_gradient(fwd, ws, xs, ys, delta, K)
 ws=init(); xs=[torch.randn(B,1,28,28) for _ in range(K+1)]; ys=[torch.randint(0,10,(B-1,)) for _ in range(K+1)]
 delta=torch.zeros(9,1,28,28,requires_grad=True)
 def t(mode):

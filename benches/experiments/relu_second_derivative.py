@@ -2,6 +2,7 @@
 # Does a ReLU whose double backward skips the zero gradient wrt its saved output speed up a
 # ResNet-20 K=2 meta step? (libtorch's threshold_backward formula materialises zeros_like.)
 import sys, time, torch, torch.nn.functional as F
+from unrolled_step import meta_gradient
 torch.set_num_threads(1); torch.manual_seed(0)
 class ReluGrad(torch.autograd.Function):
     @staticmethod
@@ -48,17 +49,7 @@ def fwd(ws, x, relu):
     h = h.mean((2, 3))
     return F.linear(h, next(it), next(it))
 def meta(ws, xs, ys, delta, relu):
-    w = ws; total = 0
-    for i in range(K + 1):
-        x = xs[i]
-        if i == 0: x = x + F.pad(delta, (0, 0, 0, 0, 0, 0, 0, B - delta.shape[0]))
-        z = fwd(w, x, relu)
-        if i > 0: total = total + z[-1, 1]
-        if i < K:
-            l = F.cross_entropy(z[:-1], ys[i])
-            g = torch.autograd.grad(l, w, create_graph=True)
-            w = [a - 0.1 * b for a, b in zip(w, g)]
-    return torch.autograd.grad(total, delta)[0]
+    return meta_gradient(lambda w, x: fwd(w, x, relu), ws, xs, ys, delta, K)
 ws = init(); xs = [torch.randn(B, 3, 32, 32) for _ in range(K + 1)]; ys = [torch.randint(0, 10, (B - 1,)) for _ in range(K + 1)]
 delta = torch.zeros(6, 3, 32, 32, requires_grad=True)
 ga = meta(ws, xs, ys, delta, F.relu); gb = meta(ws, xs, ys, delta, Relu.apply)
