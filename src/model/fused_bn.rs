@@ -1,8 +1,9 @@
-//! Training-mode batch norm whose double backward is one fused CPU kernel
-//! (`src/model/fused_bn.cpp`, compiled by build.rs). The values and first derivatives are
-//! libtorch's own kernels; only the second derivative, which the unrolled meta-gradient takes
-//! through every batch norm of every unrolled step, is computed in two passes over the
-//! activations instead of libtorch's composite of some thirty kernels.
+//! Training-mode batch norm, optionally followed by a residual add and a ReLU, as one op whose
+//! forward, backward and double backward are fused CPU kernels (`src/model/fused_bn.cpp`,
+//! compiled by build.rs). The unrolled meta-gradient differentiates every batch norm of every
+//! unrolled step twice; each direction here is two passes over the activations per channel,
+//! where libtorch runs a scalar statistics loop, a separate ReLU pass each way, and a
+//! composite of some thirty kernels for the second derivative.
 
 use std::ffi::{c_char, CStr};
 use tch::{Device, Kind, TchError, Tensor};
@@ -13,22 +14,38 @@ extern "C" {
         x: *const C_tensor,
         gamma: *const C_tensor,
         beta: *const C_tensor,
+        residual: *const C_tensor,
         running_mean: *const C_tensor,
         running_var: *const C_tensor,
         momentum: f64,
         eps: f64,
+        relu: std::ffi::c_int,
         out: *mut *mut C_tensor,
     ) -> *mut c_char;
     fn mp_free_error(message: *mut c_char);
 }
 
-/// Whether the fused kernel serves `x`: float32 or float64 on the CPU, at least 2-d.
+/// Whether the fused kernels serve `x`: float32 or float64 on the CPU, at least 2-d, in
+/// contiguous (NCHW) layout.
 pub fn applies_to(x: &Tensor) -> bool {
-    x.device() == Device::Cpu && matches!(x.kind(), Kind::Float | Kind::Double) && x.dim() >= 2
+    x.device() == Device::Cpu
+        && matches!(x.kind(), Kind::Float | Kind::Double)
+        && x.dim() >= 2
+        && x.is_contiguous()
 }
 
-/// `x.batch_norm(gamma, beta, running_mean, running_var, training = true, momentum, eps)`
-/// with the fused double backward; `running` (mean, var) are updated in place when given.
+/// What follows the batch norm inside the fused op.
+#[derive(Debug, Clone, Copy)]
+pub struct Epilogue<'a> {
+    /// Added to the normalised output (a residual block's shortcut), same shape as x.
+    pub residual: Option<&'a Tensor>,
+    /// A ReLU on the result.
+    pub relu: bool,
+}
+
+/// `relu(x.batch_norm(gamma, beta, running_mean, running_var, training = true, momentum, eps)
+/// + residual)` (the residual and the ReLU as `epilogue` says) with fused derivatives;
+/// `running` (mean, var) are updated in place when given.
 pub fn batch_norm_train(
     x: &Tensor,
     gamma: &Tensor,
@@ -36,11 +53,13 @@ pub fn batch_norm_train(
     running: Option<(&Tensor, &Tensor)>,
     momentum: f64,
     eps: f64,
+    epilogue: Epilogue,
 ) -> Result<Tensor, TchError> {
     let (mean, var) = match running {
         Some((m, v)) => (m.as_ptr(), v.as_ptr()),
         None => (std::ptr::null(), std::ptr::null()),
     };
+    let residual = epilogue.residual.map_or(std::ptr::null(), Tensor::as_ptr);
     let mut out: *mut C_tensor = std::ptr::null_mut();
     // SAFETY: the pointers are live tch tensors (or null where the C++ side accepts null);
     // on success `out` is a heap tensor whose ownership passes to the returned Tensor.
@@ -49,10 +68,12 @@ pub fn batch_norm_train(
             x.as_ptr(),
             gamma.as_ptr(),
             beta.as_ptr(),
+            residual,
             mean,
             var,
             momentum,
             eps,
+            std::ffi::c_int::from(epilogue.relu),
             &mut out,
         );
         if !err.is_null() {
@@ -70,8 +91,9 @@ pub fn batch_norm_train(
 mod tests {
     use super::*;
 
-    fn native(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Tensor {
-        x.batch_norm(
+    /// libtorch's composite of the same op.
+    fn native(x: &Tensor, gamma: &Tensor, beta: &Tensor, epilogue: Epilogue) -> Tensor {
+        let y = x.batch_norm(
             Some(gamma),
             Some(beta),
             None::<&Tensor>,
@@ -80,12 +102,22 @@ mod tests {
             0.1,
             1e-5,
             false,
-        )
+        );
+        let y = match epilogue.residual {
+            Some(r) => y + r,
+            None => y,
+        };
+        if epilogue.relu {
+            y.relu()
+        } else {
+            y
+        }
     }
 
     /// Test inputs from the crate's own generator (libtorch's global one is shared by the
-    /// tests running in parallel): x, gamma, beta, the upstream weights that shape gO, and the
-    /// weights u, p, q of the objective built from the first-order gradients.
+    /// tests running in parallel): x, gamma, beta, the residual, the upstream weights that
+    /// shape gO, and the weights u, p, q, w of the objective built from the first-order
+    /// gradients.
     fn inputs(shape: &[i64], seed: u64) -> Vec<Tensor> {
         let mut rng = crate::craft::rng::SplitMix64::new(seed);
         let opts = (Kind::Double, Device::Cpu);
@@ -96,45 +128,66 @@ mod tests {
             rng.normal_tensor(&[c], 1.0, opts),
             rng.normal_tensor(shape, 1.0, opts),
             rng.normal_tensor(shape, 1.0, opts),
+            rng.normal_tensor(shape, 1.0, opts),
             rng.normal_tensor(&[c], 1.0, opts),
             rng.normal_tensor(&[c], 1.0, opts),
+            rng.normal_tensor(shape, 1.0, opts),
         ]
     }
 
-    /// First and second derivatives of a loss through batch norm, in float64: the gradient
-    /// of an objective built from the first-order gradients (as the unrolled meta-gradient
-    /// is) wrt x, gamma, beta and the upstream weights that shape gO. Without `with_gx` the
-    /// objective leaves out x's first-order gradient, so its adjoint reaches the fused
+    /// The epilogue variants: plain, ReLU, residual + ReLU, residual alone.
+    const EPILOGUES: [(bool, bool); 4] =
+        [(false, false), (false, true), (true, true), (true, false)];
+
+    /// First and second derivatives of a loss through the op, in float64: the gradient of an
+    /// objective built from the first-order gradients (as the unrolled meta-gradient is) wrt
+    /// x, gamma, beta, the residual and the upstream weights that shape gO. Without `with_gx`
+    /// the objective leaves out x's first-order gradient, so its adjoint reaches the fused
     /// kernel undefined.
-    fn derivatives(fused: bool, inputs: &[Tensor], with_gx: bool) -> Vec<Tensor> {
-        let [x, gamma, beta, upstream] =
-            [0, 1, 2, 3].map(|i| inputs[i].copy().set_requires_grad(true));
-        let (u, p, q) = (&inputs[4], &inputs[5], &inputs[6]);
+    fn derivatives(
+        fused: bool,
+        inputs: &[Tensor],
+        (with_residual, relu): (bool, bool),
+        with_gx: bool,
+    ) -> Vec<Tensor> {
+        let [x, gamma, beta, residual, upstream] =
+            [0, 1, 2, 3, 4].map(|i| inputs[i].copy().set_requires_grad(true));
+        let (u, p, q, w) = (&inputs[5], &inputs[6], &inputs[7], &inputs[8]);
+        let epilogue = Epilogue {
+            residual: with_residual.then_some(&residual),
+            relu,
+        };
         let y = if fused {
-            batch_norm_train(&x, &gamma, &beta, None, 0.1, 1e-5).unwrap()
+            batch_norm_train(&x, &gamma, &beta, None, 0.1, 1e-5, epilogue).unwrap()
         } else {
-            native(&x, &gamma, &beta)
+            native(&x, &gamma, &beta, epilogue)
         };
-        // gO = 2 y upstream + ..., so it depends on x, gamma, beta and upstream.
-        let loss = (&y * &y * &upstream).sum(Kind::Double) + y.tanh().sum(Kind::Double);
-        let first = Tensor::run_backward(&[loss], &[&x, &gamma, &beta], true, true);
-        let objective = (&first[1] * p).sum(Kind::Double) + (&first[2] * q).sum(Kind::Double);
-        let objective = if with_gx {
-            objective + (&first[0] * u).sum(Kind::Double)
-        } else {
-            objective
-        };
-        let second =
-            Tensor::run_backward(&[objective], &[&x, &gamma, &beta, &upstream], false, false);
-        first
-            .into_iter()
-            .map(|t| t.detach())
+        // gO = (2 y + 1) upstream + ..., so it depends on x, gamma, beta and upstream, and
+        // its adjoint reaches upstream also where the ReLU is off.
+        let loss = (&y * (&y + 1.0) * &upstream).sum(Kind::Double) + y.tanh().sum(Kind::Double);
+        let mut wrt = vec![&x, &gamma, &beta];
+        if with_residual {
+            wrt.push(&residual);
+        }
+        let first = Tensor::run_backward(&[loss], &wrt, true, true);
+        let mut objective = (&first[1] * p).sum(Kind::Double) + (&first[2] * q).sum(Kind::Double);
+        if with_gx {
+            objective += (&first[0] * u).sum(Kind::Double);
+        }
+        if with_residual {
+            objective += (&first[3] * w).sum(Kind::Double);
+        }
+        wrt.push(&upstream);
+        let second = Tensor::run_backward(&[objective], &wrt, false, false);
+        std::iter::once(y.detach())
+            .chain(first.into_iter().map(|t| t.detach()))
             .chain(second)
             .collect()
     }
 
-    /// Fused against libtorch's composite; a wrong term in the fused kernel's second
-    /// derivative (dropping the r^2 term of x's adjoint) gives errors of 0.006-0.1 here.
+    /// Fused against libtorch's composite: values, first and second derivatives of every
+    /// epilogue. A wrong term in the double backward (dropping the r^2 term of x's adjoint,
+    /// or the ReLU mask on gO's adjoint) gives errors of 1e-3 to 0.1 here.
     #[test]
     fn fused_derivatives_match_libtorch_to_float64_precision() {
         for (shape, seed) in [
@@ -143,19 +196,51 @@ mod tests {
             (&[2, 2, 1, 1][..], 3),
         ] {
             let inputs = inputs(shape, seed);
-            for with_gx in [true, false] {
-                let fused = derivatives(true, &inputs, with_gx);
-                let native = derivatives(false, &inputs, with_gx);
-                for (i, (a, b)) in fused.iter().zip(native.iter()).enumerate() {
-                    let scale = b.abs().max().double_value(&[]).max(1e-3);
-                    let err = (a - b).abs().max().double_value(&[]) / scale;
-                    assert!(
-                        err < 1e-10,
-                        "shape {shape:?} with_gx {with_gx} derivative {i}: relative error {err}"
-                    );
+            for epilogue in EPILOGUES {
+                for with_gx in [true, false] {
+                    let fused = derivatives(true, &inputs, epilogue, with_gx);
+                    let native = derivatives(false, &inputs, epilogue, with_gx);
+                    assert_eq!(fused.len(), native.len());
+                    for (i, (a, b)) in fused.iter().zip(native.iter()).enumerate() {
+                        let scale = b.abs().max().double_value(&[]).max(1e-3);
+                        let err = (a - b).abs().max().double_value(&[]) / scale;
+                        assert!(
+                            err < 1e-10,
+                            "shape {shape:?} (residual, relu) {epilogue:?} with_gx {with_gx} \
+                             output {i}: relative error {err}"
+                        );
+                    }
                 }
             }
         }
+    }
+
+    /// In float32 (the crafting dtype) the fused op keeps to libtorch's composite within
+    /// float32 rounding, for activations whose mean is far from zero.
+    #[test]
+    fn float32_values_and_gradients_match_libtorch() {
+        let mut rng = crate::craft::rng::SplitMix64::new(5);
+        let opts = (Kind::Float, Device::Cpu);
+        let x = (rng.normal_tensor(&[16, 4, 8, 8], 2.0, opts) + 20.0).set_requires_grad(true);
+        let gamma = rng.uniform_tensor(&[4], 0.5, 1.5, opts);
+        let beta = rng.normal_tensor(&[4], 1.0, opts);
+        let upstream = rng.normal_tensor(&[16, 4, 8, 8], 1.0, opts);
+        let epilogue = Epilogue {
+            residual: None,
+            relu: true,
+        };
+        let grad = |fused: bool| {
+            let y = if fused {
+                batch_norm_train(&x, &gamma, &beta, None, 0.1, 1e-5, epilogue).unwrap()
+            } else {
+                native(&x, &gamma, &beta, epilogue)
+            };
+            let g = Tensor::run_backward(&[(&y * &upstream).sum(Kind::Float)], &[&x], false, false);
+            (y.detach(), g[0].shallow_clone())
+        };
+        let ((y1, g1), (y2, g2)) = (grad(true), grad(false));
+        assert!(y1.allclose(&y2, 1e-4, 1e-4, false), "values");
+        assert!(g1.allclose(&g2, 1e-3, 1e-4, false), "gradients");
     }
 
     #[test]
@@ -171,7 +256,11 @@ mod tests {
             Tensor::ones([3], (Kind::Float, Device::Cpu)),
         );
         let (m2, v2) = (m1.copy(), v1.copy());
-        let y1 = batch_norm_train(&x, &gamma, &beta, Some((&m1, &v1)), 0.1, 1e-5).unwrap();
+        let plain = Epilogue {
+            residual: None,
+            relu: false,
+        };
+        let y1 = batch_norm_train(&x, &gamma, &beta, Some((&m1, &v1)), 0.1, 1e-5, plain).unwrap();
         let y2 = x.batch_norm(
             Some(&gamma),
             Some(&beta),
@@ -182,24 +271,39 @@ mod tests {
             1e-5,
             false,
         );
-        assert!(y1.allclose(&y2, 1e-6, 1e-6, false));
-        assert!(m1.allclose(&m2, 1e-7, 1e-7, false) && v1.allclose(&v2, 1e-7, 1e-7, false));
+        assert!(y1.allclose(&y2, 1e-5, 1e-5, false));
+        assert!(m1.allclose(&m2, 1e-6, 1e-6, false) && v1.allclose(&v2, 1e-6, 1e-6, false));
         assert!(
-            m1.abs().sum(Kind::Float).double_value(&[]) > 0.1,
-            "the running mean moved"
+            m1.abs().sum(Kind::Float).double_value(&[]) > 0.1
+                && (&v1 - 1.0).abs().sum(Kind::Float).double_value(&[]) > 0.1,
+            "the running statistics moved"
         );
     }
 
     #[test]
     fn a_bad_input_is_an_error_not_a_crash() {
         let x = Tensor::zeros([4, 3, 2, 2], (Kind::Float, Device::Cpu));
+        let plain = Epilogue {
+            residual: None,
+            relu: false,
+        };
         let wrong = Tensor::ones([5], (Kind::Float, Device::Cpu));
-        let err = batch_norm_train(&x, &wrong, &wrong, None, 0.1, 1e-5).unwrap_err();
+        let err = batch_norm_train(&x, &wrong, &wrong, None, 0.1, 1e-5, plain).unwrap_err();
         let text = err.to_string();
         assert!(
             text.contains("fused batch norm: gamma must be [3] for an input of 3 channels"),
             "{text}"
         );
         assert_eq!(err.to_string().lines().count(), 1);
+        let ok = Tensor::ones([3], (Kind::Float, Device::Cpu));
+        let short = Tensor::zeros([4, 3, 2, 1], (Kind::Float, Device::Cpu));
+        let with_short = Epilogue {
+            residual: Some(&short),
+            relu: true,
+        };
+        let text = batch_norm_train(&x, &ok, &ok, None, 0.1, 1e-5, with_short)
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("residual must be [4, 3, 2, 2]"), "{text}");
     }
 }

@@ -34,8 +34,8 @@ enum Source<'a> {
         bi: usize,
         /// Surrogates batched along the channel axis (see `Network::forward_grouped`).
         groups: i64,
-        /// Training-mode batch norm on the CPU through `fused_bn` (same values and first
-        /// derivatives, a fused second derivative).
+        /// Training-mode batch norm (with the ReLU and residual add after it) on the CPU
+        /// through `fused_bn`'s fused kernels.
         fused_batch_norm: bool,
     },
 }
@@ -64,6 +64,14 @@ impl Init {
     fn ones(&self, shape: &[i64]) -> Tensor {
         Tensor::ones(shape, (self.dtype, self.device))
     }
+}
+
+/// A batch norm's weights, taken from the network's tensors, and where its running statistics
+/// are in the buffers.
+struct BatchNormParams {
+    gamma: Tensor,
+    beta: Tensor,
+    buffer: usize,
 }
 
 pub struct Layers<'a> {
@@ -190,79 +198,114 @@ impl<'a> Layers<'a> {
         x + b.view([1, c, 1, 1])
     }
 
+    /// Batch norm.
     pub fn batch_norm(&mut self, x: &Tensor) -> Tensor {
+        let bn = self.take_batch_norm(x);
+        self.apply_batch_norm(&bn, x, None, false)
+    }
+
+    /// Batch norm, then a ReLU (one fused op where `fused_batch_norm` serves).
+    pub fn batch_norm_relu(&mut self, x: &Tensor) -> Tensor {
+        let bn = self.take_batch_norm(x);
+        self.apply_batch_norm(&bn, x, None, true)
+    }
+
+    /// relu(batch_norm(x) + shortcut): a residual block's end. `shortcut` takes its own weights
+    /// after the batch norm's, the order the network's tensors are stored in.
+    pub fn batch_norm_add_relu(
+        &mut self,
+        x: &Tensor,
+        shortcut: impl FnOnce(&mut Self) -> Tensor,
+    ) -> Tensor {
+        let bn = self.take_batch_norm(x);
+        let residual = shortcut(self);
+        self.apply_batch_norm(&bn, x, Some(&residual), true)
+    }
+
+    /// A batch norm's affine weights and the index of its running statistics in the buffers
+    /// (created, when building, as mean 0 and variance 1).
+    fn take_batch_norm(&mut self, x: &Tensor) -> BatchNormParams {
         let c = x.size()[1];
         let gamma = self.take_weight(|init| init.ones(&[c]));
         let beta = self.take_weight(|init| init.zeros(&[c]));
-        match &mut self.source {
+        let buffer = match &mut self.source {
             Source::Build { init, buffers, .. } => {
                 buffers.push(init.zeros(&[c]));
                 buffers.push(init.ones(&[c]));
-                x.batch_norm(
-                    Some(&gamma),
-                    Some(&beta),
-                    None::<&Tensor>,
-                    None::<&Tensor>,
-                    true,
-                    BN_MOMENTUM,
-                    BN_EPS,
-                    true,
-                )
+                buffers.len() - 2
             }
+            Source::Apply { bi, .. } => {
+                *bi += 2;
+                *bi - 2
+            }
+        };
+        BatchNormParams {
+            gamma,
+            beta,
+            buffer,
+        }
+    }
+
+    /// relu(batch_norm(x) + residual), the residual and the ReLU optional.
+    fn apply_batch_norm(
+        &self,
+        bn: &BatchNormParams,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        relu: bool,
+    ) -> Tensor {
+        // (running mean, running var, training): training without running statistics while
+        // building (the forward pass only finds the shapes).
+        let (running, training) = match &self.source {
+            Source::Build { .. } => (None, true),
             Source::Apply {
                 buffers,
                 mode,
-                bi,
                 fused_batch_norm,
                 ..
             } => {
-                let (mean, var) = (&buffers[*bi], &buffers[*bi + 1]);
-                *bi += 2;
-                if *fused_batch_norm && *mode != Mode::Eval && super::fused_bn::applies_to(x) {
-                    let running = (*mode == Mode::TrainUpdateStats).then_some((mean, var));
+                let running = (&buffers[bn.buffer], &buffers[bn.buffer + 1]);
+                let fused = *fused_batch_norm
+                    && *mode != Mode::Eval
+                    && super::fused_bn::applies_to(x)
+                    && residual.is_none_or(super::fused_bn::applies_to);
+                if fused {
                     return super::fused_bn::batch_norm_train(
                         x,
-                        &gamma,
-                        &beta,
-                        running,
+                        &bn.gamma,
+                        &bn.beta,
+                        (*mode == Mode::TrainUpdateStats).then_some(running),
                         BN_MOMENTUM,
                         BN_EPS,
+                        super::fused_bn::Epilogue { residual, relu },
                     )
                     .unwrap_or_else(|e| panic!("{e}"));
                 }
                 match mode {
-                    Mode::Train => x.batch_norm(
-                        Some(&gamma),
-                        Some(&beta),
-                        None::<&Tensor>,
-                        None::<&Tensor>,
-                        true,
-                        BN_MOMENTUM,
-                        BN_EPS,
-                        true,
-                    ),
-                    Mode::TrainUpdateStats => x.batch_norm(
-                        Some(&gamma),
-                        Some(&beta),
-                        Some(mean),
-                        Some(var),
-                        true,
-                        BN_MOMENTUM,
-                        BN_EPS,
-                        true,
-                    ),
-                    Mode::Eval => x.batch_norm(
-                        Some(&gamma),
-                        Some(&beta),
-                        Some(mean),
-                        Some(var),
-                        false,
-                        BN_MOMENTUM,
-                        BN_EPS,
-                        true,
-                    ),
+                    Mode::Train => (None, true),
+                    Mode::TrainUpdateStats => (Some(running), true),
+                    Mode::Eval => (Some(running), false),
                 }
             }
+        };
+        let y = x.batch_norm(
+            Some(&bn.gamma),
+            Some(&bn.beta),
+            running.map(|r| r.0),
+            running.map(|r| r.1),
+            training,
+            BN_MOMENTUM,
+            BN_EPS,
+            true,
+        );
+        let y = match residual {
+            Some(r) => y + r,
+            None => y,
+        };
+        if relu {
+            y.relu()
+        } else {
+            y
         }
     }
 

@@ -34,8 +34,7 @@ fn convnet_bn(l: &mut Layers, x: &Tensor, width: i64, classes: i64) -> Tensor {
         h = l.conv(&h, c * width, 3, 1);
         h = l.channel_bias(&h);
         h = l
-            .batch_norm(&h)
-            .relu()
+            .batch_norm_relu(&h)
             .max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
     }
     let h = h.flatten(1, -1);
@@ -44,23 +43,23 @@ fn convnet_bn(l: &mut Layers, x: &Tensor, width: i64, classes: i64) -> Tensor {
 
 fn basic_block(l: &mut Layers, x: &Tensor, out: i64, stride: i64) -> Tensor {
     let h = l.conv(x, out, 3, stride);
-    let h = l.batch_norm(&h).relu();
+    let h = l.batch_norm_relu(&h);
     let h = l.conv(&h, out, 3, 1);
-    let h = l.batch_norm(&h);
-    let shortcut = if stride != 1 || l.channels(x) != out {
-        let s = l.conv(x, out, 1, stride);
-        l.batch_norm(&s)
-    } else {
-        x.shallow_clone()
-    };
-    (h + shortcut).relu()
+    l.batch_norm_add_relu(&h, |l| {
+        if stride != 1 || l.channels(x) != out {
+            let s = l.conv(x, out, 1, stride);
+            l.batch_norm(&s)
+        } else {
+            x.shallow_clone()
+        }
+    })
 }
 
 /// CIFAR ResNets: 3x3 stem, stages of basic blocks (stride 2 from the second stage on), global
 /// average pooling, linear. ResNet-20: widths 16-32-64, 3 blocks a stage; ResNet-18: 64-512, 2.
 fn resnet(l: &mut Layers, x: &Tensor, widths: &[i64], blocks: usize, classes: i64) -> Tensor {
     let h = l.conv(x, widths[0], 3, 1);
-    let mut h = l.batch_norm(&h).relu();
+    let mut h = l.batch_norm_relu(&h);
     for (stage, &w) in widths.iter().enumerate() {
         for b in 0..blocks {
             let stride = if stage > 0 && b == 0 { 2 } else { 1 };
@@ -79,7 +78,7 @@ fn vgg(l: &mut Layers, x: &Tensor, cfg: &[i64], classes: i64) -> Tensor {
             h = h.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
         } else {
             h = l.conv(&h, c, 3, 1);
-            h = l.batch_norm(&h).relu();
+            h = l.batch_norm_relu(&h);
         }
     }
     let h = h.flatten(1, -1);
