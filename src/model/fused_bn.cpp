@@ -75,7 +75,9 @@ struct DoubleBackwardArgs {
 template <typename T, bool Relu>
 MP_INLINE T masked(const T* mask, const T* go, int64_t j) {
   if constexpr (Relu) {
-    return mask[j] > T(0) ? go[j] : T(0);
+    // Loaded unconditionally, so the compiler selects rather than emitting a masked load.
+    const T g = go[j];
+    return mask[j] > T(0) ? g : T(0);
   } else {
     return go[j];
   }
@@ -91,7 +93,6 @@ MP_INLINE void forward_channel(const ForwardArgs<T>& p, int64_t c) {
   for (int64_t i = 0; i < N; ++i) {
     const T* xr = p.x + (i * C + c) * HW;
     T acc = 0;
-#pragma omp simd reduction(+ : acc)
     for (int64_t j = 0; j < HW; ++j) acc += xr[j];
     sum += acc;
   }
@@ -101,7 +102,6 @@ MP_INLINE void forward_channel(const ForwardArgs<T>& p, int64_t c) {
   for (int64_t i = 0; i < N; ++i) {
     const T* xr = p.x + (i * C + c) * HW;
     T acc = 0;
-#pragma omp simd reduction(+ : acc)
     for (int64_t j = 0; j < HW; ++j) {
       const T d = xr[j] - mu_t;
       acc += d * d;
@@ -141,7 +141,6 @@ MP_INLINE void backward_channel(const BackwardArgs<T>& p, int64_t c) {
     const T *xr = p.x + base, *gr = p.go + base;
     const T* mr = Relu ? p.mask + base : nullptr;
     T a_g = 0, a_gx = 0;
-#pragma omp simd reduction(+ : a_g, a_gx)
     for (int64_t j = 0; j < HW; ++j) {
       const T gz = masked<T, Relu>(mr, gr, j);
       a_g += gz;
@@ -187,7 +186,6 @@ MP_INLINE void double_backward_channel(const DoubleBackwardArgs<T>& p, int64_t c
     const T* mr = Relu ? p.mask + base : nullptr;
     const T* ar = HasA ? p.a + base : nullptr;
     T t_go = 0, t_go_xh = 0, t_a = 0, t_a_xh = 0, t_a_go = 0;
-#pragma omp simd reduction(+ : t_go, t_go_xh, t_a, t_a_xh, t_a_go)
     for (int64_t j = 0; j < HW; ++j) {
       const T xh = (xr[j] - mu_t) * r_t;
       const T gz = masked<T, Relu>(mr, gr, j);
