@@ -53,7 +53,7 @@ pub struct BenchArgs {
     /// The reference's convolutions on channels-last tensors too (default: PyTorch's NCHW).
     #[arg(long)]
     reference_channels_last: bool,
-    /// Our batch norm through libtorch's composite second derivative, not the fused CPU kernel
+    /// Our batch norm (and the ReLU after it) through libtorch's kernels, not the fused CPU op
     /// (`run.fused_batch_norm = false`).
     #[arg(long)]
     native_batch_norm: bool,

@@ -72,8 +72,8 @@ pub struct StepSpec {
     /// another (what the crafter does when a GPU's memory holds fewer than M).
     #[serde(default)]
     pub group_size: usize,
-    /// Our batch norm through libtorch's composite second derivative instead of the fused CPU
-    /// kernel (`run.fused_batch_norm = false`).
+    /// Our batch norm (and the ReLU after it) through libtorch's kernels instead of the fused
+    /// CPU op (`run.fused_batch_norm = false`).
     #[serde(default)]
     pub native_batch_norm: bool,
 }

@@ -166,8 +166,8 @@ pub struct Network {
     /// that layout. The maths is unchanged; only the memory order of activations and conv
     /// weights differs.
     pub channels_last: bool,
-    /// Training-mode batch norm on the CPU through one fused kernel for its second derivative
-    /// (`fused_bn`); libtorch's own composite when off or on other devices.
+    /// Training-mode batch norm (with the ReLU and residual add after it) on the CPU through
+    /// `fused_bn`'s fused kernels; libtorch's own when off or on other devices.
     pub fused_batch_norm: bool,
 }
 
