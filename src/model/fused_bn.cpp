@@ -332,24 +332,18 @@ MP_CPU_CLONES void double_backward_f64(const DoubleBackwardArgs<double>& p, int6
   double_backward_range(p, b, e);
 }
 
-void run(const ForwardArgs<float>& p) {
-  at::parallel_for(0, p.C, 1, [&](int64_t b, int64_t e) { forward_f32(p, b, e); });
+// Runs a kernel's cloned entry point over the channels, split among libtorch's threads.
+template <typename Args>
+void run(const Args& p, void (*entry)(const Args&, int64_t, int64_t)) {
+  at::parallel_for(0, p.C, 1, [&](int64_t b, int64_t e) { entry(p, b, e); });
 }
-void run(const ForwardArgs<double>& p) {
-  at::parallel_for(0, p.C, 1, [&](int64_t b, int64_t e) { forward_f64(p, b, e); });
-}
-void run(const BackwardArgs<float>& p) {
-  at::parallel_for(0, p.C, 1, [&](int64_t b, int64_t e) { backward_f32(p, b, e); });
-}
-void run(const BackwardArgs<double>& p) {
-  at::parallel_for(0, p.C, 1, [&](int64_t b, int64_t e) { backward_f64(p, b, e); });
-}
-void run(const DoubleBackwardArgs<float>& p) {
-  at::parallel_for(0, p.C, 1, [&](int64_t b, int64_t e) { double_backward_f32(p, b, e); });
-}
-void run(const DoubleBackwardArgs<double>& p) {
-  at::parallel_for(0, p.C, 1, [&](int64_t b, int64_t e) { double_backward_f64(p, b, e); });
-}
+
+void run(const ForwardArgs<float>& p) { run(p, forward_f32); }
+void run(const ForwardArgs<double>& p) { run(p, forward_f64); }
+void run(const BackwardArgs<float>& p) { run(p, backward_f32); }
+void run(const BackwardArgs<double>& p) { run(p, backward_f64); }
+void run(const DoubleBackwardArgs<float>& p) { run(p, double_backward_f32); }
+void run(const DoubleBackwardArgs<double>& p) { run(p, double_backward_f64); }
 
 // `t` contiguous in `like`'s dtype, or undefined when `t` is.
 Tensor contiguous_like(const Tensor& t, const Tensor& like) {
