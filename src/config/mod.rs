@@ -355,8 +355,8 @@ pub struct RunConfig {
     /// `auto` = off (measured no faster on an H100 and slower on a CPU).
     pub channels_last: Auto<bool>,
     /// Batch norm with its ReLU and residual add as one op over fused CPU kernels in all three
-    /// directions (the same maths as libtorch's kernels; a craft step 26.7 s -> about 17-18 s
-    /// on 2 cores); false = libtorch's. No effect on CUDA.
+    /// directions (the same maths as libtorch's kernels; a craft step 26.7 s -> about 14 s on
+    /// 2 cores); false = libtorch's. No effect on CUDA.
     pub fused_batch_norm: bool,
     /// Devices the surrogates are spread over, round robin ("cuda:0", "cuda:1", ...); empty =
     /// all on `device`. The perturbation stays on `device`.
