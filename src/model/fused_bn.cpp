@@ -36,7 +36,6 @@
 #include <cstring>
 #include <optional>
 #include <string>
-#include <type_traits>
 
 using at::Tensor;
 using torch::autograd::AutogradContext;
