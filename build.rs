@@ -48,6 +48,8 @@ fn main() {
 /// the flags torch-sys uses for its own C++.
 fn compile_fused_batch_norm(lib_dir: &str) {
     println!("cargo:rerun-if-changed=src/model/fused_bn.cpp");
+    println!("cargo:rerun-if-changed=src/model/conv2d.cpp");
+    println!("cargo:rerun-if-changed=src/model/ffi.h");
     let root = std::path::Path::new(lib_dir)
         .parent()
         .expect("libtorch's lib folder has a parent");
@@ -55,6 +57,7 @@ fn compile_fused_batch_norm(lib_dir: &str) {
     cc::Build::new()
         .cpp(true)
         .file("src/model/fused_bn.cpp")
+        .file("src/model/conv2d.cpp")
         .include(root.join("include"))
         .include(root.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")

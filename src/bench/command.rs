@@ -57,6 +57,10 @@ pub struct BenchArgs {
     /// (`run.fused_batch_norm = false`).
     #[arg(long)]
     native_batch_norm: bool,
+    /// Our convolutions' second derivative through libtorch's own double backward, not the
+    /// direct one (`run.direct_conv_double_backward = false`).
+    #[arg(long)]
+    libtorch_conv_double_backward: bool,
     /// Our surrogates batched into one grouped network (one kernel a layer for all M); the
     /// reference still runs them one after another, as a PyTorch loop does.
     #[arg(long)]
@@ -134,6 +138,7 @@ impl BenchArgs {
         s.channels_last = self.channels_last;
         s.reference_channels_last = self.reference_channels_last;
         s.native_batch_norm = self.native_batch_norm;
+        s.libtorch_conv_double_backward = self.libtorch_conv_double_backward;
         s.grouped = self.grouped;
         s.group_size = self.group_size.unwrap_or(0);
         if s.grouped {

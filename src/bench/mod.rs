@@ -76,6 +76,10 @@ pub struct StepSpec {
     /// CPU op (`run.fused_batch_norm = false`).
     #[serde(default)]
     pub native_batch_norm: bool,
+    /// Our convolutions' second derivative through libtorch's double backward instead of the
+    /// direct one (`run.direct_conv_double_backward = false`).
+    #[serde(default)]
+    pub libtorch_conv_double_backward: bool,
 }
 
 impl StepSpec {
@@ -106,6 +110,7 @@ impl StepSpec {
             grouped: false,
             group_size: 0,
             native_batch_norm: false,
+            libtorch_conv_double_backward: false,
         }
     }
 
@@ -145,6 +150,7 @@ impl StepSpec {
         )
         .with_channels_last(self.channels_last)
         .with_fused_batch_norm(!self.native_batch_norm)
+        .with_direct_conv_double_backward(!self.libtorch_conv_double_backward)
     }
 
     pub fn validate(&self) -> Result<(), String> {

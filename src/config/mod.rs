@@ -352,12 +352,18 @@ pub struct RunConfig {
     /// Stop after this many consecutive non-finite meta-gradients.
     pub max_nonfinite_steps: usize,
     /// Convolutions on channels-last (NHWC) tensors: same maths, another memory layout.
-    /// `auto` = off (measured no faster on an H100 and slower on a CPU).
+    /// `auto` = on for ResNets on a CPU (faster: no layout conversions around oneDNN's
+    /// convolutions), else off (no faster for ConvNetBN on a CPU, nor on an H100).
     pub channels_last: Auto<bool>,
     /// Batch norm with its ReLU and residual add as one op over fused CPU kernels in all three
     /// directions (the same maths as libtorch's kernels; a craft step 26.7 s -> about 14 s on
     /// 2 cores); false = libtorch's. No effect on CUDA.
     pub fused_batch_norm: bool,
+    /// Convolutions whose second derivative runs on oneDNN's backward kernels: the weight's
+    /// term as a backward-weights call, where libtorch convolves transposed copies of the
+    /// activations (same maths; a ResNet-20 craft step 12-14% faster on 2 cores); false =
+    /// libtorch's. No effect on CUDA.
+    pub direct_conv_double_backward: bool,
     /// Devices the surrogates are spread over, round robin ("cuda:0", "cuda:1", ...); empty =
     /// all on `device`. The perturbation stays on `device`.
     pub surrogate_devices: Vec<String>,
@@ -374,6 +380,7 @@ impl Default for RunConfig {
             max_nonfinite_steps: 3,
             channels_last: Auto::Auto,
             fused_batch_norm: true,
+            direct_conv_double_backward: true,
             surrogate_devices: Vec::new(),
         }
     }

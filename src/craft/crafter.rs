@@ -165,7 +165,8 @@ impl Crafter {
             norm,
         )
         .with_channels_last(config.run.channels_last())
-        .with_fused_batch_norm(config.run.fused_batch_norm);
+        .with_fused_batch_norm(config.run.fused_batch_norm)
+        .with_direct_conv_double_backward(config.run.direct_conv_double_backward);
         let live = LiveSettings {
             outer_lr: config.craft.outer_lr,
             inner_lr: config.surrogate.lr,

@@ -32,10 +32,15 @@
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <optional>
 #include <string>
+#include <type_traits>
+#include <vector>
+
+#include "ffi.h"
 
 using at::Tensor;
 using torch::autograd::AutogradContext;
@@ -54,6 +59,9 @@ struct ForwardArgs {
   double eps;
   bool relu;
   T *y, *mean, *invstd, *var;  // var: biased, for the running statistics
+  // Channels-last only: per-chunk partial statistics and the per-channel scale and shift.
+  double* partials;
+  T* coef;
 };
 
 template <typename T>
@@ -61,6 +69,8 @@ struct BackwardArgs {
   const T *go, *x, *mask, *gamma, *mean, *invstd;
   int64_t N, C, HW;
   T *gx, *gresidual, *ggamma, *gbeta;
+  double* partials;
+  T* coef;
 };
 
 template <typename T>
@@ -68,6 +78,8 @@ struct DoubleBackwardArgs {
   const T *x, *go, *mask, *a, *ar, *mean, *invstd, *gamma, *gg_gamma, *gg_beta;
   int64_t N, C, HW;
   T *out_go, *out_x, *out_gamma;
+  double* partials;
+  T* coef;
 };
 
 // The gradient reaching the batch norm: gO where the ReLU passed its input, else zero.
@@ -80,6 +92,56 @@ MP_INLINE T masked(const T* mask, const T* go, int64_t j) {
   } else {
     return go[j];
   }
+}
+
+// The per-channel maths both layouts share, in double.
+
+// From a channel's mean and biased variance: 1/sqrt(var + eps), and y = x scale + shift.
+struct Normalisation {
+  double invstd, scale, shift;
+};
+
+MP_INLINE Normalisation normalisation(double mu, double var, double eps, double gamma,
+                                      double beta) {
+  const double r = 1.0 / std::sqrt(var + eps);
+  return {r, gamma * r, beta - mu * gamma * r};
+}
+
+// gx = s gz + c + xh_coef xh, from the sums of gz and gz xh over the channel's n elements.
+struct InputGradient {
+  double s, c, xh_coef;
+};
+
+MP_INLINE InputGradient input_gradient(double n, double gamma, double r, double s_g,
+                                       double s_gx) {
+  const double s = gamma * r;
+  return {s, -s * s_g / n, -s * s_gx / n};
+}
+
+// The double backward's sums over a channel, in this order: gz, gz xh, A, A xh, A gz.
+constexpr int kDoubleBackwardSums = 5;
+
+// Adjoint of gO = m (sc A + go_xh xh + go_c + R); adjoint of x = x_gz gz + x_a A + x_c +
+// x_xh xh; adjoint of gamma = gamma (formulas in the file header).
+struct DoubleBackwardCoefficients {
+  double sc, go_xh, go_c, x_gz, x_a, x_c, x_xh, gamma;
+};
+
+MP_INLINE DoubleBackwardCoefficients double_backward_coefficients(
+    double n, double r, double g, double gg_gamma, double gg_beta,
+    const double (&sums)[kDoubleBackwardSums]) {
+  const double m_g = sums[0] / n, m_gx = sums[1] / n, m_a = sums[2] / n, m_ax = sums[3] / n,
+               m_ag = sums[4] / n;
+  const double sc = g * r;
+  const double q = m_ag - m_g * m_a - m_gx * m_ax;
+  const double go_xh = gg_gamma - sc * m_ax;
+  const double go_c = gg_beta - sc * m_a;
+  // v = go_xh gz - sc m_gx A; adjoint of x = r (v - mean(v) - xh mean(v xh)) - r^2 g q xh
+  const double v_a = -sc * m_gx;
+  const double mean_v = go_xh * m_g + v_a * m_a;
+  const double mean_v_xh = go_xh * m_gx + v_a * m_ax;
+  return {sc,          go_xh,  go_c, r * go_xh, r * v_a, -r * mean_v,
+          -r * mean_v_xh - r * r * g * q, n * r * q};
 }
 
 template <typename T, bool Relu, bool Residual>
@@ -108,10 +170,9 @@ MP_INLINE void forward_channel(const ForwardArgs<T>& p, int64_t c) {
     squares += acc;
   }
   const double var = squares / count;
-  const double r = 1.0 / std::sqrt(var + p.eps);
-  const double g = static_cast<double>(p.gamma[c]);
-  const T scale = static_cast<T>(g * r);
-  const T shift = static_cast<T>(static_cast<double>(p.beta[c]) - mu * g * r);
+  const Normalisation nrm = normalisation(mu, var, p.eps, static_cast<double>(p.gamma[c]),
+                                          static_cast<double>(p.beta[c]));
+  const T scale = static_cast<T>(nrm.scale), shift = static_cast<T>(nrm.shift);
   for (int64_t i = 0; i < N; ++i) {
     const int64_t base = (i * C + c) * HW;
     const T* xr = p.x + base;
@@ -126,7 +187,7 @@ MP_INLINE void forward_channel(const ForwardArgs<T>& p, int64_t c) {
     }
   }
   p.mean[c] = mu_t;
-  p.invstd[c] = static_cast<T>(r);
+  p.invstd[c] = static_cast<T>(nrm.invstd);
   p.var[c] = static_cast<T>(var);
 }
 
@@ -148,11 +209,11 @@ MP_INLINE void backward_channel(const BackwardArgs<T>& p, int64_t c) {
     s_g += a_g;
     s_gx += a_gx;
   }
-  const double n = static_cast<double>(N * HW);
-  const double s = static_cast<double>(p.gamma[c]) * static_cast<double>(r);
-  // gx = s gz - s m_g - s m_gx xh
-  const T t_s = static_cast<T>(s), t_c = static_cast<T>(-s * s_g / n),
-          t_xh = static_cast<T>(-s * s_gx / n);
+  const InputGradient ig = input_gradient(static_cast<double>(N * HW),
+                                          static_cast<double>(p.gamma[c]),
+                                          static_cast<double>(r), s_g, s_gx);
+  const T t_s = static_cast<T>(ig.s), t_c = static_cast<T>(ig.c),
+          t_xh = static_cast<T>(ig.xh_coef);
   for (int64_t i = 0; i < N; ++i) {
     const int64_t base = (i * C + c) * HW;
     const T *xr = p.x + base, *gr = p.go + base;
@@ -202,25 +263,14 @@ MP_INLINE void double_backward_channel(const DoubleBackwardArgs<T>& p, int64_t c
     s_a_xh += t_a_xh;
     s_a_go += t_a_go;
   }
-  const double n = static_cast<double>(N * HW);
-  const double m_g = s_go / n, m_gx = s_go_xh / n, m_a = s_a / n, m_ax = s_a_xh / n,
-               m_ag = s_a_go / n;
-  const double sc = g * r;
-  const double q = m_ag - m_g * m_a - m_gx * m_ax;
-  p.out_gamma[c] = static_cast<T>(n * r * q);
-  // adjoint of gz = sc A + xh (Gg - sc m_ax) + (Gb - sc m_a) + R; of gO: that times the mask
-  const double go_xh_coef = gg_gamma - sc * m_ax;
-  const double go_const = gg_beta - sc * m_a;
-  // v = go_xh_coef gz - sc m_gx A; adjoint of x = r v + x_const + x_xh_coef xh
-  const double v_a_coef = -sc * m_gx;
-  const double mean_v = go_xh_coef * m_g + v_a_coef * m_a;
-  const double mean_v_xh = go_xh_coef * m_gx + v_a_coef * m_ax;
-  const double x_const = -r * mean_v;
-  const double x_xh_coef = -r * mean_v_xh - r * r * g * q;
-  const T t_sc = static_cast<T>(sc), t_go_xh = static_cast<T>(go_xh_coef),
-          t_go_c = static_cast<T>(go_const), t_rv = static_cast<T>(r * go_xh_coef),
-          t_ra = static_cast<T>(r * v_a_coef), t_xc = static_cast<T>(x_const),
-          t_xx = static_cast<T>(x_xh_coef);
+  const double sums[kDoubleBackwardSums] = {s_go, s_go_xh, s_a, s_a_xh, s_a_go};
+  const DoubleBackwardCoefficients k = double_backward_coefficients(
+      static_cast<double>(N * HW), r, g, gg_gamma, gg_beta, sums);
+  p.out_gamma[c] = static_cast<T>(k.gamma);
+  const T t_sc = static_cast<T>(k.sc), t_go_xh = static_cast<T>(k.go_xh),
+          t_go_c = static_cast<T>(k.go_c), t_rv = static_cast<T>(k.x_gz),
+          t_ra = static_cast<T>(k.x_a), t_xc = static_cast<T>(k.x_c),
+          t_xx = static_cast<T>(k.x_xh);
   for (int64_t i = 0; i < N; ++i) {
     const int64_t base = (i * C + c) * HW;
     const T *xr = p.x + base, *gr = p.go + base;
@@ -245,6 +295,281 @@ MP_INLINE void double_backward_channel(const DoubleBackwardArgs<T>& p, int64_t c
       ox[j] = vx;
     }
   }
+}
+
+// Channels-last (NHWC) kernels: the same maths on x viewed as [M, C] rows, M = N*H*W.
+//
+// The rows are cut into fixed chunks (`Chunks`: the sums then do not depend on the thread
+// count) and the threads share out the chunks, so a layer of 16 channels keeps every core busy.
+// Within a chunk the channels go a group at a time: a 64-byte vector of them (GCC's vector
+// types, so each clone gets whole-register code; loops over lanes were unrolled into scalar
+// code), then single channels past the last full group. A group's partial sums and
+// coefficients stay in registers while it streams down the chunk's rows, each access a whole
+// cache line. Each chunk's sums go to `partials` in double and are added up in chunk order.
+
+struct Chunks {
+  int64_t rows, size, count;
+  explicit Chunks(int64_t rows)
+      : rows(rows),
+        size(std::max<int64_t>(128, (rows + 1023) / 1024)),
+        count((rows + size - 1) / size) {}
+  int64_t begin(int64_t k) const { return k * size; }
+  int64_t end(int64_t k) const { return std::min(rows, (k + 1) * size); }
+};
+
+template <typename T>
+struct Lanes {
+  typedef T Vector __attribute__((vector_size(64)));
+};
+
+template <typename V, typename T>
+MP_INLINE V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+MP_INLINE void store(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// Lane l of v, V being a vector of T or T itself (a single channel).
+template <typename T, typename V>
+MP_INLINE T lane(const V& v, int64_t l) {
+  if constexpr (std::is_same_v<V, T>) {
+    return v;
+  } else {
+    return v[l];
+  }
+}
+
+template <typename T, typename V>
+constexpr int64_t lane_count() {
+  return static_cast<int64_t>(sizeof(V) / sizeof(T));
+}
+
+template <typename V, bool Relu, typename T>
+MP_INLINE V masked_lanes(const T* mask, const T* go, int64_t at) {
+  const V g = load<V>(go + at);
+  if constexpr (Relu) {
+    const V zero{};
+    return load<V>(mask + at) > zero ? g : zero;
+  } else {
+    return g;
+  }
+}
+
+// Per chunk and channel: the chunk's mean and sum of squared deviations, for Chan's merge.
+template <typename T, typename V>
+MP_INLINE void forward_stats_group(const ForwardArgs<T>& p, const Chunks& ch, int64_t k,
+                                   int64_t c0) {
+  const int64_t C = p.C, b = ch.begin(k), e = ch.end(k);
+  V acc{};
+  for (int64_t r = b; r < e; ++r) acc += load<V>(p.x + r * C + c0);
+  const T rows = static_cast<T>(e - b);
+  // Deviations from the chunk's rounded mean, whose own error the first sum corrects.
+  const V centre = acc / rows;
+  V s1{}, s2{};
+  for (int64_t r = b; r < e; ++r) {
+    const V d = load<V>(p.x + r * C + c0) - centre;
+    s1 += d;
+    s2 += d * d;
+  }
+  double* mean = p.partials + (2 * k) * C;
+  double* m2 = mean + C;
+  for (int64_t l = 0; l < lane_count<T, V>(); ++l) {
+    const double d1 = lane<T>(s1, l), n = static_cast<double>(e - b);
+    mean[c0 + l] = static_cast<double>(lane<T>(centre, l)) + d1 / n;
+    m2[c0 + l] = static_cast<double>(lane<T>(s2, l)) - d1 * d1 / n;
+  }
+}
+
+template <typename T, typename V, bool Relu, bool Residual>
+MP_INLINE void forward_apply_group(const ForwardArgs<T>& p, const Chunks& ch, int64_t k,
+                                   int64_t c0) {
+  const int64_t C = p.C;
+  const V scale = load<V>(p.coef + c0), shift = load<V>(p.coef + C + c0), zero{};
+  for (int64_t r = ch.begin(k); r < ch.end(k); ++r) {
+    const int64_t at = r * C + c0;
+    V v = load<V>(p.x + at) * scale + shift;
+    if constexpr (Residual) v += load<V>(p.residual + at);
+    if constexpr (Relu) v = v > zero ? v : zero;
+    store(p.y + at, v);
+  }
+}
+
+template <typename T, typename V, bool Relu>
+MP_INLINE void backward_sums_group(const BackwardArgs<T>& p, const Chunks& ch, int64_t k,
+                                   int64_t c0) {
+  const int64_t C = p.C;
+  const V mu = load<V>(p.mean + c0), r = load<V>(p.invstd + c0);
+  V a_g{}, a_gx{};
+  for (int64_t row = ch.begin(k); row < ch.end(k); ++row) {
+    const int64_t at = row * C + c0;
+    const V gz = masked_lanes<V, Relu>(p.mask, p.go, at);
+    a_g += gz;
+    a_gx += gz * ((load<V>(p.x + at) - mu) * r);
+  }
+  double* s_g = p.partials + (2 * k) * C;
+  double* s_gx = s_g + C;
+  for (int64_t l = 0; l < lane_count<T, V>(); ++l) {
+    s_g[c0 + l] = lane<T>(a_g, l);
+    s_gx[c0 + l] = lane<T>(a_gx, l);
+  }
+}
+
+template <typename T, typename V, bool Relu, bool Residual>
+MP_INLINE void backward_apply_group(const BackwardArgs<T>& p, const Chunks& ch, int64_t k,
+                                    int64_t c0) {
+  const int64_t C = p.C;
+  const V mu = load<V>(p.mean + c0), r = load<V>(p.invstd + c0);
+  const V t_s = load<V>(p.coef + c0), t_c = load<V>(p.coef + C + c0),
+          t_xh = load<V>(p.coef + 2 * C + c0);
+  for (int64_t row = ch.begin(k); row < ch.end(k); ++row) {
+    const int64_t at = row * C + c0;
+    const V gz = masked_lanes<V, Relu>(p.mask, p.go, at);
+    store(p.gx + at, t_s * gz + t_c + t_xh * ((load<V>(p.x + at) - mu) * r));
+    if constexpr (Residual) store(p.gresidual + at, gz);
+  }
+}
+
+template <typename T, typename V, bool Relu, bool HasA>
+MP_INLINE void double_backward_sums_group(const DoubleBackwardArgs<T>& p, const Chunks& ch,
+                                          int64_t k, int64_t c0) {
+  const int64_t C = p.C;
+  const V mu = load<V>(p.mean + c0), r = load<V>(p.invstd + c0);
+  V t_go{}, t_go_xh{}, t_a{}, t_a_xh{}, t_a_go{};
+  for (int64_t row = ch.begin(k); row < ch.end(k); ++row) {
+    const int64_t at = row * C + c0;
+    const V xh = (load<V>(p.x + at) - mu) * r;
+    const V gz = masked_lanes<V, Relu>(p.mask, p.go, at);
+    t_go += gz;
+    t_go_xh += gz * xh;
+    if constexpr (HasA) {
+      const V a = load<V>(p.a + at);
+      t_a += a;
+      t_a_xh += a * xh;
+      t_a_go += a * gz;
+    }
+  }
+  double* out = p.partials + (kDoubleBackwardSums * k) * C + c0;
+  for (int64_t l = 0; l < lane_count<T, V>(); ++l) {
+    out[l] = lane<T>(t_go, l);
+    out[C + l] = lane<T>(t_go_xh, l);
+    out[2 * C + l] = lane<T>(t_a, l);
+    out[3 * C + l] = lane<T>(t_a_xh, l);
+    out[4 * C + l] = lane<T>(t_a_go, l);
+  }
+}
+
+// Rows of `coef` for the double backward's element-wise pass.
+enum DoubleBackwardCoef { kSc, kGoXh, kGoC, kXGz, kXA, kXC, kXXh, kDoubleBackwardCoefs };
+
+template <typename T, typename V, bool Relu, bool HasA, bool HasR>
+MP_INLINE void double_backward_apply_group(const DoubleBackwardArgs<T>& p, const Chunks& ch,
+                                           int64_t k, int64_t c0) {
+  const int64_t C = p.C;
+  const V mu = load<V>(p.mean + c0), r = load<V>(p.invstd + c0);
+  const T* coef = p.coef + c0;
+  const V sc = load<V>(coef + kSc * C), go_xh = load<V>(coef + kGoXh * C),
+          go_c = load<V>(coef + kGoC * C), x_gz = load<V>(coef + kXGz * C),
+          x_a = load<V>(coef + kXA * C), x_c = load<V>(coef + kXC * C),
+          x_xh = load<V>(coef + kXXh * C), zero{};
+  for (int64_t row = ch.begin(k); row < ch.end(k); ++row) {
+    const int64_t at = row * C + c0;
+    const V xh = (load<V>(p.x + at) - mu) * r;
+    const V gz = masked_lanes<V, Relu>(p.mask, p.go, at);
+    V adj = go_xh * xh + go_c;
+    V vx = x_gz * gz + x_c + x_xh * xh;
+    if constexpr (HasA) {
+      const V a = load<V>(p.a + at);
+      adj += sc * a;
+      vx += x_a * a;
+    }
+    if constexpr (HasR) adj += load<V>(p.ar + at);
+    if constexpr (Relu) adj = load<V>(p.mask + at) > zero ? adj : zero;
+    store(p.out_go + at, adj);
+    store(p.out_x + at, vx);
+  }
+}
+
+// Each phase as a type whose `group<V>` the chunk loop calls for a vector of channels or one.
+#define MP_PHASE(Name, Args, Call, ...)                                                  \
+  template <typename T, ##__VA_ARGS__>                                                  \
+  struct Name {                                                                          \
+    using ArgsT = Args<T>;                                                               \
+    template <typename V>                                                                \
+    MP_INLINE static void group(const ArgsT& p, const Chunks& ch, int64_t k, int64_t c0) { \
+      Call;                                                                              \
+    }                                                                                    \
+  };
+
+MP_PHASE(ForwardStats, ForwardArgs, (forward_stats_group<T, V>(p, ch, k, c0)))
+MP_PHASE(ForwardApply, ForwardArgs,
+         (forward_apply_group<T, V, Relu, Residual>(p, ch, k, c0)), bool Relu, bool Residual)
+MP_PHASE(BackwardSums, BackwardArgs, (backward_sums_group<T, V, Relu>(p, ch, k, c0)),
+         bool Relu)
+MP_PHASE(BackwardApply, BackwardArgs,
+         (backward_apply_group<T, V, Relu, Residual>(p, ch, k, c0)), bool Relu, bool Residual)
+MP_PHASE(DoubleBackwardSums, DoubleBackwardArgs,
+         (double_backward_sums_group<T, V, Relu, HasA>(p, ch, k, c0)), bool Relu, bool HasA)
+MP_PHASE(DoubleBackwardApply, DoubleBackwardArgs,
+         (double_backward_apply_group<T, V, Relu, HasA, HasR>(p, ch, k, c0)), bool Relu,
+         bool HasA, bool HasR)
+#undef MP_PHASE
+
+template <typename T, typename Phase>
+MP_INLINE void chunk_range(const typename Phase::ArgsT& p, int64_t begin, int64_t end) {
+  using V = typename Lanes<T>::Vector;
+  constexpr int64_t W = lane_count<T, V>();
+  const Chunks ch(p.N * p.HW);
+  for (int64_t k = begin; k < end; ++k) {
+    int64_t c0 = 0;
+    for (; c0 + W <= p.C; c0 += W) Phase::template group<V>(p, ch, k, c0);
+    for (; c0 < p.C; ++c0) Phase::template group<T>(p, ch, k, c0);
+  }
+}
+
+// The phases, dispatched from runtime flags; `stage` 0 runs the sums, 1 the element-wise pass.
+template <typename T>
+MP_INLINE void forward_chunks(const ForwardArgs<T>& p, int stage, int64_t b, int64_t e) {
+  const bool residual = p.residual != nullptr;
+  if (stage == 0) chunk_range<T, ForwardStats<T>>(p, b, e);
+  else if (p.relu && residual) chunk_range<T, ForwardApply<T, true, true>>(p, b, e);
+  else if (p.relu) chunk_range<T, ForwardApply<T, true, false>>(p, b, e);
+  else if (residual) chunk_range<T, ForwardApply<T, false, true>>(p, b, e);
+  else chunk_range<T, ForwardApply<T, false, false>>(p, b, e);
+}
+
+template <typename T>
+MP_INLINE void backward_chunks(const BackwardArgs<T>& p, int stage, int64_t b, int64_t e) {
+  const bool relu = p.mask != nullptr, residual = p.gresidual != nullptr;
+  if (stage == 0 && relu) chunk_range<T, BackwardSums<T, true>>(p, b, e);
+  else if (stage == 0) chunk_range<T, BackwardSums<T, false>>(p, b, e);
+  else if (relu && residual) chunk_range<T, BackwardApply<T, true, true>>(p, b, e);
+  else if (relu) chunk_range<T, BackwardApply<T, true, false>>(p, b, e);
+  else if (residual) chunk_range<T, BackwardApply<T, false, true>>(p, b, e);
+  else chunk_range<T, BackwardApply<T, false, false>>(p, b, e);
+}
+
+template <typename T, bool Relu>
+MP_INLINE void double_backward_chunks_relu(const DoubleBackwardArgs<T>& p, int stage,
+                                           int64_t b, int64_t e) {
+  const bool has_a = p.a != nullptr, has_r = p.ar != nullptr;
+  if (stage == 0 && has_a) chunk_range<T, DoubleBackwardSums<T, Relu, true>>(p, b, e);
+  else if (stage == 0) chunk_range<T, DoubleBackwardSums<T, Relu, false>>(p, b, e);
+  else if (has_a && has_r) chunk_range<T, DoubleBackwardApply<T, Relu, true, true>>(p, b, e);
+  else if (has_a) chunk_range<T, DoubleBackwardApply<T, Relu, true, false>>(p, b, e);
+  else if (has_r) chunk_range<T, DoubleBackwardApply<T, Relu, false, true>>(p, b, e);
+  else chunk_range<T, DoubleBackwardApply<T, Relu, false, false>>(p, b, e);
+}
+
+template <typename T>
+MP_INLINE void double_backward_chunks(const DoubleBackwardArgs<T>& p, int stage, int64_t b,
+                                      int64_t e) {
+  if (p.mask != nullptr) double_backward_chunks_relu<T, true>(p, stage, b, e);
+  else double_backward_chunks_relu<T, false>(p, stage, b, e);
 }
 
 // Dispatch from runtime flags to the template instantiations, all inlined into the cloned
@@ -331,10 +656,59 @@ MP_CPU_CLONES void double_backward_f64(const DoubleBackwardArgs<double>& p, int6
   double_backward_range(p, b, e);
 }
 
+MP_CPU_CLONES void forward_chunks_f32(const ForwardArgs<float>& p, int stage, int64_t b,
+                                      int64_t e) {
+  forward_chunks(p, stage, b, e);
+}
+MP_CPU_CLONES void forward_chunks_f64(const ForwardArgs<double>& p, int stage, int64_t b,
+                                      int64_t e) {
+  forward_chunks(p, stage, b, e);
+}
+MP_CPU_CLONES void backward_chunks_f32(const BackwardArgs<float>& p, int stage, int64_t b,
+                                       int64_t e) {
+  backward_chunks(p, stage, b, e);
+}
+MP_CPU_CLONES void backward_chunks_f64(const BackwardArgs<double>& p, int stage, int64_t b,
+                                       int64_t e) {
+  backward_chunks(p, stage, b, e);
+}
+MP_CPU_CLONES void double_backward_chunks_f32(const DoubleBackwardArgs<float>& p, int stage,
+                                              int64_t b, int64_t e) {
+  double_backward_chunks(p, stage, b, e);
+}
+MP_CPU_CLONES void double_backward_chunks_f64(const DoubleBackwardArgs<double>& p, int stage,
+                                              int64_t b, int64_t e) {
+  double_backward_chunks(p, stage, b, e);
+}
+
 // Runs a kernel's cloned entry point over the channels, split among libtorch's threads.
 template <typename Args>
 void run(const Args& p, void (*entry)(const Args&, int64_t, int64_t)) {
   at::parallel_for(0, p.C, 1, [&](int64_t b, int64_t e) { entry(p, b, e); });
+}
+
+// Runs one stage of a channels-last kernel over the row chunks, split among the threads.
+template <typename Args>
+void run_stage(const Args& p, int stage, void (*entry)(const Args&, int, int64_t, int64_t)) {
+  const Chunks ch(p.N * p.HW);
+  at::parallel_for(0, ch.count, 1, [&](int64_t b, int64_t e) { entry(p, stage, b, e); });
+}
+
+void run_stage(const ForwardArgs<float>& p, int stage) { run_stage(p, stage, forward_chunks_f32); }
+void run_stage(const ForwardArgs<double>& p, int stage) {
+  run_stage(p, stage, forward_chunks_f64);
+}
+void run_stage(const BackwardArgs<float>& p, int stage) {
+  run_stage(p, stage, backward_chunks_f32);
+}
+void run_stage(const BackwardArgs<double>& p, int stage) {
+  run_stage(p, stage, backward_chunks_f64);
+}
+void run_stage(const DoubleBackwardArgs<float>& p, int stage) {
+  run_stage(p, stage, double_backward_chunks_f32);
+}
+void run_stage(const DoubleBackwardArgs<double>& p, int stage) {
+  run_stage(p, stage, double_backward_chunks_f64);
 }
 
 void run(const ForwardArgs<float>& p) { run(p, forward_f32); }
@@ -344,10 +718,125 @@ void run(const BackwardArgs<double>& p) { run(p, backward_f64); }
 void run(const DoubleBackwardArgs<float>& p) { run(p, double_backward_f32); }
 void run(const DoubleBackwardArgs<double>& p) { run(p, double_backward_f64); }
 
-// `t` contiguous in `like`'s dtype, or undefined when `t` is.
-Tensor contiguous_like(const Tensor& t, const Tensor& like) {
+// The channels-last directions: the sums stage, the per-channel maths on the chunks' sums (in
+// chunk order), then the element-wise stage.
+template <typename T>
+void run_channels_last(ForwardArgs<T> p) {
+  const Chunks ch(p.N * p.HW);
+  const int64_t C = p.C;
+  std::vector<double> partials(2 * ch.count * C);
+  std::vector<T> coef(2 * C);
+  p.partials = partials.data();
+  p.coef = coef.data();
+  run_stage(p, 0);
+  const double n = static_cast<double>(ch.rows);
+  for (int64_t c = 0; c < C; ++c) {
+    // Chan's merge of the chunks' means and sums of squared deviations.
+    double mean = 0;
+    for (int64_t k = 0; k < ch.count; ++k)
+      mean += partials[2 * k * C + c] * static_cast<double>(ch.end(k) - ch.begin(k));
+    mean /= n;
+    double m2 = 0;
+    for (int64_t k = 0; k < ch.count; ++k) {
+      const double d = partials[2 * k * C + c] - mean;
+      m2 += partials[(2 * k + 1) * C + c] + static_cast<double>(ch.end(k) - ch.begin(k)) * d * d;
+    }
+    const double var = m2 / n;
+    const Normalisation nrm = normalisation(mean, var, p.eps, static_cast<double>(p.gamma[c]),
+                                            static_cast<double>(p.beta[c]));
+    coef[c] = static_cast<T>(nrm.scale);
+    coef[C + c] = static_cast<T>(nrm.shift);
+    p.mean[c] = static_cast<T>(mean);
+    p.invstd[c] = static_cast<T>(nrm.invstd);
+    p.var[c] = static_cast<T>(var);
+  }
+  run_stage(p, 1);
+}
+
+template <typename T>
+void run_channels_last(BackwardArgs<T> p) {
+  const Chunks ch(p.N * p.HW);
+  const int64_t C = p.C;
+  std::vector<double> partials(2 * ch.count * C);
+  std::vector<T> coef(3 * C);
+  p.partials = partials.data();
+  p.coef = coef.data();
+  run_stage(p, 0);
+  for (int64_t c = 0; c < C; ++c) {
+    double s_g = 0, s_gx = 0;
+    for (int64_t k = 0; k < ch.count; ++k) {
+      s_g += partials[2 * k * C + c];
+      s_gx += partials[(2 * k + 1) * C + c];
+    }
+    const InputGradient ig = input_gradient(static_cast<double>(ch.rows),
+                                            static_cast<double>(p.gamma[c]),
+                                            static_cast<double>(p.invstd[c]), s_g, s_gx);
+    coef[c] = static_cast<T>(ig.s);
+    coef[C + c] = static_cast<T>(ig.c);
+    coef[2 * C + c] = static_cast<T>(ig.xh_coef);
+    p.ggamma[c] = static_cast<T>(s_gx);
+    p.gbeta[c] = static_cast<T>(s_g);
+  }
+  run_stage(p, 1);
+}
+
+template <typename T>
+void run_channels_last(DoubleBackwardArgs<T> p) {
+  const Chunks ch(p.N * p.HW);
+  const int64_t C = p.C;
+  std::vector<double> partials(kDoubleBackwardSums * ch.count * C);
+  std::vector<T> coef(kDoubleBackwardCoefs * C);
+  p.partials = partials.data();
+  p.coef = coef.data();
+  run_stage(p, 0);
+  for (int64_t c = 0; c < C; ++c) {
+    double sums[kDoubleBackwardSums] = {};
+    for (int64_t k = 0; k < ch.count; ++k)
+      for (int j = 0; j < kDoubleBackwardSums; ++j)
+        sums[j] += partials[(kDoubleBackwardSums * k + j) * C + c];
+    const double gg_gamma = p.gg_gamma ? static_cast<double>(p.gg_gamma[c]) : 0.0;
+    const double gg_beta = p.gg_beta ? static_cast<double>(p.gg_beta[c]) : 0.0;
+    const DoubleBackwardCoefficients q = double_backward_coefficients(
+        static_cast<double>(ch.rows), static_cast<double>(p.invstd[c]),
+        static_cast<double>(p.gamma[c]), gg_gamma, gg_beta, sums);
+    p.out_gamma[c] = static_cast<T>(q.gamma);
+    const double row[kDoubleBackwardCoefs] = {q.sc, q.go_xh, q.go_c, q.x_gz,
+                                              q.x_a, q.x_c, q.x_xh};
+    for (int j = 0; j < kDoubleBackwardCoefs; ++j) coef[j * C + c] = static_cast<T>(row[j]);
+  }
+  run_stage(p, 1);
+}
+
+// Either layout's kernels for the args' tensors.
+template <typename Args>
+void run(const Args& p, bool channels_last) {
+  if (channels_last) run_channels_last(p);
+  else run(p);
+}
+
+// The layout the kernels run x in: channels-last where x is a 4-d NHWC tensor (not also
+// contiguous, as when C or H*W is 1: the layouts then coincide), else contiguous NCHW. All
+// activation-shaped tensors of a call are brought to x's layout.
+at::MemoryFormat layout_for(const Tensor& x) {
+  const bool nhwc =
+      x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+bool channels_last(const Tensor& x) {
+  return layout_for(x) == at::MemoryFormat::ChannelsLast;
+}
+
+// `t`, shaped as x, in x's dtype and layout, or undefined when `t` is.
+Tensor activation_like(const Tensor& t, const Tensor& x) {
   if (!t.defined()) return t;
-  return t.to(like.scalar_type()).contiguous();
+  return t.to(x.scalar_type()).contiguous(layout_for(x));
+}
+
+// A per-channel `t` contiguous in x's dtype, or undefined when `t` is.
+Tensor channel_vector_like(const Tensor& t, const Tensor& x) {
+  if (!t.defined()) return t;
+  return t.to(x.scalar_type()).contiguous();
 }
 
 template <typename T>
@@ -385,12 +874,12 @@ struct FusedBatchNormBackward : public torch::autograd::Function<FusedBatchNormB
     ctx->saved_data["mask"] = stats.mask;
     ctx->saved_data["mean"] = stats.mean;
     ctx->saved_data["invstd"] = stats.invstd;
-    const Tensor go = grad_out.contiguous();
-    const Tensor mask = contiguous_like(stats.mask, x);
-    const Tensor g = contiguous_like(gamma, x);
+    const Tensor go = activation_like(grad_out, x);
+    const Tensor mask = activation_like(stats.mask, x);
+    const Tensor g = channel_vector_like(gamma, x);
     const int64_t C = x.size(1);
-    Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
-    Tensor gresidual = stats.residual ? at::empty_like(x, at::MemoryFormat::Contiguous) : Tensor();
+    Tensor gx = at::empty_like(x, layout_for(x));
+    Tensor gresidual = stats.residual ? at::empty_like(x, layout_for(x)) : Tensor();
     Tensor ggamma = at::empty({C}, x.options());
     Tensor gbeta = at::empty({C}, x.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused batch norm backward", [&] {
@@ -400,7 +889,7 @@ struct FusedBatchNormBackward : public torch::autograd::Function<FusedBatchNormB
                                0, 0, 0, gx.data_ptr<scalar_t>(), mutable_or_null<scalar_t>(gresidual),
                                ggamma.data_ptr<scalar_t>(), gbeta.data_ptr<scalar_t>()};
       view_dims(x, p.N, p.C, p.HW);
-      run(p);
+      run(p, channels_last(x));
     });
     if (stats.residual) return {gx, ggamma, gbeta, gresidual};
     return {gx, ggamma, gbeta};
@@ -408,18 +897,18 @@ struct FusedBatchNormBackward : public torch::autograd::Function<FusedBatchNormB
 
   static variable_list backward(AutogradContext* ctx, variable_list adjoints) {
     auto saved = ctx->get_saved_variables();
-    const Tensor go = saved[0].contiguous();
-    const Tensor x = saved[1];  // contiguous: the forward saved its contiguous input
-    const Tensor gamma = contiguous_like(saved[2], x);
-    const Tensor mask = contiguous_like(ctx->saved_data["mask"].toTensor(), x);
+    const Tensor x = saved[1];  // in its kernels' layout: the forward saved what it ran on
+    const Tensor go = activation_like(saved[0], x);
+    const Tensor gamma = channel_vector_like(saved[2], x);
+    const Tensor mask = activation_like(ctx->saved_data["mask"].toTensor(), x);
     const Tensor mean = ctx->saved_data["mean"].toTensor();
     const Tensor invstd = ctx->saved_data["invstd"].toTensor();
-    const Tensor a = contiguous_like(adjoints[0], x);
-    const Tensor gg_gamma = contiguous_like(adjoints[1], x);
-    const Tensor gg_beta = contiguous_like(adjoints[2], x);
-    const Tensor ar = adjoints.size() > 3 ? contiguous_like(adjoints[3], x) : Tensor();
-    Tensor out_go = at::empty_like(x, at::MemoryFormat::Contiguous);
-    Tensor out_x = at::empty_like(x, at::MemoryFormat::Contiguous);
+    const Tensor a = activation_like(adjoints[0], x);
+    const Tensor gg_gamma = channel_vector_like(adjoints[1], x);
+    const Tensor gg_beta = channel_vector_like(adjoints[2], x);
+    const Tensor ar = adjoints.size() > 3 ? activation_like(adjoints[3], x) : Tensor();
+    Tensor out_go = at::empty_like(x, layout_for(x));
+    Tensor out_x = at::empty_like(x, layout_for(x));
     Tensor out_gamma = at::empty({x.size(1)}, x.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused batch norm double backward", [&] {
       DoubleBackwardArgs<scalar_t> p{
@@ -431,7 +920,7 @@ struct FusedBatchNormBackward : public torch::autograd::Function<FusedBatchNormB
           0, 0, 0, out_go.data_ptr<scalar_t>(), out_x.data_ptr<scalar_t>(),
           out_gamma.data_ptr<scalar_t>()};
       view_dims(x, p.N, p.C, p.HW);
-      run(p);
+      run(p, channels_last(x));
     });
     return {out_go, out_x, out_gamma, Tensor()};
   }
@@ -465,9 +954,9 @@ struct FusedBatchNorm : public torch::autograd::Function<FusedBatchNorm> {
       TORCH_CHECK(residual->scalar_type() == x.scalar_type(), "residual must be ",
                   x.scalar_type(), " as the input is, got ", residual->scalar_type());
     }
-    const Tensor xc = x.contiguous();
-    const Tensor rc = residual ? residual->contiguous() : Tensor();
-    Tensor y = at::empty_like(xc, at::MemoryFormat::Contiguous);
+    const Tensor xc = x.contiguous(layout_for(x));
+    const Tensor rc = residual ? activation_like(*residual, xc) : Tensor();
+    Tensor y = at::empty_like(xc, layout_for(xc));
     Tensor mean = at::empty({channels}, x.options());
     Tensor invstd = at::empty({channels}, x.options());
     Tensor var = at::empty({channels}, x.options());
@@ -480,7 +969,7 @@ struct FusedBatchNorm : public torch::autograd::Function<FusedBatchNorm> {
                               invstd.data_ptr<scalar_t>(), var.data_ptr<scalar_t>()};
       view_dims(xc, p.N, p.C, p.HW);
       count = p.N * p.HW;
-      run(p);
+      run(p, channels_last(xc));
     });
     if (running_mean || running_var) {
       TORCH_CHECK(count > 1, "running statistics need more than 1 value per channel, got ",
@@ -517,13 +1006,6 @@ struct FusedBatchNorm : public torch::autograd::Function<FusedBatchNorm> {
   }
 };
 
-char* error_copy(const char* what) {
-  size_t n = std::strlen(what) + 1;
-  char* copy = static_cast<char*>(std::malloc(n));
-  if (copy != nullptr) std::memcpy(copy, what, n);
-  return copy;
-}
-
 }  // namespace
 
 extern "C" {
@@ -546,7 +1028,7 @@ char* mp_fused_batch_norm(const Tensor* x, const Tensor* gamma, const Tensor* be
     *out = new Tensor(y[0]);
     return nullptr;
   } catch (const std::exception& e) {
-    return error_copy(e.what());
+    return mp_error_copy(e.what());
   }
 }
 

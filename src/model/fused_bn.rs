@@ -5,7 +5,7 @@
 //! where libtorch runs a scalar statistics loop, a separate ReLU pass each way, and a
 //! composite of some thirty kernels for the second derivative.
 
-use std::ffi::{c_char, CStr};
+use std::ffi::c_char;
 use tch::{Device, Kind, TchError, Tensor};
 use torch_sys::C_tensor;
 
@@ -22,16 +22,13 @@ extern "C" {
         relu: std::ffi::c_int,
         out: *mut *mut C_tensor,
     ) -> *mut c_char;
-    fn mp_free_error(message: *mut c_char);
 }
 
-/// Whether the fused kernels serve `x`: float32 or float64 on the CPU, at least 2-d, in
-/// contiguous (NCHW) layout.
+/// Whether the fused kernels serve `x`: float32 or float64 on the CPU, at least 2-d. They run
+/// on contiguous (NCHW) and channels-last (NHWC) tensors; any other strides are copied to NCHW
+/// first.
 pub fn applies_to(x: &Tensor) -> bool {
-    x.device() == Device::Cpu
-        && matches!(x.kind(), Kind::Float | Kind::Double)
-        && x.dim() >= 2
-        && x.is_contiguous()
+    x.device() == Device::Cpu && matches!(x.kind(), Kind::Float | Kind::Double) && x.dim() >= 2
 }
 
 /// What follows the batch norm inside the fused op.
@@ -76,14 +73,7 @@ pub fn batch_norm_train(
             std::ffi::c_int::from(epilogue.relu),
             &mut out,
         );
-        if !err.is_null() {
-            let text = CStr::from_ptr(err).to_string_lossy();
-            // libtorch appends a C++ backtrace; its first line is the message.
-            let first = text.lines().next().unwrap_or("").to_string();
-            mp_free_error(err);
-            return Err(TchError::Torch(format!("fused batch norm: {first}")));
-        }
-        Ok(Tensor::from_ptr(out))
+        super::ffi::output("fused batch norm", err, out)
     }
 }
 
@@ -215,16 +205,65 @@ mod tests {
         }
     }
 
+    /// The channels-last kernels (row chunks, vectors of channels, single channels past the
+    /// last full vector) against libtorch's composite on the same NHWC inputs, float64. The
+    /// shapes give one and several chunks, whole vectors only and vectors plus single
+    /// channels; the residual comes in NCHW, so it is converted.
+    #[test]
+    fn channels_last_derivatives_match_libtorch_to_float64_precision() {
+        for (shape, seed) in [
+            (&[3i64, 19, 5, 4][..], 6),
+            (&[2, 8, 3, 3][..], 7),
+            (&[4, 11, 9, 10][..], 8),
+        ] {
+            let mut inputs = inputs(shape, seed);
+            for i in [0, 4, 5, 8] {
+                inputs[i] = crate::model::to_channels_last(&inputs[i]);
+            }
+            assert_eq!(inputs[0].stride()[1], 1, "x is channels-last");
+            for epilogue in EPILOGUES {
+                for with_gx in [true, false] {
+                    let fused = derivatives(true, &inputs, epilogue, with_gx);
+                    assert_eq!(fused[0].stride()[1], 1, "the NHWC kernels ran");
+                    let native = derivatives(false, &inputs, epilogue, with_gx);
+                    for (i, (a, b)) in fused.iter().zip(native.iter()).enumerate() {
+                        let scale = b.abs().max().double_value(&[]).max(1e-3);
+                        let err = (a - b).abs().max().double_value(&[]) / scale;
+                        assert!(
+                            err < 1e-10,
+                            "channels-last shape {shape:?} (residual, relu) {epilogue:?} \
+                             with_gx {with_gx} output {i}: relative error {err}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// In float32 (the crafting dtype) the fused op keeps to libtorch's composite within
     /// float32 rounding, for activations whose mean is far from zero.
     #[test]
     fn float32_values_and_gradients_match_libtorch() {
+        // NCHW, then channels-last with a vector of 16 channels and 4 single ones.
+        for (shape, nhwc) in [([16i64, 4, 8, 8], false), ([16, 20, 8, 8], true)] {
+            float32_case(shape, nhwc);
+        }
+    }
+
+    fn float32_case(shape: [i64; 4], nhwc: bool) {
         let mut rng = crate::craft::rng::SplitMix64::new(5);
         let opts = (Kind::Float, Device::Cpu);
-        let x = (rng.normal_tensor(&[16, 4, 8, 8], 2.0, opts) + 20.0).set_requires_grad(true);
-        let gamma = rng.uniform_tensor(&[4], 0.5, 1.5, opts);
-        let beta = rng.normal_tensor(&[4], 1.0, opts);
-        let upstream = rng.normal_tensor(&[16, 4, 8, 8], 1.0, opts);
+        let layout = |t: Tensor| {
+            if nhwc {
+                crate::model::to_channels_last(&t)
+            } else {
+                t
+            }
+        };
+        let x = layout(rng.normal_tensor(&shape, 2.0, opts) + 20.0).set_requires_grad(true);
+        let gamma = rng.uniform_tensor(&[shape[1]], 0.5, 1.5, opts);
+        let beta = rng.normal_tensor(&[shape[1]], 1.0, opts);
+        let upstream = layout(rng.normal_tensor(&shape, 1.0, opts));
         let epilogue = Epilogue {
             residual: None,
             relu: true,
@@ -239,8 +278,16 @@ mod tests {
             (y.detach(), g[0].shallow_clone())
         };
         let ((y1, g1), (y2, g2)) = (grad(true), grad(false));
-        assert!(y1.allclose(&y2, 1e-4, 1e-4, false), "values");
-        assert!(g1.allclose(&g2, 1e-3, 1e-4, false), "gradients");
+        assert_eq!(
+            y1.stride()[1] == 1,
+            nhwc,
+            "the output keeps the input's layout"
+        );
+        assert!(y1.allclose(&y2, 1e-4, 1e-4, false), "values, nhwc {nhwc}");
+        assert!(
+            g1.allclose(&g2, 1e-3, 1e-4, false),
+            "gradients, nhwc {nhwc}"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The layer context shared by weight construction and the forward pass.
 
+use super::OwnOps;
 use crate::config::NetKind;
 use crate::craft::rng::SplitMix64;
 use tch::{Device, Kind, Tensor};
@@ -34,9 +35,8 @@ enum Source<'a> {
         bi: usize,
         /// Surrogates batched along the channel axis (see `Network::forward_grouped`).
         groups: i64,
-        /// Training-mode batch norm (with the ReLU and residual add after it) on the CPU
-        /// through `fused_bn`'s fused kernels.
-        fused_batch_norm: bool,
+        /// The crate's own ops to use where they serve.
+        ops: OwnOps,
     },
 }
 
@@ -93,9 +93,9 @@ impl<'a> Layers<'a> {
         weights: &'a [Tensor],
         buffers: &'a [Tensor],
         mode: Mode,
-        fused_batch_norm: bool,
+        ops: OwnOps,
     ) -> Layers<'a> {
-        Layers::apply_grouped(weights, buffers, mode, 1, fused_batch_norm)
+        Layers::apply_grouped(weights, buffers, mode, 1, ops)
     }
 
     /// Apply mode for `groups` networks at once: every weight holds the networks' tensors
@@ -106,7 +106,7 @@ impl<'a> Layers<'a> {
         buffers: &'a [Tensor],
         mode: Mode,
         groups: i64,
-        fused_batch_norm: bool,
+        ops: OwnOps,
     ) -> Layers<'a> {
         Layers {
             source: Source::Apply {
@@ -116,7 +116,7 @@ impl<'a> Layers<'a> {
                 wi: 0,
                 bi: 0,
                 groups,
-                fused_batch_norm,
+                ops,
             },
         }
     }
@@ -188,6 +188,14 @@ impl<'a> Layers<'a> {
                 init.normal(&[out, cin, k, k], (2.0 / fan_out).sqrt())
             }
         });
+        let direct = match &self.source {
+            Source::Apply { ops, .. } => ops.direct_conv_double_backward,
+            Source::Build { .. } => false,
+        };
+        if direct && super::conv2d::applies_to(x) {
+            return super::conv2d::conv2d(x, &w, stride, k / 2, self.groups())
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
         x.conv2d(&w, None::<Tensor>, [stride], [k / 2], [1], self.groups())
     }
 
@@ -259,13 +267,10 @@ impl<'a> Layers<'a> {
         let (running, training) = match &self.source {
             Source::Build { .. } => (None, true),
             Source::Apply {
-                buffers,
-                mode,
-                fused_batch_norm,
-                ..
+                buffers, mode, ops, ..
             } => {
                 let running = (&buffers[bn.buffer], &buffers[bn.buffer + 1]);
-                let fused = *fused_batch_norm
+                let fused = ops.fused_batch_norm
                     && *mode != Mode::Eval
                     && super::fused_bn::applies_to(x)
                     && residual.is_none_or(super::fused_bn::applies_to);

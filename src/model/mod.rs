@@ -7,6 +7,8 @@
 //! forward pass.
 
 pub mod augment;
+mod conv2d;
+mod ffi;
 mod fused_bn;
 mod layers;
 mod nets;
@@ -166,9 +168,29 @@ pub struct Network {
     /// that layout. The maths is unchanged; only the memory order of activations and conv
     /// weights differs.
     pub channels_last: bool,
+    /// Which of the crate's own ops the layers use where they serve.
+    pub ops: OwnOps,
+}
+
+/// The crate's own C++ ops, each on where it serves (libtorch's kernels otherwise, with the
+/// same maths).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnOps {
     /// Training-mode batch norm (with the ReLU and residual add after it) on the CPU through
-    /// `fused_bn`'s fused kernels; libtorch's own when off or on other devices.
+    /// `fused_bn`'s fused kernels.
     pub fused_batch_norm: bool,
+    /// Convolutions on the CPU through `conv2d`, whose second derivative runs on the
+    /// backend's backward kernels instead of convolving transposed copies.
+    pub direct_conv_double_backward: bool,
+}
+
+impl Default for OwnOps {
+    fn default() -> Self {
+        OwnOps {
+            fused_batch_norm: true,
+            direct_conv_double_backward: true,
+        }
+    }
 }
 
 impl Network {
@@ -186,7 +208,7 @@ impl Network {
             width: width as i64,
             norm,
             channels_last: false,
-            fused_batch_norm: true,
+            ops: OwnOps::default(),
         }
     }
 
@@ -198,7 +220,13 @@ impl Network {
 
     /// The same network with batch norm's fused second derivative on the CPU (or not).
     pub fn with_fused_batch_norm(mut self, on: bool) -> Self {
-        self.fused_batch_norm = on;
+        self.ops.fused_batch_norm = on;
+        self
+    }
+
+    /// The same network with the convolutions' direct second derivative on the CPU (or not).
+    pub fn with_direct_conv_double_backward(mut self, on: bool) -> Self {
+        self.ops.direct_conv_double_backward = on;
         self
     }
 
@@ -235,7 +263,7 @@ impl Network {
         x: &Tensor,
         mode: Mode,
     ) -> Tensor {
-        let mut layers = Layers::apply(weights, buffers, mode, self.fused_batch_norm);
+        let mut layers = Layers::apply(weights, buffers, mode, self.ops);
         let input = self.layout(self.norm.apply(x));
         let out = nets::body(self, &mut layers, &input);
         layers.finish();
@@ -264,7 +292,7 @@ impl Network {
                     .transpose(0, 1)
                     .reshape([n, m * c, h, w]),
             );
-        let mut layers = Layers::apply_grouped(weights, buffers, mode, m, self.fused_batch_norm);
+        let mut layers = Layers::apply_grouped(weights, buffers, mode, m, self.ops);
         let out = nets::body(self, &mut layers, &input);
         layers.finish();
         if m == 1 {
