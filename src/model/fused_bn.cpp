@@ -50,8 +50,9 @@ namespace {
 
 #define MP_INLINE inline __attribute__((always_inline))
 
-// Every kernel views its tensors as [N, C, HW] (contiguous) and works on one channel at a time;
-// a null pointer stands for an absent input (no residual, no ReLU mask, a zero adjoint).
+// The NCHW kernels view their tensors as [N, C, HW] (contiguous) and work on one channel at a
+// time; the channels-last ones (further down) as [N*HW, C] rows. A null pointer stands for an
+// absent input (no residual, no ReLU mask, a zero adjoint).
 template <typename T>
 struct ForwardArgs {
   const T *x, *residual, *gamma, *beta;
