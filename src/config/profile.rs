@@ -7,7 +7,7 @@
 //! poison-holding batch unrolled, 4 surrogates staggered by 5 epochs so that the ensemble spans
 //! the 20 epochs a CPU victim trains (README, "What the default run does").
 
-use super::{Auto, Config};
+use super::{Auto, Config, NetKind};
 
 /// The values `auto` fields take on one kind of hardware.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -26,9 +26,13 @@ pub struct HardwareProfile {
     /// All surrogates as one grouped network (BENCHMARKS.md: several times faster on a GPU,
     /// no faster with oneDNN on a CPU).
     pub grouped_surrogates: bool,
-    /// Convolutions on channels-last tensors (BENCHMARKS.md: no faster with cuDNN on an H100,
-    /// slower with oneDNN on a CPU; so off on both, an option).
+    /// Convolutions on channels-last tensors (BENCHMARKS.md: no faster with cuDNN on an H100;
+    /// with oneDNN on a CPU no faster for ConvNetBN, so off there).
     pub channels_last: bool,
+    /// The same for the ResNets: on a CPU, with the channels-last batch-norm kernels and the
+    /// direct convolution double backward, a ResNet-20 step takes 3.1-3.5 s against 3.9-4.2 s
+    /// in NCHW, whose every convolution converts its activations to oneDNN's layout and back.
+    pub channels_last_resnet: bool,
     pub victim_epochs: usize,
 }
 
@@ -46,6 +50,7 @@ pub const CUDA: HardwareProfile = HardwareProfile {
     parallel_surrogates: 1,
     grouped_surrogates: true,
     channels_last: false,
+    channels_last_resnet: false,
     victim_epochs: 200,
 };
 
@@ -62,6 +67,7 @@ pub const CPU: HardwareProfile = HardwareProfile {
     parallel_surrogates: 2,
     grouped_surrogates: false,
     channels_last: false,
+    channels_last_resnet: true,
     victim_epochs: 20,
 };
 
@@ -144,7 +150,10 @@ impl Config {
             settle(
                 "run.channels_last",
                 &mut self.run.channels_last,
-                p.channels_last,
+                match self.surrogate.net {
+                    NetKind::Resnet20 | NetKind::Resnet18 => p.channels_last_resnet,
+                    _ => p.channels_last,
+                },
                 p.name,
             ),
             self.victim.settle(on_gpu),
