@@ -116,16 +116,11 @@ mod tests {
             for with_gx in [true, false] {
                 let ours = derivatives(true, &inputs, conv, with_gx);
                 let libtorch = derivatives(false, &inputs, conv, with_gx);
-                assert_eq!(ours.len(), libtorch.len());
-                for (i, (a, b)) in ours.iter().zip(libtorch.iter()).enumerate() {
-                    let scale = b.abs().max().double_value(&[]).max(1e-3);
-                    let err = (a - b).abs().max().double_value(&[]) / scale;
-                    assert!(
-                        err < 1e-11,
-                        "x {xs:?} w {ws:?} (stride, padding, groups) {conv:?} nhwc {nhwc} \
-                         with_gx {with_gx} output {i}: relative error {err}"
-                    );
-                }
+                let case = format!(
+                    "x {xs:?} w {ws:?} (stride, padding, groups) {conv:?} nhwc {nhwc} \
+                     with_gx {with_gx}"
+                );
+                crate::model::assert_all_close(&ours, &libtorch, 1e-11, &case);
             }
         }
     }
@@ -160,10 +155,7 @@ mod tests {
                 second[1].shallow_clone(),
             ]
         };
-        for (a, b) in run(true).iter().zip(run(false).iter()) {
-            let err = (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]);
-            assert!(err < 1e-11, "relative error {err}");
-        }
+        crate::model::assert_all_close(&run(true), &run(false), 1e-11, "input without gradient");
     }
 
     #[test]

@@ -636,51 +636,31 @@ MP_INLINE void double_backward_range(const DoubleBackwardArgs<T>& p, int64_t beg
 #define MP_CPU_CLONES
 #endif
 
-MP_CPU_CLONES void forward_f32(const ForwardArgs<float>& p, int64_t b, int64_t e) {
-  forward_range(p, b, e);
-}
-MP_CPU_CLONES void forward_f64(const ForwardArgs<double>& p, int64_t b, int64_t e) {
-  forward_range(p, b, e);
-}
-MP_CPU_CLONES void backward_f32(const BackwardArgs<float>& p, int64_t b, int64_t e) {
-  backward_range(p, b, e);
-}
-MP_CPU_CLONES void backward_f64(const BackwardArgs<double>& p, int64_t b, int64_t e) {
-  backward_range(p, b, e);
-}
-MP_CPU_CLONES void double_backward_f32(const DoubleBackwardArgs<float>& p, int64_t b,
-                                       int64_t e) {
-  double_backward_range(p, b, e);
-}
-MP_CPU_CLONES void double_backward_f64(const DoubleBackwardArgs<double>& p, int64_t b,
-                                       int64_t e) {
-  double_backward_range(p, b, e);
-}
+// Float32 and float64 entry points name_f32 and name_f64 over `range` (NCHW: a range of
+// channels) or, STAGED, `range` with a stage (channels-last: a range of row chunks).
+#define MP_ENTRY_POINTS(name, Args, range)                                                  \
+  MP_CPU_CLONES void name##_f32(const Args<float>& p, int64_t b, int64_t e) {              \
+    range(p, b, e);                                                                         \
+  }                                                                                         \
+  MP_CPU_CLONES void name##_f64(const Args<double>& p, int64_t b, int64_t e) {             \
+    range(p, b, e);                                                                         \
+  }
+#define MP_STAGED_ENTRY_POINTS(name, Args, range)                                           \
+  MP_CPU_CLONES void name##_f32(const Args<float>& p, int stage, int64_t b, int64_t e) {   \
+    range(p, stage, b, e);                                                                  \
+  }                                                                                         \
+  MP_CPU_CLONES void name##_f64(const Args<double>& p, int stage, int64_t b, int64_t e) {  \
+    range(p, stage, b, e);                                                                  \
+  }
 
-MP_CPU_CLONES void forward_chunks_f32(const ForwardArgs<float>& p, int stage, int64_t b,
-                                      int64_t e) {
-  forward_chunks(p, stage, b, e);
-}
-MP_CPU_CLONES void forward_chunks_f64(const ForwardArgs<double>& p, int stage, int64_t b,
-                                      int64_t e) {
-  forward_chunks(p, stage, b, e);
-}
-MP_CPU_CLONES void backward_chunks_f32(const BackwardArgs<float>& p, int stage, int64_t b,
-                                       int64_t e) {
-  backward_chunks(p, stage, b, e);
-}
-MP_CPU_CLONES void backward_chunks_f64(const BackwardArgs<double>& p, int stage, int64_t b,
-                                       int64_t e) {
-  backward_chunks(p, stage, b, e);
-}
-MP_CPU_CLONES void double_backward_chunks_f32(const DoubleBackwardArgs<float>& p, int stage,
-                                              int64_t b, int64_t e) {
-  double_backward_chunks(p, stage, b, e);
-}
-MP_CPU_CLONES void double_backward_chunks_f64(const DoubleBackwardArgs<double>& p, int stage,
-                                              int64_t b, int64_t e) {
-  double_backward_chunks(p, stage, b, e);
-}
+MP_ENTRY_POINTS(forward, ForwardArgs, forward_range)
+MP_ENTRY_POINTS(backward, BackwardArgs, backward_range)
+MP_ENTRY_POINTS(double_backward, DoubleBackwardArgs, double_backward_range)
+MP_STAGED_ENTRY_POINTS(forward_chunks, ForwardArgs, forward_chunks)
+MP_STAGED_ENTRY_POINTS(backward_chunks, BackwardArgs, backward_chunks)
+MP_STAGED_ENTRY_POINTS(double_backward_chunks, DoubleBackwardArgs, double_backward_chunks)
+#undef MP_ENTRY_POINTS
+#undef MP_STAGED_ENTRY_POINTS
 
 // Runs a kernel's cloned entry point over the channels, split among libtorch's threads.
 template <typename Args>
@@ -719,82 +699,79 @@ void run(const BackwardArgs<double>& p) { run(p, backward_f64); }
 void run(const DoubleBackwardArgs<float>& p) { run(p, double_backward_f32); }
 void run(const DoubleBackwardArgs<double>& p) { run(p, double_backward_f64); }
 
-// The channels-last directions: the sums stage, the per-channel maths on the chunks' sums (in
-// chunk order), then the element-wise stage.
-template <typename T>
-void run_channels_last(ForwardArgs<T> p) {
+// The channels-last directions: the sums stage, `finish` for each channel on its per-chunk
+// sums (in chunk order; it writes the channel's results and element-wise coefficients), then
+// the element-wise stage. Stage 0 leaves sum j of chunk k and channel c at
+// partials[(sums k + j) C + c].
+template <typename Args, typename Finish>
+void run_channels_last(Args p, int sums, int coefs, Finish finish) {
+  using T = std::remove_pointer_t<decltype(p.coef)>;
   const Chunks ch(p.N * p.HW);
-  const int64_t C = p.C;
-  std::vector<double> partials(2 * ch.count * C);
-  std::vector<T> coef(2 * C);
+  std::vector<double> partials(sums * ch.count * p.C);
+  std::vector<T> coef(coefs * p.C);
   p.partials = partials.data();
   p.coef = coef.data();
   run_stage(p, 0);
-  const double n = static_cast<double>(ch.rows);
-  for (int64_t c = 0; c < C; ++c) {
+  for (int64_t c = 0; c < p.C; ++c) finish(p, ch, c);
+  run_stage(p, 1);
+}
+
+template <typename T>
+void run_channels_last(const ForwardArgs<T>& args) {
+  run_channels_last(args, 2, 2, [](const ForwardArgs<T>& p, const Chunks& ch, int64_t c) {
+    const int64_t C = p.C;
+    const double n = static_cast<double>(ch.rows);
     // Chan's merge of the chunks' means and sums of squared deviations.
     double mean = 0;
     for (int64_t k = 0; k < ch.count; ++k)
-      mean += partials[2 * k * C + c] * static_cast<double>(ch.end(k) - ch.begin(k));
+      mean += p.partials[2 * k * C + c] * static_cast<double>(ch.end(k) - ch.begin(k));
     mean /= n;
     double m2 = 0;
     for (int64_t k = 0; k < ch.count; ++k) {
-      const double d = partials[2 * k * C + c] - mean;
-      m2 += partials[(2 * k + 1) * C + c] + static_cast<double>(ch.end(k) - ch.begin(k)) * d * d;
+      const double d = p.partials[2 * k * C + c] - mean;
+      m2 += p.partials[(2 * k + 1) * C + c] +
+            static_cast<double>(ch.end(k) - ch.begin(k)) * d * d;
     }
     const double var = m2 / n;
     const Normalisation nrm = normalisation(mean, var, p.eps, static_cast<double>(p.gamma[c]),
                                             static_cast<double>(p.beta[c]));
-    coef[c] = static_cast<T>(nrm.scale);
-    coef[C + c] = static_cast<T>(nrm.shift);
+    p.coef[c] = static_cast<T>(nrm.scale);
+    p.coef[C + c] = static_cast<T>(nrm.shift);
     p.mean[c] = static_cast<T>(mean);
     p.invstd[c] = static_cast<T>(nrm.invstd);
     p.var[c] = static_cast<T>(var);
-  }
-  run_stage(p, 1);
+  });
 }
 
 template <typename T>
-void run_channels_last(BackwardArgs<T> p) {
-  const Chunks ch(p.N * p.HW);
-  const int64_t C = p.C;
-  std::vector<double> partials(2 * ch.count * C);
-  std::vector<T> coef(3 * C);
-  p.partials = partials.data();
-  p.coef = coef.data();
-  run_stage(p, 0);
-  for (int64_t c = 0; c < C; ++c) {
+void run_channels_last(const BackwardArgs<T>& args) {
+  run_channels_last(args, 2, 3, [](const BackwardArgs<T>& p, const Chunks& ch, int64_t c) {
+    const int64_t C = p.C;
     double s_g = 0, s_gx = 0;
     for (int64_t k = 0; k < ch.count; ++k) {
-      s_g += partials[2 * k * C + c];
-      s_gx += partials[(2 * k + 1) * C + c];
+      s_g += p.partials[2 * k * C + c];
+      s_gx += p.partials[(2 * k + 1) * C + c];
     }
     const InputGradient ig = input_gradient(static_cast<double>(ch.rows),
                                             static_cast<double>(p.gamma[c]),
                                             static_cast<double>(p.invstd[c]), s_g, s_gx);
-    coef[c] = static_cast<T>(ig.s);
-    coef[C + c] = static_cast<T>(ig.c);
-    coef[2 * C + c] = static_cast<T>(ig.xh_coef);
+    p.coef[c] = static_cast<T>(ig.s);
+    p.coef[C + c] = static_cast<T>(ig.c);
+    p.coef[2 * C + c] = static_cast<T>(ig.xh_coef);
     p.ggamma[c] = static_cast<T>(s_gx);
     p.gbeta[c] = static_cast<T>(s_g);
-  }
-  run_stage(p, 1);
+  });
 }
 
 template <typename T>
-void run_channels_last(DoubleBackwardArgs<T> p) {
-  const Chunks ch(p.N * p.HW);
-  const int64_t C = p.C;
-  std::vector<double> partials(kDoubleBackwardSums * ch.count * C);
-  std::vector<T> coef(kDoubleBackwardCoefs * C);
-  p.partials = partials.data();
-  p.coef = coef.data();
-  run_stage(p, 0);
-  for (int64_t c = 0; c < C; ++c) {
+void run_channels_last(const DoubleBackwardArgs<T>& args) {
+  run_channels_last(args, kDoubleBackwardSums, kDoubleBackwardCoefs,
+                    [](const DoubleBackwardArgs<T>& p, const Chunks& ch, int64_t c) {
+    const int64_t C = p.C;
     double sums[kDoubleBackwardSums] = {};
     for (int64_t k = 0; k < ch.count; ++k)
       for (int j = 0; j < kDoubleBackwardSums; ++j)
-        sums[j] += partials[(kDoubleBackwardSums * k + j) * C + c];
+        sums[j] += p.partials[(kDoubleBackwardSums * k + j) * C + c];
     const double gg_gamma = p.gg_gamma ? static_cast<double>(p.gg_gamma[c]) : 0.0;
     const double gg_beta = p.gg_beta ? static_cast<double>(p.gg_beta[c]) : 0.0;
     const DoubleBackwardCoefficients q = double_backward_coefficients(
@@ -803,9 +780,8 @@ void run_channels_last(DoubleBackwardArgs<T> p) {
     p.out_gamma[c] = static_cast<T>(q.gamma);
     const double row[kDoubleBackwardCoefs] = {q.sc, q.go_xh, q.go_c, q.x_gz,
                                               q.x_a, q.x_c, q.x_xh};
-    for (int j = 0; j < kDoubleBackwardCoefs; ++j) coef[j * C + c] = static_cast<T>(row[j]);
-  }
-  run_stage(p, 1);
+    for (int j = 0; j < kDoubleBackwardCoefs; ++j) p.coef[j * C + c] = static_cast<T>(row[j]);
+  });
 }
 
 // Either layout's kernels for the args' tensors.

@@ -190,16 +190,9 @@ mod tests {
                 for with_gx in [true, false] {
                     let fused = derivatives(true, &inputs, epilogue, with_gx);
                     let native = derivatives(false, &inputs, epilogue, with_gx);
-                    assert_eq!(fused.len(), native.len());
-                    for (i, (a, b)) in fused.iter().zip(native.iter()).enumerate() {
-                        let scale = b.abs().max().double_value(&[]).max(1e-3);
-                        let err = (a - b).abs().max().double_value(&[]) / scale;
-                        assert!(
-                            err < 1e-10,
-                            "shape {shape:?} (residual, relu) {epilogue:?} with_gx {with_gx} \
-                             output {i}: relative error {err}"
-                        );
-                    }
+                    let case =
+                        format!("shape {shape:?} (residual, relu) {epilogue:?} with_gx {with_gx}");
+                    crate::model::assert_all_close(&fused, &native, 1e-10, &case);
                 }
             }
         }
@@ -226,15 +219,11 @@ mod tests {
                     let fused = derivatives(true, &inputs, epilogue, with_gx);
                     assert_eq!(fused[0].stride()[1], 1, "the NHWC kernels ran");
                     let native = derivatives(false, &inputs, epilogue, with_gx);
-                    for (i, (a, b)) in fused.iter().zip(native.iter()).enumerate() {
-                        let scale = b.abs().max().double_value(&[]).max(1e-3);
-                        let err = (a - b).abs().max().double_value(&[]) / scale;
-                        assert!(
-                            err < 1e-10,
-                            "channels-last shape {shape:?} (residual, relu) {epilogue:?} \
-                             with_gx {with_gx} output {i}: relative error {err}"
-                        );
-                    }
+                    let case = format!(
+                        "channels-last shape {shape:?} (residual, relu) {epilogue:?} \
+                         with_gx {with_gx}"
+                    );
+                    crate::model::assert_all_close(&fused, &native, 1e-10, &case);
                 }
             }
         }

@@ -16,6 +16,19 @@ pub mod sgd;
 
 pub use layers::{Layers, Mode};
 
+/// For the C++ ops' tests: asserts that each of `ours` equals the same-index tensor of
+/// `libtorch` to `bound` in max-abs error relative to libtorch's max-abs (at least 1e-3);
+/// `case` names the case in the failure message.
+#[cfg(test)]
+pub(crate) fn assert_all_close(ours: &[Tensor], libtorch: &[Tensor], bound: f64, case: &str) {
+    assert_eq!(ours.len(), libtorch.len(), "{case}: output count");
+    for (i, (a, b)) in ours.iter().zip(libtorch.iter()).enumerate() {
+        let scale = b.abs().max().double_value(&[]).max(1e-3);
+        let err = (a - b).abs().max().double_value(&[]) / scale;
+        assert!(err < bound, "{case} output {i}: relative error {err}");
+    }
+}
+
 use crate::config::NetKind;
 use tch::{Device, Kind, Tensor};
 
