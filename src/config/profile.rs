@@ -30,7 +30,7 @@ pub struct HardwareProfile {
     /// with oneDNN on a CPU no faster for ConvNetBN, so off there).
     pub channels_last: bool,
     /// The same for the ResNets: on a CPU, with the channels-last batch-norm kernels and the
-    /// direct convolution double backward, a ResNet-20 step takes 3.1-3.5 s against 3.9-4.2 s
+    /// direct convolution double backward, a ResNet-20 step takes 3.1-3.5 s against 3.7-4.2 s
     /// in NCHW, whose every convolution converts its activations to oneDNN's layout and back.
     pub channels_last_resnet: bool,
     pub victim_epochs: usize,
