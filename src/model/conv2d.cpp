@@ -51,7 +51,8 @@ struct ConvShape {
     return at::convolution(x, w, std::nullopt, stride, padding, dilation, false, {0, 0}, groups);
   }
 
-  // Gradients wrt the input and the weight of conv(x, w) given gO, as `mask` asks.
+  // Gradients wrt the input and the weight of conv(x, w) given gO, those `input` and `weight`
+  // ask for (the others undefined).
   std::tuple<Tensor, Tensor, Tensor> grads(const Tensor& go, const Tensor& x, const Tensor& w,
                                            bool input, bool weight) const {
     return at::convolution_backward(go, x, w, std::nullopt, stride, padding, dilation, false,

@@ -83,15 +83,49 @@ struct DoubleBackwardArgs {
   T* coef;
 };
 
-// The gradient reaching the batch norm: gO where the ReLU passed its input, else zero.
-template <typename T, bool Relu>
-MP_INLINE T masked(const T* mask, const T* go, int64_t j) {
-  if constexpr (Relu) {
-    // Loaded unconditionally, so the compiler selects rather than emitting a masked load.
-    const T g = go[j];
-    return mask[j] > T(0) ? g : T(0);
+// Loads and stores of V, a GCC vector of T (the channels-last kernels' lanes) or T itself.
+template <typename T>
+struct Lanes {
+  typedef T Vector __attribute__((vector_size(64)));
+};
+
+template <typename V, typename T>
+MP_INLINE V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+MP_INLINE void store(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// Lane l of v, V being a vector of T or T itself (a single channel).
+template <typename T, typename V>
+MP_INLINE T lane(const V& v, int64_t l) {
+  if constexpr (std::is_same_v<V, T>) {
+    return v;
   } else {
-    return go[j];
+    return v[l];
+  }
+}
+
+template <typename T, typename V>
+constexpr int64_t lane_count() {
+  return static_cast<int64_t>(sizeof(V) / sizeof(T));
+}
+
+// The gradient reaching the batch norm: gO where the ReLU passed its input, else zero. Loaded
+// unconditionally, so the compiler selects rather than emitting a masked load.
+template <typename V, bool Relu, typename T>
+MP_INLINE V masked(const T* mask, const T* go, int64_t at) {
+  const V g = load<V>(go + at);
+  if constexpr (Relu) {
+    const V zero{};
+    return load<V>(mask + at) > zero ? g : zero;
+  } else {
+    return g;
   }
 }
 
@@ -318,48 +352,6 @@ struct Chunks {
   int64_t end(int64_t k) const { return std::min(rows, (k + 1) * size); }
 };
 
-template <typename T>
-struct Lanes {
-  typedef T Vector __attribute__((vector_size(64)));
-};
-
-template <typename V, typename T>
-MP_INLINE V load(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename V, typename T>
-MP_INLINE void store(T* p, const V& v) {
-  std::memcpy(p, &v, sizeof(V));
-}
-
-// Lane l of v, V being a vector of T or T itself (a single channel).
-template <typename T, typename V>
-MP_INLINE T lane(const V& v, int64_t l) {
-  if constexpr (std::is_same_v<V, T>) {
-    return v;
-  } else {
-    return v[l];
-  }
-}
-
-template <typename T, typename V>
-constexpr int64_t lane_count() {
-  return static_cast<int64_t>(sizeof(V) / sizeof(T));
-}
-
-template <typename V, bool Relu, typename T>
-MP_INLINE V masked_lanes(const T* mask, const T* go, int64_t at) {
-  const V g = load<V>(go + at);
-  if constexpr (Relu) {
-    const V zero{};
-    return load<V>(mask + at) > zero ? g : zero;
-  } else {
-    return g;
-  }
-}
 
 // Per chunk and channel: the chunk's mean and sum of squared deviations, for Chan's merge.
 template <typename T, typename V>
@@ -408,7 +400,7 @@ MP_INLINE void backward_sums_group(const BackwardArgs<T>& p, const Chunks& ch, i
   V a_g{}, a_gx{};
   for (int64_t row = ch.begin(k); row < ch.end(k); ++row) {
     const int64_t at = row * C + c0;
-    const V gz = masked_lanes<V, Relu>(p.mask, p.go, at);
+    const V gz = masked<V, Relu>(p.mask, p.go, at);
     a_g += gz;
     a_gx += gz * ((load<V>(p.x + at) - mu) * r);
   }
@@ -429,7 +421,7 @@ MP_INLINE void backward_apply_group(const BackwardArgs<T>& p, const Chunks& ch, 
           t_xh = load<V>(p.coef + 2 * C + c0);
   for (int64_t row = ch.begin(k); row < ch.end(k); ++row) {
     const int64_t at = row * C + c0;
-    const V gz = masked_lanes<V, Relu>(p.mask, p.go, at);
+    const V gz = masked<V, Relu>(p.mask, p.go, at);
     store(p.gx + at, t_s * gz + t_c + t_xh * ((load<V>(p.x + at) - mu) * r));
     if constexpr (Residual) store(p.gresidual + at, gz);
   }
@@ -444,7 +436,7 @@ MP_INLINE void double_backward_sums_group(const DoubleBackwardArgs<T>& p, const 
   for (int64_t row = ch.begin(k); row < ch.end(k); ++row) {
     const int64_t at = row * C + c0;
     const V xh = (load<V>(p.x + at) - mu) * r;
-    const V gz = masked_lanes<V, Relu>(p.mask, p.go, at);
+    const V gz = masked<V, Relu>(p.mask, p.go, at);
     t_go += gz;
     t_go_xh += gz * xh;
     if constexpr (HasA) {
@@ -480,7 +472,7 @@ MP_INLINE void double_backward_apply_group(const DoubleBackwardArgs<T>& p, const
   for (int64_t row = ch.begin(k); row < ch.end(k); ++row) {
     const int64_t at = row * C + c0;
     const V xh = (load<V>(p.x + at) - mu) * r;
-    const V gz = masked_lanes<V, Relu>(p.mask, p.go, at);
+    const V gz = masked<V, Relu>(p.mask, p.go, at);
     V adj = go_xh * xh + go_c;
     V vx = x_gz * gz + x_c + x_xh * xh;
     if constexpr (HasA) {

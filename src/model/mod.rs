@@ -16,6 +16,9 @@ pub mod sgd;
 
 pub use layers::{Layers, Mode};
 
+use crate::config::NetKind;
+use tch::{Device, Kind, Tensor};
+
 /// For the C++ ops' tests: asserts that each of `ours` equals the same-index tensor of
 /// `libtorch` to `bound` in max-abs error relative to libtorch's max-abs (at least 1e-3);
 /// `case` names the case in the failure message.
@@ -28,9 +31,6 @@ pub(crate) fn assert_all_close(ours: &[Tensor], libtorch: &[Tensor], bound: f64,
         assert!(err < bound, "{case} output {i}: relative error {err}");
     }
 }
-
-use crate::config::NetKind;
-use tch::{Device, Kind, Tensor};
 
 /// How raw 0-255 images are turned into network inputs.
 #[derive(Debug, Clone)]
