@@ -61,8 +61,17 @@ fn defaults_settled_for_cuda_are_the_published_ones() {
     assert_eq!(c.surrogate.warmup_epochs, 5);
     assert_eq!(c.victim.epochs, Auto::Value(200));
     assert_eq!(c.data.train_limit, Auto::Value(5000));
+    // The crate's own ops stay off on CUDA until timed there, but may serve it when asked.
+    assert_eq!(c.run.fused_batch_norm, Auto::Value(false));
+    assert_eq!(c.run.direct_conv_double_backward, Auto::Value(false));
+    let ops = c.run.own_ops();
+    assert!(!ops.fused_batch_norm && !ops.direct_conv_double_backward && ops.cuda);
+    let mut asked = parse("[run]\nfused_batch_norm = true\n").unwrap();
+    asked.settle(true);
+    let ops = asked.run.own_ops();
+    assert!(ops.fused_batch_norm && !ops.direct_conv_double_backward && ops.cuda);
     // One note per field decided, naming it and the hardware.
-    assert_eq!(notes.len(), 11, "{notes:?}");
+    assert_eq!(notes.len(), 13, "{notes:?}");
     assert!(
         notes.contains(&"craft.steps = auto -> 61 (on CUDA)".to_string()),
         "{notes:?}"
@@ -88,7 +97,9 @@ fn defaults_settled_for_a_cpu_are_the_dense_profile_and_explicit_values_stay() {
     assert_eq!(c.craft.meta_batch_fraction(), 1.0);
     assert_eq!(c.craft.parallel_surrogates(), 2);
     assert_eq!(c.victim.epochs, Auto::Value(3));
-    assert_eq!(notes.len(), 9, "{notes:?}");
+    assert_eq!(c.run.fused_batch_norm, Auto::Value(true));
+    assert_eq!(c.run.direct_conv_double_backward, Auto::Value(true));
+    assert_eq!(notes.len(), 11, "{notes:?}");
     assert!(
         !notes.iter().any(|n| n.starts_with("craft.steps")),
         "{notes:?}"

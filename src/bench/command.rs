@@ -53,14 +53,21 @@ pub struct BenchArgs {
     /// The reference's convolutions on channels-last tensors too (default: PyTorch's NCHW).
     #[arg(long)]
     reference_channels_last: bool,
-    /// Our batch norm (and the ReLU after it) through libtorch's kernels, not the fused CPU op
+    /// Our batch norm (and the ReLU after it) through libtorch's kernels, not the fused op
     /// (`run.fused_batch_norm = false`).
     #[arg(long)]
     native_batch_norm: bool,
+    /// The fused batch norm as ATen operations on the CPU too, as it runs on CUDA.
+    #[arg(long, conflicts_with = "native_batch_norm")]
+    batch_norm_aten_ops: bool,
     /// Our convolutions' second derivative through libtorch's own double backward, not the
     /// direct one (`run.direct_conv_double_backward = false`).
     #[arg(long)]
     libtorch_conv_double_backward: bool,
+    /// The fused batch norm and the direct convolution double backward on CUDA too (their
+    /// `auto` is off there until timed).
+    #[arg(long)]
+    own_ops_on_cuda: bool,
     /// Our surrogates batched into one grouped network (one kernel a layer for all M); the
     /// reference still runs them one after another, as a PyTorch loop does.
     #[arg(long)]
@@ -139,6 +146,8 @@ impl BenchArgs {
         s.reference_channels_last = self.reference_channels_last;
         s.native_batch_norm = self.native_batch_norm;
         s.libtorch_conv_double_backward = self.libtorch_conv_double_backward;
+        s.batch_norm_aten_ops = self.batch_norm_aten_ops;
+        s.own_ops_on_cuda = self.own_ops_on_cuda;
         s.grouped = self.grouped;
         s.group_size = self.group_size.unwrap_or(0);
         if s.grouped {
@@ -380,8 +389,8 @@ fn run_gradcheck(device: tch::Device, out: Option<&PathBuf>) -> Result<()> {
     let mut worst: f64 = 0.0;
     for c in &checks {
         eprintln!(
-            "{:<9} K={} C={} augment={:<5} channels-last={:<5} worst relative error {:.2e}",
-            c.objective, c.unroll_steps, c.channels, c.augment, c.channels_last, c.worst_error
+            "{:<9} K={} C={} augment={:<5} channels-last={:<5} ops={} worst relative error {:.2e}",
+            c.objective, c.unroll_steps, c.channels, c.augment, c.channels_last, c.ops, c.worst_error
         );
         worst = worst.max(c.worst_error);
     }

@@ -14,7 +14,7 @@ use crate::craft::rng::SplitMix64;
 use crate::craft::unroll::{
     meta_gradient, unrolled_adversarial_loss, Surrogate, Targets, UnrollBatches, UnrollSettings,
 };
-use crate::model::{InputNorm, Network};
+use crate::model::{InputNorm, Network, OwnOps};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
@@ -30,18 +30,20 @@ pub struct Case {
 }
 
 impl Case {
-    /// `channels` 1 (28 px, 1-D colour grid) or 3 (32 px, YUV grid); `k` unrolled steps.
+    /// `channels` 1 (28 px, 1-D colour grid) or 3 (32 px, YUV grid); `k` unrolled steps; the
+    /// crate's own ops wherever they apply (CUDA included).
     pub fn new(channels: usize, k: usize, seed: u64, device: Device) -> Case {
-        Case::with_layout(channels, k, seed, device, false)
+        Case::variant(channels, k, seed, device, false, OwnOps::everywhere())
     }
 
-    /// As `new`, with the network's convolutions on channels-last tensors or not.
-    pub fn with_layout(
+    /// As `new`, with the network's convolutions on channels-last tensors or not, and `ops`.
+    pub fn variant(
         channels: usize,
         k: usize,
         seed: u64,
         device: Device,
         channels_last: bool,
+        ops: OwnOps,
     ) -> Case {
         let opts = (Kind::Double, device);
         let mut rng = SplitMix64::new(seed);
@@ -54,7 +56,8 @@ impl Case {
             1,
             InputNorm::for_dataset("test", channels),
         )
-        .with_channels_last(channels_last);
+        .with_channels_last(channels_last)
+        .with_ops(ops);
         let state = net.init(device, Kind::Double, seed);
         let weights = state
             .weights
@@ -175,6 +178,8 @@ pub struct GradCheck {
     pub objective: String,
     pub augment: bool,
     pub channels_last: bool,
+    /// Which ops ran (`OwnOps::describe`).
+    pub ops: String,
     pub entries: Vec<EntryCheck>,
     pub worst_error: f64,
     /// Sum of |d/d delta|: the check only means something if this is not zero.
@@ -190,19 +195,28 @@ pub fn check(
     augment: Option<u64>,
     device: Device,
 ) -> GradCheck {
-    check_layout(channels, k, objective, augment, device, false)
+    check_variant(
+        channels,
+        k,
+        objective,
+        augment,
+        device,
+        false,
+        OwnOps::everywhere(),
+    )
 }
 
-/// As `check`, with the network's convolutions on channels-last tensors or not.
-pub fn check_layout(
+/// As `check`, with the network's convolutions on channels-last tensors or not, and `ops`.
+pub fn check_variant(
     channels: usize,
     k: usize,
     objective: ObjectiveKind,
     augment: Option<u64>,
     device: Device,
     channels_last: bool,
+    ops: OwnOps,
 ) -> GradCheck {
-    let mut case = Case::with_layout(channels, k, 7 + k as u64, device, channels_last);
+    let mut case = Case::variant(channels, k, 7 + k as u64, device, channels_last, ops);
     case.batches.augment = augment;
     let s = UnrollSettings {
         steps: k,
@@ -255,6 +269,7 @@ pub fn check_layout(
         objective: format!("{objective:?}").to_lowercase(),
         augment: augment.is_some(),
         channels_last,
+        ops: ops.describe(),
         worst_error: entries.iter().map(|e| e.error).fold(0.0, f64::max),
         entries,
         delta_grad_l1: g_delta.abs().sum(Kind::Double).double_value(&[]),
@@ -262,7 +277,9 @@ pub fn check_layout(
 }
 
 /// The suite `bench --gradcheck` runs: grey K = 1, 2 with every objective, RGB with the colour
-/// grid, through differentiable augmentation, and with channels-last convolutions.
+/// grid, through differentiable augmentation, and with channels-last convolutions, all on the
+/// crate's own ops (CUDA included); then RGB on libtorch's ops in both layouts, and on a CPU
+/// the batch norm as the ATen operations CUDA runs.
 pub fn suite(device: Device) -> Vec<GradCheck> {
     use ObjectiveKind::*;
     let mut out = Vec::new();
@@ -274,6 +291,25 @@ pub fn suite(device: Device) -> Vec<GradCheck> {
     }
     out.push(check(1, 2, Cw, Some(42), device));
     out.push(check(3, 1, Xent, Some(7), device));
-    out.push(check_layout(3, 2, Cw, None, device, true));
+    let ours = OwnOps::everywhere();
+    out.push(check_variant(3, 2, Cw, None, device, true, ours));
+    for channels_last in [false, true] {
+        out.push(check_variant(
+            3,
+            2,
+            Cw,
+            None,
+            device,
+            channels_last,
+            OwnOps::LIBTORCH,
+        ));
+    }
+    if device == Device::Cpu {
+        let aten = OwnOps {
+            batch_norm_as_aten_ops: true,
+            ..ours
+        };
+        out.push(check_variant(1, 2, Cw, None, device, false, aten));
+    }
     out
 }

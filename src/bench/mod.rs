@@ -23,7 +23,7 @@ use crate::craft::unroll::{
     UnrollSettings,
 };
 use crate::model::sgd::{sgd_step, sgd_step_grouped};
-use crate::model::{InputNorm, Network, State};
+use crate::model::{InputNorm, Network, OwnOps, State};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -73,13 +73,21 @@ pub struct StepSpec {
     #[serde(default)]
     pub group_size: usize,
     /// Our batch norm (and the ReLU after it) through libtorch's kernels instead of the fused
-    /// CPU op (`run.fused_batch_norm = false`).
+    /// op (`run.fused_batch_norm = false`).
     #[serde(default)]
     pub native_batch_norm: bool,
+    /// The fused batch norm as ATen operations on the CPU too (what it runs on CUDA).
+    #[serde(default)]
+    pub batch_norm_aten_ops: bool,
     /// Our convolutions' second derivative through libtorch's double backward instead of the
     /// direct one (`run.direct_conv_double_backward = false`).
     #[serde(default)]
     pub libtorch_conv_double_backward: bool,
+    /// The fused batch norm and direct convolution double backward on CUDA too
+    /// (`run.fused_batch_norm = true`, `run.direct_conv_double_backward = true`; their `auto`
+    /// is off on CUDA).
+    #[serde(default)]
+    pub own_ops_on_cuda: bool,
 }
 
 impl StepSpec {
@@ -110,7 +118,9 @@ impl StepSpec {
             grouped: false,
             group_size: 0,
             native_batch_norm: false,
+            batch_norm_aten_ops: false,
             libtorch_conv_double_backward: false,
+            own_ops_on_cuda: false,
         }
     }
 
@@ -149,8 +159,12 @@ impl StepSpec {
             InputNorm::for_dataset(name, self.channels),
         )
         .with_channels_last(self.channels_last)
-        .with_fused_batch_norm(!self.native_batch_norm)
-        .with_direct_conv_double_backward(!self.libtorch_conv_double_backward)
+        .with_ops(OwnOps {
+            fused_batch_norm: !self.native_batch_norm,
+            batch_norm_as_aten_ops: self.batch_norm_aten_ops,
+            direct_conv_double_backward: !self.libtorch_conv_double_backward,
+            cuda: self.own_ops_on_cuda,
+        })
     }
 
     pub fn validate(&self) -> Result<(), String> {

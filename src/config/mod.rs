@@ -355,15 +355,16 @@ pub struct RunConfig {
     /// `auto` = on for ResNets on a CPU (faster: no layout conversions around oneDNN's
     /// convolutions), else off (no faster for ConvNetBN on a CPU, nor on an H100).
     pub channels_last: Auto<bool>,
-    /// Batch norm with its ReLU and residual add as one op over fused CPU kernels in all three
+    /// Batch norm with its ReLU and residual add as one op: fused CPU kernels in all three
     /// directions (the same maths as libtorch's kernels; a craft step 26.7 s -> about 14 s on
-    /// 2 cores); false = libtorch's. No effect on CUDA.
-    pub fused_batch_norm: bool,
-    /// Convolutions whose second derivative runs on oneDNN's backward kernels: the weight's
-    /// term as a backward-weights call, where libtorch convolves transposed copies of the
-    /// activations (same maths; a ResNet-20 craft step 12-14% faster on 2 cores); false =
-    /// libtorch's. No effect on CUDA.
-    pub direct_conv_double_backward: bool,
+    /// 2 cores), on CUDA a short chain of ATen operations; false = libtorch's. `auto` = on for
+    /// a CPU, off on CUDA (there checked by `bench --gradcheck` but not yet timed).
+    pub fused_batch_norm: Auto<bool>,
+    /// Convolutions whose second derivative runs on the backend's backward kernels: the
+    /// weight's term as a backward-weights call, where libtorch convolves transposed copies of
+    /// the activations (same maths; a ResNet-20 craft step 12-14% faster on 2 cores); false =
+    /// libtorch's. `auto` = on for a CPU, off on CUDA (not yet timed there).
+    pub direct_conv_double_backward: Auto<bool>,
     /// Devices the surrogates are spread over, round robin ("cuda:0", "cuda:1", ...); empty =
     /// all on `device`. The perturbation stays on `device`.
     pub surrogate_devices: Vec<String>,
@@ -379,8 +380,8 @@ impl Default for RunConfig {
             threads: 0,
             max_nonfinite_steps: 3,
             channels_last: Auto::Auto,
-            fused_batch_norm: true,
-            direct_conv_double_backward: true,
+            fused_batch_norm: Auto::Auto,
+            direct_conv_double_backward: Auto::Auto,
             surrogate_devices: Vec::new(),
         }
     }

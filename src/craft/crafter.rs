@@ -165,8 +165,7 @@ impl Crafter {
             norm,
         )
         .with_channels_last(config.run.channels_last())
-        .with_fused_batch_norm(config.run.fused_batch_norm)
-        .with_direct_conv_double_backward(config.run.direct_conv_double_backward);
+        .with_ops(config.run.own_ops());
         let live = LiveSettings {
             outer_lr: config.craft.outer_lr,
             inner_lr: config.surrogate.lr,

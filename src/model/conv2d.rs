@@ -20,10 +20,12 @@ extern "C" {
     ) -> *mut c_char;
 }
 
-/// Whether the op serves `x`: a 4-d float32 or float64 tensor on the CPU. (The C++ is
-/// device-agnostic; CUDA waits for a GPU session to check and time it.)
+/// Whether the op serves `x`: a 4-d float32 or float64 tensor on the CPU or CUDA (the C++ is
+/// ATen calls, device-agnostic).
 pub fn applies_to(x: &Tensor) -> bool {
-    x.device() == tch::Device::Cpu && matches!(x.kind(), Kind::Float | Kind::Double) && x.dim() == 4
+    matches!(x.device(), tch::Device::Cpu | tch::Device::Cuda(_))
+        && matches!(x.kind(), Kind::Float | Kind::Double)
+        && x.dim() == 4
 }
 
 /// `x.conv2d(w, None, [stride], [padding], [1], groups)` with the second derivative above.

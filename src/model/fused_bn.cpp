@@ -825,11 +825,115 @@ void view_dims(const Tensor& x, int64_t& N, int64_t& C, int64_t& HW) {
   HW = N > 0 && C > 0 ? x.numel() / (N * C) : 0;
 }
 
+// The same three directions as ATen operations, for tensors the CPU kernels above do not serve
+// (CUDA) and, on request, for CPU tensors (tests; bench). Each direction is a few of libtorch's
+// own kernels: the reductions ride on native_batch_norm_backward, whose one pass gives a
+// channel's sum(dy) and sum(dy xh), and each output is a short chain of broadcast
+// multiply-adds. libtorch's double backward of batch norm is some thirty kernels, and the ReLU
+// after it adds its own in each direction.
+namespace ops {
+
+// A [C] vector viewed to broadcast over x's channel dimension.
+Tensor per_channel(const Tensor& v, const Tensor& x) {
+  std::vector<int64_t> shape(static_cast<size_t>(x.dim()), 1);
+  shape[1] = x.size(1);
+  return v.view(shape);
+}
+
+// (sum(dy (input - mean) invstd), sum(dy)) per channel, in one pass over dy and input.
+std::pair<Tensor, Tensor> channel_sums(const Tensor& dy, const Tensor& input, const Tensor& mean,
+                                       const Tensor& invstd) {
+  // A weight of ones: libtorch's CUDA reduction sizes its weight gradient after the weight.
+  const Tensor ones = at::ones({input.size(1)}, input.options());
+  auto grads = at::native_batch_norm_backward(dy, input, ones, std::nullopt, std::nullopt, mean,
+                                              invstd, /*train=*/true, /*eps=*/0.0,
+                                              {false, true, true});
+  return {std::get<1>(grads), std::get<2>(grads)};
+}
+
+// The gradient reaching the batch norm: gO where the ReLU passed its input (mask undefined:
+// no ReLU), else zero.
+Tensor masked(const Tensor& go, const Tensor& mask) {
+  return mask.defined() ? at::threshold_backward(go, mask, 0) : go;
+}
+
+struct Forward {
+  Tensor y, mean, invstd;
+};
+
+Forward forward(const Tensor& x, const Tensor& gamma, const Tensor& beta, const Tensor& residual,
+                const std::optional<Tensor>& running_mean,
+                const std::optional<Tensor>& running_var, double momentum, double eps,
+                bool relu) {
+  // native_batch_norm moves the running statistics as the CPU path does (unbiased variance).
+  auto [y, mean, invstd] =
+      at::native_batch_norm(x, gamma, beta, running_mean, running_var, true, momentum, eps);
+  if (residual.defined()) y.add_(residual);
+  if (relu) y.relu_();
+  return {y, mean, invstd};
+}
+
+// gx, ggamma, gbeta and gz (the residual's gradient).
+std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& go, const Tensor& x,
+                                                    const Tensor& mask, const Tensor& gamma,
+                                                    const Tensor& mean, const Tensor& invstd) {
+  const Tensor gz = masked(go, mask);
+  auto [gx, ggamma, gbeta] = at::native_batch_norm_backward(
+      gz, x, gamma, std::nullopt, std::nullopt, mean, invstd, true, 0.0, {true, true, true});
+  return {gx, ggamma, gbeta, gz};
+}
+
+// Adjoints of gO, x and gamma (formulas and coefficients in the file header and
+// double_backward_coefficients); undefined a, gg_gamma, gg_beta or ar are zero.
+std::tuple<Tensor, Tensor, Tensor> double_backward(const Tensor& x, const Tensor& go,
+                                                   const Tensor& mask, const Tensor& a,
+                                                   const Tensor& ar, const Tensor& mean,
+                                                   const Tensor& invstd, const Tensor& gamma,
+                                                   const Tensor& gg_gamma, const Tensor& gg_beta) {
+  const int64_t C = x.size(1);
+  const double n = static_cast<double>(C > 0 ? x.numel() / C : 0);
+  const Tensor zeros = at::zeros({C}, x.options());
+  const Tensor gz = masked(go, mask);
+  auto [s_gx, s_g] = channel_sums(gz, x, mean, invstd);
+  Tensor s_ax = zeros, s_a = zeros, s_ag = zeros;
+  if (a.defined()) {
+    std::tie(s_ax, s_a) = channel_sums(a, x, mean, invstd);
+    // sum(A gz): gz standing in for the input, with mean 0 and invstd 1.
+    s_ag = channel_sums(a, gz, zeros, at::ones({C}, x.options())).first;
+  }
+  const Tensor m_g = s_g / n, m_gx = s_gx / n, m_a = s_a / n, m_ax = s_ax / n, m_ag = s_ag / n;
+  const Tensor& r = invstd;
+  const Tensor sc = gamma * r;
+  const Tensor q = m_ag - m_g * m_a - m_gx * m_ax;
+  const Tensor go_xh = gg_gamma.defined() ? gg_gamma - sc * m_ax : -sc * m_ax;
+  const Tensor go_c = gg_beta.defined() ? gg_beta - sc * m_a : -sc * m_a;
+  const Tensor v_a = -sc * m_gx;
+  const Tensor mean_v = go_xh * m_g + v_a * m_a;
+  const Tensor mean_v_xh = go_xh * m_gx + v_a * m_ax;
+  const Tensor x_xh = -r * mean_v_xh - r * r * gamma * q;
+  // xh = (x - mean) r, so a term c xh is (c r) x - (c r) mean: one multiply-add on x.
+  const Tensor go_x = go_xh * r, x_x = x_xh * r;
+  const Tensor go_0 = go_c - go_x * mean, x_0 = -r * mean_v - x_x * mean;
+  // adjoint of gO = m (sc A + go_xh xh + go_c + R)
+  Tensor out_go = at::addcmul(per_channel(go_0, x), per_channel(go_x, x), x);
+  if (a.defined()) out_go.addcmul_(per_channel(sc, x), a);
+  if (ar.defined()) out_go.add_(ar);
+  if (mask.defined()) out_go = at::threshold_backward(out_go, mask, 0);
+  // adjoint of x = r go_xh gz + r v_a A + x_c + x_xh xh
+  Tensor out_x = at::addcmul(per_channel(x_0, x), per_channel(x_x, x), x);
+  out_x.addcmul_(per_channel(r * go_xh, x), gz);
+  if (a.defined()) out_x.addcmul_(per_channel(r * v_a, x), a);
+  return {out_go, out_x, n * r * q};
+}
+
+}  // namespace ops
+
 // What the backward node keeps besides its tensor inputs: the ReLU's output (its mask; detached,
-// undefined without ReLU), the batch statistics and whether the residual's gradient is wanted.
+// undefined without ReLU), the batch statistics, whether the residual's gradient is wanted and
+// whether the op runs as ATen operations (`ops`) rather than the CPU kernels.
 struct Statistics {
   Tensor mask, mean, invstd;
-  bool residual;
+  bool residual, ops;
 };
 
 struct FusedBatchNormBackward : public torch::autograd::Function<FusedBatchNormBackward> {
@@ -843,6 +947,13 @@ struct FusedBatchNormBackward : public torch::autograd::Function<FusedBatchNormB
     ctx->saved_data["mask"] = stats.mask;
     ctx->saved_data["mean"] = stats.mean;
     ctx->saved_data["invstd"] = stats.invstd;
+    ctx->saved_data["ops"] = stats.ops;
+    if (stats.ops) {
+      auto [gx, ggamma, gbeta, gz] =
+          ops::backward(grad_out, x, stats.mask, gamma, stats.mean, stats.invstd);
+      if (stats.residual) return {gx, ggamma, gbeta, gz};
+      return {gx, ggamma, gbeta};
+    }
     const Tensor go = activation_like(grad_out, x);
     const Tensor mask = activation_like(stats.mask, x);
     const Tensor g = channel_vector_like(gamma, x);
@@ -867,6 +978,14 @@ struct FusedBatchNormBackward : public torch::autograd::Function<FusedBatchNormB
   static variable_list backward(AutogradContext* ctx, variable_list adjoints) {
     auto saved = ctx->get_saved_variables();
     const Tensor x = saved[1];  // in its kernels' layout: the forward saved what it ran on
+    if (ctx->saved_data["ops"].toBool()) {
+      auto [out_go, out_x, out_gamma] = ops::double_backward(
+          x, saved[0], ctx->saved_data["mask"].toTensor(),
+          adjoints[0], adjoints.size() > 3 ? adjoints[3] : Tensor(),
+          ctx->saved_data["mean"].toTensor(), ctx->saved_data["invstd"].toTensor(), saved[2],
+          adjoints[1], adjoints[2]);
+      return {out_go, out_x, out_gamma, Tensor()};
+    }
     const Tensor go = activation_like(saved[0], x);
     const Tensor gamma = channel_vector_like(saved[2], x);
     const Tensor mask = activation_like(ctx->saved_data["mask"].toTensor(), x);
@@ -901,7 +1020,7 @@ struct FusedBatchNorm : public torch::autograd::Function<FusedBatchNorm> {
                                const Tensor& beta, const std::optional<Tensor>& residual,
                                const std::optional<Tensor>& running_mean,
                                const std::optional<Tensor>& running_var, double momentum,
-                               double eps, bool relu) {
+                               double eps, bool relu, bool as_ops) {
     // libtorch's CPU kernel does not check these, and the kernels index by channel.
     TORCH_CHECK(x.dim() >= 2, "input must be at least 2-d, got ", x.dim(), "-d");
     TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
@@ -923,6 +1042,17 @@ struct FusedBatchNorm : public torch::autograd::Function<FusedBatchNorm> {
       TORCH_CHECK(residual->scalar_type() == x.scalar_type(), "residual must be ",
                   x.scalar_type(), " as the input is, got ", residual->scalar_type());
     }
+    if (as_ops) {
+      const int64_t count = channels > 0 ? x.numel() / channels : 0;
+      TORCH_CHECK(!(running_mean || running_var) || count > 1,
+                  "running statistics need more than 1 value per channel, got ", count);
+      auto f = ops::forward(x, gamma, beta, residual ? *residual : Tensor(), running_mean,
+                            running_var, momentum, eps, relu);
+      save(ctx, x, gamma, relu ? f.y : Tensor(), f.mean, f.invstd, residual.has_value(), true);
+      return {f.y};
+    }
+    TORCH_CHECK(x.device().is_cpu(), "the fused kernels run on the CPU, got a tensor on ",
+                x.device());
     const Tensor xc = x.contiguous(layout_for(x));
     const Tensor rc = residual ? activation_like(*residual, xc) : Tensor();
     Tensor y = at::empty_like(xc, layout_for(xc));
@@ -949,15 +1079,22 @@ struct FusedBatchNorm : public torch::autograd::Function<FusedBatchNorm> {
         running_var->mul_(1 - momentum).add_(var, momentum * unbiased);
       }
     }
-    if (relu) {
-      ctx->save_for_backward({xc, gamma, y});
+    save(ctx, xc, gamma, relu ? y : Tensor(), mean, invstd, residual.has_value(), false);
+    return {y};
+  }
+
+  // y is the ReLU's output (undefined without ReLU): its mask.
+  static void save(AutogradContext* ctx, const Tensor& x, const Tensor& gamma, const Tensor& y,
+                   const Tensor& mean, const Tensor& invstd, bool residual, bool as_ops) {
+    if (y.defined()) {
+      ctx->save_for_backward({x, gamma, y});
     } else {
-      ctx->save_for_backward({xc, gamma});
+      ctx->save_for_backward({x, gamma});
     }
     ctx->saved_data["mean"] = mean;
     ctx->saved_data["invstd"] = invstd;
-    ctx->saved_data["residual"] = residual.has_value();
-    return {y};
+    ctx->saved_data["residual"] = residual;
+    ctx->saved_data["ops"] = as_ops;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
@@ -967,11 +1104,11 @@ struct FusedBatchNorm : public torch::autograd::Function<FusedBatchNorm> {
     // backward node has no edge to it.
     Statistics stats{saved.size() > 2 ? saved[2].detach() : Tensor(),
                      ctx->saved_data["mean"].toTensor(), ctx->saved_data["invstd"].toTensor(),
-                     residual};
+                     residual, ctx->saved_data["ops"].toBool()};
     auto grads = FusedBatchNormBackward::apply(grad_out[0], saved[0], saved[1], stats);
     return {grads[0], grads[1], grads[2], residual ? grads[3] : Tensor(),
             Tensor(),  Tensor(),  Tensor(),  Tensor(),
-            Tensor()};
+            Tensor(),  Tensor()};
   }
 };
 
@@ -981,19 +1118,21 @@ extern "C" {
 
 // Training-mode batch norm of x [N, C, ...] with affine gamma, beta [C], plus `residual` (same
 // shape as x) when not null, then a ReLU when `relu` is non-zero; running_mean and running_var
-// may be null (no running statistics). On success writes the output to *out and returns null;
-// on failure returns an error message to free with mp_free_error.
+// may be null (no running statistics). `as_ops` non-zero runs the op as ATen operations (any
+// device), zero as the fused CPU kernels. On success writes the output to *out and returns
+// null; on failure returns an error message to free with mp_free_error.
 char* mp_fused_batch_norm(const Tensor* x, const Tensor* gamma, const Tensor* beta,
                           const Tensor* residual, const Tensor* running_mean,
                           const Tensor* running_var, double momentum, double eps, int relu,
-                          Tensor** out) {
+                          int as_ops, Tensor** out) {
   try {
     // Optional, not undefined tensors: autograd records the metadata of every tensor input.
     std::optional<Tensor> res, mean, var;
     if (residual != nullptr) res = *residual;
     if (running_mean != nullptr) mean = *running_mean;
     if (running_var != nullptr) var = *running_var;
-    auto y = FusedBatchNorm::apply(*x, *gamma, *beta, res, mean, var, momentum, eps, relu != 0);
+    auto y = FusedBatchNorm::apply(*x, *gamma, *beta, res, mean, var, momentum, eps, relu != 0,
+                                   as_ops != 0);
     *out = new Tensor(y[0]);
     return nullptr;
   } catch (const std::exception& e) {

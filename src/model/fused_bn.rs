@@ -4,6 +4,10 @@
 //! unrolled step twice; each direction here is two passes over the activations per channel,
 //! where libtorch runs a scalar statistics loop, a separate ReLU pass each way, and a
 //! composite of some thirty kernels for the second derivative.
+//!
+//! Off the CPU (CUDA) the same op runs as a short chain of ATen operations
+//! ([`Backend::AtenOps`]): one reduction pass gives each pair of channel sums, and each output
+//! is a few broadcast multiply-adds, where libtorch's second derivative is about thirty kernels.
 
 use std::ffi::c_char;
 use tch::{Device, Kind, TchError, Tensor};
@@ -20,15 +24,38 @@ extern "C" {
         momentum: f64,
         eps: f64,
         relu: std::ffi::c_int,
+        as_ops: std::ffi::c_int,
         out: *mut *mut C_tensor,
     ) -> *mut c_char;
 }
 
-/// Whether the fused kernels serve `x`: float32 or float64 on the CPU, at least 2-d. They run
-/// on contiguous (NCHW) and channels-last (NHWC) tensors; any other strides are copied to NCHW
-/// first.
+/// Whether the op serves `x`: float32 or float64, at least 2-d, on the CPU (fused kernels) or
+/// CUDA (ATen operations). The CPU kernels run on contiguous (NCHW) and channels-last (NHWC)
+/// tensors; any other strides are copied to NCHW first.
 pub fn applies_to(x: &Tensor) -> bool {
-    x.device() == Device::Cpu && matches!(x.kind(), Kind::Float | Kind::Double) && x.dim() >= 2
+    matches!(x.device(), Device::Cpu | Device::Cuda(_))
+        && matches!(x.kind(), Kind::Float | Kind::Double)
+        && x.dim() >= 2
+}
+
+/// How the op computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The fused CPU kernels (CPU tensors only).
+    Kernels,
+    /// ATen operations, on any device: what CUDA runs.
+    AtenOps,
+}
+
+impl Backend {
+    /// The kernels on the CPU, ATen operations elsewhere.
+    pub fn for_tensor(x: &Tensor) -> Backend {
+        if x.device() == Device::Cpu {
+            Backend::Kernels
+        } else {
+            Backend::AtenOps
+        }
+    }
 }
 
 /// What follows the batch norm inside the fused op.
@@ -41,9 +68,10 @@ pub struct Epilogue<'a> {
 }
 
 /// `relu(x.batch_norm(gamma, beta, running_mean, running_var, training = true, momentum, eps)
-/// + residual)` (the residual and the ReLU as `epilogue` says) with fused derivatives;
-/// `running` (mean, var) are updated in place when given.
+/// + residual)` (the residual and the ReLU as `epilogue` says) with fused derivatives, on
+/// `backend`; `running` (mean, var) are updated in place when given.
 pub fn batch_norm_train(
+    backend: Backend,
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
@@ -71,6 +99,7 @@ pub fn batch_norm_train(
             momentum,
             eps,
             std::ffi::c_int::from(epilogue.relu),
+            std::ffi::c_int::from(backend == Backend::AtenOps),
             &mut out,
         );
         super::ffi::output("fused batch norm", err, out)
@@ -133,9 +162,9 @@ mod tests {
     /// objective built from the first-order gradients (as the unrolled meta-gradient is) wrt
     /// x, gamma, beta, the residual and the upstream weights that shape gO. Without `with_gx`
     /// the objective leaves out x's first-order gradient, so its adjoint reaches the fused
-    /// kernel undefined.
+    /// kernel undefined. `backend` None is libtorch's composite.
     fn derivatives(
-        fused: bool,
+        backend: Option<Backend>,
         inputs: &[Tensor],
         (with_residual, relu): (bool, bool),
         with_gx: bool,
@@ -147,10 +176,9 @@ mod tests {
             residual: with_residual.then_some(&residual),
             relu,
         };
-        let y = if fused {
-            batch_norm_train(&x, &gamma, &beta, None, 0.1, 1e-5, epilogue).unwrap()
-        } else {
-            native(&x, &gamma, &beta, epilogue)
+        let y = match backend {
+            Some(b) => batch_norm_train(b, &x, &gamma, &beta, None, 0.1, 1e-5, epilogue).unwrap(),
+            None => native(&x, &gamma, &beta, epilogue),
         };
         // gO = (2 y + 1) upstream + ..., so it depends on x, gamma, beta and upstream, and
         // its adjoint reaches upstream also where the ReLU is off.
@@ -175,9 +203,11 @@ mod tests {
             .collect()
     }
 
-    /// Fused against libtorch's composite: values, first and second derivatives of every
-    /// epilogue. A wrong term in the double backward (dropping the r^2 term of x's adjoint,
-    /// or the ReLU mask on gO's adjoint) gives errors of 1e-3 to 0.1 here.
+    const BACKENDS: [Backend; 2] = [Backend::Kernels, Backend::AtenOps];
+
+    /// Fused (both backends) against libtorch's composite: values, first and second
+    /// derivatives of every epilogue. A wrong term in the double backward (dropping the r^2
+    /// term of x's adjoint, or the ReLU mask on gO's adjoint) gives errors of 1e-3 to 0.1 here.
     #[test]
     fn fused_derivatives_match_libtorch_to_float64_precision() {
         for (shape, seed) in [
@@ -188,11 +218,15 @@ mod tests {
             let inputs = inputs(shape, seed);
             for epilogue in EPILOGUES {
                 for with_gx in [true, false] {
-                    let fused = derivatives(true, &inputs, epilogue, with_gx);
-                    let native = derivatives(false, &inputs, epilogue, with_gx);
-                    let case =
-                        format!("shape {shape:?} (residual, relu) {epilogue:?} with_gx {with_gx}");
-                    crate::model::assert_all_close(&fused, &native, 1e-10, &case);
+                    let native = derivatives(None, &inputs, epilogue, with_gx);
+                    for backend in BACKENDS {
+                        let fused = derivatives(Some(backend), &inputs, epilogue, with_gx);
+                        let case = format!(
+                            "{backend:?} shape {shape:?} (residual, relu) {epilogue:?} \
+                             with_gx {with_gx}"
+                        );
+                        crate::model::assert_all_close(&fused, &native, 1e-10, &case);
+                    }
                 }
             }
         }
@@ -216,14 +250,16 @@ mod tests {
             assert_eq!(inputs[0].stride()[1], 1, "x is channels-last");
             for epilogue in EPILOGUES {
                 for with_gx in [true, false] {
-                    let fused = derivatives(true, &inputs, epilogue, with_gx);
-                    assert_eq!(fused[0].stride()[1], 1, "the NHWC kernels ran");
-                    let native = derivatives(false, &inputs, epilogue, with_gx);
-                    let case = format!(
-                        "channels-last shape {shape:?} (residual, relu) {epilogue:?} \
-                         with_gx {with_gx}"
-                    );
-                    crate::model::assert_all_close(&fused, &native, 1e-10, &case);
+                    let native = derivatives(None, &inputs, epilogue, with_gx);
+                    for backend in BACKENDS {
+                        let fused = derivatives(Some(backend), &inputs, epilogue, with_gx);
+                        assert_eq!(fused[0].stride()[1], 1, "{backend:?} kept NHWC");
+                        let case = format!(
+                            "{backend:?} channels-last shape {shape:?} (residual, relu) \
+                             {epilogue:?} with_gx {with_gx}"
+                        );
+                        crate::model::assert_all_close(&fused, &native, 1e-10, &case);
+                    }
                 }
             }
         }
@@ -235,11 +271,13 @@ mod tests {
     fn float32_values_and_gradients_match_libtorch() {
         // NCHW, then channels-last with a vector of 16 channels and 4 single ones.
         for (shape, nhwc) in [([16i64, 4, 8, 8], false), ([16, 20, 8, 8], true)] {
-            float32_case(shape, nhwc);
+            for backend in BACKENDS {
+                float32_case(backend, shape, nhwc);
+            }
         }
     }
 
-    fn float32_case(shape: [i64; 4], nhwc: bool) {
+    fn float32_case(backend: Backend, shape: [i64; 4], nhwc: bool) {
         let mut rng = crate::craft::rng::SplitMix64::new(5);
         let opts = (Kind::Float, Device::Cpu);
         let layout = |t: Tensor| {
@@ -259,7 +297,7 @@ mod tests {
         };
         let grad = |fused: bool| {
             let y = if fused {
-                batch_norm_train(&x, &gamma, &beta, None, 0.1, 1e-5, epilogue).unwrap()
+                batch_norm_train(backend, &x, &gamma, &beta, None, 0.1, 1e-5, epilogue).unwrap()
             } else {
                 native(&x, &gamma, &beta, epilogue)
             };
@@ -272,15 +310,24 @@ mod tests {
             nhwc,
             "the output keeps the input's layout"
         );
-        assert!(y1.allclose(&y2, 1e-4, 1e-4, false), "values, nhwc {nhwc}");
+        assert!(
+            y1.allclose(&y2, 1e-4, 1e-4, false),
+            "{backend:?} values, nhwc {nhwc}"
+        );
         assert!(
             g1.allclose(&g2, 1e-3, 1e-4, false),
-            "gradients, nhwc {nhwc}"
+            "{backend:?} gradients, nhwc {nhwc}"
         );
     }
 
     #[test]
     fn running_statistics_move_as_libtorch_moves_them() {
+        for backend in BACKENDS {
+            running_statistics_case(backend);
+        }
+    }
+
+    fn running_statistics_case(backend: Backend) {
         let mut rng = crate::craft::rng::SplitMix64::new(4);
         let x = rng.normal_tensor(&[8, 3, 5, 5], 2.0, (Kind::Float, Device::Cpu)) + 1.0;
         let (gamma, beta) = (
@@ -296,7 +343,17 @@ mod tests {
             residual: None,
             relu: false,
         };
-        let y1 = batch_norm_train(&x, &gamma, &beta, Some((&m1, &v1)), 0.1, 1e-5, plain).unwrap();
+        let y1 = batch_norm_train(
+            backend,
+            &x,
+            &gamma,
+            &beta,
+            Some((&m1, &v1)),
+            0.1,
+            1e-5,
+            plain,
+        )
+        .unwrap();
         let y2 = x.batch_norm(
             Some(&gamma),
             Some(&beta),
@@ -318,13 +375,20 @@ mod tests {
 
     #[test]
     fn a_bad_input_is_an_error_not_a_crash() {
+        for backend in BACKENDS {
+            bad_input_case(backend);
+        }
+    }
+
+    fn bad_input_case(backend: Backend) {
         let x = Tensor::zeros([4, 3, 2, 2], (Kind::Float, Device::Cpu));
         let plain = Epilogue {
             residual: None,
             relu: false,
         };
         let wrong = Tensor::ones([5], (Kind::Float, Device::Cpu));
-        let err = batch_norm_train(&x, &wrong, &wrong, None, 0.1, 1e-5, plain).unwrap_err();
+        let err =
+            batch_norm_train(backend, &x, &wrong, &wrong, None, 0.1, 1e-5, plain).unwrap_err();
         let text = err.to_string();
         assert!(
             text.contains("fused batch norm: gamma must be [3] for an input of 3 channels"),
@@ -337,7 +401,7 @@ mod tests {
             residual: Some(&short),
             relu: true,
         };
-        let text = batch_norm_train(&x, &ok, &ok, None, 0.1, 1e-5, with_short)
+        let text = batch_norm_train(backend, &x, &ok, &ok, None, 0.1, 1e-5, with_short)
             .unwrap_err()
             .to_string();
         assert!(text.contains("residual must be [4, 3, 2, 2]"), "{text}");

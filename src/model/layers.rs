@@ -189,7 +189,7 @@ impl<'a> Layers<'a> {
             }
         });
         let direct = match &self.source {
-            Source::Apply { ops, .. } => ops.direct_conv_double_backward,
+            Source::Apply { ops, .. } => ops.direct_conv_double_backward && ops.serve(x.device()),
             Source::Build { .. } => false,
         };
         if direct && super::conv2d::applies_to(x) {
@@ -271,11 +271,18 @@ impl<'a> Layers<'a> {
             } => {
                 let running = (&buffers[bn.buffer], &buffers[bn.buffer + 1]);
                 let fused = ops.fused_batch_norm
+                    && ops.serve(x.device())
                     && *mode != Mode::Eval
                     && super::fused_bn::applies_to(x)
                     && residual.is_none_or(super::fused_bn::applies_to);
                 if fused {
+                    let backend = if ops.batch_norm_as_aten_ops {
+                        super::fused_bn::Backend::AtenOps
+                    } else {
+                        super::fused_bn::Backend::for_tensor(x)
+                    };
                     return super::fused_bn::batch_norm_train(
+                        backend,
                         x,
                         &bn.gamma,
                         &bn.beta,

@@ -189,19 +189,74 @@ pub struct Network {
 /// same maths).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OwnOps {
-    /// Training-mode batch norm (with the ReLU and residual add after it) on the CPU through
-    /// `fused_bn`'s fused kernels.
+    /// Training-mode batch norm (with the ReLU and residual add after it) as `fused_bn`'s op:
+    /// fused kernels on the CPU, ATen operations on CUDA.
     pub fused_batch_norm: bool,
-    /// Convolutions on the CPU through `conv2d`, whose second derivative runs on the
-    /// backend's backward kernels instead of convolving transposed copies.
+    /// `fused_bn`'s op as ATen operations on the CPU too (what CUDA runs; tests and `bench`).
+    pub batch_norm_as_aten_ops: bool,
+    /// Convolutions through `conv2d`, whose second derivative runs on the backend's backward
+    /// kernels instead of convolving transposed copies.
     pub direct_conv_double_backward: bool,
+    /// The ops above serve CUDA tensors too. Off by default: on CUDA they are tested by
+    /// `bench --gradcheck` but not yet timed, so victims and pretraining keep libtorch's
+    /// kernels there; the crafter sets it from the settled `run.*` switches.
+    pub cuda: bool,
 }
 
 impl Default for OwnOps {
     fn default() -> Self {
         OwnOps {
             fused_batch_norm: true,
+            batch_norm_as_aten_ops: false,
             direct_conv_double_backward: true,
+            cuda: false,
+        }
+    }
+}
+
+impl OwnOps {
+    /// libtorch's kernels throughout.
+    pub const LIBTORCH: OwnOps = OwnOps {
+        fused_batch_norm: false,
+        batch_norm_as_aten_ops: false,
+        direct_conv_double_backward: false,
+        cuda: false,
+    };
+
+    /// Ours wherever they apply, CUDA included.
+    pub fn everywhere() -> OwnOps {
+        OwnOps {
+            cuda: true,
+            ..OwnOps::default()
+        }
+    }
+
+    /// Whether the ops may serve a tensor on `device`.
+    pub fn serve(&self, device: Device) -> bool {
+        device == Device::Cpu || self.cuda
+    }
+
+    /// A short description for reports: "libtorch", "ours", "ours (batch norm as ATen ops)".
+    pub fn describe(&self) -> String {
+        if !self.fused_batch_norm && !self.direct_conv_double_backward {
+            return "libtorch".into();
+        }
+        let mut parts = Vec::new();
+        if !self.fused_batch_norm {
+            parts.push("libtorch batch norm");
+        } else if self.batch_norm_as_aten_ops {
+            parts.push("batch norm as ATen ops");
+        }
+        if !self.direct_conv_double_backward {
+            parts.push("libtorch conv double backward");
+        }
+        if !self.cuda {
+            parts.push("CPU only");
+        }
+        if parts.is_empty() {
+            "ours".into()
+        } else {
+            parts.join(", ")
         }
     }
 }
@@ -231,13 +286,25 @@ impl Network {
         self
     }
 
-    /// The same network with batch norm's fused second derivative on the CPU (or not).
+    /// The same network with batch norm's fused derivatives (or libtorch's).
     pub fn with_fused_batch_norm(mut self, on: bool) -> Self {
         self.ops.fused_batch_norm = on;
         self
     }
 
-    /// The same network with the convolutions' direct second derivative on the CPU (or not).
+    /// The same network with the fused batch norm as ATen operations on the CPU too.
+    pub fn with_batch_norm_as_aten_ops(mut self, on: bool) -> Self {
+        self.ops.batch_norm_as_aten_ops = on;
+        self
+    }
+
+    /// The same network with these ops.
+    pub fn with_ops(mut self, ops: OwnOps) -> Self {
+        self.ops = ops;
+        self
+    }
+
+    /// The same network with the convolutions' direct second derivative (or libtorch's).
     pub fn with_direct_conv_double_backward(mut self, on: bool) -> Self {
         self.ops.direct_conv_double_backward = on;
         self
