@@ -390,7 +390,13 @@ fn run_gradcheck(device: tch::Device, out: Option<&PathBuf>) -> Result<()> {
     for c in &checks {
         eprintln!(
             "{:<9} K={} C={} augment={:<5} channels-last={:<5} ops={} worst relative error {:.2e}",
-            c.objective, c.unroll_steps, c.channels, c.augment, c.channels_last, c.ops, c.worst_error
+            c.objective,
+            c.unroll_steps,
+            c.channels,
+            c.augment,
+            c.channels_last,
+            c.ops,
+            c.worst_error
         );
         worst = worst.max(c.worst_error);
     }

@@ -1,5 +1,6 @@
 // Training-mode batch norm, optionally followed by a residual add and a ReLU, as one autograd
-// function whose forward, backward and double backward are fused CPU kernels.
+// function whose forward, backward and double backward are fused CPU kernels (or, for CUDA
+// tensors, short chains of ATen operations: namespace `ops`).
 //
 // Why: MetaPoison backpropagates through the unrolled SGD steps, so every batch norm of every
 // unrolled step is differentiated twice. libtorch's double backward of batch norm is a

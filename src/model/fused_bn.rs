@@ -67,22 +67,30 @@ pub struct Epilogue<'a> {
     pub relu: bool,
 }
 
+/// Running statistics, moved in place by each training-mode call: stat = (1 - momentum) stat +
+/// momentum batch_stat (the variance unbiased), as libtorch moves them.
+#[derive(Debug, Clone, Copy)]
+pub struct Running<'a> {
+    pub mean: &'a Tensor,
+    pub var: &'a Tensor,
+    pub momentum: f64,
+}
+
 /// `relu(x.batch_norm(gamma, beta, running_mean, running_var, training = true, momentum, eps)
 /// + residual)` (the residual and the ReLU as `epilogue` says) with fused derivatives, on
-/// `backend`; `running` (mean, var) are updated in place when given.
+/// `backend`; the `running` statistics move when given.
 pub fn batch_norm_train(
     backend: Backend,
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
-    running: Option<(&Tensor, &Tensor)>,
-    momentum: f64,
+    running: Option<Running>,
     eps: f64,
     epilogue: Epilogue,
 ) -> Result<Tensor, TchError> {
-    let (mean, var) = match running {
-        Some((m, v)) => (m.as_ptr(), v.as_ptr()),
-        None => (std::ptr::null(), std::ptr::null()),
+    let (mean, var, momentum) = match running {
+        Some(r) => (r.mean.as_ptr(), r.var.as_ptr(), r.momentum),
+        None => (std::ptr::null(), std::ptr::null(), 0.0),
     };
     let residual = epilogue.residual.map_or(std::ptr::null(), Tensor::as_ptr);
     let mut out: *mut C_tensor = std::ptr::null_mut();
@@ -177,7 +185,7 @@ mod tests {
             relu,
         };
         let y = match backend {
-            Some(b) => batch_norm_train(b, &x, &gamma, &beta, None, 0.1, 1e-5, epilogue).unwrap(),
+            Some(b) => batch_norm_train(b, &x, &gamma, &beta, None, 1e-5, epilogue).unwrap(),
             None => native(&x, &gamma, &beta, epilogue),
         };
         // gO = (2 y + 1) upstream + ..., so it depends on x, gamma, beta and upstream, and
@@ -297,7 +305,7 @@ mod tests {
         };
         let grad = |fused: bool| {
             let y = if fused {
-                batch_norm_train(backend, &x, &gamma, &beta, None, 0.1, 1e-5, epilogue).unwrap()
+                batch_norm_train(backend, &x, &gamma, &beta, None, 1e-5, epilogue).unwrap()
             } else {
                 native(&x, &gamma, &beta, epilogue)
             };
@@ -348,8 +356,11 @@ mod tests {
             &x,
             &gamma,
             &beta,
-            Some((&m1, &v1)),
-            0.1,
+            Some(Running {
+                mean: &m1,
+                var: &v1,
+                momentum: 0.1,
+            }),
             1e-5,
             plain,
         )
@@ -387,8 +398,7 @@ mod tests {
             relu: false,
         };
         let wrong = Tensor::ones([5], (Kind::Float, Device::Cpu));
-        let err =
-            batch_norm_train(backend, &x, &wrong, &wrong, None, 0.1, 1e-5, plain).unwrap_err();
+        let err = batch_norm_train(backend, &x, &wrong, &wrong, None, 1e-5, plain).unwrap_err();
         let text = err.to_string();
         assert!(
             text.contains("fused batch norm: gamma must be [3] for an input of 3 channels"),
@@ -401,7 +411,7 @@ mod tests {
             residual: Some(&short),
             relu: true,
         };
-        let text = batch_norm_train(backend, &x, &ok, &ok, None, 0.1, 1e-5, with_short)
+        let text = batch_norm_train(backend, &x, &ok, &ok, None, 1e-5, with_short)
             .unwrap_err()
             .to_string();
         assert!(text.contains("residual must be [4, 3, 2, 2]"), "{text}");

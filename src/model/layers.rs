@@ -286,8 +286,11 @@ impl<'a> Layers<'a> {
                         x,
                         &bn.gamma,
                         &bn.beta,
-                        (*mode == Mode::TrainUpdateStats).then_some(running),
-                        BN_MOMENTUM,
+                        (*mode == Mode::TrainUpdateStats).then_some(super::fused_bn::Running {
+                            mean: running.0,
+                            var: running.1,
+                            momentum: BN_MOMENTUM,
+                        }),
                         BN_EPS,
                         super::fused_bn::Epilogue { residual, relu },
                     )
