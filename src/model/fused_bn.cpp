@@ -841,11 +841,11 @@ Tensor per_channel(const Tensor& v, const Tensor& x) {
   return v.view(shape);
 }
 
-// (sum(dy (input - mean) invstd), sum(dy)) per channel, in one pass over dy and input.
+// (sum(dy (input - mean) invstd), sum(dy)) per channel, in one pass over dy and input. `ones`
+// is a [C] weight of ones: with it the weight gradient is that first sum on every backend,
+// whatever each does without a weight.
 std::pair<Tensor, Tensor> channel_sums(const Tensor& dy, const Tensor& input, const Tensor& mean,
-                                       const Tensor& invstd) {
-  // A weight of ones: libtorch's CUDA reduction sizes its weight gradient after the weight.
-  const Tensor ones = at::ones({input.size(1)}, input.options());
+                                       const Tensor& invstd, const Tensor& ones) {
   auto grads = at::native_batch_norm_backward(dy, input, ones, std::nullopt, std::nullopt, mean,
                                               invstd, /*train=*/true, /*eps=*/0.0,
                                               {false, true, true});
@@ -893,14 +893,14 @@ std::tuple<Tensor, Tensor, Tensor> double_backward(const Tensor& x, const Tensor
                                                    const Tensor& gg_gamma, const Tensor& gg_beta) {
   const int64_t C = x.size(1);
   const double n = static_cast<double>(C > 0 ? x.numel() / C : 0);
-  const Tensor zeros = at::zeros({C}, x.options());
+  const Tensor zeros = at::zeros({C}, x.options()), ones = at::ones({C}, x.options());
   const Tensor gz = masked(go, mask);
-  auto [s_gx, s_g] = channel_sums(gz, x, mean, invstd);
+  auto [s_gx, s_g] = channel_sums(gz, x, mean, invstd, ones);
   Tensor s_ax = zeros, s_a = zeros, s_ag = zeros;
   if (a.defined()) {
-    std::tie(s_ax, s_a) = channel_sums(a, x, mean, invstd);
+    std::tie(s_ax, s_a) = channel_sums(a, x, mean, invstd, ones);
     // sum(A gz): gz standing in for the input, with mean 0 and invstd 1.
-    s_ag = channel_sums(a, gz, zeros, at::ones({C}, x.options())).first;
+    s_ag = channel_sums(a, gz, zeros, ones, ones).first;
   }
   const Tensor m_g = s_g / n, m_gx = s_gx / n, m_a = s_a / n, m_ax = s_ax / n, m_ag = s_ag / n;
   const Tensor& r = invstd;
