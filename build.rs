@@ -28,7 +28,7 @@ fn main() {
         return;
     }
     if let Some(lib_dir) = lib_dir.as_deref() {
-        compile_fused_batch_norm(lib_dir);
+        compile_cpp(lib_dir);
     }
     if let Some(lib_dir) = lib_dir {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{lib_dir}");
@@ -44,12 +44,13 @@ fn main() {
     }
 }
 
-/// The fused batch norm (src/model/fused_bn.cpp), compiled against libtorch's headers with
-/// the flags torch-sys uses for its own C++.
-fn compile_fused_batch_norm(lib_dir: &str) {
+/// The crate's C++ (the ops in src/model/*.cpp, the profiler hook in src/bench/profile.cpp),
+/// compiled against libtorch's headers with the flags torch-sys uses for its own C++.
+fn compile_cpp(lib_dir: &str) {
     println!("cargo:rerun-if-changed=src/model/fused_bn.cpp");
     println!("cargo:rerun-if-changed=src/model/conv2d.cpp");
     println!("cargo:rerun-if-changed=src/model/ffi.h");
+    println!("cargo:rerun-if-changed=src/bench/profile.cpp");
     let root = std::path::Path::new(lib_dir)
         .parent()
         .expect("libtorch's lib folder has a parent");
@@ -58,6 +59,7 @@ fn compile_fused_batch_norm(lib_dir: &str) {
         .cpp(true)
         .file("src/model/fused_bn.cpp")
         .file("src/model/conv2d.cpp")
+        .file("src/bench/profile.cpp")
         .include(root.join("include"))
         .include(root.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")

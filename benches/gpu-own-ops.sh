@@ -2,7 +2,8 @@
 # The crate's own ops on CUDA (the fused batch norm as ATen operations, the direct convolution
 # double backward), which `auto` leaves off there until this script has timed them: the
 # gradcheck on the GPU first, then ResNet-18 grouped steps (the seed's setting) with and
-# without each op, alternating, then the default step and a short crafting run with both on.
+# without each op, alternating, profiles of both, then the default step and a short crafting
+# run with both on.
 # Like gpu-proof.sh: carry target/release/metapoison; parts in priority order under BUDGET_S
 # (default 420). Everything lands in ${OUT:-gpu-own-ops}/r/, packed into one results.tar.gz.
 set -u
@@ -25,6 +26,12 @@ part 35 r18-own-2 "$B" "${R18[@]}" --no-reference --own-ops-on-cuda
 part 35 r18-conv-only "$B" "${R18[@]}" --no-reference --own-ops-on-cuda --native-batch-norm
 part 35 r18-bn-only "$B" "${R18[@]}" --no-reference --own-ops-on-cuda --libtorch-conv-double-backward
 part 35 r18-libtorch-2 "$B" "${R18[@]}" --no-reference
+# Where a grouped ResNet-18 step's GPU time goes, ours with and without the ops (device time
+# by kernel and by launching operator, in bench.jsonl and parts.log; the traces stay behind).
+P18=(bench --device cuda --setting cifar-resnet18 --grouped --ensemble 4 --reps 1 --warmup 2 --no-reference --out "$J")
+T=$(mktemp -d)
+part 40 r18-profile-own "$B" "${P18[@]}" --own-ops-on-cuda --profile "$T/own.json"
+part 40 r18-profile-libtorch "$B" "${P18[@]}" --profile "$T/libtorch.json"
 # The default step (ConvNetBN, launch-bound on a GPU), grouped M 4, without and with.
 part 30 default-libtorch "$B" bench --device cuda --grouped --reps 10 --no-reference --out "$J"
 part 30 default-own "$B" bench --device cuda --grouped --reps 10 --no-reference --own-ops-on-cuda --out "$J"

@@ -1,8 +1,8 @@
 //! `metapoison bench`: the speed harness's command line and report.
 
 use super::{
-    check_agreement, gradcheck, peak_rss_bytes, reference, time_side_by_side, Reference,
-    StepInputs, StepSpec, Timing,
+    check_agreement, gradcheck, peak_rss_bytes, reference, synchronize, time_side_by_side,
+    Reference, StepInputs, StepSpec, Timing,
 };
 use crate::config::NetKind;
 use crate::device::DeviceChoice;
@@ -104,6 +104,12 @@ pub struct BenchArgs {
     /// profile the reference on them.
     #[arg(long)]
     save_inputs: Option<PathBuf>,
+    /// After the timed steps, one more of ours under libtorch's profiler: its trace (Chrome's
+    /// format, for chrome://tracing or Perfetto) goes to this path, and tables of host time by
+    /// operator and, on CUDA, device time by kernel and by launching operator to the terminal
+    /// and the JSON report. Runs the surrogates on this thread (`--workers 1`).
+    #[arg(long)]
+    profile: Option<PathBuf>,
 }
 
 fn parse_net(s: &str) -> Result<NetKind, String> {
@@ -138,9 +144,13 @@ impl BenchArgs {
         }
         // As the crafter: never more at once than there are surrogates (a surplus worker
         // would only take its share of the cores away).
-        let workers = self
-            .workers
-            .unwrap_or(crate::config::HardwareProfile::for_device(on_gpu).parallel_surrogates);
+        // The profiler records this thread (and autograd's), not worker threads.
+        let default_workers = if self.profile.is_some() {
+            1
+        } else {
+            crate::config::HardwareProfile::for_device(on_gpu).parallel_surrogates
+        };
+        let workers = self.workers.unwrap_or(default_workers);
         s.workers = workers.min(s.ensemble.max(1));
         s.channels_last = self.channels_last;
         s.reference_channels_last = self.reference_channels_last;
@@ -191,6 +201,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let spec = args.spec(device.is_cuda());
     spec.validate().map_err(anyhow::Error::msg)?;
+    if args.profile.is_some() && spec.workers > 1 {
+        bail!("--profile records one thread: use --workers 1 (or leave --workers out)");
+    }
     if args.reps == 0 {
         bail!("--reps must be at least 1");
     }
@@ -274,6 +287,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         args.warmup,
         args.reps,
     )?;
+    let profile = match &args.profile {
+        Some(path) => Some(profile_one_step(&mut inputs, device, path)?),
+        None => None,
+    };
     let (label, ours_gpu) = device_report(device);
     let (stats, peak) = match reference.as_mut() {
         Some(r) => (Some(r.stats()?), Some(r.peak()?)),
@@ -291,12 +308,40 @@ pub fn run(args: BenchArgs) -> Result<()> {
         ours_gpu,
         reference.as_ref().map(|r| r.about.clone()),
     );
+    let mut report = report;
+    if let Some(p) = profile {
+        report["profile"] = p;
+    }
     print_summary(&report);
     println!("{report}");
     if let Some(path) = &args.out {
         append_line(path, &report)?;
     }
     Ok(())
+}
+
+/// One more of our steps under the profiler: its trace written to `path`, its tables printed,
+/// and returned for the report (with the step's wall time).
+fn profile_one_step(
+    inputs: &mut StepInputs,
+    device: tch::Device,
+    path: &std::path::Path,
+) -> Result<Value> {
+    synchronize(device);
+    let session = super::profile::start(device.is_cuda())?;
+    let t = std::time::Instant::now();
+    inputs.step();
+    synchronize(device);
+    let wall_s = t.elapsed().as_secs_f64();
+    let events = session.stop(Some(path))?;
+    let summary = super::profile::summarize(&events, 25);
+    eprint!(
+        "profiled step: {:.1} ms (trace: {})\n{}",
+        wall_s * 1e3,
+        path.display(),
+        super::profile::render(&summary)
+    );
+    Ok(json!({ "wall_s": wall_s, "trace": path, "summary": summary }))
 }
 
 #[allow(clippy::too_many_arguments)]

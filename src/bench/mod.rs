@@ -8,6 +8,7 @@
 
 pub mod command;
 pub mod gradcheck;
+pub mod profile;
 pub mod reference;
 
 use crate::config::NetKind;
