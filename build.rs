@@ -49,6 +49,7 @@ fn main() {
 fn compile_cpp(lib_dir: &str) {
     println!("cargo:rerun-if-changed=src/model/fused_bn.cpp");
     println!("cargo:rerun-if-changed=src/model/conv2d.cpp");
+    println!("cargo:rerun-if-changed=src/model/max_pool.cpp");
     println!("cargo:rerun-if-changed=src/model/ffi.h");
     println!("cargo:rerun-if-changed=src/bench/profile.cpp");
     let root = std::path::Path::new(lib_dir)
@@ -59,6 +60,7 @@ fn compile_cpp(lib_dir: &str) {
         .cpp(true)
         .file("src/model/fused_bn.cpp")
         .file("src/model/conv2d.cpp")
+        .file("src/model/max_pool.cpp")
         .file("src/bench/profile.cpp")
         .include(root.join("include"))
         .include(root.join("include/torch/csrc/api/include"))

@@ -68,6 +68,9 @@ pub struct BenchArgs {
     /// `auto` is off there until timed).
     #[arg(long)]
     own_ops_on_cuda: bool,
+    /// Our 2x2 max pooling through libtorch's CPU kernel, not the crate's.
+    #[arg(long)]
+    libtorch_max_pool: bool,
     /// Our surrogates batched into one grouped network (one kernel a layer for all M); the
     /// reference still runs them one after another, as a PyTorch loop does.
     #[arg(long)]
@@ -158,6 +161,7 @@ impl BenchArgs {
         s.libtorch_conv_double_backward = self.libtorch_conv_double_backward;
         s.batch_norm_aten_ops = self.batch_norm_aten_ops;
         s.own_ops_on_cuda = self.own_ops_on_cuda;
+        s.libtorch_max_pool = self.libtorch_max_pool;
         s.grouped = self.grouped;
         s.group_size = self.group_size.unwrap_or(0);
         if s.grouped {

@@ -89,6 +89,9 @@ pub struct StepSpec {
     /// is off on CUDA).
     #[serde(default)]
     pub own_ops_on_cuda: bool,
+    /// Our max pooling through libtorch's CPU kernel instead of the crate's.
+    #[serde(default)]
+    pub libtorch_max_pool: bool,
 }
 
 impl StepSpec {
@@ -122,6 +125,7 @@ impl StepSpec {
             batch_norm_aten_ops: false,
             libtorch_conv_double_backward: false,
             own_ops_on_cuda: false,
+            libtorch_max_pool: false,
         }
     }
 
@@ -164,6 +168,7 @@ impl StepSpec {
             fused_batch_norm: !self.native_batch_norm,
             batch_norm_as_aten_ops: self.batch_norm_aten_ops,
             direct_conv_double_backward: !self.libtorch_conv_double_backward,
+            max_pool: !self.libtorch_max_pool,
             cuda: self.own_ops_on_cuda,
         })
     }

@@ -241,6 +241,7 @@ impl super::RunConfig {
             fused_batch_norm: self.fused_batch_norm.resolve(CPU.own_ops),
             batch_norm_as_aten_ops: false,
             direct_conv_double_backward: self.direct_conv_double_backward.resolve(CPU.own_ops),
+            max_pool: true,
             cuda: true,
         }
     }

@@ -199,6 +199,18 @@ impl<'a> Layers<'a> {
         x.conv2d(&w, None::<Tensor>, [stride], [k / 2], [1], self.groups())
     }
 
+    /// 2x2 max pooling, stride 2 (the crate's kernel where it serves).
+    pub fn max_pool_2x2(&self, x: &Tensor) -> Tensor {
+        let ours = match &self.source {
+            Source::Apply { ops, .. } => ops.max_pool,
+            Source::Build { .. } => false,
+        };
+        if ours && super::max_pool::applies_to(x) {
+            return super::max_pool::max_pool_2x2(x).unwrap_or_else(|e| panic!("{e}"));
+        }
+        x.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false)
+    }
+
     /// A bias added per channel (ConvNetBN's conv bias), initialised to zero.
     pub fn channel_bias(&mut self, x: &Tensor) -> Tensor {
         let c = x.size()[1];

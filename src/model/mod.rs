@@ -11,6 +11,7 @@ mod conv2d;
 mod ffi;
 mod fused_bn;
 mod layers;
+mod max_pool;
 mod nets;
 pub mod sgd;
 
@@ -197,6 +198,9 @@ pub struct OwnOps {
     /// Convolutions through `conv2d`, whose second derivative runs on the backend's backward
     /// kernels instead of convolving transposed copies.
     pub direct_conv_double_backward: bool,
+    /// 2x2 max pooling through `max_pool`'s CPU kernel (values, indices and derivatives equal
+    /// to libtorch's bit for bit, so no config switch; CPU only).
+    pub max_pool: bool,
     /// The ops above serve CUDA tensors too. Off by default: on CUDA they are tested by
     /// `bench --gradcheck` but not yet timed, so victims and pretraining keep libtorch's
     /// kernels there; the crafter sets it from the settled `run.*` switches.
@@ -209,6 +213,7 @@ impl Default for OwnOps {
             fused_batch_norm: true,
             batch_norm_as_aten_ops: false,
             direct_conv_double_backward: true,
+            max_pool: true,
             cuda: false,
         }
     }
@@ -220,6 +225,7 @@ impl OwnOps {
         fused_batch_norm: false,
         batch_norm_as_aten_ops: false,
         direct_conv_double_backward: false,
+        max_pool: false,
         cuda: false,
     };
 
@@ -238,7 +244,7 @@ impl OwnOps {
 
     /// A short description for reports: "libtorch", "ours", "ours (batch norm as ATen ops)".
     pub fn describe(&self) -> String {
-        if !self.fused_batch_norm && !self.direct_conv_double_backward {
+        if !self.fused_batch_norm && !self.direct_conv_double_backward && !self.max_pool {
             return "libtorch".into();
         }
         let mut parts = Vec::new();
@@ -249,6 +255,9 @@ impl OwnOps {
         }
         if !self.direct_conv_double_backward {
             parts.push("libtorch conv double backward");
+        }
+        if !self.max_pool {
+            parts.push("libtorch max pool");
         }
         if !self.cuda {
             parts.push("CPU only");

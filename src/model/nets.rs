@@ -33,9 +33,8 @@ fn convnet_bn(l: &mut Layers, x: &Tensor, width: i64, classes: i64) -> Tensor {
     for c in [16, 32, 32, 64, 64] {
         h = l.conv(&h, c * width, 3, 1);
         h = l.channel_bias(&h);
-        h = l
-            .batch_norm_relu(&h)
-            .max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
+        h = l.batch_norm_relu(&h);
+        h = l.max_pool_2x2(&h);
     }
     let h = h.flatten(1, -1);
     l.linear(&h, classes)
@@ -75,7 +74,7 @@ fn vgg(l: &mut Layers, x: &Tensor, cfg: &[i64], classes: i64) -> Tensor {
     let mut h = x.shallow_clone();
     for &c in cfg {
         if c == 0 {
-            h = h.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
+            h = l.max_pool_2x2(&h);
         } else {
             h = l.conv(&h, c, 3, 1);
             h = l.batch_norm_relu(&h);
