@@ -126,3 +126,61 @@ fn data_info_lists_the_embedded_counts() {
         .sum();
     assert_eq!(counts, 2000, "{s}");
 }
+
+/// `bench --profile`: a tiny step's operators reach the report and the trace; an unwritable
+/// trace path is one line before any timing.
+#[test]
+fn bench_profile_reports_operators_and_names_a_bad_trace_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let trace = tmp.path().join("trace.json");
+    let tiny = [
+        "bench",
+        "--device",
+        "cpu",
+        "--no-reference",
+        "--batch",
+        "8",
+        "--poisons-in-batch",
+        "3",
+        "--npoison",
+        "6",
+        "--ensemble",
+        "1",
+        "--reps",
+        "1",
+        "--warmup",
+        "0",
+        "--profile",
+    ];
+    let out = bin().args(tiny).arg(&trace).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let ops = report["profile"]["summary"]["host_by_op"]
+        .as_array()
+        .unwrap();
+    assert!(
+        ops.iter()
+            .any(|r| r["name"] == "aten::convolution_backward" && r["ms"].as_f64().unwrap() > 0.0),
+        "{ops:?}"
+    );
+    assert!(std::fs::read_to_string(&trace)
+        .unwrap()
+        .contains("aten::convolution_backward"));
+
+    let out = bin()
+        .args(tiny)
+        .arg(tmp.path().join("missing/trace.json"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot write the profile trace") && stderr.contains("missing/trace.json"),
+        "{stderr}"
+    );
+}

@@ -205,8 +205,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let spec = args.spec(device.is_cuda());
     spec.validate().map_err(anyhow::Error::msg)?;
-    if args.profile.is_some() && spec.workers > 1 {
-        bail!("--profile records one thread: use --workers 1 (or leave --workers out)");
+    if let Some(path) = &args.profile {
+        if spec.workers > 1 {
+            bail!("--profile records one thread: use --workers 1 (or leave --workers out)");
+        }
+        // Before the timing: libtorch's trace writer only logs a failure.
+        std::fs::File::create(path).with_context(|| {
+            format!(
+                "cannot write the profile trace {}: choose a writable path",
+                path.display()
+            )
+        })?;
     }
     if args.reps == 0 {
         bail!("--reps must be at least 1");
