@@ -67,7 +67,9 @@ fn compile_cpp(lib_dir: &str) {
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
-        .flag("-fopenmp-simd")
+        // OpenMP as libtorch is built: at::parallel_for is a header template, and without
+        // _OPENMP it runs its whole range on the calling thread.
+        .flag("-fopenmp")
         // Lets the per-channel sums vectorise with their partial sums in registers (the
         // reduction order does not matter to these kernels; `omp simd reduction` kept them
         // on the stack, a store and a load per vector).
@@ -83,4 +85,11 @@ fn compile_cpp(lib_dir: &str) {
     println!("cargo:rustc-link-search=native={lib_dir}");
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
+    // The OpenMP runtime libtorch itself loads (its own copy beside it, found through the
+    // rpath), so that both sides share one thread pool.
+    if std::path::Path::new(lib_dir).join("libgomp.so.1").exists() {
+        println!("cargo:rustc-link-arg=-l:libgomp.so.1");
+    } else {
+        println!("cargo:rustc-link-lib=dylib=gomp");
+    }
 }

@@ -42,8 +42,9 @@ inline __attribute__((always_inline)) void window_max(T a, T b, T d, T e, T& m, 
 
 // One plane [H, W] into [OH, OW]. `corner[p]` is output p's top-left input within the plane
 // (2 oh W + 2 ow): one flat loop over the plane's outputs, whatever the row length
-// (ConvNetBN's rows are 14, 7 and 3 outputs long). About twice as fast per thread as libtorch's
-// kernel; explicit 64-byte vectors with the inputs gathered lane by lane were no faster.
+// (ConvNetBN's rows are 14, 7 and 3 outputs long). About twice as fast as libtorch's kernel
+// on one thread and on two; explicit 64-byte vectors with the inputs gathered lane by lane were
+// no faster.
 template <typename T>
 inline __attribute__((always_inline)) void pool_plane(const T* __restrict__ x,
                                                       T* __restrict__ y,
