@@ -1,17 +1,23 @@
-// 2x2 max pooling with stride 2 (no padding, floor mode) on contiguous NCHW CPU tensors: the
-// values and int64 indices libtorch's max_pool2d_with_indices returns, bit for bit, from a loop
-// written for this one window. libtorch's CPU kernel walks a general window with per-element
-// index arithmetic: it takes 20 times a ReLU's time over the same tensor, and was 21% of a
-// default craft step's operator time (bench --profile). Backward is libtorch's own
-// max_pool2d_with_indices_backward, recorded by autograd, so the first and second derivatives
-// are libtorch's.
+// 2x2 max pooling with stride 2 (no padding, floor mode) on contiguous NCHW CPU tensors, in all
+// three directions the meta-gradient takes. Values and derivatives equal libtorch's
+// max_pool2d bit for bit: the windows do not overlap, so the first derivative puts gO on each
+// window's winner and zero elsewhere, and the second gathers at the winners. libtorch's CPU
+// forward walks a general window with index arithmetic per element (20 times a ReLU's time over
+// the same tensor, and 21% of a default craft step's operator time in bench --profile); it
+// keeps int64 indices, and its backward zero-fills then scatters, with a tensor of zeros as the
+// input's adjoint in the double backward. Here the winner of each window is one byte.
+//
+// Two autograd functions, as in fused_bn.cpp: `MaxPool2x2` whose backward calls
+// `MaxPool2x2Backward`, whose own backward is the gather. That one is not differentiable again
+// (third derivatives are never taken).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 #include <torch/csrc/autograd/custom_function.h>
 
-#include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "ffi.h"
@@ -40,54 +46,126 @@ inline __attribute__((always_inline)) void window_max(T a, T b, T d, T e, T& m, 
   k = later ? 3 : k;
 }
 
-// One plane [H, W] into [OH, OW]. `corner[p]` is output p's top-left input within the plane
-// (2 oh W + 2 ow): one flat loop over the plane's outputs, whatever the row length
-// (ConvNetBN's rows are 14, 7 and 3 outputs long). About twice as fast as libtorch's kernel
-// on one thread and on two; explicit 64-byte vectors with the inputs gathered lane by lane were
-// no faster.
+// The shape of a pooling: input planes [H, W] (N C of them), outputs [OH, OW], and each
+// output's top-left input within its plane (2 oh W + 2 ow).
+struct Pooling {
+  int64_t planes, H, W, OH, OW;
+  std::vector<int64_t> corner;
+
+  Pooling(int64_t planes, int64_t H, int64_t W)
+      : planes(planes), H(H), W(W), OH(H / 2), OW(W / 2), corner(static_cast<size_t>(OH * OW)) {
+    for (int64_t oh = 0; oh < OH; ++oh) {
+      for (int64_t ow = 0; ow < OW; ++ow) corner[oh * OW + ow] = 2 * oh * W + 2 * ow;
+    }
+  }
+
+  // f(plane) for every plane, split among libtorch's threads, about 16k inputs a task.
+  template <typename F>
+  void each_plane(const F& f) const {
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, H * W));
+    at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) f(p);
+    });
+  }
+};
+
+// The per-plane loops take restrict pointers and locals: a store through uint8_t* may alias
+// anything, which would otherwise reload the shape and the corner table at every output.
+
+// Forward: each window's maximum and winner, one flat loop over a plane's outputs whatever the
+// row length (ConvNetBN's rows are 14, 7 and 3 outputs long).
 template <typename T>
-inline __attribute__((always_inline)) void pool_plane(const T* __restrict__ x,
-                                                      T* __restrict__ y,
-                                                      int64_t* __restrict__ idx, int64_t W,
-                                                      int64_t outputs,
-                                                      const int64_t* __restrict__ corner) {
-  for (int64_t p = 0; p < outputs; ++p) {
-    const int64_t o = corner[p];
+void pool_plane(const T* __restrict__ x, T* __restrict__ y, uint8_t* __restrict__ win,
+                const int64_t* __restrict__ corner, int64_t n, int64_t W) {
+  for (int64_t p = 0; p < n; ++p) {
+    const T* q = x + corner[p];
     T m;
     int64_t k;
-    window_max(x[o], x[o + 1], x[o + W], x[o + W + 1], m, k);
+    window_max(q[0], q[1], q[W], q[W + 1], m, k);
     y[p] = m;
-    idx[p] = o + (k & 1) + (k >> 1) * W;
+    win[p] = static_cast<uint8_t>(k);
   }
 }
 
-// The entry points, one plane each. On x86-64 each is compiled for AVX-512, AVX2 and the
-// baseline, and the loader picks the best the CPU has.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define MP_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MP_CPU_CLONES
-#endif
-
-MP_CPU_CLONES void pool_plane_f32(const float* x, float* y, int64_t* idx, int64_t W,
-                                  int64_t outputs, const int64_t* corner) {
-  pool_plane(x, y, idx, W, outputs, corner);
+// First derivative: gO on each window's winner and zero everywhere else (the rest of each
+// window, and the row and column an odd size drops): the plane cleared, then one store an
+// output. (Four selected stores an output were twice as slow.)
+template <typename T>
+void unpool_plane(const T* __restrict__ g, const uint8_t* __restrict__ win, T* __restrict__ gx,
+                  const int64_t* __restrict__ corner, int64_t n, int64_t H, int64_t W) {
+  std::memset(gx, 0, static_cast<size_t>(H * W) * sizeof(T));
+  for (int64_t p = 0; p < n; ++p) {
+    const uint8_t k = win[p];
+    gx[corner[p] + (k & 1) + (k >> 1) * W] = g[p];
+  }
 }
 
-MP_CPU_CLONES void pool_plane_f64(const double* x, double* y, int64_t* idx, int64_t W,
-                                  int64_t outputs, const int64_t* corner) {
-  pool_plane(x, y, idx, W, outputs, corner);
+// Second derivative: the adjoint of gx read at each window's winner.
+template <typename T>
+void gather_plane(const T* __restrict__ ggx, const uint8_t* __restrict__ win,
+                  T* __restrict__ ggo, const int64_t* __restrict__ corner, int64_t n, int64_t W) {
+  for (int64_t p = 0; p < n; ++p) {
+    const uint8_t k = win[p];
+    ggo[p] = ggx[corner[p] + (k & 1) + (k >> 1) * W];
+  }
 }
 
-void pool_plane_any(const float* x, float* y, int64_t* idx, int64_t W, int64_t outputs,
-                    const int64_t* corner) {
-  pool_plane_f32(x, y, idx, W, outputs, corner);
+template <typename T>
+void pool(const Pooling& s, const T* x, T* y, uint8_t* win) {
+  const int64_t n = s.OH * s.OW, in = s.H * s.W;
+  s.each_plane([&](int64_t plane) {
+    pool_plane(x + plane * in, y + plane * n, win + plane * n, s.corner.data(), n, s.W);
+  });
 }
 
-void pool_plane_any(const double* x, double* y, int64_t* idx, int64_t W, int64_t outputs,
-                    const int64_t* corner) {
-  pool_plane_f64(x, y, idx, W, outputs, corner);
+template <typename T>
+void unpool(const Pooling& s, const T* g, const uint8_t* win, T* gx) {
+  const int64_t n = s.OH * s.OW, in = s.H * s.W;
+  s.each_plane([&](int64_t plane) {
+    unpool_plane(g + plane * n, win + plane * n, gx + plane * in, s.corner.data(), n, s.H, s.W);
+  });
 }
+
+template <typename T>
+void gather(const Pooling& s, const T* ggx, const uint8_t* win, T* ggo) {
+  const int64_t n = s.OH * s.OW, in = s.H * s.W;
+  s.each_plane([&](int64_t plane) {
+    gather_plane(ggx + plane * in, win + plane * n, ggo + plane * n, s.corner.data(), n, s.W);
+  });
+}
+
+Pooling pooling_of(const Tensor& x) {
+  return Pooling(x.size(0) * x.size(1), x.size(2), x.size(3));
+}
+
+struct MaxPool2x2Backward : public torch::autograd::Function<MaxPool2x2Backward> {
+  // gx [N, C, H, W] from gO and the winners.
+  static variable_list forward(AutogradContext* ctx, const Tensor& grad_out, const Tensor& win,
+                               int64_t H, int64_t W) {
+    RECORD_FUNCTION("metapoison::max_pool_2x2_backward", std::vector<c10::IValue>({grad_out}));
+    ctx->saved_data["win"] = win;
+    ctx->saved_data["H"] = H;
+    ctx->saved_data["W"] = W;
+    const Tensor g = grad_out.contiguous();
+    const Pooling s(g.size(0) * g.size(1), H, W);
+    Tensor gx = at::empty({g.size(0), g.size(1), H, W}, g.options());
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "max pool 2x2 backward", [&] {
+      unpool(s, g.data_ptr<scalar_t>(), win.data_ptr<uint8_t>(), gx.data_ptr<scalar_t>());
+    });
+    return {gx};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list adjoints) {
+    const Tensor win = ctx->saved_data["win"].toTensor();
+    const Tensor ggx = adjoints[0].contiguous();
+    const Pooling s = pooling_of(ggx);
+    Tensor ggo = at::empty(win.sizes(), ggx.options());
+    AT_DISPATCH_FLOATING_TYPES(ggx.scalar_type(), "max pool 2x2 double backward", [&] {
+      gather(s, ggx.data_ptr<scalar_t>(), win.data_ptr<uint8_t>(), ggo.data_ptr<scalar_t>());
+    });
+    return {ggo, Tensor(), Tensor(), Tensor()};
+  }
+};
 
 struct MaxPool2x2 : public torch::autograd::Function<MaxPool2x2> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x) {
@@ -97,40 +175,26 @@ struct MaxPool2x2 : public torch::autograd::Function<MaxPool2x2> {
     TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
                 "input must be float32 or float64, got ", x.scalar_type());
     TORCH_CHECK(x.device().is_cpu(), "the kernel runs on the CPU, got a tensor on ", x.device());
-    const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-    TORCH_CHECK(H >= 2 && W >= 2, "input must be at least 2x2, got ", H, "x", W);
-    const int64_t OH = H / 2, OW = W / 2;
+    TORCH_CHECK(x.size(2) >= 2 && x.size(3) >= 2, "input must be at least 2x2, got ",
+                x.size(2), "x", x.size(3));
     const Tensor xc = x.contiguous();
-    Tensor y = at::empty({N, C, OH, OW}, x.options());
-    Tensor idx = at::empty({N, C, OH, OW}, x.options().dtype(at::kLong));
+    const Pooling s = pooling_of(xc);
+    Tensor y = at::empty({x.size(0), x.size(1), s.OH, s.OW}, x.options());
+    Tensor win = at::empty(y.sizes(), x.options().dtype(at::kByte));
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "max pool 2x2", [&] {
-      const scalar_t* xp = xc.data_ptr<scalar_t>();
-      scalar_t* yp = y.data_ptr<scalar_t>();
-      int64_t* ip = idx.data_ptr<int64_t>();
-      std::vector<int64_t> corner(static_cast<size_t>(OH * OW));
-      for (int64_t oh = 0; oh < OH; ++oh) {
-        for (int64_t ow = 0; ow < OW; ++ow) corner[oh * OW + ow] = 2 * oh * W + 2 * ow;
-      }
-      // A grain of about 16k input elements a task.
-      const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, H * W));
-      at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t p = begin; p < end; ++p) {
-          pool_plane_any(xp + p * H * W, yp + p * OH * OW, ip + p * OH * OW, W, OH * OW,
-                         corner.data());
-        }
-      });
+      pool(s, xc.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), win.data_ptr<uint8_t>());
     });
-    ctx->save_for_backward({x, idx});
-    ctx->mark_non_differentiable({idx});
-    return {y, idx};
+    ctx->saved_data["win"] = win;
+    ctx->saved_data["H"] = s.H;
+    ctx->saved_data["W"] = s.W;
+    return {y};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    // libtorch's own backward, differentiable again (its derivative gathers at the indices).
-    Tensor gx = at::max_pool2d_with_indices_backward(grads[0], saved[0], {2, 2}, {2, 2}, {0, 0},
-                                                     {1, 1}, false, saved[1]);
-    return {gx};
+    auto gx = MaxPool2x2Backward::apply(grads[0], ctx->saved_data["win"].toTensor(),
+                                        ctx->saved_data["H"].toInt(),
+                                        ctx->saved_data["W"].toInt());
+    return {gx[0]};
   }
 };
 
