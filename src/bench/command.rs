@@ -309,7 +309,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Some(r) => (Some(r.stats()?), Some(r.peak()?)),
         None => (None, None),
     };
-    let report = report_json(
+    let mut report = report_json(
         &spec,
         &label,
         threads,
@@ -321,7 +321,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
         ours_gpu,
         reference.as_ref().map(|r| r.about.clone()),
     );
-    let mut report = report;
     if let Some(p) = profile {
         report["profile"] = p;
     }

@@ -158,24 +158,27 @@ MP_INLINE InputGradient input_gradient(double n, double gamma, double r, double 
 constexpr int kDoubleBackwardSums = 5;
 
 // Adjoint of gO = m (sc A + go_xh xh + go_c + R); adjoint of x = x_gz gz + x_a A + x_c +
-// x_xh xh; adjoint of gamma = gamma (formulas in the file header).
+// x_xh xh; adjoint of gamma = gamma (formulas in the file header). S is double (one channel,
+// the CPU kernels) or a [C] tensor (every channel at once, the ATen chain in `ops`).
+template <typename S>
 struct DoubleBackwardCoefficients {
-  double sc, go_xh, go_c, x_gz, x_a, x_c, x_xh, gamma;
+  S sc, go_xh, go_c, x_gz, x_a, x_c, x_xh, gamma;
 };
 
-MP_INLINE DoubleBackwardCoefficients double_backward_coefficients(
-    double n, double r, double g, double gg_gamma, double gg_beta,
-    const double (&sums)[kDoubleBackwardSums]) {
-  const double m_g = sums[0] / n, m_gx = sums[1] / n, m_a = sums[2] / n, m_ax = sums[3] / n,
-               m_ag = sums[4] / n;
-  const double sc = g * r;
-  const double q = m_ag - m_g * m_a - m_gx * m_ax;
-  const double go_xh = gg_gamma - sc * m_ax;
-  const double go_c = gg_beta - sc * m_a;
+template <typename S>
+MP_INLINE DoubleBackwardCoefficients<S> double_backward_coefficients(
+    double n, const S& r, const S& g, const S& gg_gamma, const S& gg_beta,
+    const S (&sums)[kDoubleBackwardSums]) {
+  const S m_g = sums[0] / n, m_gx = sums[1] / n, m_a = sums[2] / n, m_ax = sums[3] / n,
+          m_ag = sums[4] / n;
+  const S sc = g * r;
+  const S q = m_ag - m_g * m_a - m_gx * m_ax;
+  const S go_xh = gg_gamma - sc * m_ax;
+  const S go_c = gg_beta - sc * m_a;
   // v = go_xh gz - sc m_gx A; adjoint of x = r (v - mean(v) - xh mean(v xh)) - r^2 g q xh
-  const double v_a = -sc * m_gx;
-  const double mean_v = go_xh * m_g + v_a * m_a;
-  const double mean_v_xh = go_xh * m_gx + v_a * m_ax;
+  const S v_a = -sc * m_gx;
+  const S mean_v = go_xh * m_g + v_a * m_a;
+  const S mean_v_xh = go_xh * m_gx + v_a * m_ax;
   return {sc,          go_xh,  go_c, r * go_xh, r * v_a, -r * mean_v,
           -r * mean_v_xh - r * r * g * q, n * r * q};
 }
@@ -300,7 +303,7 @@ MP_INLINE void double_backward_channel(const DoubleBackwardArgs<T>& p, int64_t c
     s_a_go += t_a_go;
   }
   const double sums[kDoubleBackwardSums] = {s_go, s_go_xh, s_a, s_a_xh, s_a_go};
-  const DoubleBackwardCoefficients k = double_backward_coefficients(
+  const DoubleBackwardCoefficients<double> k = double_backward_coefficients(
       static_cast<double>(N * HW), r, g, gg_gamma, gg_beta, sums);
   p.out_gamma[c] = static_cast<T>(k.gamma);
   const T t_sc = static_cast<T>(k.sc), t_go_xh = static_cast<T>(k.go_xh),
@@ -767,7 +770,7 @@ void run_channels_last(const DoubleBackwardArgs<T>& args) {
         sums[j] += p.partials[(kDoubleBackwardSums * k + j) * C + c];
     const double gg_gamma = p.gg_gamma ? static_cast<double>(p.gg_gamma[c]) : 0.0;
     const double gg_beta = p.gg_beta ? static_cast<double>(p.gg_beta[c]) : 0.0;
-    const DoubleBackwardCoefficients q = double_backward_coefficients(
+    const DoubleBackwardCoefficients<double> q = double_backward_coefficients(
         static_cast<double>(ch.rows), static_cast<double>(p.invstd[c]),
         static_cast<double>(p.gamma[c]), gg_gamma, gg_beta, sums);
     p.out_gamma[c] = static_cast<T>(q.gamma);
@@ -884,8 +887,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& go, const Tens
   return {gx, ggamma, gbeta, gz};
 }
 
-// Adjoints of gO, x and gamma (formulas and coefficients in the file header and
-// double_backward_coefficients); undefined a, gg_gamma, gg_beta or ar are zero.
+// Adjoints of gO, x and gamma, with the CPU kernels' coefficients (double_backward_coefficients)
+// on [C] tensors; undefined a, gg_gamma, gg_beta or ar are zero.
 std::tuple<Tensor, Tensor, Tensor> double_backward(const Tensor& x, const Tensor& go,
                                                    const Tensor& mask, const Tensor& a,
                                                    const Tensor& ar, const Tensor& mean,
@@ -902,29 +905,23 @@ std::tuple<Tensor, Tensor, Tensor> double_backward(const Tensor& x, const Tensor
     // sum(A gz): gz standing in for the input, with mean 0 and invstd 1.
     s_ag = channel_sums(a, gz, zeros, ones, ones).first;
   }
-  const Tensor m_g = s_g / n, m_gx = s_gx / n, m_a = s_a / n, m_ax = s_ax / n, m_ag = s_ag / n;
-  const Tensor& r = invstd;
-  const Tensor sc = gamma * r;
-  const Tensor q = m_ag - m_g * m_a - m_gx * m_ax;
-  const Tensor go_xh = gg_gamma.defined() ? gg_gamma - sc * m_ax : -sc * m_ax;
-  const Tensor go_c = gg_beta.defined() ? gg_beta - sc * m_a : -sc * m_a;
-  const Tensor v_a = -sc * m_gx;
-  const Tensor mean_v = go_xh * m_g + v_a * m_a;
-  const Tensor mean_v_xh = go_xh * m_gx + v_a * m_ax;
-  const Tensor x_xh = -r * mean_v_xh - r * r * gamma * q;
+  const Tensor sums[kDoubleBackwardSums] = {s_g, s_gx, s_a, s_ax, s_ag};
+  const DoubleBackwardCoefficients<Tensor> k = double_backward_coefficients(
+      n, invstd, gamma, gg_gamma.defined() ? gg_gamma : zeros,
+      gg_beta.defined() ? gg_beta : zeros, sums);
   // xh = (x - mean) r, so a term c xh is (c r) x - (c r) mean: one multiply-add on x.
-  const Tensor go_x = go_xh * r, x_x = x_xh * r;
-  const Tensor go_0 = go_c - go_x * mean, x_0 = -r * mean_v - x_x * mean;
+  const Tensor go_x = k.go_xh * invstd, x_x = k.x_xh * invstd;
+  const Tensor go_0 = k.go_c - go_x * mean, x_0 = k.x_c - x_x * mean;
   // adjoint of gO = m (sc A + go_xh xh + go_c + R)
   Tensor out_go = at::addcmul(per_channel(go_0, x), per_channel(go_x, x), x);
-  if (a.defined()) out_go.addcmul_(per_channel(sc, x), a);
+  if (a.defined()) out_go.addcmul_(per_channel(k.sc, x), a);
   if (ar.defined()) out_go.add_(ar);
   if (mask.defined()) out_go = at::threshold_backward(out_go, mask, 0);
-  // adjoint of x = r go_xh gz + r v_a A + x_c + x_xh xh
+  // adjoint of x = x_gz gz + x_a A + x_c + x_xh xh
   Tensor out_x = at::addcmul(per_channel(x_0, x), per_channel(x_x, x), x);
-  out_x.addcmul_(per_channel(r * go_xh, x), gz);
-  if (a.defined()) out_x.addcmul_(per_channel(r * v_a, x), a);
-  return {out_go, out_x, n * r * q};
+  out_x.addcmul_(per_channel(k.x_gz, x), gz);
+  if (a.defined()) out_x.addcmul_(per_channel(k.x_a, x), a);
+  return {out_go, out_x, k.gamma};
 }
 
 }  // namespace ops

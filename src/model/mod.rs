@@ -242,7 +242,8 @@ impl OwnOps {
         device == Device::Cpu || self.cuda
     }
 
-    /// A short description for reports: "libtorch", "ours", "ours (batch norm as ATen ops)".
+    /// A short description for reports: "libtorch", "ours", or the departures from "ours"
+    /// ("batch norm as ATen ops", "libtorch max pool, CPU only", ...).
     pub fn describe(&self) -> String {
         if !self.fused_batch_norm && !self.direct_conv_double_backward && !self.max_pool {
             return "libtorch".into();
@@ -295,27 +296,9 @@ impl Network {
         self
     }
 
-    /// The same network with batch norm's fused derivatives (or libtorch's).
-    pub fn with_fused_batch_norm(mut self, on: bool) -> Self {
-        self.ops.fused_batch_norm = on;
-        self
-    }
-
-    /// The same network with the fused batch norm as ATen operations on the CPU too.
-    pub fn with_batch_norm_as_aten_ops(mut self, on: bool) -> Self {
-        self.ops.batch_norm_as_aten_ops = on;
-        self
-    }
-
     /// The same network with these ops.
     pub fn with_ops(mut self, ops: OwnOps) -> Self {
         self.ops = ops;
-        self
-    }
-
-    /// The same network with the convolutions' direct second derivative (or libtorch's).
-    pub fn with_direct_conv_double_backward(mut self, on: bool) -> Self {
-        self.ops.direct_conv_double_backward = on;
         self
     }
 
