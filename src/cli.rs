@@ -188,7 +188,7 @@ pub fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            let msg = format!("{e:#}");
+            let msg = crate::failure::one_line(&e);
             tracing::error!("{msg}");
             let _ = writeln!(std::io::stderr(), "error: {msg}");
             std::process::ExitCode::FAILURE

@@ -84,9 +84,50 @@ pub fn message(payload: &(dyn Any + Send)) -> String {
     }
 }
 
+/// An error and its causes as one line, "outer: cause: root". A cause whose text the line
+/// already ends with is left out: our error types print their source in their own message
+/// (so that they read whole without anyhow), which `{:#}` would otherwise repeat.
+pub fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.is_empty() {
+            line = text;
+        } else if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_chain_is_one_line_without_repeated_causes() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot read {path}: {source}")]
+        struct ReadError {
+            path: String,
+            source: std::io::Error,
+        }
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let own = anyhow::Error::new(ReadError {
+            path: "a.toml".into(),
+            source: io(),
+        });
+        assert_eq!(one_line(&own), "cannot read a.toml: no such file");
+        // A context above it is kept, and a cause not yet printed is added.
+        let wrapped = own.context("loading the config");
+        assert_eq!(
+            one_line(&wrapped),
+            "loading the config: cannot read a.toml: no such file"
+        );
+        let bare = anyhow::Error::new(io()).context("cannot open b.bin");
+        assert_eq!(one_line(&bare), "cannot open b.bin: no such file");
+    }
 
     #[test]
     fn a_libtorch_error_becomes_one_line_without_the_trace() {
