@@ -72,18 +72,89 @@ struct Pooling {
 // The per-plane loops take restrict pointers and locals: a store through uint8_t* may alias
 // anything, which would otherwise reload the shape and the corner table at every output.
 
-// Forward: each window's maximum and winner, one flat loop over a plane's outputs whatever the
-// row length (ConvNetBN's rows are 14, 7 and 3 outputs long).
+// SSE-width vectors through GCC's vector extensions (SSE2 on any x86-64): a window's four
+// comparisons as lane-wise selects. The scalar version's selects compile to branches, which
+// on a ReLU's output (half zeros, the rest random) mispredict: 7 ms against 1.3 ms for
+// [126, 16, 28, 28] on one thread.
+template <typename T>
+struct Lanes;
+
+template <>
+struct Lanes<float> {
+  typedef float V __attribute__((vector_size(16)));
+  typedef int32_t Mask __attribute__((vector_size(16)));
+  typedef uint8_t Bytes __attribute__((vector_size(4)));
+  static constexpr int64_t n = 4;
+  // The even and the odd elements of lo:hi (a window row's left and right halves).
+  static V even(V lo, V hi) { return __builtin_shuffle(lo, hi, Mask{0, 2, 4, 6}); }
+  static V odd(V lo, V hi) { return __builtin_shuffle(lo, hi, Mask{1, 3, 5, 7}); }
+};
+
+template <>
+struct Lanes<double> {
+  typedef double V __attribute__((vector_size(16)));
+  typedef int64_t Mask __attribute__((vector_size(16)));
+  typedef uint8_t Bytes __attribute__((vector_size(2)));
+  static constexpr int64_t n = 2;
+  static V even(V lo, V hi) { return __builtin_shuffle(lo, hi, Mask{0, 2}); }
+  static V odd(V lo, V hi) { return __builtin_shuffle(lo, hi, Mask{1, 3}); }
+};
+
+// window_max for the Lanes<T>::n windows side by side whose rows start at r0 and r1 (2 n
+// inputs each); writes their maxima to y and winners to win.
+template <typename T>
+inline __attribute__((always_inline)) void windows_max(const T* r0, const T* r1, T* y,
+                                                       uint8_t* win) {
+  using L = Lanes<T>;
+  typename L::V lo, hi;
+  std::memcpy(&lo, r0, sizeof lo);
+  std::memcpy(&hi, r0 + L::n, sizeof hi);
+  const typename L::V a = L::even(lo, hi), b = L::odd(lo, hi);
+  std::memcpy(&lo, r1, sizeof lo);
+  std::memcpy(&hi, r1 + L::n, sizeof hi);
+  const typename L::V d = L::even(lo, hi), e = L::odd(lo, hi);
+  typename L::Mask later = (b > a) | (b != b);
+  typename L::V m = later ? b : a;
+  typename L::Mask k = later & 1;
+  later = (d > m) | (d != d);
+  m = later ? d : m;
+  k = later ? 2 : k;
+  later = (e > m) | (e != e);
+  m = later ? e : m;
+  k = later ? 3 : k;
+  std::memcpy(y, &m, sizeof m);
+  const typename L::Bytes k8 = __builtin_convertvector(k, typename L::Bytes);
+  std::memcpy(win, &k8, sizeof k8);
+}
+
+// Forward: each window's maximum and winner, row by row of outputs, n at a time. A row's last
+// partial vector is redone over its last n outputs (rewriting some with the same values);
+// rows shorter than n (ConvNetBN's 3 and 1) take the scalar path.
 template <typename T>
 void pool_plane(const T* __restrict__ x, T* __restrict__ y, uint8_t* __restrict__ win,
-                const int64_t* __restrict__ corner, int64_t n, int64_t W) {
-  for (int64_t p = 0; p < n; ++p) {
-    const T* q = x + corner[p];
-    T m;
-    int64_t k;
-    window_max(q[0], q[1], q[W], q[W + 1], m, k);
-    y[p] = m;
-    win[p] = static_cast<uint8_t>(k);
+                int64_t OH, int64_t OW, int64_t W) {
+  constexpr int64_t n = Lanes<T>::n;
+  for (int64_t oh = 0; oh < OH; ++oh) {
+    const T* r0 = x + 2 * oh * W;
+    const T* r1 = r0 + W;
+    T* yr = y + oh * OW;
+    uint8_t* wr = win + oh * OW;
+    if (OW < n) {
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        T m;
+        int64_t k;
+        window_max(r0[2 * ow], r0[2 * ow + 1], r1[2 * ow], r1[2 * ow + 1], m, k);
+        yr[ow] = m;
+        wr[ow] = static_cast<uint8_t>(k);
+      }
+      continue;
+    }
+    int64_t ow = 0;
+    for (; ow + n <= OW; ow += n) windows_max(r0 + 2 * ow, r1 + 2 * ow, yr + ow, wr + ow);
+    if (ow < OW) {
+      ow = OW - n;
+      windows_max(r0 + 2 * ow, r1 + 2 * ow, yr + ow, wr + ow);
+    }
   }
 }
 
@@ -114,7 +185,7 @@ template <typename T>
 void pool(const Pooling& s, const T* x, T* y, uint8_t* win) {
   const int64_t n = s.OH * s.OW, in = s.H * s.W;
   s.each_plane([&](int64_t plane) {
-    pool_plane(x + plane * in, y + plane * n, win + plane * n, s.corner.data(), n, s.W);
+    pool_plane(x + plane * in, y + plane * n, win + plane * n, s.OH, s.OW, s.W);
   });
 }
 

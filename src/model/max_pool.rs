@@ -48,8 +48,9 @@ mod tests {
     }
 
     /// Inputs with ties (a ReLU's zeros, and a coarse grid of values), odd sizes (the last row
-    /// and column dropped), -inf and NaN, in rows of whole vectors and single outputs: the values, and which element each gradient reaches,
-    /// equal libtorch's exactly.
+    /// and column dropped), -inf, +inf and NaN at fixed places and sprinkled over every vector
+    /// lane; output rows of whole vectors, of vectors and a redone last one, and shorter than a
+    /// vector (the scalar path): the values, and which element each gradient reaches, equal libtorch's exactly.
     #[test]
     fn values_and_gradients_equal_libtorch_bit_for_bit() {
         let mut rng = SplitMix64::new(11);
@@ -58,9 +59,13 @@ mod tests {
             ([2, 3, 7, 9], Kind::Double),
             ([1, 2, 2, 3], Kind::Float),
             ([5, 16, 28, 28], Kind::Float),
-            // Whole vectors of outputs (16 floats, 8 doubles) and a tail.
+            // Output rows of 35, 20, 5, 3 and 6 (4 floats or 2 doubles a vector).
             ([2, 3, 6, 70], Kind::Float),
             ([2, 3, 5, 40], Kind::Double),
+            ([3, 5, 10, 11], Kind::Float),
+            ([3, 5, 6, 7], Kind::Double),
+            ([4, 8, 12, 13], Kind::Float),
+            ([4, 6, 7, 7], Kind::Float),
         ] {
             let opts = (kind, Device::Cpu);
             // Rounded to halves: many windows hold equal values.
@@ -71,6 +76,12 @@ mod tests {
             let _ = x.view(-1).get(6).fill_(f64::NAN);
             // Row 1, column 3: the last element its window scans.
             let _ = x.view(-1).get(shape[3] + 3).fill_(f64::NAN);
+            let numel = x.numel();
+            for value in [f64::NAN, f64::NEG_INFINITY, f64::INFINITY] {
+                for _ in 0..numel / 40 {
+                    let _ = x.view(-1).get(rng.below(numel) as i64).fill_(value);
+                }
+            }
             let x = x.set_requires_grad(true);
             let ours = max_pool_2x2(&x).unwrap();
             let theirs = libtorch(&x);
