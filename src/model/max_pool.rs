@@ -66,6 +66,7 @@ mod tests {
             ([3, 5, 6, 7], Kind::Double),
             ([4, 8, 12, 13], Kind::Float),
             ([4, 6, 7, 7], Kind::Float),
+            ([3, 4, 9, 18], Kind::Float),
         ] {
             let opts = (kind, Device::Cpu);
             // Rounded to halves: many windows hold equal values.
@@ -116,8 +117,14 @@ mod tests {
     #[test]
     fn second_derivatives_equal_libtorch() {
         let mut rng = SplitMix64::new(12);
-        let opts = (Kind::Double, Device::Cpu);
-        for shape in [[2i64, 3, 6, 6], [2, 3, 7, 5]] {
+        for (shape, kind) in [
+            ([2i64, 3, 6, 6], Kind::Double),
+            ([2, 3, 7, 5], Kind::Double),
+            ([2, 3, 10, 11], Kind::Float),
+            ([3, 4, 9, 18], Kind::Float),
+            ([2, 3, 6, 7], Kind::Float),
+        ] {
+            let opts = (kind, Device::Cpu);
             let x0 = rng.normal_tensor(&shape, 1.0, opts);
             let u = rng.normal_tensor(&shape, 1.0, opts);
             let run = |ours: bool| {
