@@ -54,9 +54,28 @@ impl DeviceChoice {
 
 pub fn describe(device: tch::Device) -> String {
     match device {
-        tch::Device::Cpu => format!("cpu ({} threads)", tch::get_num_threads()),
+        tch::Device::Cpu => format!("cpu ({})", threads(tch::get_num_threads())),
         tch::Device::Cuda(n) => format!("cuda:{n}"),
         other => format!("{other:?}"),
+    }
+}
+
+/// A CPU running `workers` surrogates side by side, each on libtorch's current thread count
+/// (set per worker): "cpu (2 surrogates x 1 thread)". One worker reads as `describe` does.
+pub fn describe_cpu_workers(workers: usize) -> String {
+    let each = threads(tch::get_num_threads());
+    if workers > 1 {
+        format!("cpu ({workers} surrogates x {each})")
+    } else {
+        format!("cpu ({each})")
+    }
+}
+
+fn threads(n: i32) -> String {
+    if n == 1 {
+        "1 thread".to_string()
+    } else {
+        format!("{n} threads")
     }
 }
 
@@ -108,5 +127,14 @@ pub fn tune_host_allocator() {
                 tracing::debug!("mallopt({param}, {value}) was refused");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn thread_counts_read_as_words() {
+        assert_eq!(super::threads(1), "1 thread");
+        assert_eq!(super::threads(2), "2 threads");
     }
 }

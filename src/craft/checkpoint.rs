@@ -49,7 +49,7 @@ pub struct CheckpointState {
     pub nonfinite_in_row: usize,
     pub adam_t: i64,
     pub float64: bool,
-    /// Where the run computed (e.g. "cuda:0", "cpu (2 threads)").
+    /// Where the run computed (e.g. "cuda:0", "cpu (2 threads)", "cpu (2 surrogates x 1 thread)").
     #[serde(default)]
     pub device: String,
 }

@@ -474,7 +474,10 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Sender<Telemetry>) -> Re
     };
     let _ = out.send(Telemetry::Started {
         run_dir: setup.run_dir.display().to_string(),
-        device: crate::device::describe(setup.device),
+        device: match intra_op {
+            Some(_) => crate::device::describe_cpu_workers(crafter.plan.parallel_surrogates),
+            None => crate::device::describe(setup.device),
+        },
         config_summary: format!(
             "{} on {}, {} poisons of class {}, targets {:?} (class {}) -> class {}, M={} stagger={} K={} fraction={} ({})",
             config.surrogate.net.name(),
