@@ -10,6 +10,7 @@ use crate::config::Config;
 use crate::model::State;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -149,6 +150,15 @@ pub fn save_tensors(
         path: path.to_path_buf(),
         message,
     };
+    let mut metadata = metadata.unwrap_or_default();
+    metadata.insert(
+        CHECKSUM_KEY.to_string(),
+        checksum(
+            raw.iter()
+                .map(|(n, (d, s, b))| (n.as_str(), *d, s.as_slice(), b.as_slice())),
+        ),
+    );
+    let metadata = Some(metadata);
     let views: Vec<(String, TensorView)> = raw
         .iter()
         .map(|(n, (d, s, b))| {
@@ -163,6 +173,59 @@ pub fn save_tensors(
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// The metadata key of a SHA-256 over every tensor of the file (name, dtype, shape and bytes,
+/// in name order). safetensors itself checks only the layout, so without it a file damaged
+/// after it was written (a bad disk, a copy cut short and padded) would be resumed from.
+const CHECKSUM_KEY: &str = "sha256";
+
+fn checksum<'a>(tensors: impl Iterator<Item = (&'a str, Dtype, &'a [usize], &'a [u8])>) -> String {
+    let mut sorted: Vec<_> = tensors.collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    let mut h = Sha256::new();
+    for (name, dtype, shape, data) in sorted {
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update(format!("{dtype:?}").as_bytes());
+        h.update((shape.len() as u64).to_le_bytes());
+        for &d in shape {
+            h.update((d as u64).to_le_bytes());
+        }
+        h.update((data.len() as u64).to_le_bytes());
+        h.update(data);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The tensors of a safetensors file, checked against the checksum written with them (files
+/// written before there was one are read as they are).
+fn deserialize_checked<'a>(
+    bytes: &'a [u8],
+    path: &Path,
+) -> Result<SafeTensors<'a>, CheckpointError> {
+    let corrupt = |message: String| CheckpointError::Corrupt {
+        path: path.to_path_buf(),
+        message,
+    };
+    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| corrupt(format!("{e:?}")))?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| corrupt(format!("{e:?}")))?;
+    let written = meta.metadata().as_ref().and_then(|m| m.get(CHECKSUM_KEY));
+    if let Some(written) = written {
+        let tensors = st.tensors();
+        let now = checksum(
+            tensors
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.dtype(), v.shape(), v.data())),
+        );
+        if &now != written {
+            return Err(corrupt(
+                "its tensors do not match the checksum written with them (the file changed after it was written)"
+                    .into(),
+            ));
+        }
+    }
+    Ok(st)
 }
 
 /// Writes a file through a temporary sibling and a rename; the old file stays intact until
@@ -242,7 +305,7 @@ fn tensors_of(bytes: &[u8], path: &Path) -> Result<HashMap<String, Tensor>, Chec
         path: path.to_path_buf(),
         message,
     };
-    let st = SafeTensors::deserialize(bytes).map_err(|e| corrupt(format!("{e:?}")))?;
+    let st = deserialize_checked(bytes, path)?;
     let mut tensors = HashMap::new();
     for (name, view) in st.tensors() {
         let kind = match view.dtype() {
@@ -342,18 +405,7 @@ pub fn save_poison_snapshot(crafter: &Crafter, dir: &Path) -> Result<PathBuf, Ch
     };
     std::fs::create_dir_all(dir.join(SNAPSHOT_DIR)).map_err(write_err)?;
     let q = crafter.perturbation.quantised().to_kind(Kind::Uint8);
-    let (d, shape, bytes) = bytes_of(&q);
-    let view = TensorView::new(d, shape, &bytes).map_err(|e| CheckpointError::Corrupt {
-        path: path.clone(),
-        message: format!("{e:?}"),
-    })?;
-    let out = safetensors::tensor::serialize([("poisons", view)], &None).map_err(|e| {
-        CheckpointError::Corrupt {
-            path: path.clone(),
-            message: format!("{e:?}"),
-        }
-    })?;
-    write_atomic(&path, &out).map_err(write_err)?;
+    save_tensors(&path, &[("poisons".to_string(), &q)], None)?;
     Ok(path)
 }
 
@@ -367,7 +419,7 @@ pub fn load_poison_snapshot(path: &Path) -> Result<(Vec<usize>, Vec<u8>), Checkp
         path: path.to_path_buf(),
         message,
     };
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(format!("{e:?}")))?;
+    let st = deserialize_checked(&bytes, path)?;
     let view = st
         .tensor("poisons")
         .map_err(|e| corrupt(format!("{e:?}")))?;
@@ -379,4 +431,75 @@ pub fn load_poison_snapshot(path: &Path) -> Result<(Vec<usize>, Vec<u8>), Checkp
         )));
     }
     Ok((view.shape().to_vec(), view.data().to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<(String, Tensor)> {
+        vec![
+            (
+                "b".to_string(),
+                Tensor::from_slice(&[1.5f32, -2.0, 3.25, 0.0]).view([2, 2]),
+            ),
+            ("a".to_string(), Tensor::from_slice(&[7u8, 8, 9])),
+        ]
+    }
+
+    fn save(path: &Path) {
+        let named = sample();
+        let refs: Vec<(String, &Tensor)> = named.iter().map(|(n, t)| (n.clone(), t)).collect();
+        save_tensors(path, &refs, None).unwrap();
+    }
+
+    /// A tensor byte changed after writing is refused by name; the file as written reads
+    /// back equal, and a file without a checksum (written before there was one) still reads.
+    #[test]
+    fn a_checkpoint_damaged_after_writing_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        save(&path);
+        let back = load_tensors(&path).unwrap();
+        for (name, t) in sample() {
+            assert!(back[&name].equal(&t), "{name}");
+        }
+        let good = std::fs::read(&path).unwrap();
+        // The last byte is tensor data (the header comes first): one bit flipped.
+        let mut bad = good.clone();
+        *bad.last_mut().unwrap() ^= 0x10;
+        std::fs::write(&path, &bad).unwrap();
+        let err = load_tensors(&path).unwrap_err().to_string();
+        assert!(err.contains("do not match the checksum"), "{err}");
+        assert!(err.contains("t.safetensors"), "{err}");
+        assert_eq!(err.lines().count(), 1);
+        // Without the checksum in its metadata the same damaged data is read as it is.
+        let named = sample();
+        let raw: Vec<(String, RawTensor)> = named
+            .iter()
+            .map(|(n, t)| (n.clone(), bytes_of(t)))
+            .collect();
+        let views: Vec<(String, TensorView)> = raw
+            .iter()
+            .map(|(n, (d, s, b))| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+            .collect();
+        let old = safetensors::tensor::serialize(views, &None).unwrap();
+        std::fs::write(&path, &old).unwrap();
+        assert!(load_tensors(&path).unwrap()["a"].equal(&sample()[1].1));
+    }
+
+    /// The checksum covers names, shapes and dtypes as well as bytes.
+    #[test]
+    fn the_checksum_sees_names_shapes_and_dtypes() {
+        let data = [1u8, 2, 3, 4];
+        let one = |name: &'static str, dtype: Dtype, shape: &'static [usize]| {
+            checksum([(name, dtype, shape, &data[..])].into_iter())
+        };
+        let base = one("x", Dtype::U8, &[4]);
+        assert_eq!(base, one("x", Dtype::U8, &[4]));
+        assert_ne!(base, one("y", Dtype::U8, &[4]));
+        assert_ne!(base, one("x", Dtype::U8, &[2, 2]));
+        assert_ne!(base, one("x", Dtype::I8, &[4]));
+        assert_eq!(base.len(), 64);
+    }
 }
