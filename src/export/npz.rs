@@ -142,20 +142,79 @@ impl NpyArray {
     }
 }
 
+/// A file writer that, after its first failed write, accepts and drops everything. The zip
+/// writer's `Drop` finalises an archive an error left unfinished, and when that fails too (a
+/// full disk) prints to stderr beside our one-line error; the first error is the one reported,
+/// and the half-written file is discarded by the caller.
+struct StopAfterError<W> {
+    inner: W,
+    failed: bool,
+}
+
+impl<W: Write> Write for StopAfterError<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.failed {
+            return Ok(buf.len());
+        }
+        let result = self.inner.write(buf);
+        self.note(&result);
+        result
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.failed {
+            return Ok(());
+        }
+        let result = self.inner.flush();
+        self.note(&result);
+        result
+    }
+}
+
+impl<W> StopAfterError<W> {
+    fn note<T>(&mut self, result: &std::io::Result<T>) {
+        if let Err(e) = result {
+            self.failed |= e.kind() != std::io::ErrorKind::Interrupted;
+        }
+    }
+}
+
+impl<W: std::io::Seek> std::io::Seek for StopAfterError<W> {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.inner.seek(pos)
+    }
+}
+
+/// A zip error as the I/O error under it, where there is one (a full disk stays one).
+fn zip_io(e: zip::result::ZipError) -> std::io::Error {
+    match e {
+        zip::result::ZipError::Io(e) => e,
+        other => std::io::Error::other(other),
+    }
+}
+
 pub fn write_npz(path: &Path, arrays: &[(&str, &NpyArray)]) -> std::io::Result<()> {
-    let file = std::fs::File::create(path)?;
+    let file = StopAfterError {
+        inner: std::fs::File::create(path)?,
+        failed: false,
+    };
     let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(file));
     let options = zip::write::SimpleFileOptions::default()
         .compression_method(zip::CompressionMethod::Stored)
         .large_file(arrays.iter().any(|(_, a)| a.data.len() > (1 << 31)));
     for (name, a) in arrays {
         zip.start_file(format!("{name}.npy"), options)
-            .map_err(std::io::Error::other)?;
+            .map_err(zip_io)?;
         zip.write_all(&a.to_npy())?;
     }
-    let mut inner = zip.finish().map_err(std::io::Error::other)?;
+    let mut inner = zip.finish().map_err(zip_io)?;
     inner.flush()?;
-    inner.get_ref().sync_all()
+    if inner.get_ref().failed {
+        return Err(std::io::Error::other(
+            "a write failed while the archive was finished",
+        ));
+    }
+    inner.get_ref().inner.sync_all()
 }
 
 pub fn read_npz(path: &Path) -> Result<BTreeMap<String, NpyArray>, String> {
@@ -179,4 +238,53 @@ pub fn read_npz(path: &Path) -> Result<BTreeMap<String, NpyArray>, String> {
         );
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Accepts `room` bytes, then fails every write like a full disk.
+    struct Room(usize);
+
+    impl Write for Room {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.0 == 0 {
+                return Err(std::io::ErrorKind::StorageFull.into());
+            }
+            let n = buf.len().min(self.0);
+            self.0 -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn after_the_first_failed_write_everything_is_dropped_quietly() {
+        let mut w = StopAfterError {
+            inner: Room(4),
+            failed: false,
+        };
+        assert_eq!(w.write(b"abc").unwrap(), 3);
+        assert!(!w.failed);
+        let err = w.write_all(b"defg").unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::StorageFull);
+        assert!(w.failed);
+        assert_eq!(w.write(b"more").unwrap(), 4);
+        w.flush().unwrap();
+    }
+
+    /// On a full disk the first error comes back as it is.
+    #[test]
+    fn a_full_disk_is_reported() {
+        let full = Path::new("/dev/full");
+        if !full.exists() {
+            return;
+        }
+        let a = NpyArray::u8(vec![64, 64], vec![7; 64 * 64]);
+        let err = write_npz(full, &[("a", &a)]).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::StorageFull, "{err}");
+    }
 }
