@@ -311,6 +311,10 @@ fn run(cli: Cli) -> Result<()> {
                 config.victim.epochs = e.into();
             }
             config.validate()?;
+            anyhow::ensure!(
+                victims >= 1 && top >= 1,
+                "--victims and --top must be at least 1"
+            );
             suggest_targets(&config, victims, top)?;
         }
         Cmd::Craft { run } => {

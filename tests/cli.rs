@@ -127,6 +127,28 @@ fn data_info_lists_the_embedded_counts() {
     assert_eq!(counts, 2000, "{s}");
 }
 
+/// Counts of zero are refused by name before any victim is trained.
+#[test]
+fn targets_suggest_refuses_zero_victims() {
+    let data = tempfile::tempdir().unwrap();
+    for flag in ["--victims", "--top"] {
+        let out = bin()
+            .args(["--data-dir", data.path().to_str().unwrap()])
+            .args(["targets", "suggest", flag, "0"])
+            .env("XDG_CONFIG_HOME", "/nonexistent")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.trim_end()
+                .ends_with("error: --victims and --top must be at least 1"),
+            "{err}"
+        );
+        assert!(!err.contains("training"), "{err}");
+    }
+}
+
 /// `bench --profile`: a tiny step's operators reach the report and the trace; an unwritable
 /// trace path is one line before any timing.
 #[test]
