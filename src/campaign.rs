@@ -255,13 +255,10 @@ fn save(dir: &Path, report: &CampaignReport) -> Result<()> {
     Ok(())
 }
 
-fn choose_targets(config: &Config, args: &CampaignArgs) -> Result<Selection> {
+/// The arguments that choose targets, checked before the campaign folder is made.
+fn check_target_choice(args: &CampaignArgs) -> Result<()> {
     if !args.targets.is_empty() {
-        return Ok(Selection {
-            method: "given on the command line (--targets)".into(),
-            targets: args.targets.clone(),
-            candidates: vec![],
-        });
+        return Ok(());
     }
     if args.count == 0 || args.suggest_victims == 0 {
         bail!("--count and --suggest-victims must be at least 1 (or give --targets)");
@@ -271,6 +268,17 @@ fn choose_targets(config: &Config, args: &CampaignArgs) -> Result<Selection> {
             "--min-margin {} must be a finite number >= 0 (logits)",
             args.min_margin
         );
+    }
+    Ok(())
+}
+
+fn choose_targets(config: &Config, args: &CampaignArgs) -> Result<Selection> {
+    if !args.targets.is_empty() {
+        return Ok(Selection {
+            method: "given on the command line (--targets)".into(),
+            targets: args.targets.clone(),
+            candidates: vec![],
+        });
     }
     let (s, _, _) = crate::cli::rank_targets(config, args.suggest_victims)?;
     let chosen: Vec<_> = s
@@ -390,6 +398,7 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs, json: bool) -> Res
         terminal: std::io::stderr().is_terminal(),
         json,
     };
+    check_target_choice(&args)?;
     let dir = args
         .dir
         .clone()

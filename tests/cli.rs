@@ -149,6 +149,35 @@ fn targets_suggest_refuses_zero_victims() {
     }
 }
 
+/// A campaign's target choice is checked before its folder is made.
+#[test]
+fn campaign_refuses_a_bad_target_choice_before_making_its_folder() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().join("campaign");
+    for (args, message) in [
+        (
+            vec!["--count", "0"],
+            "--count and --suggest-victims must be at least 1 (or give --targets)",
+        ),
+        (
+            vec!["--min-margin=-1"],
+            "--min-margin -1 must be a finite number >= 0 (logits)",
+        ),
+    ] {
+        let out = bin()
+            .args(["--data-dir", data.path().to_str().unwrap()])
+            .args(["campaign", "--dir", dir.to_str().unwrap()])
+            .args(&args)
+            .env("XDG_CONFIG_HOME", "/nonexistent")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert_eq!(err.trim_end(), format!("error: {message}"));
+        assert!(!dir.exists(), "{args:?}");
+    }
+}
+
 /// `bench --profile`: a tiny step's operators reach the report and the trace; an unwritable
 /// trace path is one line before any timing.
 #[test]
