@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # CPU scaling of one benchmarked craft step (ours only, the default ConvNetBN shape): time and
 # peak resident memory against K (M 1), the batch size (M 1, 10% poisons a batch) and M
-# (two surrogates at a time, the CPU default). Appends JSON lines to ${OUT:-cpu-scaling}.jsonl
-# and prints a table. Each bench is its own process, so its peak RSS is that setting's.
+# (two surrogates at a time, the CPU default). Appends JSON lines to ${OUT:-cpu-scaling}.jsonl,
+# prints a table and plots the file's points to ${OUT:-cpu-scaling}.svg (plot_scaling.py).
+# Each bench is its own process, so its peak RSS is that setting's.
 set -eu
 B=${METAPOISON_BIN:-target/release/metapoison}
 J=${OUT:-cpu-scaling}.jsonl
@@ -20,3 +21,5 @@ for line in open(sys.argv[1]):
     print(f"| {s['unroll_steps']} | {s['batch']} | {s['poisons_in_batch']} | {s['ensemble']} | {s['workers']} "
           f"| {r['ours']['median_s']:.2f} | {r['ours_peak_rss_bytes'] / 1e9:.2f} |")
 PY
+python3 "$(dirname "${BASH_SOURCE[0]}")/plot_scaling.py" "${OUT:-cpu-scaling}.svg" \
+    "One craft step on the CPU ($(nproc) cores), ConvNetBN 28x28x1, $(date +%F)" "$J" >/dev/null
