@@ -151,13 +151,12 @@ pub fn save_tensors(
         message,
     };
     let mut metadata = metadata.unwrap_or_default();
-    metadata.insert(
-        CHECKSUM_KEY.to_string(),
-        checksum(
-            raw.iter()
-                .map(|(n, (d, s, b))| (n.as_str(), *d, s.as_slice(), b.as_slice())),
-        ),
+    let sum = checksum(
+        raw.iter()
+            .map(|(n, (d, s, b))| (n.as_str(), *d, s.as_slice(), b.as_slice())),
+        &metadata,
     );
+    metadata.insert(CHECKSUM_KEY.to_string(), sum);
     let metadata = Some(metadata);
     let views: Vec<(String, TensorView)> = raw
         .iter()
@@ -176,14 +175,29 @@ pub fn save_tensors(
 }
 
 /// The metadata key of a SHA-256 over every tensor of the file (name, dtype, shape and bytes,
-/// in name order). safetensors itself checks only the layout, so without it a file damaged
-/// after it was written (a bad disk, a copy cut short and padded) would be resumed from.
+/// in name order) and the rest of its metadata (the run's state). safetensors itself checks
+/// only the layout, so without it a file damaged after it was written (a bad disk, a copy cut
+/// short and padded) would be resumed from.
 const CHECKSUM_KEY: &str = "sha256";
 
-fn checksum<'a>(tensors: impl Iterator<Item = (&'a str, Dtype, &'a [usize], &'a [u8])>) -> String {
+fn checksum<'a>(
+    tensors: impl Iterator<Item = (&'a str, Dtype, &'a [usize], &'a [u8])>,
+    metadata: &HashMap<String, String>,
+) -> String {
+    let mut h = Sha256::new();
+    let mut entries: Vec<_> = metadata
+        .iter()
+        .filter(|(k, _)| *k != CHECKSUM_KEY)
+        .collect();
+    entries.sort();
+    for (key, value) in entries {
+        for text in [key, value] {
+            h.update((text.len() as u64).to_le_bytes());
+            h.update(text.as_bytes());
+        }
+    }
     let mut sorted: Vec<_> = tensors.collect();
     sorted.sort_by(|a, b| a.0.cmp(b.0));
-    let mut h = Sha256::new();
     for (name, dtype, shape, data) in sorted {
         h.update((name.len() as u64).to_le_bytes());
         h.update(name.as_bytes());
@@ -210,13 +224,14 @@ fn deserialize_checked<'a>(
     };
     let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| corrupt(format!("{e:?}")))?;
     let st = SafeTensors::deserialize(bytes).map_err(|e| corrupt(format!("{e:?}")))?;
-    let written = meta.metadata().as_ref().and_then(|m| m.get(CHECKSUM_KEY));
-    if let Some(written) = written {
+    let metadata = meta.metadata().clone().unwrap_or_default();
+    if let Some(written) = metadata.get(CHECKSUM_KEY) {
         let tensors = st.tensors();
         let now = checksum(
             tensors
                 .iter()
                 .map(|(n, v)| (n.as_str(), v.dtype(), v.shape(), v.data())),
+            &metadata,
         );
         if &now != written {
             return Err(corrupt(
@@ -473,6 +488,17 @@ mod tests {
         assert!(err.contains("do not match the checksum"), "{err}");
         assert!(err.contains("t.safetensors"), "{err}");
         assert_eq!(err.lines().count(), 1);
+        // A change to the state in the metadata (same length, so the layout still parses).
+        let named = sample();
+        let refs: Vec<(String, &Tensor)> = named.iter().map(|(n, t)| (n.clone(), t)).collect();
+        let state = HashMap::from([("metapoison".to_string(), "{\"step\":3}".to_string())]);
+        save_tensors(&path, &refs, Some(state)).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.windows(9).position(|w| w == b"\"step\\\":3").unwrap();
+        bytes[at + 8] = b'4';
+        std::fs::write(&path, &bytes).unwrap();
+        let err = load_tensors(&path).unwrap_err().to_string();
+        assert!(err.contains("do not match the checksum"), "{err}");
         // Without the checksum in its metadata the same damaged data is read as it is.
         let named = sample();
         let raw: Vec<(String, RawTensor)> = named
@@ -488,12 +514,13 @@ mod tests {
         assert!(load_tensors(&path).unwrap()["a"].equal(&sample()[1].1));
     }
 
-    /// The checksum covers names, shapes and dtypes as well as bytes.
+    /// The checksum covers names, shapes, dtypes and the other metadata as well as bytes.
     #[test]
     fn the_checksum_sees_names_shapes_and_dtypes() {
         let data = [1u8, 2, 3, 4];
+        let none = HashMap::new();
         let one = |name: &'static str, dtype: Dtype, shape: &'static [usize]| {
-            checksum([(name, dtype, shape, &data[..])].into_iter())
+            checksum([(name, dtype, shape, &data[..])].into_iter(), &none)
         };
         let base = one("x", Dtype::U8, &[4]);
         assert_eq!(base, one("x", Dtype::U8, &[4]));
@@ -501,5 +528,19 @@ mod tests {
         assert_ne!(base, one("x", Dtype::U8, &[2, 2]));
         assert_ne!(base, one("x", Dtype::I8, &[4]));
         assert_eq!(base.len(), 64);
+        // The rest of the metadata counts too; the checksum's own entry does not.
+        let tensors = || [("x", Dtype::U8, &[4usize][..], &data[..])].into_iter();
+        let state = |v: &str| HashMap::from([("metapoison".to_string(), v.to_string())]);
+        assert_ne!(checksum(tensors(), &state("{\"step\":3}")), base);
+        assert_ne!(
+            checksum(tensors(), &state("{\"step\":3}")),
+            checksum(tensors(), &state("{\"step\":4}"))
+        );
+        let mut with_sum = state("{\"step\":3}");
+        with_sum.insert(CHECKSUM_KEY.to_string(), "anything".to_string());
+        assert_eq!(
+            checksum(tensors(), &with_sum),
+            checksum(tensors(), &state("{\"step\":3}"))
+        );
     }
 }
