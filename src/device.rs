@@ -54,14 +54,14 @@ impl DeviceChoice {
 
 pub fn describe(device: tch::Device) -> String {
     match device {
-        tch::Device::Cpu => format!("cpu ({})", threads(tch::get_num_threads())),
+        tch::Device::Cpu => describe_cpu_workers(1),
         tch::Device::Cuda(n) => format!("cuda:{n}"),
         other => format!("{other:?}"),
     }
 }
 
 /// A CPU running `workers` surrogates side by side, each on libtorch's current thread count
-/// (set per worker): "cpu (2 surrogates x 1 thread)". One worker reads as `describe` does.
+/// (set per worker): "cpu (2 surrogates x 1 thread)"; one worker: "cpu (2 threads)".
 pub fn describe_cpu_workers(workers: usize) -> String {
     let each = threads(tch::get_num_threads());
     if workers > 1 {

@@ -212,12 +212,12 @@ fn checksum<'a>(
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The tensors of a safetensors file, checked against the checksum written with them (files
-/// written before there was one are read as they are).
+/// The tensors of a safetensors file and its metadata, checked against the checksum written
+/// with them (files written before there was one are read as they are).
 fn deserialize_checked<'a>(
     bytes: &'a [u8],
     path: &Path,
-) -> Result<SafeTensors<'a>, CheckpointError> {
+) -> Result<(SafeTensors<'a>, HashMap<String, String>), CheckpointError> {
     let corrupt = |message: String| CheckpointError::Corrupt {
         path: path.to_path_buf(),
         message,
@@ -240,7 +240,7 @@ fn deserialize_checked<'a>(
             ));
         }
     }
-    Ok(st)
+    Ok((st, metadata))
 }
 
 /// Writes a file through a temporary sibling and a rename; the old file stays intact until
@@ -288,11 +288,9 @@ pub fn load(dir: &Path) -> Result<Loaded, CheckpointError> {
         path: path.clone(),
         message,
     };
-    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(format!("{e:?}")))?;
-    let json = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("metapoison"))
+    let (st, metadata) = deserialize_checked(&bytes, &path)?;
+    let json = metadata
+        .get("metapoison")
         .ok_or_else(|| corrupt("no metapoison state in its metadata".into()))?;
     let state: CheckpointState =
         serde_json::from_str(json).map_err(|e| corrupt(format!("state: {e}")))?;
@@ -302,7 +300,7 @@ pub fn load(dir: &Path) -> Result<Loaded, CheckpointError> {
             state.format
         )));
     }
-    let tensors = tensors_of(&bytes, &path)?;
+    let tensors = tensors_of(&st, &path)?;
     Ok(Loaded { state, tensors })
 }
 
@@ -312,15 +310,14 @@ pub fn load_tensors(path: &Path) -> Result<HashMap<String, Tensor>, CheckpointEr
         path: path.to_path_buf(),
         source,
     })?;
-    tensors_of(&bytes, path)
+    tensors_of(&deserialize_checked(&bytes, path)?.0, path)
 }
 
-fn tensors_of(bytes: &[u8], path: &Path) -> Result<HashMap<String, Tensor>, CheckpointError> {
+fn tensors_of(st: &SafeTensors, path: &Path) -> Result<HashMap<String, Tensor>, CheckpointError> {
     let corrupt = |message: String| CheckpointError::Corrupt {
         path: path.to_path_buf(),
         message,
     };
-    let st = deserialize_checked(bytes, path)?;
     let mut tensors = HashMap::new();
     for (name, view) in st.tensors() {
         let kind = match view.dtype() {
@@ -434,7 +431,7 @@ pub fn load_poison_snapshot(path: &Path) -> Result<(Vec<usize>, Vec<u8>), Checkp
         path: path.to_path_buf(),
         message,
     };
-    let st = deserialize_checked(&bytes, path)?;
+    let (st, _) = deserialize_checked(&bytes, path)?;
     let view = st
         .tensor("poisons")
         .map_err(|e| corrupt(format!("{e:?}")))?;

@@ -50,7 +50,8 @@ mod tests {
     /// Inputs with ties (a ReLU's zeros, and a coarse grid of values), odd sizes (the last row
     /// and column dropped), -inf, +inf and NaN at fixed places and sprinkled over every vector
     /// lane; output rows of whole vectors, of vectors and a redone last one, and shorter than a
-    /// vector (the scalar path): the values, and which element each gradient reaches, equal libtorch's exactly.
+    /// vector (the scalar path): the values, and which element each gradient reaches, equal
+    /// libtorch's exactly.
     #[test]
     fn values_and_gradients_equal_libtorch_bit_for_bit() {
         let mut rng = SplitMix64::new(11);
