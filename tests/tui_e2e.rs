@@ -263,3 +263,64 @@ fn an_ssh_drop_checkpoints_and_the_process_exits() {
         saved.state.events
     );
 }
+
+#[test]
+fn a_recorded_run_replays_and_q_quits() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        eprintln!("skipped: tmux is not installed");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("tiny.toml");
+    std::fs::write(
+        &config,
+        "[data]\ntrain_limit = 300\n[threat]\nnpoison = 10\n[craft]\nsteps = 4\nunroll_steps = 1\nensemble_size = 1\nstagger = 1\n[surrogate]\nbatch_size = 50\n",
+    )
+    .unwrap();
+    // Record: a headless run's JSON lines.
+    let recorded = Command::new(env!("CARGO_BIN_EXE_metapoison"))
+        .arg("--data-dir")
+        .arg(tmp.path())
+        .arg("--config")
+        .arg(&config)
+        .args(["craft", "--run-dir"])
+        .arg(tmp.path().join("run"))
+        .output()
+        .unwrap();
+    assert!(recorded.status.success(), "{recorded:?}");
+    let record = tmp.path().join("telemetry.jsonl");
+    std::fs::write(&record, &recorded.stdout).unwrap();
+    // Play it back.
+    let tmux = Tmux {
+        socket: format!("metapoison-replay-{}", std::process::id()),
+    };
+    let cmd = format!(
+        "TERM=screen-256color {} --data-dir {} tui --replay {}; echo EXIT=$?; sleep 60",
+        env!("CARGO_BIN_EXE_metapoison"),
+        tmp.path().display(),
+        record.display()
+    );
+    tmux.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "e2e",
+        "-x",
+        "100",
+        "-y",
+        "30",
+        &cmd,
+    ]);
+    let s = tmux.wait_for("finished 4 steps", 30);
+    assert!(s.contains("done  step 4/4"), "{s}");
+    // Keys still work (the export menu opens), and a command says no engine is there to take it.
+    tmux.run(&["send-keys", "-t", "e2e", "e"]);
+    tmux.wait_for("contact sheet", 10);
+    tmux.run(&["send-keys", "-t", "e2e", "Enter"]);
+    tmux.wait_for("replay: ExportNow", 10);
+    tmux.run(&["send-keys", "-t", "e2e", "q"]);
+    let s = tmux.wait_for("EXIT=", 10);
+    assert!(s.contains("EXIT=0"), "{s}");
+    // The terminal is handed back: the dashboard's frame is gone from the screen.
+    assert!(!s.contains("adversarial loss"), "{s}");
+}

@@ -35,17 +35,26 @@ pub struct EngineSetup {
 pub struct EngineHandle {
     pub commands: Sender<Command>,
     pub telemetry: Receiver<Telemetry>,
-    thread: Option<JoinHandle<Result<(), String>>>,
+    pub thread: EngineThread,
 }
 
 impl EngineHandle {
     /// Waits for the thread; its error (a one-line message) if it failed.
-    pub fn join(mut self) -> Result<(), String> {
-        match self.thread.take().map(|t| t.join()) {
-            Some(Ok(r)) => r,
-            Some(Err(_)) => Err("the crafting thread panicked (see the log file)".into()),
-            None => Ok(()),
-        }
+    pub fn join(self) -> Result<(), String> {
+        self.thread.join()
+    }
+}
+
+/// The crafting thread apart from its channels (a controller may hand those to threads of
+/// its own): what is left to wait for.
+pub struct EngineThread(JoinHandle<Result<(), String>>);
+
+impl EngineThread {
+    /// Waits for the thread; its error (a one-line message) if it failed.
+    pub fn join(self) -> Result<(), String> {
+        self.0
+            .join()
+            .unwrap_or_else(|_| Err("the crafting thread panicked (see the log file)".into()))
     }
 }
 
@@ -73,7 +82,7 @@ pub fn spawn(setup: EngineSetup) -> EngineHandle {
     EngineHandle {
         commands: cmd_tx,
         telemetry: tel_rx,
-        thread: Some(thread),
+        thread: EngineThread(thread),
     }
 }
 

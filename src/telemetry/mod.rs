@@ -3,7 +3,6 @@
 //! memory from /proc. Sampled on its own thread about once a second.
 
 use serde::{Deserialize, Serialize};
-use std::sync::mpsc::Sender;
 use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,16 +117,14 @@ impl Sampler {
     }
 }
 
-/// Starts the sampler thread; it stops when the receiver is dropped.
-pub fn spawn_sampler(out: Sender<SystemSample>, every: Duration) {
+/// Starts the sampler thread. Each sample goes to `out`, which returns false once nobody
+/// listens any more; then the thread stops.
+pub fn spawn_sampler(mut out: impl FnMut(SystemSample) -> bool + Send + 'static, every: Duration) {
     let _ = std::thread::Builder::new()
         .name("telemetry".into())
         .spawn(move || {
             let mut sampler = Sampler::new();
-            loop {
-                if out.send(sampler.sample()).is_err() {
-                    return;
-                }
+            while out(sampler.sample()) {
                 std::thread::sleep(every);
             }
         });

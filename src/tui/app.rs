@@ -251,6 +251,7 @@ impl App {
             self.events.pop_front();
         }
         self.events.push_back(line);
+        self.dirty = true;
     }
 
     /// Folds one telemetry message into the state.

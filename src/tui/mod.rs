@@ -5,15 +5,17 @@ pub mod app;
 pub mod draw;
 pub mod image;
 
-use crate::craft::engine::EngineHandle;
+use crate::craft::engine::{EngineHandle, EngineThread};
 use crate::craft::messages::{Command, Telemetry};
 use crate::telemetry::{spawn_sampler, SystemSample};
 use app::{App, Palette};
 use crossterm::event::{self, Event};
 use crossterm::terminal::{BeginSynchronizedUpdate, EndSynchronizedUpdate};
 use std::io::BufRead;
-use std::sync::mpsc::{self, Receiver, TryRecvError};
-use std::time::{Duration, Instant};
+use std::sync::mpsc;
+use std::time::Duration;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+use tokio::time::Instant;
 
 /// Where the telemetry comes from.
 pub enum Source {
@@ -42,144 +44,161 @@ pub fn read_replay(path: &std::path::Path) -> Result<Vec<Telemetry>, String> {
     Ok(out)
 }
 
+/// At most this often a frame.
 const FRAME: Duration = Duration::from_millis(100);
+/// How often the terminal's size is read again: tmux does not always report a resize.
+const SIZE_CHECK: Duration = Duration::from_secs(1);
+/// Recorded telemetry is played back this many records...
+const REPLAY_BATCH: usize = 5;
+/// ...this often.
+const REPLAY_TICK: Duration = Duration::from_millis(50);
 
 /// Runs the dashboard until the user quits (and, with an engine, until it has stopped).
 /// Returns the engine's result.
 pub fn run(source: Source, keys: app::Keymap) -> Result<(), String> {
+    // One thread is enough for the event loop: it only waits on channels and timers, and
+    // everything heavy runs on the engine's thread.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .map_err(|e| format!("cannot start the dashboard's event loop: {e}"))?;
     let mut terminal =
         ratatui::try_init().map_err(|e| format!("cannot set up the terminal: {e}"))?;
-    let result = run_loop(&mut terminal, source, keys);
+    let engine = runtime.block_on(run_loop(&mut terminal, source, keys));
     ratatui::restore();
-    result
+    // The loop ends only once the engine's telemetry has closed, so this wait is short.
+    engine.map_or(Ok(()), EngineThread::join)
 }
 
-fn run_loop(
+/// The event loop: telemetry, system samples, keys and timers, whichever comes first.
+/// Returns the engine's thread, to be waited for.
+async fn run_loop(
     terminal: &mut ratatui::DefaultTerminal,
     source: Source,
     keys: app::Keymap,
-) -> Result<(), String> {
+) -> Option<EngineThread> {
     let mut app = App::with_keys(Palette::detect(), keys);
-    let (sys_tx, sys_rx) = mpsc::channel::<SystemSample>();
-    spawn_sampler(sys_tx, Duration::from_secs(1));
-    let (engine, mut replay) = match source {
-        Source::Engine(h) => (Some(h), Vec::new().into_iter()),
-        Source::Replay(v) => (None, v.into_iter()),
+    let (system_tx, mut system) = unbounded_channel::<SystemSample>();
+    spawn_sampler(move |s| system_tx.send(s).is_ok(), Duration::from_secs(1));
+    let (key_tx, mut key_events) = unbounded_channel::<Event>();
+    spawn_key_reader(key_tx);
+    let (telemetry_tx, mut telemetry) = unbounded_channel::<Telemetry>();
+    let (commands, engine, mut replay) = match source {
+        Source::Engine(EngineHandle {
+            commands,
+            telemetry: from_engine,
+            thread,
+        }) => {
+            forward("telemetry-in", from_engine, telemetry_tx);
+            (Some(commands), Some(thread), Vec::new().into_iter())
+        }
+        Source::Replay(records) => (None, None, records.into_iter()),
     };
     let send = |cmds: Vec<Command>, app: &mut App| {
         for c in cmds {
-            match &engine {
-                Some(h) => {
-                    let _ = h.commands.send(c);
+            match &commands {
+                Some(to_engine) => {
+                    let _ = to_engine.send(c);
                 }
                 None => app.log(format!("replay: {c:?} not sent (no engine)")),
             }
         }
     };
-    // Keys come from a thread of their own: on a terminal that went away (an SSH drop)
-    // crossterm's read can spin without returning, and the loop must still see the engine stop.
-    let (key_tx, key_rx) = mpsc::channel::<Event>();
-    let _ = std::thread::Builder::new()
-        .name("input".into())
-        .spawn(move || {
-            while let Ok(ev) = event::read() {
-                if key_tx.send(ev).is_err() {
-                    break;
-                }
-            }
-        });
     let mut engine_gone = engine.is_none();
     // The terminal went away (draws fail, no more keys): ask the engine to checkpoint and stop,
     // and wait for it; nothing crafted is lost to an SSH drop.
     let mut terminal_gone = false;
-    let mut last_draw = Instant::now() - FRAME;
+    let mut last_draw: Option<Instant> = None;
     let mut last_size = terminal.size().ok();
-    let mut last_size_check = Instant::now();
+    let mut size_check = tokio::time::interval(SIZE_CHECK);
+    let mut replay_tick = tokio::time::interval(REPLAY_TICK);
     loop {
-        // Telemetry in.
-        let mut incoming = Vec::new();
-        if let Some(h) = &engine {
-            loop {
-                match h.telemetry.try_recv() {
-                    Ok(t) => incoming.push(t),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        engine_gone = true;
-                        break;
+        let next_frame = last_draw.map_or_else(Instant::now, |t| t + FRAME);
+        tokio::select! {
+            received = telemetry.recv(), if !engine_gone => match received {
+                Some(t) => {
+                    let refresh = matches!(t, Telemetry::Step(_) | Telemetry::Started { .. });
+                    app.on_telemetry(t);
+                    if refresh {
+                        send(vec![Command::Preview { slot: app.slot }], &mut app);
                     }
                 }
+                None => engine_gone = true,
+            },
+            _ = replay_tick.tick(), if replay.len() > 0 => {
+                for t in replay.by_ref().take(REPLAY_BATCH) {
+                    app.on_telemetry(t);
+                }
             }
-        } else {
-            incoming.extend(replay.by_ref().take(5));
-        }
-        for t in incoming {
-            let refresh = matches!(t, Telemetry::Step(_) | Telemetry::Started { .. });
-            app.on_telemetry(t);
-            if refresh && engine.is_some() {
-                send(vec![Command::Preview { slot: app.slot }], &mut app);
+            Some(sample) = system.recv() => app.on_system(sample),
+            key = key_events.recv(), if !terminal_gone => match key {
+                Some(Event::Key(k)) => {
+                    let cmds = app.on_key(k);
+                    send(cmds, &mut app);
+                }
+                Some(Event::Resize(_, _)) => app.dirty = true,
+                Some(_) => {}
+                None => {
+                    // No more keys: the terminal is gone.
+                    terminal_gone = true;
+                    send(vec![Command::Stop], &mut app);
+                }
+            },
+            _ = size_check.tick() => {
+                let size = terminal.size().ok();
+                if size != last_size {
+                    app.dirty = true;
+                    last_size = size;
+                }
+            }
+            _ = tokio::time::sleep_until(next_frame), if app.dirty && !terminal_gone => {
+                let _ = crossterm::execute!(std::io::stdout(), BeginSynchronizedUpdate);
+                if terminal.draw(|f| draw::draw(f, &app)).is_err() {
+                    terminal_gone = true;
+                    send(vec![Command::Stop], &mut app);
+                }
+                let _ = crossterm::execute!(std::io::stdout(), EndSynchronizedUpdate);
+                app.dirty = false;
+                last_draw = Some(Instant::now());
             }
         }
-        drain(&sys_rx, &mut app);
         // The engine stopped by itself (a signal, a failure after its checkpoint, or the user's
-        // quit): nothing is left to show. A finished run stays on screen until q.
+        // quit): nothing is left to show. A finished run stays on screen until q; a replay
+        // until q or until its terminal goes away.
         let finished = matches!(app.phase, crate::craft::messages::Phase::Done);
         if engine_gone
             && (app.quit || terminal_gone || (engine.is_some() && (!finished || app.signalled)))
         {
-            break;
+            return engine;
         }
-        // Keys in.
-        match key_rx.recv_timeout(FRAME / 2) {
-            Ok(Event::Key(k)) => {
-                let cmds = app.on_key(k);
-                send(cmds, &mut app);
-                if app.quit && engine.is_none() {
-                    break;
-                }
-            }
-            Ok(Event::Resize(_, _)) => app.dirty = true,
-            Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) if engine.is_none() => break,
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                // No more keys: the terminal is gone. Wait for the engine without spinning.
-                if !terminal_gone {
-                    terminal_gone = true;
-                    send(vec![Command::Stop], &mut app);
-                }
-                std::thread::sleep(FRAME / 2);
-            }
-        }
-        // tmux does not always report a resize: look now and then.
-        if last_size_check.elapsed() > Duration::from_secs(1) {
-            let size = terminal.size().ok();
-            if size != last_size {
-                app.dirty = true;
-                last_size = size;
-            }
-            last_size_check = Instant::now();
-        }
-        if app.dirty && last_draw.elapsed() >= FRAME && !terminal_gone {
-            let _ = crossterm::execute!(std::io::stdout(), BeginSynchronizedUpdate);
-            if terminal.draw(|f| draw::draw(f, &app)).is_err() {
-                terminal_gone = true;
-                if engine.is_none() {
-                    break;
-                }
-                send(vec![Command::Stop], &mut app);
-            }
-            let _ = crossterm::execute!(std::io::stdout(), EndSynchronizedUpdate);
-            app.dirty = false;
-            last_draw = Instant::now();
-        }
-    }
-    match engine {
-        Some(h) => h.join(),
-        None => Ok(()),
     }
 }
 
-fn drain(rx: &Receiver<SystemSample>, app: &mut App) {
-    while let Ok(s) = rx.try_recv() {
-        app.on_system(s);
-    }
+/// Keys (and resizes) from the terminal, on a thread of their own: crossterm's read blocks,
+/// and on a terminal that went away (an SSH drop) it can spin without returning, so the event
+/// loop must never wait on it alone. The channel closes when reading fails.
+fn spawn_key_reader(to: UnboundedSender<Event>) {
+    let _ = std::thread::Builder::new()
+        .name("input".into())
+        .spawn(move || {
+            while let Ok(ev) = event::read() {
+                if to.send(ev).is_err() {
+                    break;
+                }
+            }
+        });
+}
+
+/// Moves what a blocking producer sends into the event loop, on a thread of its own; it ends
+/// when either side closes, and `to` closes with `from`.
+fn forward<T: Send + 'static>(name: &str, from: mpsc::Receiver<T>, to: UnboundedSender<T>) {
+    let _ = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            for item in from {
+                if to.send(item).is_err() {
+                    break;
+                }
+            }
+        });
 }
