@@ -21,6 +21,20 @@ impl Tmux {
             .expect("tmux runs");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
+    /// Runs `cmd` in a new detached 100x30 session named e2e.
+    fn start(&self, cmd: &str) {
+        self.run(&[
+            "new-session",
+            "-d",
+            "-s",
+            "e2e",
+            "-x",
+            "100",
+            "-y",
+            "30",
+            cmd,
+        ]);
+    }
     fn screen(&self) -> String {
         self.run(&["capture-pane", "-p", "-t", "e2e"])
     }
@@ -77,17 +91,7 @@ fn start_dashboard(
     let tmux = Tmux {
         socket: format!("metapoison-{name}-{}", std::process::id()),
     };
-    tmux.run(&[
-        "new-session",
-        "-d",
-        "-s",
-        "e2e",
-        "-x",
-        "100",
-        "-y",
-        "30",
-        &cmd,
-    ]);
+    tmux.start(&cmd);
     (tmux, run_dir)
 }
 
@@ -300,17 +304,7 @@ fn a_recorded_run_replays_and_q_quits() {
         tmp.path().display(),
         record.display()
     );
-    tmux.run(&[
-        "new-session",
-        "-d",
-        "-s",
-        "e2e",
-        "-x",
-        "100",
-        "-y",
-        "30",
-        &cmd,
-    ]);
+    tmux.start(&cmd);
     let s = tmux.wait_for("finished 4 steps", 30);
     assert!(s.contains("done  step 4/4"), "{s}");
     // Keys still work (the export menu opens), and a command says no engine is there to take it.

@@ -15,7 +15,7 @@ use std::io::BufRead;
 use std::sync::mpsc;
 use std::time::Duration;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
-use tokio::time::Instant;
+use tokio::time::{Instant, MissedTickBehavior};
 
 /// Where the telemetry comes from.
 pub enum Source {
@@ -112,6 +112,9 @@ async fn run_loop(
     let mut last_size = terminal.size().ok();
     let mut size_check = tokio::time::interval(SIZE_CHECK);
     let mut replay_tick = tokio::time::interval(REPLAY_TICK);
+    // After a slow frame, carry on at the usual pace rather than catching up in a burst.
+    size_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    replay_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         let next_frame = last_draw.map_or_else(Instant::now, |t| t + FRAME);
         tokio::select! {
