@@ -483,3 +483,111 @@ fn v_starts_one_evaluation_and_its_result_reaches_the_header() {
     assert_eq!(app.on_key(key(KeyCode::Char('q'))), vec![Command::Abort]);
     assert!(app.quit);
 }
+
+fn gpu(index: u32) -> metapoison::telemetry::GpuSample {
+    metapoison::telemetry::GpuSample {
+        index,
+        name: "NVIDIA H100 80GB HBM3".into(),
+        utilisation: Some(90 + index),
+        memory_used_mib: Some(17_000 + 1024 * index as u64),
+        memory_total_mib: Some(81_559),
+        temperature_c: Some(45),
+        power_w: Some(312.4),
+    }
+}
+
+/// The rows of the machine panel: the text between its top border and the next border below.
+fn machine_panel(buf: &ratatui::buffer::Buffer) -> Vec<String> {
+    let screen = text(buf);
+    let lines: Vec<&str> = screen.lines().collect();
+    let (top, col) = lines
+        .iter()
+        .enumerate()
+        .find_map(|(y, l)| l.find("┌ machine").map(|c| (y, l[..c].chars().count())))
+        .expect("machine panel");
+    let mut rows: Vec<String> = lines[top + 1..]
+        .iter()
+        .map(|l| l.chars().skip(col + 1).collect::<String>())
+        .take_while(|l| !l.starts_with('─') && !l.starts_with('└'))
+        .map(|l| l.trim_end_matches('│').trim_end().to_string())
+        .collect();
+    // The panel keeps two rows while it has one line.
+    while rows.last().is_some_and(|r| r.is_empty()) {
+        rows.pop();
+    }
+    rows
+}
+
+#[test]
+fn machine_panel_keeps_every_gpus_memory_in_view() {
+    let mut app = app_with_steps(Palette::TrueColor);
+    // No GPU: the note, then CPU and memory, shortened where the full line would be cut.
+    app.on_system(metapoison::telemetry::SystemSample {
+        gpus: vec![],
+        gpu_note: Some("no NVIDIA GPU (NVML library not found)".into()),
+        cpu_percent: Some(74.0),
+        cores: 2,
+        process_rss_mib: Some(912.0),
+    });
+    assert_eq!(
+        machine_panel(&render(&app, 80, 24)),
+        [
+            "no NVIDIA GPU (NVML library not found)",
+            "CPU 74% of 2 cores, memory 912 MiB"
+        ]
+    );
+    assert_eq!(
+        machine_panel(&render(&app, 160, 48))[1],
+        "CPU 74% on 2 cores  process memory 912 MiB"
+    );
+    // One GPU: the whole line where it fits; on 80 columns its name above its figures.
+    let one = metapoison::telemetry::SystemSample {
+        gpus: vec![gpu(0)],
+        cores: 16,
+        ..Default::default()
+    };
+    app.on_system(one);
+    assert_eq!(
+        machine_panel(&render(&app, 160, 48)),
+        ["GPU0 NVIDIA H100 80GB HBM3  util 90%  mem 17000/81559 MiB  45C  312W"]
+    );
+    assert_eq!(
+        machine_panel(&render(&app, 80, 24)),
+        [
+            "GPU0 NVIDIA H100 80GB HBM3",
+            "util 90% 16.6/79.6 GiB 45C 312W"
+        ]
+    );
+    // Eight GPUs: each its full line on a large screen; narrower, its figures alone (a name
+    // line each would need 16 rows); on 80x24 those that fit and a count of the rest.
+    app.on_system(metapoison::telemetry::SystemSample {
+        gpus: (0..8).map(gpu).collect(),
+        cores: 16,
+        ..Default::default()
+    });
+    app.log("checkpoint at step 3".into());
+    app.log("export done".into());
+    let small = render(&app, 80, 24);
+    assert!(
+        text(&small).contains("│checkpoint at step 3") && text(&small).contains("│export done"),
+        "the events panel keeps two lines:\n{}",
+        text(&small)
+    );
+    let big = machine_panel(&render(&app, 160, 48));
+    assert_eq!(big.len(), 8, "{big:?}");
+    assert!(big
+        .iter()
+        .enumerate()
+        .all(|(i, l)| l.starts_with(&format!("GPU{i} NVIDIA H100")) && l.ends_with("312W")));
+    let medium = machine_panel(&render(&app, 120, 48));
+    assert_eq!(medium.len(), 8, "{medium:?}");
+    assert_eq!(medium[7], "GPU7 util 97% 23.6/79.6 GiB 45C 312W");
+    assert_eq!(
+        machine_panel(&render(&app, 80, 24)),
+        [
+            "GPU0 util 90% 16.6/79.6 GiB 45C 312W",
+            "GPU1 util 91% 17.6/79.6 GiB 45C 312W",
+            "+6 more GPUs"
+        ]
+    );
+}

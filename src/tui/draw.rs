@@ -3,6 +3,7 @@
 use super::app::{App, Palette, Popup, EXPORT_PARTS, QUIT_CHOICES};
 use super::image::{self, Pixels};
 use crate::craft::messages::Phase;
+use crate::telemetry::{GpuSample, SystemSample};
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::symbols::Marker;
@@ -49,9 +50,19 @@ pub fn draw(frame: &mut Frame, app: &App) {
     let [preview, side] =
         Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(bottom);
     draw_preview(frame, app, preview);
-    let [system, events] =
-        Layout::vertical([Constraint::Length(4), Constraint::Min(3)]).areas(side);
-    draw_system(frame, app, system);
+    let machine = system_lines(
+        app.system.as_ref(),
+        side.width.saturating_sub(2) as usize,
+        system_rows(side),
+    );
+    // Two rows at least, so the panel does not jump while the first sample is taken.
+    let height = machine.len().max(2) as u16 + 2;
+    let [system, events] = Layout::vertical([
+        Constraint::Length(height),
+        Constraint::Min(EVENTS_MIN_HEIGHT),
+    ])
+    .areas(side);
+    draw_system(frame, machine, system);
     draw_events(frame, app, events);
     frame.render_widget(
         Paragraph::new(app.footer()).style(Style::default().add_modifier(Modifier::REVERSED)),
@@ -361,41 +372,95 @@ fn draw_preview(frame: &mut Frame, app: &App, area: Rect) {
     }
 }
 
-fn draw_system(frame: &mut Frame, app: &App, area: Rect) {
-    let mut lines = Vec::new();
-    match &app.system {
-        None => lines.push(Line::from("sampling...")),
-        Some(s) if !s.gpus.is_empty() => {
-            for g in &s.gpus {
-                let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
-                lines.push(Line::from(format!(
-                    "GPU{} {} util {}  mem {}/{} MiB  {}  {}",
-                    g.index,
-                    g.name,
-                    opt(g.utilisation.map(|u| format!("{u}%"))),
-                    opt(g.memory_used_mib.map(|m| m.to_string())),
-                    opt(g.memory_total_mib.map(|m| m.to_string())),
-                    opt(g.temperature_c.map(|t| format!("{t}C"))),
-                    opt(g.power_w.map(|p| format!("{p:.0}W")))
-                )));
-            }
-        }
-        Some(s) => {
-            lines.push(Line::from(
-                s.gpu_note.clone().unwrap_or_else(|| "no NVIDIA GPU".into()),
-            ));
-            lines.push(Line::from(format!(
-                "CPU {} on {} cores  process memory {}",
-                s.cpu_percent
-                    .map(|c| format!("{c:.0}%"))
-                    .unwrap_or_else(|| "-".into()),
-                s.cores,
-                s.process_rss_mib
-                    .map(|m| format!("{m:.0} MiB"))
-                    .unwrap_or_else(|| "-".into())
-            )));
-        }
+/// The events panel's least height: two lines of events.
+const EVENTS_MIN_HEIGHT: u16 = 4;
+
+/// Rows the machine panel may take from the side column (the events panel keeps its least
+/// height).
+fn system_rows(side: Rect) -> usize {
+    side.height.saturating_sub(2 + EVENTS_MIN_HEIGHT).max(2) as usize
+}
+
+/// The machine panel's lines for an inner `width` and at most `rows` rows. Each GPU's memory
+/// stays in view: a GPU gets its full line where that fits, else its name on a line above its
+/// figures (where the rows allow), else its figures alone; GPUs past the rows are counted.
+fn system_lines(system: Option<&SystemSample>, width: usize, rows: usize) -> Vec<String> {
+    let Some(s) = system else {
+        return vec!["sampling...".into()];
+    };
+    if s.gpus.is_empty() {
+        let cpu = s
+            .cpu_percent
+            .map(|c| format!("{c:.0}%"))
+            .unwrap_or_else(|| "-".into());
+        let rss = s
+            .process_rss_mib
+            .map(|m| format!("{m:.0} MiB"))
+            .unwrap_or_else(|| "-".into());
+        let full = format!("CPU {cpu} on {} cores  process memory {rss}", s.cores);
+        let short = format!("CPU {cpu} of {} cores, memory {rss}", s.cores);
+        return vec![
+            s.gpu_note.clone().unwrap_or_else(|| "no NVIDIA GPU".into()),
+            if full.chars().count() <= width {
+                full
+            } else {
+                short
+            },
+        ];
     }
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    let gib = |m: Option<u64>| opt(m.map(|m| format!("{:.1}", m as f64 / 1024.0)));
+    let figures = |g: &GpuSample| {
+        format!(
+            "util {} {}/{} GiB {} {}",
+            opt(g.utilisation.map(|u| format!("{u}%"))),
+            gib(g.memory_used_mib),
+            gib(g.memory_total_mib),
+            opt(g.temperature_c.map(|t| format!("{t}C"))),
+            opt(g.power_w.map(|p| format!("{p:.0}W")))
+        )
+    };
+    let full: Vec<String> = s
+        .gpus
+        .iter()
+        .map(|g| {
+            format!(
+                "GPU{} {}  util {}  mem {}/{} MiB  {}  {}",
+                g.index,
+                g.name,
+                opt(g.utilisation.map(|u| format!("{u}%"))),
+                opt(g.memory_used_mib.map(|m| m.to_string())),
+                opt(g.memory_total_mib.map(|m| m.to_string())),
+                opt(g.temperature_c.map(|t| format!("{t}C"))),
+                opt(g.power_w.map(|p| format!("{p:.0}W")))
+            )
+        })
+        .collect();
+    let n = s.gpus.len();
+    if n <= rows && full.iter().all(|l| l.chars().count() <= width) {
+        return full;
+    }
+    if 2 * n <= rows {
+        return s
+            .gpus
+            .iter()
+            .flat_map(|g| [format!("GPU{} {}", g.index, g.name), figures(g)])
+            .collect();
+    }
+    let mut lines: Vec<String> = s
+        .gpus
+        .iter()
+        .map(|g| format!("GPU{} {}", g.index, figures(g)))
+        .collect();
+    if n > rows {
+        lines.truncate(rows - 1);
+        lines.push(format!("+{} more GPUs", n - (rows - 1)));
+    }
+    lines
+}
+
+fn draw_system(frame: &mut Frame, lines: Vec<String>, area: Rect) {
+    let lines: Vec<Line> = lines.into_iter().map(Line::from).collect();
     frame.render_widget(
         Paragraph::new(lines).block(Block::bordered().title(" machine ")),
         area,
