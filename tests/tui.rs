@@ -256,12 +256,27 @@ fn dashboard_shows_the_numbers_at_80x24_and_160x48() {
             "Shirt -> T-shirt/top",
             "0.600",
             "0.240",
-            "surrogates fooled 50%",
+            "fooled 50%",
+            "cpu (2 threads)",
             "Space resume",
             "q quit",
         ] {
             assert!(s.contains(needle), "{w}x{h}: `{needle}` missing from\n{s}");
         }
+        // The full labels where they fit; on 80 columns shorter ones, so nothing is cut.
+        let header = s.lines().nth(1).unwrap();
+        let wide = w > 80;
+        assert_eq!(
+            header.contains("elapsed 1m20s  ETA 10m00s  surrogates fooled 50%  cpu (2 threads)"),
+            wide,
+            "{header}"
+        );
+        assert_eq!(
+            header.contains("step 4/61  1m20s, ETA 10m00s  fooled 50%  cpu (2 threads)"),
+            !wide,
+            "{header}"
+        );
+        assert!(s.contains("machine: run on cpu (2 threads)"), "{s}");
     }
     let small = text(&render(&app, 70, 20));
     assert!(small.contains("needs at least 80x24"), "{small}");

@@ -62,7 +62,7 @@ pub fn draw(frame: &mut Frame, app: &App) {
         Constraint::Min(EVENTS_MIN_HEIGHT),
     ])
     .areas(side);
-    draw_system(frame, machine, system);
+    draw_system(frame, app, machine, system);
     draw_events(frame, app, events);
     frame.render_widget(
         Paragraph::new(app.footer()).style(Style::default().add_modifier(Modifier::REVERSED)),
@@ -97,8 +97,7 @@ fn draw_header(frame: &mut Frame, app: &App, area: Rect) {
         .unwrap_or_else(|| "-".into());
     let fooled = last
         .and_then(|r| r.target_fooled.first())
-        .map(|f| format!("  surrogates fooled {:.0}%", f * 100.0))
-        .unwrap_or_default();
+        .map(|f| format!("{:.0}%", f * 100.0));
     let victims = match (&app.victims, app.evaluating) {
         (_, true) => "victims: training...  ".to_string(),
         (Some(v), false) => format!(
@@ -112,21 +111,45 @@ fn draw_header(frame: &mut Frame, app: &App, area: Rect) {
         ),
         (None, false) => String::new(),
     };
+    let phase = format!(" {} ", phase_text(app));
+    let elapsed = crate::cli::format_duration(app.elapsed);
+    let device = if app.device.is_empty() {
+        "-"
+    } else {
+        &app.device
+    };
+    // Shorter labels where the full line would be cut, and the device (also the machine
+    // panel's title) left out where even that is too long.
+    let room = (area.width as usize).saturating_sub(2 + phase.chars().count());
+    let full = format!(
+        " step {step}/{}  elapsed {elapsed}  ETA {eta}{}  {device}",
+        app.total_steps,
+        fooled
+            .as_ref()
+            .map(|f| format!("  surrogates fooled {f}"))
+            .unwrap_or_default()
+    );
+    let short = format!(
+        " step {step}/{}  {elapsed}, ETA {eta}{}",
+        app.total_steps,
+        fooled
+            .as_ref()
+            .map(|f| format!("  fooled {f}"))
+            .unwrap_or_default()
+    );
+    let status = if full.chars().count() <= room {
+        full
+    } else if short.chars().count() + 2 + device.chars().count() <= room {
+        format!("{short}  {device}")
+    } else {
+        short
+    };
     let line1 = Line::from(vec![
         Span::styled(
-            format!(" {} ", phase_text(app)),
+            phase,
             accent(app, Color::Yellow).add_modifier(Modifier::BOLD),
         ),
-        Span::raw(format!(
-            " step {step}/{}  elapsed {}  ETA {eta}{fooled}  {}",
-            app.total_steps,
-            crate::cli::format_duration(app.elapsed),
-            if app.device.is_empty() {
-                "-"
-            } else {
-                &app.device
-            }
-        )),
+        Span::raw(status),
     ]);
     let line2 = Line::from(vec![
         Span::styled(
@@ -459,10 +482,15 @@ fn system_lines(system: Option<&SystemSample>, width: usize, rows: usize) -> Vec
     lines
 }
 
-fn draw_system(frame: &mut Frame, lines: Vec<String>, area: Rect) {
+fn draw_system(frame: &mut Frame, app: &App, lines: Vec<String>, area: Rect) {
     let lines: Vec<Line> = lines.into_iter().map(Line::from).collect();
+    let title = if app.device.is_empty() {
+        " machine ".to_string()
+    } else {
+        format!(" machine: run on {} ", app.device)
+    };
     frame.render_widget(
-        Paragraph::new(lines).block(Block::bordered().title(" machine ")),
+        Paragraph::new(lines).block(Block::bordered().title(title)),
         area,
     );
 }
