@@ -278,6 +278,10 @@ fn dashboard_shows_the_numbers_at_80x24_and_160x48() {
         );
         assert!(s.contains("machine: run on cpu (2 threads)"), "{s}");
     }
+    // A longer device name on 80 columns: the panel's title keeps the device whole.
+    app.device = "cpu (2 surrogates x 1 thread)".into();
+    let s = text(&render(&app, 80, 24));
+    assert!(s.contains("┌ run on cpu (2 surrogates x 1 thread) "), "{s}");
     let small = text(&render(&app, 70, 20));
     assert!(small.contains("needs at least 80x24"), "{small}");
 }

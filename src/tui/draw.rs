@@ -484,10 +484,14 @@ fn system_lines(system: Option<&SystemSample>, width: usize, rows: usize) -> Vec
 
 fn draw_system(frame: &mut Frame, app: &App, lines: Vec<String>, area: Rect) {
     let lines: Vec<Line> = lines.into_iter().map(Line::from).collect();
+    // The device the run uses, after the panel's name where both fit.
+    let named = format!(" machine: run on {} ", app.device);
     let title = if app.device.is_empty() {
         " machine ".to_string()
+    } else if named.chars().count() + 2 <= area.width as usize {
+        named
     } else {
-        format!(" machine: run on {} ", app.device)
+        format!(" run on {} ", app.device)
     };
     frame.render_widget(
         Paragraph::new(lines).block(Block::bordered().title(title)),
