@@ -610,3 +610,86 @@ fn machine_panel_keeps_every_gpus_memory_in_view() {
         ]
     );
 }
+
+/// The rows of the panel titled `title` (its inner text, right-trimmed).
+fn panel(buf: &ratatui::buffer::Buffer, title: &str) -> Vec<String> {
+    let screen = text(buf);
+    let lines: Vec<&str> = screen.lines().collect();
+    let (top, col) = lines
+        .iter()
+        .enumerate()
+        .find_map(|(y, l)| l.find(title).map(|c| (y, l[..c].chars().count())))
+        .unwrap_or_else(|| panic!("no panel {title} in\n{screen}"));
+    lines[top + 1..]
+        .iter()
+        .map(|l| l.chars().skip(col + 1).collect::<String>())
+        .take_while(|l| !l.starts_with('─') && !l.starts_with('└'))
+        .map(|l| {
+            let inner: String = l.chars().take_while(|&c| c != '│').collect();
+            inner.trim_end().to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn long_events_wrap_whole_and_the_run_folder_stays_in_the_header() {
+    let mut app = app_with_steps(Palette::TrueColor);
+    app.run_dir = "/home/researcher/metapoison/runs/cifar-resnet18-target-8745".into();
+    let path = format!("{}/checkpoint.safetensors", app.run_dir);
+    app.log("older event".into());
+    app.log("export done".into());
+    app.log(format!("checkpoint at step 7: {path}"));
+    let buf = render(&app, 80, 24);
+    let rows = panel(&buf, "┌ events");
+    // The newest event, whole, over the three rows there are (38 columns, then 36 after the
+    // indent); no room for the ones before it.
+    assert_eq!(
+        rows,
+        [
+            "checkpoint at step 7: /home/researcher",
+            "  /metapoison/runs/cifar-resnet18-targ",
+            "  et-8745/checkpoint.safetensors",
+        ]
+    );
+    let joined: String = rows[0].clone()
+        + &rows[1..]
+            .iter()
+            .map(|r| r.strip_prefix("  ").unwrap())
+            .collect::<String>();
+    assert_eq!(joined, format!("checkpoint at step 7: {path}"));
+    // A newer event: the rows scroll up as in a terminal.
+    app.log("export done".into());
+    assert_eq!(
+        panel(&render(&app, 80, 24), "┌ events"),
+        [
+            "  /metapoison/runs/cifar-resnet18-targ",
+            "  et-8745/checkpoint.safetensors",
+            "export done"
+        ]
+    );
+    // Wide: one row each, the oldest too.
+    let rows = panel(&render(&app, 220, 48), "┌ events");
+    assert!(rows.contains(&"older event".to_string()), "{rows:?}");
+    assert!(
+        rows.contains(&format!("checkpoint at step 7: {path}")),
+        "{rows:?}"
+    );
+    // The header's second line: the run folder first where the whole line would be cut.
+    let header = text(&buf).lines().nth(2).unwrap().to_string();
+    assert!(
+        header.starts_with(&format!("│ run {}  convnet-bn", app.run_dir)),
+        "{header}"
+    );
+    let header = text(&render(&app, 160, 48))
+        .lines()
+        .nth(2)
+        .unwrap()
+        .to_string();
+    assert!(
+        header.starts_with(&format!(
+            "│ convnet-bn on fashion-mnist-subset  run {}",
+            app.run_dir
+        )),
+        "{header}"
+    );
+}

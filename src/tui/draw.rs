@@ -156,7 +156,16 @@ fn draw_header(frame: &mut Frame, app: &App, area: Rect) {
             format!(" {victims}"),
             Style::default().add_modifier(Modifier::BOLD),
         ),
-        Span::raw(format!("{}  run {}", app.summary, app.run_dir)),
+        Span::raw({
+            // The run folder first where the whole line would be cut: it says where results go.
+            let room = (area.width as usize).saturating_sub(3 + victims.chars().count());
+            let full = format!("{}  run {}", app.summary, app.run_dir);
+            if full.chars().count() <= room {
+                full
+            } else {
+                format!("run {}  {}", app.run_dir, app.summary)
+            }
+        }),
     ]);
     frame.render_widget(
         Paragraph::new(vec![line1, line2]).block(Block::bordered().title(" metapoison ")),
@@ -499,16 +508,35 @@ fn draw_system(frame: &mut Frame, app: &App, lines: Vec<String>, area: Rect) {
     );
 }
 
+/// `text` cut into rows of at most `width` characters, the rows after the first indented by
+/// two (events hold paths, which have no spaces to break at).
+fn wrap_event(text: &str, width: usize) -> Vec<String> {
+    let chars: Vec<char> = text.chars().collect();
+    let width = width.max(3);
+    let mut rows = vec![chars.iter().take(width).collect::<String>()];
+    let mut at = width.min(chars.len());
+    while at < chars.len() {
+        let end = (at + width - 2).min(chars.len());
+        rows.push(format!("  {}", chars[at..end].iter().collect::<String>()));
+        at = end;
+    }
+    rows
+}
+
+/// The newest events, each wrapped to the panel's width, bottom up as in a terminal: the
+/// oldest one shown may be cut at its top.
 fn draw_events(frame: &mut Frame, app: &App, area: Rect) {
     let rows = area.height.saturating_sub(2) as usize;
-    let lines: Vec<Line> = app
-        .events
-        .iter()
-        .rev()
-        .take(rows)
-        .rev()
-        .map(|e| Line::from(e.as_str()))
-        .collect();
+    let width = area.width.saturating_sub(2) as usize;
+    let mut shown: Vec<String> = Vec::new();
+    for event in app.events.iter().rev() {
+        if shown.len() >= rows {
+            break;
+        }
+        shown.splice(0..0, wrap_event(event, width));
+    }
+    let shown = shown.split_off(shown.len().saturating_sub(rows));
+    let lines: Vec<Line> = shown.into_iter().map(Line::from).collect();
     frame.render_widget(
         Paragraph::new(lines).block(Block::bordered().title(" events ")),
         area,
