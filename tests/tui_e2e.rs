@@ -95,10 +95,18 @@ fn start_dashboard(
     (tmux, run_dir)
 }
 
+/// Whether tmux is missing (then the test says it is skipped).
+fn tmux_missing() -> bool {
+    let missing = Command::new("tmux").arg("-V").output().is_err();
+    if missing {
+        eprintln!("skipped: tmux is not installed");
+    }
+    missing
+}
+
 #[test]
 fn dashboard_in_tmux_pauses_checkpoints_and_quits() {
-    if Command::new("tmux").arg("-V").output().is_err() {
-        eprintln!("skipped: tmux is not installed");
+    if tmux_missing() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -232,8 +240,7 @@ fn running(needle: &str) -> bool {
 
 #[test]
 fn an_ssh_drop_checkpoints_and_the_process_exits() {
-    if Command::new("tmux").arg("-V").output().is_err() {
-        eprintln!("skipped: tmux is not installed");
+    if tmux_missing() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -270,8 +277,7 @@ fn an_ssh_drop_checkpoints_and_the_process_exits() {
 
 #[test]
 fn a_recorded_run_replays_and_q_quits() {
-    if Command::new("tmux").arg("-V").output().is_err() {
-        eprintln!("skipped: tmux is not installed");
+    if tmux_missing() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
