@@ -441,30 +441,32 @@ fn system_lines(system: Option<&SystemSample>, width: usize, rows: usize) -> Vec
         ];
     }
     let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    // Utilisation, temperature and power, as every form of the line shows them.
+    let util = |g: &GpuSample| opt(g.utilisation.map(|u| format!("{u}%")));
+    let heat = |g: &GpuSample| {
+        (
+            opt(g.temperature_c.map(|t| format!("{t}C"))),
+            opt(g.power_w.map(|p| format!("{p:.0}W"))),
+        )
+    };
     let gib = |m: Option<u64>| opt(m.map(|m| format!("{:.1}", m as f64 / 1024.0)));
     let figures = |g: &GpuSample| {
-        format!(
-            "util {} {}/{} GiB {} {}",
-            opt(g.utilisation.map(|u| format!("{u}%"))),
-            gib(g.memory_used_mib),
-            gib(g.memory_total_mib),
-            opt(g.temperature_c.map(|t| format!("{t}C"))),
-            opt(g.power_w.map(|p| format!("{p:.0}W")))
-        )
+        let (temp, power) = heat(g);
+        let (used, total) = (gib(g.memory_used_mib), gib(g.memory_total_mib));
+        format!("util {} {used}/{total} GiB {temp} {power}", util(g))
     };
     let full: Vec<String> = s
         .gpus
         .iter()
         .map(|g| {
+            let (temp, power) = heat(g);
+            let used = opt(g.memory_used_mib.map(|m| m.to_string()));
+            let total = opt(g.memory_total_mib.map(|m| m.to_string()));
             format!(
-                "GPU{} {}  util {}  mem {}/{} MiB  {}  {}",
+                "GPU{} {}  util {}  mem {used}/{total} MiB  {temp}  {power}",
                 g.index,
                 g.name,
-                opt(g.utilisation.map(|u| format!("{u}%"))),
-                opt(g.memory_used_mib.map(|m| m.to_string())),
-                opt(g.memory_total_mib.map(|m| m.to_string())),
-                opt(g.temperature_c.map(|t| format!("{t}C"))),
-                opt(g.power_w.map(|p| format!("{p:.0}W")))
+                util(g)
             )
         })
         .collect();
