@@ -12,7 +12,6 @@ use app::{App, Palette};
 use crossterm::event::{self, Event};
 use crossterm::terminal::{BeginSynchronizedUpdate, EndSynchronizedUpdate};
 use std::io::BufRead;
-use std::sync::mpsc;
 use std::time::Duration;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -81,7 +80,10 @@ async fn run_loop(
     let (system_tx, mut system) = unbounded_channel::<SystemSample>();
     spawn_sampler(move |s| system_tx.send(s).is_ok(), Duration::from_secs(1));
     let (key_tx, mut key_events) = unbounded_channel::<Event>();
-    spawn_key_reader(key_tx);
+    // Keys (and resizes) on a thread of their own: crossterm's read blocks, and on a terminal
+    // that went away (an SSH drop) it can spin without returning, so the loop never waits on it
+    // alone. The channel closes when reading fails.
+    forward("input", std::iter::from_fn(|| event::read().ok()), key_tx);
     let (telemetry_tx, mut telemetry) = unbounded_channel::<Telemetry>();
     let (commands, engine, mut replay) = match source {
         Source::Engine(EngineHandle {
@@ -177,24 +179,13 @@ async fn run_loop(
     }
 }
 
-/// Keys (and resizes) from the terminal, on a thread of their own: crossterm's read blocks,
-/// and on a terminal that went away (an SSH drop) it can spin without returning, so the event
-/// loop must never wait on it alone. The channel closes when reading fails.
-fn spawn_key_reader(to: UnboundedSender<Event>) {
-    let _ = std::thread::Builder::new()
-        .name("input".into())
-        .spawn(move || {
-            while let Ok(ev) = event::read() {
-                if to.send(ev).is_err() {
-                    break;
-                }
-            }
-        });
-}
-
-/// Moves what a blocking producer sends into the event loop, on a thread of its own; it ends
-/// when either side closes, and `to` closes with `from`.
-fn forward<T: Send + 'static>(name: &str, from: mpsc::Receiver<T>, to: UnboundedSender<T>) {
+/// Moves what a blocking source yields into the event loop, on a thread of its own; it ends
+/// when the source does or the loop stops listening, and `to` closes with it.
+fn forward<T: Send + 'static>(
+    name: &str,
+    from: impl IntoIterator<Item = T> + Send + 'static,
+    to: UnboundedSender<T>,
+) {
     let _ = std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
