@@ -7,6 +7,7 @@ pub mod config;
 pub mod craft;
 pub mod data;
 pub mod device;
+pub mod digest;
 pub mod export;
 pub mod failure;
 pub mod model;

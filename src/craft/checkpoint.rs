@@ -209,7 +209,7 @@ fn checksum<'a>(
         h.update((data.len() as u64).to_le_bytes());
         h.update(data);
     }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    crate::digest::hex(&h.finalize())
 }
 
 /// The tensors of a safetensors file and its metadata, checked against the checksum written

@@ -132,7 +132,7 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
         }
         h.update(&buf[..k]);
     }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(crate::digest::hex(&h.finalize()))
 }
 
 /// CHW (per image) -> HWC bytes.

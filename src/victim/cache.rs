@@ -6,6 +6,7 @@
 
 use super::eval::{save_victim, score, Arm, EvalData, Trial};
 use super::VictimTraining;
+use crate::digest::hex;
 use crate::model::{Network, State};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -113,8 +114,4 @@ impl VictimCache {
             tracing::warn!("victim cache: {e}");
         }
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
