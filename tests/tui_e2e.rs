@@ -35,6 +35,12 @@ impl Tmux {
             cmd,
         ]);
     }
+    /// Types `keys` (tmux key names or text) into the e2e session.
+    fn keys(&self, keys: &[&str]) {
+        let mut args = vec!["send-keys", "-t", "e2e"];
+        args.extend_from_slice(keys);
+        self.run(&args);
+    }
     fn screen(&self) -> String {
         self.run(&["capture-pane", "-p", "-t", "e2e"])
     }
@@ -123,25 +129,25 @@ fn dashboard_in_tmux_pauses_checkpoints_and_quits() {
         "{s}"
     );
     assert!(s.contains("Space pause"), "{s}");
-    tmux.run(&["send-keys", "-t", "e2e", " "]);
+    tmux.keys(&[" "]);
     let s = tmux.wait_for("PAUSED", 60);
     assert!(s.contains("pause: paused between steps"), "{s}");
     // ASCII previews under NO_COLOR: no half-block characters anywhere.
     assert!(!s.contains('▀'), "{s}");
     // A live step-size change: outer lr 200 -> 50 in the parameters popup.
-    tmux.run(&["send-keys", "-t", "e2e", "p"]);
+    tmux.keys(&["p"]);
     tmux.wait_for("outer", 10);
     for _ in 0..6 {
-        tmux.run(&["send-keys", "-t", "e2e", "BSpace"]);
+        tmux.keys(&["BSpace"]);
     }
-    tmux.run(&["send-keys", "-t", "e2e", "50", "Enter"]);
+    tmux.keys(&["50", "Enter"]);
     tmux.wait_for("outer lr 200 -> 50", 20);
-    tmux.run(&["send-keys", "-t", "e2e", " "]);
+    tmux.keys(&[" "]);
     tmux.wait_for("resume: resumed", 20);
     // The export menu, all parts, into RUN_DIR/export-step-NNNN.
-    tmux.run(&["send-keys", "-t", "e2e", "e"]);
+    tmux.keys(&["e"]);
     tmux.wait_for("contact sheet", 10);
-    tmux.run(&["send-keys", "-t", "e2e", "Enter"]);
+    tmux.keys(&["Enter"]);
     let s = tmux.wait_for("exported to", 60);
     let export = std::fs::read_dir(&run_dir)
         .unwrap()
@@ -165,12 +171,12 @@ fn dashboard_in_tmux_pauses_checkpoints_and_quits() {
     );
     assert!(String::from_utf8_lossy(&verify.stdout).contains("verdict      OK"));
     // Victims on the latest export, in the background; the result reaches the header.
-    tmux.run(&["send-keys", "-t", "e2e", "v"]);
+    tmux.keys(&["v"]);
     tmux.wait_for("flipped (control", 120);
     assert!(export.join("eval.json").exists());
-    tmux.run(&["send-keys", "-t", "e2e", "q"]);
+    tmux.keys(&["q"]);
     tmux.wait_for("checkpoint and quit", 10);
-    tmux.run(&["send-keys", "-t", "e2e", "Enter"]);
+    tmux.keys(&["Enter"]);
     let s = tmux.wait_for("EXIT=", 60);
     assert!(s.contains("EXIT=0"), "{s}");
     assert!(
@@ -314,11 +320,11 @@ fn a_recorded_run_replays_and_q_quits() {
     let s = tmux.wait_for("finished 4 steps", 30);
     assert!(s.contains("done  step 4/4"), "{s}");
     // Keys still work (the export menu opens), and a command says no engine is there to take it.
-    tmux.run(&["send-keys", "-t", "e2e", "e"]);
+    tmux.keys(&["e"]);
     tmux.wait_for("contact sheet", 10);
-    tmux.run(&["send-keys", "-t", "e2e", "Enter"]);
+    tmux.keys(&["Enter"]);
     tmux.wait_for("replay: ExportNow", 10);
-    tmux.run(&["send-keys", "-t", "e2e", "q"]);
+    tmux.keys(&["q"]);
     let s = tmux.wait_for("EXIT=", 10);
     assert!(s.contains("EXIT=0"), "{s}");
     // The terminal is handed back: the dashboard's frame is gone from the screen.
