@@ -45,19 +45,41 @@ impl Tmux {
         self.run(&["capture-pane", "-p", "-t", "e2e"])
     }
     fn wait_for(&self, needle: &str, secs: u64) -> String {
+        self.wait_until(&format!("`{needle}`"), secs, |s| s.contains(needle))
+    }
+    /// Waits until the header shows crafting step `step` or later. A step can be on screen
+    /// for less than one poll, so waiting for one exact step number is a race.
+    fn wait_for_step(&self, step: usize, secs: u64) -> String {
+        self.wait_until(&format!("step {step} or later"), secs, |s| {
+            shown_step(s).is_some_and(|n| n >= step)
+        })
+    }
+    fn wait_until(&self, what: &str, secs: u64, done: impl Fn(&str) -> bool) -> String {
         let start = Instant::now();
         loop {
             let s = self.screen();
-            if s.contains(needle) {
+            if done(&s) {
                 return s;
             }
             assert!(
                 start.elapsed() < Duration::from_secs(secs),
-                "`{needle}` did not appear within {secs}s; screen:\n{s}"
+                "{what} did not appear within {secs}s; screen:\n{s}"
             );
             std::thread::sleep(Duration::from_millis(300));
         }
     }
+}
+
+/// The step number in the header's "step N/TOTAL", if the screen shows one.
+fn shown_step(screen: &str) -> Option<usize> {
+    screen.match_indices("step ").find_map(|(at, _)| {
+        let rest = &screen[at + "step ".len()..];
+        let (number, after) = rest.split_once('/')?;
+        after
+            .starts_with(|c: char| c.is_ascii_digit())
+            .then_some(())?;
+        number.parse().ok()
+    })
 }
 
 impl Drop for Tmux {
@@ -123,7 +145,7 @@ fn dashboard_in_tmux_pauses_checkpoints_and_quits() {
         "[victim]\nepochs = 1\nbatch_size = 50\n",
         "; echo EXIT=$?; sleep 60",
     );
-    let s = tmux.wait_for("step 2/400", 120);
+    let s = tmux.wait_for_step(2, 120);
     assert!(
         s.contains("Shirt -> T-shirt/top") && (s.contains("no NVIDIA GPU") || s.contains("GPU0")),
         "{s}"
@@ -251,7 +273,7 @@ fn an_ssh_drop_checkpoints_and_the_process_exits() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let (tmux, run_dir) = start_dashboard(tmp.path(), "drop", "", "", "");
-    tmux.wait_for("step 2/400", 120);
+    tmux.wait_for_step(2, 120);
     let needle = run_dir.display().to_string();
     assert!(
         running(&needle),
