@@ -105,6 +105,123 @@ fn cifar_truncated_and_bad_label() {
     );
 }
 
+fn py_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/cifar10-py")
+        .join(name)
+}
+
+fn binary_fixture() -> metapoison::data::Split {
+    let path = fixture_dir().join("test_batch.bin");
+    cifar::parse_batch(&std::fs::read(&path).unwrap(), &path).unwrap()
+}
+
+#[test]
+fn cifar_python_batches_hold_the_same_images_as_the_binary_ones() {
+    let binary = binary_fixture();
+    // The official python version's form (Python 2 cPickle, protocol 2): all 20 images.
+    let path = py_fixture("test_batch");
+    let python = cifar::parse_python_batch(&std::fs::read(&path).unwrap(), &path).unwrap();
+    assert_eq!(python.labels, binary.labels);
+    assert_eq!(python.images, binary.images);
+    assert_eq!(python.image_bytes(), 32 * 32 * 3);
+    // Re-pickled by Python 3 with numpy at protocols 2, 4 and 5: the first 3 images.
+    for name in ["py3-proto2", "py3-proto4", "py3-proto5"] {
+        let path = py_fixture(name);
+        let s = cifar::parse_python_batch(&std::fs::read(&path).unwrap(), &path).unwrap();
+        assert_eq!(s.labels, &binary.labels[..3], "{name}");
+        assert_eq!(s.images, &binary.images[..3 * 3072], "{name}");
+    }
+}
+
+#[test]
+fn cifar_folders_of_either_version_load_from_the_folder_or_its_parent() {
+    let batch = std::fs::read(py_fixture("test_batch")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let py = dir.path().join("cifar-10-batches-py");
+    std::fs::create_dir(&py).unwrap();
+    for k in 1..=5 {
+        std::fs::write(py.join(format!("data_batch_{k}")), &batch).unwrap();
+    }
+    std::fs::write(py.join("test_batch"), &batch).unwrap();
+    let config = |path: &Path| DataConfig {
+        dataset: DatasetKind::Cifar10,
+        path: Some(path.to_path_buf()),
+        train_limit: 1000.into(),
+    };
+    // torchvision's root (the parent) and the batches folder itself give the same data.
+    for path in [dir.path(), py.as_path()] {
+        let ds = data::load(&config(path)).unwrap();
+        assert_eq!((ds.train.len(), ds.test.len()), (100, 20));
+        assert_eq!(&ds.train.images[..3072 * 20], &binary_fixture().images[..]);
+        assert!(
+            ds.source.ends_with("cifar-10-batches-py (python version)"),
+            "{}",
+            ds.source
+        );
+    }
+    // A missing batch is named.
+    std::fs::remove_file(py.join("data_batch_4")).unwrap();
+    let e = data::load(&config(dir.path())).unwrap_err().to_string();
+    assert!(e.contains("data_batch_4") && !e.contains(".bin"), "{e}");
+    // A folder with neither version says what it looked for and which field to set.
+    let empty = tempfile::tempdir().unwrap();
+    let e = data::load(&config(empty.path())).unwrap_err().to_string();
+    assert!(
+        e.contains("no CIFAR-10 batches")
+            && e.contains("cifar-10-batches-py")
+            && e.contains("data.path"),
+        "{e}"
+    );
+    let e = data::load(&config(&empty.path().join("nope")))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("nope") && e.contains("no such folder"), "{e}");
+}
+
+#[test]
+fn damaged_cifar_python_batches_are_one_line_errors() {
+    let good = std::fs::read(py_fixture("test_batch")).unwrap();
+    let check = |bytes: &[u8], wants: &[&str]| {
+        let e = cifar::parse_python_batch(bytes, Path::new("b/data_batch_2"))
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains('\n'), "{e}");
+        for w in wants {
+            assert!(e.contains("b/data_batch_2") && e.contains(w), "{w}: {e}");
+        }
+    };
+    let edit = |from: &[u8], to: &[u8]| {
+        let at = good.windows(from.len()).position(|w| w == from).unwrap();
+        let mut b = good.clone();
+        b[at..at + to.len()].copy_from_slice(to);
+        b
+    };
+    check(
+        &good[..good.len() / 2],
+        &["not a readable pickle", "truncated"],
+    );
+    check(&edit(b"U\x04data", b"U\x04date"), &["no `data` entry"]);
+    check(&edit(b"U\x02u1", b"U\x02i1"), &["dtype i1", "uint8"]);
+    // The labels list starts 3, 8, 8: make the second one 12.
+    check(
+        &edit(b"(K\x03K\x08K\x08", b"(K\x03K\x0c"),
+        &["image 1 has label 12"],
+    );
+    // Shape 20 x 3072 claimed as 21 x 3072.
+    check(&edit(b"K\x14M\x00\x0c", b"K\x15"), &["shape [21, 3072]"]);
+    // CIFAR-100 keeps its classes under fine_labels.
+    check(
+        &edit(b"U\x0bbatch_label", b"U\x0bfine_labels"),
+        &["CIFAR-100"],
+    );
+    // Not a pickle at all: a binary batch given to the python reader.
+    check(
+        &std::fs::read(fixture_dir().join("test_batch.bin")).unwrap(),
+        &["not a readable pickle"],
+    );
+}
+
 fn idx_images(n: u32, h: u32, w: u32) -> Vec<u8> {
     let mut v = vec![0, 0, 8, 3];
     for d in [n, h, w] {

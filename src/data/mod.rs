@@ -4,6 +4,7 @@
 pub mod cifar;
 pub mod embedded;
 pub mod idx;
+pub mod pickle;
 
 use crate::config::{DataConfig, DatasetKind};
 use std::path::{Path, PathBuf};
