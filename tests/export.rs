@@ -212,3 +212,64 @@ fn export_round_trip_verify_and_failures() {
     let e = export(&missing).unwrap_err();
     assert!(e.contains("step 1") && e.contains("step-0002"), "{e}");
 }
+
+/// CIFAR-10 end to end, from a torchvision-style folder of the python version: 20 real test
+/// images as the test split and five copies of them as the training split (100 images).
+#[test]
+fn cifar_python_folder_crafts_and_its_native_export_reads_back_as_the_poisoned_split() {
+    let tmp = tempfile::tempdir().unwrap();
+    let batches = tmp.path().join("cifar/cifar-10-batches-py");
+    std::fs::create_dir_all(&batches).unwrap();
+    let batch = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cifar10-py/test_batch");
+    for name in [
+        "data_batch_1",
+        "data_batch_2",
+        "data_batch_3",
+        "data_batch_4",
+        "data_batch_5",
+        "test_batch",
+    ] {
+        std::fs::copy(&batch, batches.join(name)).unwrap();
+    }
+    let mut c = common::tiny_config(100, 5, 2);
+    c.data.dataset = metapoison::config::DatasetKind::Cifar10;
+    c.data.path = Some(tmp.path().join("cifar"));
+    // Labels 3, 8, 8, 0, 6, ...: the first ship is the target, frogs (4 per batch) the poisons.
+    c.threat.target_class = Auto::Value(8);
+    c.threat.target_ids = Auto::Value(vec![0]);
+    c.threat.poison_class = Auto::Value(6);
+    let run = tmp.path().join("run");
+    common::craft_to_end(&c, &run);
+    let out = tmp.path().join("exp");
+    export(&request(&run, out.clone())).unwrap();
+    let v = verify(&out).unwrap();
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+
+    let data = data::load(&c.data).unwrap();
+    let p = read_npz(&out.join("poisons.npz")).unwrap();
+    assert_eq!(p["poison_images"].shape, vec![5, 32, 32, 3]);
+    assert_eq!(p["poison_indices"].as_i64().unwrap(), vec![4, 5, 7, 19, 24]);
+    assert_eq!(p["target_indices"].as_i64().unwrap(), vec![1]);
+    assert_eq!(p["target_images"].data, data.test.image(1));
+    let t = read_npz(&out.join("poisoned_train.npz")).unwrap();
+    assert_eq!(t["images"].shape, vec![100, 32, 32, 3]);
+    assert_ne!(
+        t["images"].data, data.train.images,
+        "the poisons were perturbed"
+    );
+    // native/ is the binary version, five even batches as loaders expect (the 100 images
+    // went into one batch file before): it loads and holds exactly the poisoned split.
+    for k in 1..=5 {
+        let batch = out.join(format!("native/data_batch_{k}.bin"));
+        assert_eq!(std::fs::metadata(&batch).unwrap().len(), 20 * 3073, "{k}");
+    }
+    let native = data::cifar::load_dir(&out.join("native")).unwrap();
+    assert_eq!(native.train.images, t["images"].data);
+    assert_eq!(native.train.labels, data.train.labels);
+    assert_eq!(native.test.images, data.test.images);
+    let manifest = std::fs::read_to_string(out.join("manifest.json")).unwrap();
+    assert!(
+        manifest.contains("cifar-10-batches-py (python version)"),
+        "{manifest}"
+    );
+}

@@ -20,19 +20,27 @@ pub fn cifar_records(images: &[u8], labels: &[u8], side: usize) -> Vec<u8> {
     out
 }
 
-/// Writes `data_batch_1.bin`.. (10,000 images each, as the original) and `test_batch.bin`.
+/// Writes `data_batch_1.bin` .. `data_batch_5.bin` and `test_batch.bin`. The training split is
+/// cut into five even batches, whatever its size (10,000 images each for the whole of
+/// CIFAR-10, as the original): loaders open all five files, so a subset such as the 5,000 images
+/// of `train_limit = "auto"` must still come as five.
 pub fn write_cifar(
     dir: &Path,
     train: (&[u8], &[u8]),
     test: (&[u8], &[u8]),
 ) -> std::io::Result<Vec<String>> {
+    const BATCHES: usize = 5;
     let per_image = 32 * 32 * 3;
+    let n = train.1.len();
     let mut names = Vec::new();
-    for (k, chunk) in train.1.chunks(10_000).enumerate() {
-        let start = k * 10_000;
-        let images = &train.0[start * per_image..(start + chunk.len()) * per_image];
+    for k in 0..BATCHES {
+        let (start, end) = (k * n / BATCHES, (k + 1) * n / BATCHES);
+        let images = &train.0[start * per_image..end * per_image];
         let name = format!("data_batch_{}.bin", k + 1);
-        std::fs::write(dir.join(&name), cifar_records(images, chunk, 32))?;
+        std::fs::write(
+            dir.join(&name),
+            cifar_records(images, &train.1[start..end], 32),
+        )?;
         names.push(name);
     }
     std::fs::write(
