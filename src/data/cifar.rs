@@ -1,5 +1,5 @@
-//! CIFAR-10 in either of its official versions: the binary batches (records of 1 label byte
-//! + 3072 pixel bytes) and the python version's pickled batches (what torchvision downloads).
+//! CIFAR-10 in either of its official versions: the binary batches (records of a label byte and
+//! 3072 pixel bytes) and the python version's pickled batches (what torchvision downloads).
 //! Both store an image as its R, G, B planes of 32x32; the loader turns them into HWC.
 
 use super::{pickle, DataError, Dataset, Split, CIFAR10_CLASSES};
