@@ -3,11 +3,15 @@
 
 mod common;
 
+use metapoison::config::NetKind;
 use metapoison::config::{Auto, Config};
 use metapoison::data;
 use metapoison::export::npz::read_npz;
 use metapoison::export::{export, verify::verify, ExportRequest, Formats};
+use metapoison::victim::eval::{load_export, run_trial, victim_network, Arm};
+use metapoison::victim::VictimTraining;
 use std::path::{Path, PathBuf};
+use tch::{Device, Kind};
 
 fn craft_tiny(dir: &Path) -> Config {
     let mut c = common::tiny_config(300, 10, 3);
@@ -272,4 +276,37 @@ fn cifar_python_folder_crafts_and_its_native_export_reads_back_as_the_poisoned_s
         manifest.contains("cifar-10-batches-py (python version)"),
         "{manifest}"
     );
+
+    // Victims read the export as RGB 32x32 and train on it.
+    let eval = load_export(&out, Device::Cpu).unwrap();
+    assert_eq!(eval.poisoned_x.size(), vec![100, 3, 32, 32]);
+    assert_eq!(eval.adversarial, vec![6]);
+    let differs = (&eval.poisoned_x - &eval.clean_x)
+        .abs()
+        .sum_dim_intlist(&[1i64, 2, 3][..], false, Kind::Int64)
+        .gt(0)
+        .sum(Kind::Int64)
+        .int64_value(&[]);
+    assert!(differs > 0 && differs <= 5, "{differs} images differ");
+    let spec = VictimTraining {
+        net: NetKind::ConvnetBn,
+        width: 1,
+        epochs: 1,
+        lr: 0.1,
+        warmup_epochs: 1,
+        lr_drops: vec![],
+        batch_size: 50,
+        weight_decay: 0.0,
+        augment: true,
+    };
+    let (trial, _) = run_trial(
+        &eval,
+        &victim_network(&eval, &spec),
+        &spec,
+        Arm::Poisoned,
+        1,
+    );
+    assert_eq!(trial.target_probs[0].len(), 10);
+    let total: f64 = trial.target_probs[0].iter().sum();
+    assert!((total - 1.0).abs() < 1e-4, "{total}");
 }
