@@ -73,13 +73,13 @@ fn cifar_folder_loads_and_names_missing_batches() {
         std::fs::write(dir.path().join(format!("data_batch_{k}.bin")), &batch).unwrap();
     }
     std::fs::write(dir.path().join("test_batch.bin"), &batch).unwrap();
-    let ds = cifar::load_dir(dir.path()).unwrap();
+    let ds = cifar::load(dir.path()).unwrap();
     assert_eq!(
         (ds.train.len(), ds.test.len(), ds.num_classes()),
         (100, 20, 10)
     );
     std::fs::remove_file(dir.path().join("data_batch_3.bin")).unwrap();
-    let e = cifar::load_dir(dir.path()).unwrap_err().to_string();
+    let e = cifar::load(dir.path()).unwrap_err().to_string();
     assert!(e.contains("data_batch_3.bin"), "{e}");
 }
 
@@ -219,6 +219,114 @@ fn damaged_cifar_python_batches_are_one_line_errors() {
     check(
         &std::fs::read(fixture_dir().join("test_batch.bin")).unwrap(),
         &["not a readable pickle"],
+    );
+}
+
+/// A tar archive (gzipped unless `name` ends in .tar) of `files` under `folder/`, as the
+/// official CIFAR-10 archives are laid out.
+fn archive(dir: &Path, name: &str, folder: &str, files: &[(&str, &[u8])]) -> PathBuf {
+    let path = dir.join(name);
+    let file = std::fs::File::create(&path).unwrap();
+    let write = |w: &mut dyn std::io::Write| {
+        let mut tar = tar::Builder::new(w);
+        for (file_name, bytes) in files {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(bytes.len() as u64);
+            header.set_mode(0o644);
+            tar.append_data(&mut header, format!("{folder}/{file_name}"), *bytes)
+                .unwrap();
+        }
+        tar.finish().unwrap();
+    };
+    if name.ends_with(".tar") {
+        write(&mut &file);
+    } else {
+        let mut gz = flate2::write::GzEncoder::new(&file, flate2::Compression::fast());
+        write(&mut gz);
+        gz.finish().unwrap();
+    }
+    path
+}
+
+#[test]
+fn cifar_loads_straight_from_either_official_archive() {
+    let dir = tempfile::tempdir().unwrap();
+    let py = std::fs::read(py_fixture("test_batch")).unwrap();
+    let bin = std::fs::read(fixture_dir().join("test_batch.bin")).unwrap();
+    let stems = [
+        "data_batch_1",
+        "data_batch_2",
+        "data_batch_3",
+        "data_batch_4",
+        "data_batch_5",
+        "test_batch",
+    ];
+    let py_names: Vec<String> = stems.iter().map(|s| s.to_string()).collect();
+    let bin_names: Vec<String> = stems.iter().map(|s| format!("{s}.bin")).collect();
+    let mut py_files: Vec<(&str, &[u8])> = py_names.iter().map(|n| (n.as_str(), &py[..])).collect();
+    py_files.insert(0, ("batches.meta", b"not a batch"));
+    py_files.push(("readme.html", b"<html>"));
+    let bin_files: Vec<(&str, &[u8])> = bin_names.iter().map(|n| (n.as_str(), &bin[..])).collect();
+    let binary = binary_fixture();
+    for path in [
+        archive(
+            dir.path(),
+            "cifar-10-python.tar.gz",
+            "cifar-10-batches-py",
+            &py_files,
+        ),
+        archive(
+            dir.path(),
+            "cifar-10-binary.tar",
+            "cifar-10-batches-bin",
+            &bin_files,
+        ),
+    ] {
+        let ds = cifar::load(&path).unwrap();
+        assert_eq!(
+            (ds.train.len(), ds.test.len()),
+            (100, 20),
+            "{}",
+            path.display()
+        );
+        assert_eq!(ds.test.images, binary.images);
+        assert_eq!(&ds.train.labels[80..], &binary.labels[..]);
+        assert!(
+            ds.source.starts_with(&path.display().to_string()),
+            "{}",
+            ds.source
+        );
+    }
+    // A batch missing from the archive, a damaged batch inside it, a truncated archive, and
+    // an archive that is not there: one line each, naming the archive.
+    let gz = archive(dir.path(), "short.tar.gz", "x", &py_files[..5]);
+    let e = cifar::load(&gz).unwrap_err().to_string();
+    assert!(
+        e.contains("short.tar.gz") && e.contains("has no data_batch_5"),
+        "{e}"
+    );
+    let mut damaged = py_files.clone();
+    damaged[3].1 = &py[..1000];
+    let gz = archive(dir.path(), "damaged.tgz", "x", &damaged);
+    let e = cifar::load(&gz).unwrap_err().to_string();
+    assert!(
+        e.contains("damaged.tgz/data_batch_3") && e.contains("truncated"),
+        "{e}"
+    );
+    let whole = std::fs::read(dir.path().join("cifar-10-python.tar.gz")).unwrap();
+    let cut = dir.path().join("cut.tar.gz");
+    std::fs::write(&cut, &whole[..whole.len() / 2]).unwrap();
+    let e = cifar::load(&cut).unwrap_err().to_string();
+    assert!(
+        e.contains("cut.tar.gz") && e.contains("not a readable tar archive"),
+        "{e}"
+    );
+    let e = cifar::load(&dir.path().join("absent.tar.gz"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("absent.tar.gz") && e.contains("No such file"),
+        "{e}"
     );
 }
 

@@ -267,7 +267,7 @@ fn cifar_python_folder_crafts_and_its_native_export_reads_back_as_the_poisoned_s
         let batch = out.join(format!("native/data_batch_{k}.bin"));
         assert_eq!(std::fs::metadata(&batch).unwrap().len(), 20 * 3073, "{k}");
     }
-    let native = data::cifar::load_dir(&out.join("native")).unwrap();
+    let native = data::cifar::load(&out.join("native")).unwrap();
     assert_eq!(native.train.images, t["images"].data);
     assert_eq!(native.train.labels, data.train.labels);
     assert_eq!(native.test.images, data.test.images);

@@ -122,6 +122,12 @@ enum Version {
 }
 
 impl Version {
+    fn name(self) -> &'static str {
+        match self {
+            Version::Binary => "binary",
+            Version::Python => "python",
+        }
+    }
     fn file(self, stem: &str) -> String {
         match self {
             Version::Binary => format!("{stem}.bin"),
@@ -156,16 +162,95 @@ fn locate(dir: &Path) -> Result<(PathBuf, Version), DataError> {
     ))
 }
 
+fn parse(bytes: &[u8], path: &Path, version: Version) -> Result<Split, DataError> {
+    match version {
+        Version::Binary => parse_batch(bytes, path),
+        Version::Python => parse_python_batch(bytes, path),
+    }
+}
+
 fn read(folder: &Path, version: Version, stem: &str) -> Result<Split, DataError> {
     let path = folder.join(version.file(stem));
     let bytes = std::fs::read(&path).map_err(|source| DataError::Io {
         path: path.clone(),
         source,
     })?;
-    match version {
-        Version::Binary => parse_batch(&bytes, &path),
-        Version::Python => parse_python_batch(&bytes, &path),
+    parse(&bytes, &path, version)
+}
+
+const STEMS: [&str; 6] = [
+    "data_batch_1",
+    "data_batch_2",
+    "data_batch_3",
+    "data_batch_4",
+    "data_batch_5",
+    "test_batch",
+];
+
+/// Whether `path` names an archive (`.tar.gz`, `.tgz` or `.tar`) rather than a folder.
+fn is_archive(path: &Path) -> bool {
+    let name = path.to_string_lossy();
+    [".tar.gz", ".tgz", ".tar"]
+        .iter()
+        .any(|e| name.ends_with(e))
+}
+
+/// Reads the batches straight from an official archive (`cifar-10-binary.tar.gz` or
+/// `cifar-10-python.tar.gz`), wherever in it they are, without unpacking it to disk.
+fn load_archive(archive: &Path) -> Result<Dataset, DataError> {
+    let file = std::fs::File::open(archive).map_err(|source| DataError::Io {
+        path: archive.into(),
+        source,
+    })?;
+    let name = archive.to_string_lossy();
+    let reader: Box<dyn std::io::Read> = if name.ends_with(".tar") {
+        Box::new(std::io::BufReader::new(file))
+    } else {
+        Box::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)))
+    };
+    let broken =
+        |e: std::io::Error| DataError::format(archive, format!("not a readable tar archive: {e}"));
+    let mut found: std::collections::HashMap<String, Vec<u8>> = Default::default();
+    for entry in tar::Archive::new(reader).entries().map_err(broken)? {
+        let mut entry = entry.map_err(broken)?;
+        let file_name = entry
+            .path()
+            .map_err(broken)?
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
+        let Some(file_name) = file_name else { continue };
+        let wanted = STEMS
+            .iter()
+            .any(|s| file_name == *s || file_name == format!("{s}.bin"));
+        if wanted {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut entry, &mut bytes).map_err(broken)?;
+            found.insert(file_name, bytes);
+        }
     }
+    let version = [Version::Binary, Version::Python]
+        .into_iter()
+        .find(|v| found.contains_key(&v.file("data_batch_1")))
+        .ok_or_else(|| {
+            DataError::format(
+                archive,
+                "no CIFAR-10 batches in this archive (data_batch_1.bin or data_batch_1); use cifar-10-binary.tar.gz or cifar-10-python.tar.gz",
+            )
+        })?;
+    let mut splits = Vec::new();
+    for stem in STEMS {
+        let file = version.file(stem);
+        let bytes = found
+            .get(&file)
+            .ok_or_else(|| DataError::format(archive, format!("the archive has no {file}")))?;
+        splits.push(parse(bytes, &archive.join(&file), version)?);
+    }
+    let test = splits.pop().expect("six batches");
+    Ok(dataset(
+        format!("{} ({} version)", archive.display(), version.name()),
+        splits,
+        test,
+    ))
 }
 
 fn concat(parts: Vec<Split>) -> Split {
@@ -178,25 +263,35 @@ fn concat(parts: Vec<Split>) -> Split {
     first
 }
 
-/// Loads the five training batches and the test batch from a folder: the binary version's
-/// `data_batch_1.bin` .. `test_batch.bin` or the python version's `data_batch_1` ..
-/// `test_batch`, in `dir` or in its `cifar-10-batches-bin` / `cifar-10-batches-py`.
-pub fn load_dir(dir: &Path) -> Result<Dataset, DataError> {
-    let (folder, version) = locate(dir)?;
-    let train = (1..=5)
-        .map(|k| read(&folder, version, &format!("data_batch_{k}")))
-        .collect::<Result<Vec<_>, _>>()?;
-    let name = match version {
-        Version::Binary => "binary",
-        Version::Python => "python",
-    };
-    Ok(Dataset {
+fn dataset(source: String, train: Vec<Split>, test: Split) -> Dataset {
+    Dataset {
         name: "cifar10".into(),
-        source: format!("{} ({name} version)", folder.display()),
+        source,
         class_names: CIFAR10_CLASSES.iter().map(|s| s.to_string()).collect(),
         train: concat(train),
-        test: read(&folder, version, "test_batch")?,
+        test,
         train_origin: None,
         test_origin: None,
-    })
+    }
+}
+
+/// Loads the five training batches and the test batch from a folder (the binary version's
+/// `data_batch_1.bin` .. `test_batch.bin` or the python version's `data_batch_1` ..
+/// `test_batch`, in `path` or in its `cifar-10-batches-bin` / `cifar-10-batches-py`), or from
+/// an official archive when `path` is a `.tar.gz`.
+pub fn load(path: &Path) -> Result<Dataset, DataError> {
+    if is_archive(path) {
+        return load_archive(path);
+    }
+    let (folder, version) = locate(path)?;
+    let train = STEMS[..5]
+        .iter()
+        .map(|stem| read(&folder, version, stem))
+        .collect::<Result<Vec<_>, _>>()?;
+    let test = read(&folder, version, STEMS[5])?;
+    Ok(dataset(
+        format!("{} ({} version)", folder.display(), version.name()),
+        train,
+        test,
+    ))
 }

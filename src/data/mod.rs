@@ -187,7 +187,7 @@ pub fn load(config: &DataConfig) -> Result<Dataset, DataError> {
             };
             idx::load_dir(dir, name, classes)?
         }
-        DatasetKind::Cifar10 => cifar::load_dir(config.path.as_deref().unwrap_or(Path::new(".")))?,
+        DatasetKind::Cifar10 => cifar::load(config.path.as_deref().unwrap_or(Path::new(".")))?,
     };
     ds.train.truncate(config.train_limit());
     if let Some(origin) = ds.train_origin.as_mut() {
