@@ -253,14 +253,7 @@ fn cifar_loads_straight_from_either_official_archive() {
     let dir = tempfile::tempdir().unwrap();
     let py = std::fs::read(py_fixture("test_batch")).unwrap();
     let bin = std::fs::read(fixture_dir().join("test_batch.bin")).unwrap();
-    let stems = [
-        "data_batch_1",
-        "data_batch_2",
-        "data_batch_3",
-        "data_batch_4",
-        "data_batch_5",
-        "test_batch",
-    ];
+    let stems = cifar::BATCH_STEMS;
     let py_names: Vec<String> = stems.iter().map(|s| s.to_string()).collect();
     let bin_names: Vec<String> = stems.iter().map(|s| format!("{s}.bin")).collect();
     let mut py_files: Vec<(&str, &[u8])> = py_names.iter().map(|n| (n.as_str(), &py[..])).collect();

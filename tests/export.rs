@@ -11,7 +11,7 @@ use metapoison::export::{export, verify::verify, ExportRequest, Formats};
 use metapoison::victim::eval::{load_export, run_trial, victim_network, Arm};
 use metapoison::victim::VictimTraining;
 use std::path::{Path, PathBuf};
-use tch::{Device, Kind};
+use tch::Device;
 
 fn craft_tiny(dir: &Path) -> Config {
     let mut c = common::tiny_config(300, 10, 3);
@@ -225,14 +225,7 @@ fn cifar_python_folder_crafts_and_its_native_export_reads_back_as_the_poisoned_s
     let batches = tmp.path().join("cifar/cifar-10-batches-py");
     std::fs::create_dir_all(&batches).unwrap();
     let batch = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cifar10-py/test_batch");
-    for name in [
-        "data_batch_1",
-        "data_batch_2",
-        "data_batch_3",
-        "data_batch_4",
-        "data_batch_5",
-        "test_batch",
-    ] {
+    for name in data::cifar::BATCH_STEMS {
         std::fs::copy(&batch, batches.join(name)).unwrap();
     }
     let mut c = common::tiny_config(100, 5, 2);
@@ -281,12 +274,7 @@ fn cifar_python_folder_crafts_and_its_native_export_reads_back_as_the_poisoned_s
     let eval = load_export(&out, Device::Cpu).unwrap();
     assert_eq!(eval.poisoned_x.size(), vec![100, 3, 32, 32]);
     assert_eq!(eval.adversarial, vec![6]);
-    let differs = (&eval.poisoned_x - &eval.clean_x)
-        .abs()
-        .sum_dim_intlist(&[1i64, 2, 3][..], false, Kind::Int64)
-        .gt(0)
-        .sum(Kind::Int64)
-        .int64_value(&[]);
+    let differs = common::images_that_differ(&eval.poisoned_x, &eval.clean_x);
     assert!(differs > 0 && differs <= 5, "{differs} images differ");
     let spec = VictimTraining {
         net: NetKind::ConvnetBn,

@@ -178,7 +178,9 @@ fn read(folder: &Path, version: Version, stem: &str) -> Result<Split, DataError>
     parse(&bytes, &path, version)
 }
 
-const STEMS: [&str; 6] = [
+/// The six batch files of either version, without the binary version's `.bin`: five training
+/// batches, then the test batch.
+pub const BATCH_STEMS: [&str; 6] = [
     "data_batch_1",
     "data_batch_2",
     "data_batch_3",
@@ -219,7 +221,7 @@ fn load_archive(archive: &Path) -> Result<Dataset, DataError> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned());
         let Some(file_name) = file_name else { continue };
-        let wanted = STEMS
+        let wanted = BATCH_STEMS
             .iter()
             .any(|s| file_name == *s || file_name == format!("{s}.bin"));
         if wanted {
@@ -238,7 +240,7 @@ fn load_archive(archive: &Path) -> Result<Dataset, DataError> {
             )
         })?;
     let mut splits = Vec::new();
-    for stem in STEMS {
+    for stem in BATCH_STEMS {
         let file = version.file(stem);
         let bytes = found
             .get(&file)
@@ -284,11 +286,11 @@ pub fn load(path: &Path) -> Result<Dataset, DataError> {
         return load_archive(path);
     }
     let (folder, version) = locate(path)?;
-    let train = STEMS[..5]
+    let train = BATCH_STEMS[..5]
         .iter()
         .map(|stem| read(&folder, version, stem))
         .collect::<Result<Vec<_>, _>>()?;
-    let test = read(&folder, version, STEMS[5])?;
+    let test = read(&folder, version, BATCH_STEMS[5])?;
     Ok(dataset(
         format!("{} ({} version)", folder.display(), version.name()),
         train,

@@ -49,3 +49,13 @@ pub fn craft_to_end(config: &Config, dir: &Path) {
     }
     handle.join().unwrap();
 }
+
+/// How many images (along dimension 0 of [N, C, H, W]) differ anywhere between `a` and `b`.
+pub fn images_that_differ(a: &tch::Tensor, b: &tch::Tensor) -> i64 {
+    (a - b)
+        .abs()
+        .sum_dim_intlist(&[1i64, 2, 3][..], false, tch::Kind::Int64)
+        .gt(0)
+        .sum(tch::Kind::Int64)
+        .int64_value(&[])
+}
