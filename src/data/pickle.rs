@@ -9,6 +9,56 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
+/// The opcodes this reader knows (names as in CPython's `pickletools`).
+mod op {
+    pub const PROTO: u8 = 0x80;
+    pub const FRAME: u8 = 0x95;
+    pub const STOP: u8 = b'.';
+    pub const MARK: u8 = b'(';
+    pub const POP: u8 = b'0';
+    pub const POP_MARK: u8 = b'1';
+    pub const DUP: u8 = b'2';
+    pub const BINPUT: u8 = b'q';
+    pub const LONG_BINPUT: u8 = b'r';
+    pub const MEMOIZE: u8 = 0x94;
+    pub const BINGET: u8 = b'h';
+    pub const LONG_BINGET: u8 = b'j';
+    pub const NONE: u8 = b'N';
+    pub const NEWTRUE: u8 = 0x88;
+    pub const NEWFALSE: u8 = 0x89;
+    pub const BININT: u8 = b'J';
+    pub const BININT1: u8 = b'K';
+    pub const BININT2: u8 = b'M';
+    pub const LONG1: u8 = 0x8a;
+    pub const BINFLOAT: u8 = b'G';
+    pub const SHORT_BINSTRING: u8 = b'U';
+    pub const SHORT_BINBYTES: u8 = b'C';
+    pub const BINSTRING: u8 = b'T';
+    pub const BINBYTES: u8 = b'B';
+    pub const BINBYTES8: u8 = 0x8e;
+    pub const BYTEARRAY8: u8 = 0x96;
+    pub const SHORT_BINUNICODE: u8 = 0x8c;
+    pub const BINUNICODE: u8 = b'X';
+    pub const BINUNICODE8: u8 = 0x8d;
+    pub const EMPTY_TUPLE: u8 = b')';
+    pub const TUPLE: u8 = b't';
+    pub const TUPLE1: u8 = 0x85;
+    pub const TUPLE2: u8 = 0x86;
+    pub const TUPLE3: u8 = 0x87;
+    pub const EMPTY_LIST: u8 = b']';
+    pub const LIST: u8 = b'l';
+    pub const APPEND: u8 = b'a';
+    pub const APPENDS: u8 = b'e';
+    pub const EMPTY_DICT: u8 = b'}';
+    pub const DICT: u8 = b'd';
+    pub const SETITEM: u8 = b's';
+    pub const SETITEMS: u8 = b'u';
+    pub const GLOBAL: u8 = b'c';
+    pub const STACK_GLOBAL: u8 = 0x93;
+    pub const REDUCE: u8 = b'R';
+    pub const BUILD: u8 = b'b';
+}
+
 /// One object in the pickle; containers hold indices into [`Pickle::objects`], so that the
 /// memo (which shares objects) and in-place mutation (APPENDS, SETITEMS, BUILD) work as in
 /// Python.
@@ -185,69 +235,69 @@ impl<'a> Reader<'a> {
             }
             let op = self.u8()?;
             match op {
-                0x80 => {
+                op::PROTO => {
                     let protocol = self.u8()?;
                     if protocol > 5 {
                         return self.fail(format!("pickle protocol {protocol}, at most 5 known"));
                     }
                 }
-                0x95 => {
+                op::FRAME => {
                     self.take(8)?; // FRAME: a length hint only
                 }
-                b'.' => {
+                op::STOP => {
                     let root = self.pop()?;
                     return Ok(Pickle {
                         objects: self.objects,
                         root,
                     });
                 }
-                b'(' => self.marks.push(self.stack.len()),
-                b'0' => {
+                op::MARK => self.marks.push(self.stack.len()),
+                op::POP => {
                     self.pop()?;
                 }
-                b'1' => {
+                op::POP_MARK => {
                     self.pop_mark()?;
                 }
-                b'2' => {
+                op::DUP => {
                     let top = self.top()?;
                     self.stack.push(top);
                 }
-                b'q' => {
+                op::BINPUT => {
                     let k = self.u8()? as u64;
                     self.memo_put(k)?;
                 }
-                b'r' => {
+                op::LONG_BINPUT => {
                     let k = self.le(4)?;
                     self.memo_put(k)?;
                 }
-                0x94 => {
+                op::MEMOIZE => {
                     let k = self.memo.len() as u64;
                     self.memo_put(k)?;
                 }
-                b'h' => {
+                op::BINGET => {
                     let k = self.u8()? as u64;
                     self.memo_get(k)?;
                 }
-                b'j' => {
+                op::LONG_BINGET => {
                     let k = self.le(4)?;
                     self.memo_get(k)?;
                 }
-                b'N' => self.push(Obj::None),
-                0x88 => self.push(Obj::Bool(true)),
-                0x89 => self.push(Obj::Bool(false)),
-                b'J' => {
+                op::NONE => self.push(Obj::None),
+                op::NEWTRUE => self.push(Obj::Bool(true)),
+                op::NEWFALSE => self.push(Obj::Bool(false)),
+                op::BININT => {
                     let v = self.le(4)? as u32 as i32 as i64;
                     self.push(Obj::Int(v));
                 }
-                b'K' => {
+                op::BININT1 => {
                     let v = self.u8()? as i64;
                     self.push(Obj::Int(v));
                 }
-                b'M' => {
+                op::BININT2 => {
                     let v = self.le(2)? as i64;
                     self.push(Obj::Int(v));
                 }
-                0x8a => {
+                op::LONG1 => {
                     // LONG1: little-endian two's complement of n bytes.
                     let n = self.u8()? as usize;
                     if n > 8 {
@@ -262,17 +312,17 @@ impl<'a> Reader<'a> {
                     };
                     self.push(Obj::Int(v));
                 }
-                b'G' => {
+                op::BINFLOAT => {
                     let s = self.take(8)?;
                     let v = f64::from_be_bytes(s.try_into().expect("8 bytes"));
                     self.push(Obj::Float(v));
                 }
-                b'U' | b'C' => {
+                op::SHORT_BINSTRING | op::SHORT_BINBYTES => {
                     let n = self.u8()? as u64;
                     let s = self.take(n)?;
                     self.push(Obj::Bytes(s));
                 }
-                b'T' => {
+                op::BINSTRING => {
                     let n = self.le(4)? as u32 as i32;
                     if n < 0 {
                         return self.fail("a string of negative length");
@@ -280,68 +330,68 @@ impl<'a> Reader<'a> {
                     let s = self.take(n as u64)?;
                     self.push(Obj::Bytes(s));
                 }
-                b'B' => {
+                op::BINBYTES => {
                     let n = self.le(4)?;
                     let s = self.take(n)?;
                     self.push(Obj::Bytes(s));
                 }
-                0x8e | 0x96 => {
+                op::BINBYTES8 | op::BYTEARRAY8 => {
                     let n = self.le(8)?;
                     let s = self.take(n)?;
                     self.push(Obj::Bytes(s));
                 }
-                0x8c | b'X' | 0x8d => {
+                op::SHORT_BINUNICODE | op::BINUNICODE | op::BINUNICODE8 => {
                     let n = match op {
-                        0x8c => self.u8()? as u64,
-                        b'X' => self.le(4)?,
+                        op::SHORT_BINUNICODE => self.u8()? as u64,
+                        op::BINUNICODE => self.le(4)?,
                         _ => self.le(8)?,
                     };
                     let s = self.take(n)?;
                     let s = self.utf8(s)?;
                     self.push(Obj::Str(s));
                 }
-                b')' => self.push(Obj::Tuple(Vec::new())),
-                b't' => {
+                op::EMPTY_TUPLE => self.push(Obj::Tuple(Vec::new())),
+                op::TUPLE => {
                     let items = self.pop_mark()?;
                     self.push(Obj::Tuple(items));
                 }
-                0x85 => self.tuple_of(1)?,
-                0x86 => self.tuple_of(2)?,
-                0x87 => self.tuple_of(3)?,
-                b']' => self.push(Obj::List(Vec::new())),
-                b'l' => {
+                op::TUPLE1 => self.tuple_of(1)?,
+                op::TUPLE2 => self.tuple_of(2)?,
+                op::TUPLE3 => self.tuple_of(3)?,
+                op::EMPTY_LIST => self.push(Obj::List(Vec::new())),
+                op::LIST => {
                     let items = self.pop_mark()?;
                     self.push(Obj::List(items));
                 }
-                b'a' => {
+                op::APPEND => {
                     let item = self.pop()?;
                     self.append(vec![item])?;
                 }
-                b'e' => {
+                op::APPENDS => {
                     let items = self.pop_mark()?;
                     self.append(items)?;
                 }
-                b'}' => self.push(Obj::Dict(Vec::new())),
-                b'd' => {
+                op::EMPTY_DICT => self.push(Obj::Dict(Vec::new())),
+                op::DICT => {
                     let items = self.pop_mark()?;
                     self.push(Obj::Dict(Vec::new()));
                     self.set_items(items)?;
                 }
-                b's' => {
+                op::SETITEM => {
                     let value = self.pop()?;
                     let key = self.pop()?;
                     self.set_items(vec![key, value])?;
                 }
-                b'u' => {
+                op::SETITEMS => {
                     let items = self.pop_mark()?;
                     self.set_items(items)?;
                 }
-                b'c' => {
+                op::GLOBAL => {
                     let module = self.line()?;
                     let name = self.line()?;
                     self.push(Obj::Global { module, name });
                 }
-                0x93 => {
+                op::STACK_GLOBAL => {
                     let name = self.pop()?;
                     let module = self.pop()?;
                     match (&self.objects[module], &self.objects[name]) {
@@ -352,12 +402,12 @@ impl<'a> Reader<'a> {
                         _ => return self.fail("STACK_GLOBAL without two strings"),
                     }
                 }
-                b'R' => {
+                op::REDUCE => {
                     let args = self.pop()?;
                     let func = self.pop()?;
                     self.push(Obj::Reduce { func, args });
                 }
-                b'b' => {
+                op::BUILD => {
                     // The object stays where it is (the memo may share it); it becomes a Build.
                     let state = self.pop()?;
                     let target = self.top()?;
