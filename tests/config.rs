@@ -216,3 +216,16 @@ fn round_trip_through_toml() {
     let back = parse(&c.to_toml()).unwrap();
     assert_eq!(back, c);
 }
+
+#[test]
+fn a_relative_data_path_is_made_absolute_from_the_current_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    std::fs::write(&file, "[data]\ndataset = \"cifar10\"\npath = \"data/cifar\"\n").unwrap();
+    let c = Config::load(&file).unwrap();
+    let cwd = std::env::current_dir().unwrap();
+    assert_eq!(c.data.path.unwrap(), cwd.join("data/cifar"));
+    std::fs::write(&file, "[data]\ndataset = \"cifar10\"\npath = \"/srv/cifar\"\n").unwrap();
+    let c = Config::load(&file).unwrap();
+    assert_eq!(c.data.path.unwrap(), std::path::PathBuf::from("/srv/cifar"));
+}

@@ -416,12 +416,23 @@ impl Config {
         Ok(config)
     }
 
+    /// Reads and validates a config file. A relative `data.path` is taken from the current
+    /// folder, as typed, and made absolute here: the run folder keeps this config, and a resume,
+    /// export or campaign started from another folder must find the same data.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::from_toml_str(&text, path)
+        let mut config = Self::from_toml_str(&text, path)?;
+        if let Some(data) = config.data.path.as_mut() {
+            if data.is_relative() {
+                if let Ok(absolute) = std::path::absolute(&*data) {
+                    *data = absolute;
+                }
+            }
+        }
+        Ok(config)
     }
 
     pub fn to_toml(&self) -> String {
