@@ -418,6 +418,13 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs, json: bool) -> Res
     let resuming = config_file.exists();
     if resuming {
         config = Config::load(&config_file)?;
+        // A campaign started before `data.subset` existed ran on the first N images.
+        let text = std::fs::read_to_string(&config_file).unwrap_or_default();
+        let recorded: toml::Table = toml::from_str(&text).unwrap_or_default();
+        let data = recorded.get("data").and_then(|d| d.as_table());
+        if !data.is_some_and(|d| d.contains_key("subset")) {
+            config.data.subset = crate::config::Auto::Value(crate::config::Subset::First);
+        }
     }
     let device = crate::cli::resolve_device(&config)?;
     if !resuming {

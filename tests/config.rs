@@ -1,7 +1,7 @@
 //! The example config parses, documents exactly the defaults, and bad input is rejected with a
 //! message naming the field and the allowed range.
 
-use metapoison::config::{Auto, Config};
+use metapoison::config::{Auto, Config, Subset};
 use std::path::Path;
 
 const EXAMPLE: &str = include_str!("../config.example.toml");
@@ -61,6 +61,7 @@ fn defaults_settled_for_cuda_are_the_published_ones() {
     assert_eq!(c.surrogate.warmup_epochs, 5);
     assert_eq!(c.victim.epochs, Auto::Value(200));
     assert_eq!(c.data.train_limit, Auto::Value(5000));
+    assert_eq!(c.data.subset, Auto::Value(Subset::Balanced));
     // The crate's own ops stay off on CUDA until timed there, but may serve it when asked.
     assert_eq!(c.run.fused_batch_norm, Auto::Value(false));
     assert_eq!(c.run.direct_conv_double_backward, Auto::Value(false));
@@ -71,7 +72,7 @@ fn defaults_settled_for_cuda_are_the_published_ones() {
     let ops = asked.run.own_ops();
     assert!(ops.fused_batch_norm && !ops.direct_conv_double_backward && ops.cuda);
     // One note per field decided, naming it and the hardware.
-    assert_eq!(notes.len(), 13, "{notes:?}");
+    assert_eq!(notes.len(), 14, "{notes:?}");
     assert!(
         notes.contains(&"craft.steps = auto -> 61 (on CUDA)".to_string()),
         "{notes:?}"
@@ -89,6 +90,7 @@ fn defaults_settled_for_a_cpu_are_the_dense_profile_and_explicit_values_stay() {
     assert_eq!(c.data.train_limit(), 2000);
     let notes = c.settle(false);
     assert_eq!(c.data.train_limit, Auto::Value(2000));
+    assert_eq!(c.data.subset, Auto::Value(Subset::First));
     assert_eq!(c.threat.npoison, Auto::Value(150));
     assert_eq!(c.craft.steps, Auto::Value(7));
     assert_eq!(c.craft.lr_drops(), &[15, 30]);
@@ -99,7 +101,7 @@ fn defaults_settled_for_a_cpu_are_the_dense_profile_and_explicit_values_stay() {
     assert_eq!(c.victim.epochs, Auto::Value(3));
     assert_eq!(c.run.fused_batch_norm, Auto::Value(true));
     assert_eq!(c.run.direct_conv_double_backward, Auto::Value(true));
-    assert_eq!(notes.len(), 11, "{notes:?}");
+    assert_eq!(notes.len(), 12, "{notes:?}");
     assert!(
         !notes.iter().any(|n| n.starts_with("craft.steps")),
         "{notes:?}"
@@ -221,11 +223,33 @@ fn round_trip_through_toml() {
 fn a_relative_data_path_is_made_absolute_from_the_current_folder() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("c.toml");
-    std::fs::write(&file, "[data]\ndataset = \"cifar10\"\npath = \"data/cifar\"\n").unwrap();
+    std::fs::write(
+        &file,
+        "[data]\ndataset = \"cifar10\"\npath = \"data/cifar\"\n",
+    )
+    .unwrap();
     let c = Config::load(&file).unwrap();
     let cwd = std::env::current_dir().unwrap();
     assert_eq!(c.data.path.unwrap(), cwd.join("data/cifar"));
-    std::fs::write(&file, "[data]\ndataset = \"cifar10\"\npath = \"/srv/cifar\"\n").unwrap();
+    std::fs::write(
+        &file,
+        "[data]\ndataset = \"cifar10\"\npath = \"/srv/cifar\"\n",
+    )
+    .unwrap();
     let c = Config::load(&file).unwrap();
     assert_eq!(c.data.path.unwrap(), std::path::PathBuf::from("/srv/cifar"));
+}
+
+#[test]
+fn data_subset_takes_a_word_and_names_itself_when_wrong() {
+    for (word, want) in [
+        ("auto", Auto::Auto),
+        ("balanced", Auto::Value(Subset::Balanced)),
+        ("first", Auto::Value(Subset::First)),
+    ] {
+        let c = parse(&format!("[data]\nsubset = \"{word}\"\n")).unwrap();
+        assert_eq!(c.data.subset, want, "{word}");
+    }
+    let e = parse("[data]\nsubset = \"sorted\"\n").unwrap_err();
+    assert!(e.contains("data.subset") && e.contains("sorted"), "{e}");
 }

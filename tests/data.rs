@@ -1,7 +1,7 @@
 //! Loaders on real bytes: the embedded Fashion-MNIST subset, the CIFAR-10 fixture built from 20
 //! real test images, and corrupt or truncated files.
 
-use metapoison::config::{DataConfig, DatasetKind};
+use metapoison::config::{Auto, DataConfig, DatasetKind, Subset};
 use metapoison::data::{self, cifar, idx};
 use std::path::{Path, PathBuf};
 
@@ -35,17 +35,50 @@ fn embedded_subset_sizes_counts_and_labels() {
 }
 
 #[test]
-fn train_limit_keeps_the_first_images() {
-    let ds = data::load(&DataConfig {
-        dataset: DatasetKind::Embedded,
-        path: None,
-        train_limit: 5000.into(),
-    })
-    .unwrap();
+fn train_limit_keeps_a_balanced_subset_or_the_first_images() {
+    let full = data::embedded::load().unwrap();
+    let load = |subset| {
+        data::load(&DataConfig {
+            dataset: DatasetKind::Embedded,
+            path: None,
+            train_limit: 5000.into(),
+            subset: Auto::Value(subset),
+        })
+        .unwrap()
+    };
+    // Balanced (the authors' way, `auto` on CUDA): the first 500 of each class, in order.
+    let ds = load(Subset::Balanced);
     assert_eq!(ds.train.len(), 5000);
-    assert_eq!(ds.train.images.len(), 5000 * 784);
-    assert_eq!(ds.train_origin.unwrap().len(), 5000);
+    assert_eq!(ds.train.class_counts(10), vec![500; 10]);
     assert_eq!(ds.test.len(), 2000);
+    let origin = ds.train_origin.as_ref().unwrap();
+    let full_origin = full.train_origin.as_ref().unwrap();
+    let mut expected: Vec<usize> = (0..10u8)
+        .flat_map(|c| full.train.indices_of_class(c).into_iter().take(500))
+        .collect();
+    expected.sort();
+    assert_eq!(origin.len(), 5000);
+    for (k, &i) in expected.iter().enumerate() {
+        assert_eq!(origin[k], full_origin[i], "image {k}");
+        assert_eq!(ds.train.image(k), full.train.image(i), "image {k}");
+        assert_eq!(ds.train.labels[k], full.train.labels[i]);
+    }
+    // First (`auto` on a CPU): the first 5000 images, whatever their classes.
+    let ds = load(Subset::First);
+    assert_eq!(ds.train.images, full.train.images[..5000 * 784]);
+    assert_eq!(ds.train_origin.unwrap(), full_origin[..5000]);
+    assert_ne!(ds.train.class_counts(10), vec![500; 10]);
+}
+
+#[test]
+fn a_balanced_subset_spreads_the_remainder_and_keeps_what_a_short_class_has() {
+    // Classes 0..3; class 2 has only one image.
+    let labels = [0u8, 1, 0, 2, 1, 0, 1, 0, 1, 0];
+    assert_eq!(data::balanced(&labels, 3, 5), vec![0, 1, 2, 3, 4]);
+    // 7 = 3 + 2 + 2: class 0 takes the extra one; class 2 has only 1, so 6 are kept.
+    assert_eq!(data::balanced(&labels, 3, 7), vec![0, 1, 2, 3, 4, 5]);
+    assert_eq!(data::balanced(&labels, 3, 4), vec![0, 1, 2, 3]);
+    assert_eq!(data::balanced(&labels, 3, 3), vec![0, 1, 3]);
 }
 
 #[test]
@@ -148,6 +181,7 @@ fn cifar_folders_of_either_version_load_from_the_folder_or_its_parent() {
         dataset: DatasetKind::Cifar10,
         path: Some(path.to_path_buf()),
         train_limit: 1000.into(),
+        ..Default::default()
     };
     // torchvision's root (the parent) and the batches folder itself give the same data.
     for path in [dir.path(), py.as_path()] {
@@ -408,6 +442,7 @@ fn fashion_mnist_from_the_debian_package_when_installed() {
         dataset: DatasetKind::FashionMnist,
         path: Some(dir.into()),
         train_limit: 0.into(),
+        ..Default::default()
     })
     .unwrap();
     assert_eq!((ds.train.len(), ds.test.len()), (60_000, 10_000));

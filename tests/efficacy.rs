@@ -18,6 +18,7 @@ fn crafted_poisons_lower_the_target_loss_of_fresh_victims() {
             dataset: DatasetKind::Embedded,
             path: None,
             train_limit: 1000.into(),
+            ..Default::default()
         },
         ..Config::default()
     };

@@ -34,6 +34,7 @@ fn clean_victim_reaches_the_accuracy_floor() {
         dataset: DatasetKind::Embedded,
         path: None,
         train_limit: 2000.into(),
+        ..Default::default()
     })
     .unwrap();
     let net = Network::new(

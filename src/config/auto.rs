@@ -45,9 +45,13 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Auto<T> {
         }
         match Raw::<T>::deserialize(d) {
             Ok(Raw::Word(w)) if w == "auto" => Ok(Auto::Auto),
-            Ok(Raw::Word(w)) => Err(serde::de::Error::custom(format!(
-                "expected \"auto\" or a value, found \"{w}\""
-            ))),
+            // A word other than "auto" may still be a value (an enum's variant).
+            Ok(Raw::Word(w)) => {
+                let word = serde::de::value::StrDeserializer::<D::Error>::new(&w);
+                T::deserialize(word).map(Auto::Value).map_err(|_| {
+                    serde::de::Error::custom(format!("expected \"auto\" or a value, found \"{w}\""))
+                })
+            }
             Ok(Raw::Value(v)) => Ok(Auto::Value(v)),
             Err(_) => Err(serde::de::Error::custom(
                 "expected \"auto\" or a value of the field's type",

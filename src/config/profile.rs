@@ -7,13 +7,14 @@
 //! poison-holding batch unrolled, 4 surrogates staggered by 5 epochs so that the ensemble spans
 //! the 20 epochs a CPU victim trains (README, "What the default run does").
 
-use super::{Auto, Config, NetKind};
+use super::{Auto, Config, NetKind, Subset};
 
 /// The values `auto` fields take on one kind of hardware.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HardwareProfile {
     pub name: &'static str,
     pub train_limit: usize,
+    pub subset: Subset,
     pub npoison: usize,
     pub steps: usize,
     pub craft_lr_drops: &'static [usize],
@@ -44,6 +45,7 @@ pub struct HardwareProfile {
 pub const CUDA: HardwareProfile = HardwareProfile {
     name: "CUDA",
     train_limit: 5000,
+    subset: Subset::Balanced,
     npoison: 200,
     steps: 61,
     craft_lr_drops: &[20, 40],
@@ -62,6 +64,7 @@ pub const CUDA: HardwareProfile = HardwareProfile {
 pub const CPU: HardwareProfile = HardwareProfile {
     name: "CPU",
     train_limit: 2000,
+    subset: Subset::First,
     npoison: 150,
     steps: 35,
     craft_lr_drops: &[15, 30],
@@ -114,6 +117,7 @@ impl Config {
                 p.train_limit,
                 p.name,
             ),
+            settle("data.subset", &mut self.data.subset, p.subset, p.name),
             settle(
                 "threat.npoison",
                 &mut self.threat.npoison,
@@ -194,6 +198,9 @@ impl super::VictimConfig {
 impl super::DataConfig {
     pub fn train_limit(&self) -> usize {
         self.train_limit.resolve(CPU.train_limit)
+    }
+    pub fn subset(&self) -> Subset {
+        self.subset.resolve(CPU.subset)
     }
 }
 

@@ -268,6 +268,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     result
 }
 
+/// A run recorded before `data.subset` existed trained on the first `train_limit` images; the
+/// field's default (balanced) would pick others, so such a run reads as `first`.
+fn recorded_before_subset(state: &mut serde_json::Value) {
+    if let Some(data) = state
+        .pointer_mut("/config/data")
+        .and_then(|d| d.as_object_mut())
+    {
+        data.entry("subset").or_insert_with(|| "first".into());
+    }
+}
+
 /// A checkpoint read back: the state and the tensors by name (on the CPU).
 pub struct Loaded {
     pub state: CheckpointState,
@@ -292,8 +303,11 @@ pub fn load(dir: &Path) -> Result<Loaded, CheckpointError> {
     let json = metadata
         .get("metapoison")
         .ok_or_else(|| corrupt("no metapoison state in its metadata".into()))?;
-    let state: CheckpointState =
+    let mut value: serde_json::Value =
         serde_json::from_str(json).map_err(|e| corrupt(format!("state: {e}")))?;
+    recorded_before_subset(&mut value);
+    let state: CheckpointState =
+        serde_json::from_value(value).map_err(|e| corrupt(format!("state: {e}")))?;
     if state.format != FORMAT {
         return Err(corrupt(format!(
             "format {} is not the supported format {FORMAT}",
@@ -448,6 +462,23 @@ pub fn load_poison_snapshot(path: &Path) -> Result<(Vec<usize>, Vec<u8>), Checkp
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_state_recorded_before_data_subset_reads_as_the_first_images() {
+        let mut config = serde_json::to_value(Config::default()).unwrap();
+        config["data"].as_object_mut().unwrap().remove("subset");
+        let mut old = serde_json::json!({ "config": config });
+        recorded_before_subset(&mut old);
+        let c: Config = serde_json::from_value(old["config"].clone()).unwrap();
+        assert_eq!(c.data.subset(), crate::config::Subset::First);
+        // A state that records the field keeps it.
+        let mut settled = Config::default();
+        settled.settle(true);
+        let mut new = serde_json::json!({ "config": settled });
+        recorded_before_subset(&mut new);
+        let c: Config = serde_json::from_value(new["config"].clone()).unwrap();
+        assert_eq!(c.data.subset(), crate::config::Subset::Balanced);
+    }
 
     fn sample() -> Vec<(String, Tensor)> {
         vec![

@@ -6,7 +6,7 @@ pub mod embedded;
 pub mod idx;
 pub mod pickle;
 
-use crate::config::{DataConfig, DatasetKind};
+use crate::config::{DataConfig, DatasetKind, Subset};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -71,13 +71,6 @@ impl Split {
             .filter(|&i| self.labels[i] == class)
             .collect()
     }
-    /// Keeps only the first `n` images (no-op when `n` is 0 or at least the length).
-    pub fn truncate(&mut self, n: usize) {
-        if n > 0 && n < self.len() {
-            self.images.truncate(n * self.image_bytes());
-            self.labels.truncate(n);
-        }
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -97,6 +90,22 @@ pub struct Dataset {
 impl Dataset {
     pub fn num_classes(&self) -> usize {
         self.class_names.len()
+    }
+
+    /// Keeps the training images at `keep` (ascending), recording each one's index in the
+    /// full set (or, for a set that is itself a subset, in the official one).
+    pub fn keep_train(&mut self, keep: &[usize]) {
+        let n = self.train.image_bytes();
+        let mut images = Vec::with_capacity(keep.len() * n);
+        for &i in keep {
+            images.extend_from_slice(self.train.image(i));
+        }
+        self.train.images = images;
+        self.train.labels = keep.iter().map(|&i| self.train.labels[i]).collect();
+        self.train_origin = Some(match &self.train_origin {
+            Some(origin) => keep.iter().map(|&i| origin[i]).collect(),
+            None => keep.iter().map(|&i| i as u32).collect(),
+        });
     }
 
     /// The per-data-set defaults for the `auto` threat fields:
@@ -189,9 +198,33 @@ pub fn load(config: &DataConfig) -> Result<Dataset, DataError> {
         }
         DatasetKind::Cifar10 => cifar::load(config.path.as_deref().unwrap_or(Path::new(".")))?,
     };
-    ds.train.truncate(config.train_limit());
-    if let Some(origin) = ds.train_origin.as_mut() {
-        origin.truncate(ds.train.len());
+    let limit = config.train_limit();
+    if limit > 0 && limit < ds.train.len() {
+        let keep = match config.subset() {
+            Subset::First => (0..limit).collect(),
+            Subset::Balanced => balanced(&ds.train.labels, ds.num_classes(), limit),
+        };
+        ds.keep_train(&keep);
     }
     Ok(ds)
+}
+
+/// Indices of the first `limit / classes` images of each class, in order; the remainder goes
+/// one image each to the lowest classes, so that `limit` images are kept where every class has
+/// enough. The authors' code takes the same images (it then sorts them by label, an order
+/// that does not matter: every epoch shuffles).
+pub fn balanced(labels: &[u8], classes: usize, limit: usize) -> Vec<usize> {
+    let quota: Vec<usize> = (0..classes)
+        .map(|c| limit / classes + usize::from(c < limit % classes))
+        .collect();
+    let mut taken = vec![0; classes];
+    let mut keep = Vec::with_capacity(limit);
+    for (i, &y) in labels.iter().enumerate() {
+        let c = y as usize;
+        if taken[c] < quota[c] {
+            taken[c] += 1;
+            keep.push(i);
+        }
+    }
+    keep
 }

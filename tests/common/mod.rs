@@ -17,6 +17,7 @@ pub fn tiny_config(train_limit: usize, npoison: usize, steps: usize) -> Config {
             dataset: DatasetKind::Embedded,
             path: None,
             train_limit: train_limit.into(),
+            ..Default::default()
         },
         ..Config::default()
     };
