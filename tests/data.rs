@@ -242,8 +242,17 @@ fn damaged_cifar_python_batches_are_one_line_errors() {
         &edit(b"(K\x03K\x08K\x08", b"(K\x03K\x0c"),
         &["image 1 has label 12"],
     );
-    // Shape 20 x 3072 claimed as 21 x 3072.
+    // Shape 20 x 3072 claimed as 21 x 3072, and as 2^62 x 3072 (whose byte count overflows).
     check(&edit(b"K\x14M\x00\x0c", b"K\x15"), &["shape [21, 3072]"]);
+    let huge = [b"\x8a\x08".as_slice(), &(1u64 << 62).to_le_bytes()].concat();
+    let at = good
+        .windows(5)
+        .position(|w| w == b"K\x14M\x00\x0c")
+        .unwrap();
+    let mut b = good[..at].to_vec();
+    b.extend_from_slice(&huge);
+    b.extend_from_slice(&good[at + 2..]);
+    check(&b, &["shape [4611686018427387904, 3072]"]);
     // CIFAR-100 keeps its classes under fine_labels.
     check(
         &edit(b"U\x0bbatch_label", b"U\x0bfine_labels"),

@@ -85,7 +85,7 @@ pub fn parse_python_batch(bytes: &[u8], path: &Path) -> Result<Split, DataError>
             array.shape
         )));
     };
-    if width != PIXELS || array.data.len() != n * PIXELS {
+    if width != PIXELS || n.checked_mul(PIXELS) != Some(array.data.len()) {
         return Err(bad(format!(
             "`data` has shape [{n}, {width}] and {} bytes, expected [N, {PIXELS}] and N*{PIXELS}",
             array.data.len()
