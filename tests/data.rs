@@ -265,6 +265,46 @@ fn damaged_cifar_python_batches_are_one_line_errors() {
     );
 }
 
+#[test]
+fn no_damage_to_a_python_batch_makes_the_reader_panic() {
+    // Flipped bytes in the pickle's opcodes and headers (the first 400 bytes and the tail
+    // after the pixel data), and truncations anywhere: each gives Ok or an error, never a
+    // panic or an allocation the file cannot back.
+    let good = std::fs::read(py_fixture("test_batch")).unwrap();
+    let path = Path::new("fuzzed");
+    let mut rng = metapoison::craft::rng::SplitMix64::new(2026);
+    let tail = good.len() - 400;
+    let (mut ok, mut errors) = (0, 0);
+    for round in 0..3000 {
+        let mut bytes = good.clone();
+        let flips = 1 + (rng.next_u64() % 3) as usize;
+        for _ in 0..flips {
+            let r = rng.next_u64() as usize;
+            let at = if r % 2 == 0 {
+                r / 2 % 400
+            } else {
+                tail + r / 2 % 400
+            };
+            bytes[at] = rng.next_u64() as u8;
+        }
+        if round % 10 == 0 {
+            bytes.truncate(rng.next_u64() as usize % good.len());
+        }
+        match cifar::parse_python_batch(&bytes, path) {
+            Ok(s) => {
+                assert_eq!(s.images.len(), s.len() * 3072);
+                ok += 1;
+            }
+            Err(e) => {
+                assert!(e.to_string().starts_with("fuzzed: "), "{e}");
+                errors += 1;
+            }
+        }
+    }
+    // Both outcomes happen: the damage is neither always harmless nor always fatal.
+    assert!(ok > 100 && errors > 100, "{ok} read, {errors} refused");
+}
+
 /// A tar archive (gzipped unless `name` ends in .tar) of `files` under `folder/`, as the
 /// official CIFAR-10 archives are laid out.
 fn archive(dir: &Path, name: &str, folder: &str, files: &[(&str, &[u8])]) -> PathBuf {
