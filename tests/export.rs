@@ -217,31 +217,76 @@ fn export_round_trip_verify_and_failures() {
     assert!(e.contains("step 1") && e.contains("step-0002"), "{e}");
 }
 
-/// CIFAR-10 end to end, from a torchvision-style folder of the python version: 20 real test
-/// images as the test split and five copies of them as the training split (100 images).
-#[test]
-fn cifar_python_folder_crafts_and_its_native_export_reads_back_as_the_poisoned_split() {
-    let tmp = tempfile::tempdir().unwrap();
-    let batches = tmp.path().join("cifar/cifar-10-batches-py");
+/// Crafts 2 steps on a CIFAR-10 folder in `tmp` (`folder` holding the six batches, each a copy
+/// of `fixture`: 20 real test images, so a 100-image training split) and exports everything.
+/// Returns the config and the export folder.
+fn craft_and_export_cifar(
+    tmp: &Path,
+    folder: &str,
+    fixture: &str,
+    suffix: &str,
+) -> (Config, PathBuf) {
+    let batches = tmp.join("cifar").join(folder);
     std::fs::create_dir_all(&batches).unwrap();
-    let batch = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cifar10-py/test_batch");
+    let batch = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(fixture);
     for name in data::cifar::BATCH_STEMS {
-        std::fs::copy(&batch, batches.join(name)).unwrap();
+        std::fs::copy(&batch, batches.join(format!("{name}{suffix}"))).unwrap();
     }
     let mut c = common::tiny_config(100, 5, 2);
     c.data.dataset = metapoison::config::DatasetKind::Cifar10;
-    c.data.path = Some(tmp.path().join("cifar"));
+    c.data.path = Some(tmp.join("cifar"));
     // Labels 3, 8, 8, 0, 6, ...: the first ship is the target, frogs (4 per batch) the poisons.
     c.threat.target_class = Auto::Value(8);
     c.threat.target_ids = Auto::Value(vec![0]);
     c.threat.poison_class = Auto::Value(6);
-    let run = tmp.path().join("run");
+    let run = tmp.join("run");
     common::craft_to_end(&c, &run);
-    let out = tmp.path().join("exp");
+    let out = tmp.join("exp");
     export(&request(&run, out.clone())).unwrap();
     let v = verify(&out).unwrap();
     assert!(v.problems.is_empty(), "{:?}", v.problems);
+    (c, out)
+}
 
+#[test]
+fn a_cifar_binary_run_exports_five_native_binary_batches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (c, out) = craft_and_export_cifar(
+        tmp.path(),
+        "cifar-10-batches-bin",
+        "cifar10/test_batch.bin",
+        ".bin",
+    );
+    let data = data::load(&c.data).unwrap();
+    let t = read_npz(&out.join("poisoned_train.npz")).unwrap();
+    // Five even batches as loaders expect (the 100 images once went into one file).
+    for k in 1..=5 {
+        let batch = out.join(format!("native/data_batch_{k}.bin"));
+        assert_eq!(std::fs::metadata(&batch).unwrap().len(), 20 * 3073, "{k}");
+    }
+    let native = data::cifar::load(&out.join("native")).unwrap();
+    assert!(
+        native.source.ends_with("native (binary version)"),
+        "{}",
+        native.source
+    );
+    assert_eq!(native.train.images, t["images"].data);
+    assert_eq!(native.train.labels, data.train.labels);
+    assert_eq!(native.test.images, data.test.images);
+}
+
+/// CIFAR-10 end to end from a torchvision-style folder of the python version.
+#[test]
+fn cifar_python_folder_crafts_and_its_native_export_reads_back_as_the_poisoned_split() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (c, out) = craft_and_export_cifar(
+        tmp.path(),
+        "cifar-10-batches-py",
+        "cifar10-py/test_batch",
+        "",
+    );
     let data = data::load(&c.data).unwrap();
     let p = read_npz(&out.join("poisons.npz")).unwrap();
     assert_eq!(p["poison_images"].shape, vec![5, 32, 32, 3]);
@@ -254,21 +299,58 @@ fn cifar_python_folder_crafts_and_its_native_export_reads_back_as_the_poisoned_s
         t["images"].data, data.train.images,
         "the poisons were perturbed"
     );
-    // native/ is the binary version, five even batches as loaders expect (the 100 images
-    // went into one batch file before): it loads and holds exactly the poisoned split.
-    for k in 1..=5 {
-        let batch = out.join(format!("native/data_batch_{k}.bin"));
-        assert_eq!(std::fs::metadata(&batch).unwrap().len(), 20 * 3073, "{k}");
-    }
+    // native/ holds the version the run read, python here, under the folder name torchvision
+    // expects below its root: it loads and holds exactly the poisoned split.
     let native = data::cifar::load(&out.join("native")).unwrap();
+    assert!(
+        native
+            .source
+            .ends_with("native/cifar-10-batches-py (python version)"),
+        "{}",
+        native.source
+    );
     assert_eq!(native.train.images, t["images"].data);
     assert_eq!(native.train.labels, data.train.labels);
     assert_eq!(native.test.images, data.test.images);
     let manifest = std::fs::read_to_string(out.join("manifest.json")).unwrap();
     assert!(
-        manifest.contains("cifar-10-batches-py (python version)"),
+        manifest.contains("cifar-10-batches-py (python version)")
+            && manifest.contains("native/cifar-10-batches-py/batches.meta"),
         "{manifest}"
     );
+    // Python reads the batches the way the CIFAR-10 page says, when numpy is there.
+    let numpy = std::process::Command::new("python3")
+        .args(["-c", "import numpy"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if numpy {
+        let script = format!(
+            "import pickle, numpy as np\n\
+             d = '{0}/native/cifar-10-batches-py/'\n\
+             load = lambda n: pickle.load(open(d + n, 'rb'), encoding='bytes')\n\
+             b = [load('data_batch_%d' % k) for k in range(1, 6)]\n\
+             x = np.concatenate([e[b'data'] for e in b]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)\n\
+             y = sum([e[b'labels'] for e in b], [])\n\
+             t = np.load('{0}/poisoned_train.npz')\n\
+             assert x.dtype == np.uint8 and (x == t['images']).all() and y == t['labels'].tolist()\n\
+             m = load('batches.meta')\n\
+             assert m[b'label_names'][0] == b'airplane' and m[b'num_cases_per_batch'] == 20\n\
+             assert load('test_batch')[b'filenames'][19] == b'test_00019.png'\n\
+             print('pickle ok')",
+            out.display()
+        );
+        let o = std::process::Command::new("python3")
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("pickle ok"),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    } else {
+        eprintln!("numpy not installed: the pickle check is skipped");
+    }
 
     // Victims read the export as RGB 32x32 and train on it.
     let eval = load_export(&out, Device::Cpu).unwrap();

@@ -2,7 +2,7 @@
 //! 3072 pixel bytes) and the python version's pickled batches (what torchvision downloads).
 //! Both store an image as its R, G, B planes of 32x32; the loader turns them into HWC.
 
-use super::{pickle, DataError, Dataset, Split, CIFAR10_CLASSES};
+use super::{pickle, DataError, Dataset, Format, Split, CIFAR10_CLASSES};
 use std::path::{Path, PathBuf};
 
 const SIDE: usize = 32;
@@ -250,6 +250,7 @@ fn load_archive(archive: &Path) -> Result<Dataset, DataError> {
     let test = splits.pop().expect("six batches");
     Ok(dataset(
         format!("{} ({} version)", archive.display(), version.name()),
+        version,
         splits,
         test,
     ))
@@ -265,11 +266,15 @@ fn concat(parts: Vec<Split>) -> Split {
     first
 }
 
-fn dataset(source: String, train: Vec<Split>, test: Split) -> Dataset {
+fn dataset(source: String, version: Version, train: Vec<Split>, test: Split) -> Dataset {
     Dataset {
         name: "cifar10".into(),
         source,
         class_names: CIFAR10_CLASSES.iter().map(|s| s.to_string()).collect(),
+        format: match version {
+            Version::Binary => Format::CifarBinary,
+            Version::Python => Format::CifarPython,
+        },
         train: concat(train),
         test,
         train_origin: None,
@@ -293,6 +298,7 @@ pub fn load(path: &Path) -> Result<Dataset, DataError> {
     let test = read(&folder, version, BATCH_STEMS[5])?;
     Ok(dataset(
         format!("{} ({} version)", folder.display(), version.name()),
+        version,
         train,
         test,
     ))

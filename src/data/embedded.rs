@@ -35,6 +35,7 @@ pub fn load() -> Result<Dataset, DataError> {
         name: "fashion-mnist-subset".into(),
         source: "embedded: class-balanced subset of Fashion-MNIST (MIT, Zalando SE); see assets/fashion-mnist-subset/ATTRIBUTION.md".into(),
         class_names: FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect(),
+        format: super::Format::Idx,
         train: split(TRAIN_IMAGES, "train-images-idx3-ubyte.gz", TRAIN_LABELS, "train-labels-idx1-ubyte.gz")?,
         test: split(TEST_IMAGES, "test-images-idx3-ubyte.gz", TEST_LABELS, "test-labels-idx1-ubyte.gz")?,
         train_origin: Some(origin(TRAIN_INDICES)),

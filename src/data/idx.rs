@@ -143,6 +143,7 @@ pub fn load_dir(dir: &Path, name: &str, class_names: Vec<String>) -> Result<Data
         name: name.to_string(),
         source: dir.display().to_string(),
         class_names,
+        format: super::Format::Idx,
         train: load("train-images-idx3-ubyte", "train-labels-idx1-ubyte")?,
         test: load("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")?,
         train_origin: None,

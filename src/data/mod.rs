@@ -73,6 +73,17 @@ impl Split {
     }
 }
 
+/// The files a data set came as; an export's `native/` writes the poisoned split back in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// MNIST-style IDX files (Fashion-MNIST, MNIST, the embedded subset).
+    Idx,
+    /// CIFAR-10's binary version.
+    CifarBinary,
+    /// CIFAR-10's python version (pickled batches).
+    CifarPython,
+}
+
 #[derive(Debug, Clone)]
 pub struct Dataset {
     /// Short name, e.g. "fashion-mnist-subset".
@@ -80,6 +91,7 @@ pub struct Dataset {
     /// Where the data came from (files read, or the embedded asset).
     pub source: String,
     pub class_names: Vec<String>,
+    pub format: Format,
     pub train: Split,
     pub test: Split,
     /// For subsets: the official index of each training / test image.

@@ -12,7 +12,7 @@ pub mod verify;
 use crate::craft::checkpoint::{self, CheckpointState};
 use crate::craft::plan::Plan;
 use crate::craft::recolor::Recolor;
-use crate::data::{self, Dataset};
+use crate::data::{self, Dataset, Format};
 use npz::NpyArray;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -399,10 +399,17 @@ fn write_folder(
         std::fs::create_dir_all(&nd).map_err(io(&nd))?;
         let train_pair = (&train[..], &data.train.labels[..]);
         let test_pair = (&data.test.images[..], &data.test.labels[..]);
-        if c == 3 && h == 32 && w == 32 {
-            native::write_cifar(&nd, train_pair, test_pair).map_err(io(&nd))?;
-        } else {
-            native::write_idx(&nd, train_pair, test_pair, (h, w)).map_err(io(&nd))?;
+        match data.format {
+            Format::CifarBinary => {
+                native::write_cifar(&nd, train_pair, test_pair).map_err(io(&nd))?;
+            }
+            Format::CifarPython => {
+                native::write_cifar_python(&nd, train_pair, test_pair, &data.class_names)
+                    .map_err(io(&nd))?;
+            }
+            Format::Idx => {
+                native::write_idx(&nd, train_pair, test_pair, (h, w)).map_err(io(&nd))?;
+            }
         }
     }
     if formats.png {

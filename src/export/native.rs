@@ -51,6 +51,235 @@ pub fn write_cifar(
     Ok(names)
 }
 
+/// Protocol-2 pickles written as Python 2's cPickle wrote CIFAR-10's python version (its
+/// strings are Python 2 `str`s, so readers load them with `encoding="bytes"`, as the
+/// official files): every object memoised with BINPUT, opcodes by pickletools' names.
+struct Py2Pickle {
+    out: Vec<u8>,
+    memo: u32,
+}
+
+impl Py2Pickle {
+    const BINPUT: u8 = b'q';
+    const LONG_BINPUT: u8 = b'r';
+    const BININT: u8 = b'J';
+    const BININT1: u8 = b'K';
+    const BININT2: u8 = b'M';
+    const SHORT_BINSTRING: u8 = b'U';
+    const BINSTRING: u8 = b'T';
+    const GLOBAL: u8 = b'c';
+    const MARK: u8 = b'(';
+    const EMPTY_DICT: u8 = b'}';
+    const EMPTY_LIST: u8 = b']';
+    const APPENDS: u8 = b'e';
+    const SETITEMS: u8 = b'u';
+    const TUPLE: u8 = b't';
+    const TUPLE1: u8 = 0x85;
+    const TUPLE2: u8 = 0x86;
+    const TUPLE3: u8 = 0x87;
+    const REDUCE: u8 = b'R';
+    const BUILD: u8 = b'b';
+    const NONE: u8 = b'N';
+    const NEWFALSE: u8 = 0x89;
+    const STOP: u8 = b'.';
+
+    fn new() -> Self {
+        Py2Pickle {
+            out: vec![0x80, 2], // PROTO 2
+            memo: 0,
+        }
+    }
+    fn op(&mut self, op: u8) {
+        self.out.push(op);
+    }
+    fn put(&mut self) {
+        self.memo += 1;
+        if self.memo < 256 {
+            self.out.extend_from_slice(&[Self::BINPUT, self.memo as u8]);
+        } else {
+            self.op(Self::LONG_BINPUT);
+            self.out.extend_from_slice(&self.memo.to_le_bytes());
+        }
+    }
+    fn int(&mut self, v: i32) {
+        match v {
+            0..=255 => self.out.extend_from_slice(&[Self::BININT1, v as u8]),
+            256..=65535 => {
+                self.op(Self::BININT2);
+                self.out.extend_from_slice(&(v as u16).to_le_bytes());
+            }
+            _ => {
+                self.op(Self::BININT);
+                self.out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+    fn string(&mut self, s: &[u8]) {
+        if s.len() < 256 {
+            self.out
+                .extend_from_slice(&[Self::SHORT_BINSTRING, s.len() as u8]);
+        } else {
+            self.op(Self::BINSTRING);
+            self.out.extend_from_slice(&(s.len() as i32).to_le_bytes());
+        }
+        self.out.extend_from_slice(s);
+        self.put();
+    }
+    fn global(&mut self, module: &str, name: &str) {
+        self.op(Self::GLOBAL);
+        self.out
+            .extend_from_slice(format!("{module}\n{name}\n").as_bytes());
+        self.put();
+    }
+    /// A list, appended in runs of 1000 as cPickle does.
+    fn list<T>(&mut self, items: &[T], mut item: impl FnMut(&mut Self, &T)) {
+        self.op(Self::EMPTY_LIST);
+        self.put();
+        for run in items.chunks(1000) {
+            self.op(Self::MARK);
+            for x in run {
+                item(self, x);
+            }
+            self.op(Self::APPENDS);
+        }
+    }
+    /// numpy's `uint8` array [rows, cols] of `data`, as numpy pickles one.
+    fn uint8_array(&mut self, data: &[u8], rows: usize, cols: usize) {
+        self.global("numpy.core.multiarray", "_reconstruct");
+        self.global("numpy", "ndarray");
+        self.int(0);
+        self.op(Self::TUPLE1);
+        self.put();
+        self.string(b"b");
+        self.op(Self::TUPLE3);
+        self.put();
+        self.op(Self::REDUCE);
+        self.put();
+        self.op(Self::MARK);
+        self.int(1);
+        self.int(rows as i32);
+        self.int(cols as i32);
+        self.op(Self::TUPLE2);
+        self.put();
+        self.global("numpy", "dtype");
+        self.string(b"u1");
+        self.int(0);
+        self.int(1);
+        self.op(Self::TUPLE3);
+        self.put();
+        self.op(Self::REDUCE);
+        self.put();
+        self.op(Self::MARK);
+        self.int(3);
+        self.string(b"|");
+        self.out.extend_from_slice(&[Self::NONE; 3]);
+        self.int(-1);
+        self.int(-1);
+        self.int(0);
+        self.op(Self::TUPLE);
+        self.put();
+        self.op(Self::BUILD);
+        self.op(Self::NEWFALSE);
+        self.string(data);
+        self.op(Self::TUPLE);
+        self.put();
+        self.op(Self::BUILD);
+    }
+    /// Opens the pickle's top-level dict; `key` then a value, for each item; `finish` closes it.
+    fn dict() -> Self {
+        let mut p = Py2Pickle::new();
+        p.op(Self::EMPTY_DICT);
+        p.put();
+        p.op(Self::MARK);
+        p
+    }
+    fn key(&mut self, key: &str) {
+        self.string(key.as_bytes());
+    }
+    fn finish(mut self) -> Vec<u8> {
+        self.op(Self::SETITEMS);
+        self.op(Self::STOP);
+        self.out
+    }
+}
+
+/// One batch of CIFAR-10's python version: `data` [N, 3072] in plane order, `labels`,
+/// `batch_label`, and `filenames` (`{prefix}_{index}.png`, the index in the whole split).
+fn python_batch(
+    images: &[u8],
+    labels: &[u8],
+    batch_label: &str,
+    prefix: &str,
+    first: usize,
+) -> Vec<u8> {
+    let planes: Vec<u8> = cifar_records(images, labels, 32)
+        .chunks_exact(1 + 3072)
+        .flat_map(|r| r[1..].to_vec())
+        .collect();
+    let mut p = Py2Pickle::dict();
+    p.key("data");
+    p.uint8_array(&planes, labels.len(), 3072);
+    p.key("labels");
+    p.list(labels, |p, &y| p.int(y as i32));
+    p.key("batch_label");
+    p.string(batch_label.as_bytes());
+    p.key("filenames");
+    let indices: Vec<usize> = (first..first + labels.len()).collect();
+    p.list(&indices, |p, i| {
+        p.string(format!("{prefix}_{i:05}.png").as_bytes())
+    });
+    p.finish()
+}
+
+/// Writes CIFAR-10's python version into `dir/cifar-10-batches-py`: `data_batch_1` ..
+/// `data_batch_5` (the split cut as for the binary version), `test_batch` and `batches.meta`,
+/// so that a loader given `dir` as its root (torchvision's `CIFAR10`, once its checksum check of
+/// the official files is bypassed) or the folder itself (Keras, the CIFAR-10 page's recipe)
+/// reads the poisoned split.
+pub fn write_cifar_python(
+    dir: &Path,
+    train: (&[u8], &[u8]),
+    test: (&[u8], &[u8]),
+    class_names: &[String],
+) -> std::io::Result<Vec<String>> {
+    const FOLDER: &str = "cifar-10-batches-py";
+    std::fs::create_dir_all(dir.join(FOLDER))?;
+    let per_image = 32 * 32 * 3;
+    let n = train.1.len();
+    let mut names = Vec::new();
+    let mut write = |name: String, bytes: Vec<u8>| -> std::io::Result<()> {
+        let name = format!("{FOLDER}/{name}");
+        std::fs::write(dir.join(&name), bytes)?;
+        names.push(name);
+        Ok(())
+    };
+    for k in 0..5 {
+        let (start, end) = (k * n / 5, (k + 1) * n / 5);
+        let batch = python_batch(
+            &train.0[start * per_image..end * per_image],
+            &train.1[start..end],
+            &format!("training batch {} of 5 (poisoned)", k + 1),
+            "train",
+            start,
+        );
+        write(format!("data_batch_{}", k + 1), batch)?;
+    }
+    write(
+        "test_batch".into(),
+        python_batch(test.0, test.1, "testing batch 1 of 1", "test", 0),
+    )?;
+    let mut meta = Py2Pickle::dict();
+    meta.key("num_cases_per_batch");
+    meta.int((n / 5) as i32);
+    meta.key("label_names");
+    meta.list(class_names, |p, c| p.string(c.as_bytes()));
+    meta.key("num_vis");
+    meta.int(3072);
+    let meta = meta.finish();
+    write("batches.meta".into(), meta)?;
+    Ok(names)
+}
+
 fn write_gz(path: &Path, parts: &[&[u8]]) -> std::io::Result<()> {
     let mut gz = GzEncoder::new(std::fs::File::create(path)?, Compression::default());
     for p in parts {
