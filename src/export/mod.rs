@@ -96,7 +96,8 @@ pub struct DatasetInfo {
     pub width: usize,
     pub channels: usize,
     pub class_names: Vec<String>,
-    /// Official indices of the training / test images, for subsets (the embedded data).
+    /// Official indices of the training / test images, for subsets (`data.train_limit`, the
+    /// embedded data).
     pub train_origin: Option<Vec<u32>>,
     pub test_origin: Option<Vec<u32>>,
 }
