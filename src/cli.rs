@@ -248,6 +248,13 @@ fn run(cli: Cli) -> Result<()> {
             config.settle(resolve_device(&config)?.is_cuda());
             let data = crate::data::load(&config.data)?;
             print!("{}", data.summary());
+            match config.data.train_limit() {
+                0 => println!("subset   none: the whole training split (data.train_limit 0)"),
+                n => println!(
+                    "subset   data.train_limit {n}, data.subset {:?} (as a run on this machine)",
+                    config.data.subset()
+                ),
+            }
         }
         Cmd::Export {
             dir,

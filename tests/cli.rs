@@ -125,6 +125,10 @@ fn data_info_lists_the_embedded_counts() {
         .filter_map(|l| l.split_whitespace().rev().nth(1)?.parse::<usize>().ok())
         .sum();
     assert_eq!(counts, 2000, "{s}");
+    assert!(
+        s.contains("subset   data.train_limit 2000, data.subset first"),
+        "{s}"
+    );
 }
 
 /// Counts of zero are refused by name before any victim is trained.
