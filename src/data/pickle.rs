@@ -9,8 +9,9 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-/// The opcodes this reader knows (names as in CPython's `pickletools`).
-mod op {
+/// The opcodes this reader knows, and `export::native` writes (names as in CPython's
+/// `pickletools`).
+pub(crate) mod op {
     pub const PROTO: u8 = 0x80;
     pub const FRAME: u8 = 0x95;
     pub const STOP: u8 = b'.';

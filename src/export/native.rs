@@ -1,6 +1,7 @@
 //! The poisoned training split in the data set's own format, so standard loaders train on it
 //! unchanged: CIFAR-10 binary batches, or gzipped IDX files.
 
+use crate::data::pickle::op;
 use flate2::write::GzEncoder;
 use flate2::Compression;
 use std::io::Write;
@@ -60,56 +61,33 @@ struct Py2Pickle {
 }
 
 impl Py2Pickle {
-    const BINPUT: u8 = b'q';
-    const LONG_BINPUT: u8 = b'r';
-    const BININT: u8 = b'J';
-    const BININT1: u8 = b'K';
-    const BININT2: u8 = b'M';
-    const SHORT_BINSTRING: u8 = b'U';
-    const BINSTRING: u8 = b'T';
-    const GLOBAL: u8 = b'c';
-    const MARK: u8 = b'(';
-    const EMPTY_DICT: u8 = b'}';
-    const EMPTY_LIST: u8 = b']';
-    const APPENDS: u8 = b'e';
-    const SETITEMS: u8 = b'u';
-    const TUPLE: u8 = b't';
-    const TUPLE1: u8 = 0x85;
-    const TUPLE2: u8 = 0x86;
-    const TUPLE3: u8 = 0x87;
-    const REDUCE: u8 = b'R';
-    const BUILD: u8 = b'b';
-    const NONE: u8 = b'N';
-    const NEWFALSE: u8 = 0x89;
-    const STOP: u8 = b'.';
-
     fn new() -> Self {
         Py2Pickle {
-            out: vec![0x80, 2], // PROTO 2
+            out: vec![op::PROTO, 2],
             memo: 0,
         }
     }
-    fn op(&mut self, op: u8) {
-        self.out.push(op);
+    fn emit(&mut self, code: u8) {
+        self.out.push(code);
     }
     fn put(&mut self) {
         self.memo += 1;
         if self.memo < 256 {
-            self.out.extend_from_slice(&[Self::BINPUT, self.memo as u8]);
+            self.out.extend_from_slice(&[op::BINPUT, self.memo as u8]);
         } else {
-            self.op(Self::LONG_BINPUT);
+            self.emit(op::LONG_BINPUT);
             self.out.extend_from_slice(&self.memo.to_le_bytes());
         }
     }
     fn int(&mut self, v: i32) {
         match v {
-            0..=255 => self.out.extend_from_slice(&[Self::BININT1, v as u8]),
+            0..=255 => self.out.extend_from_slice(&[op::BININT1, v as u8]),
             256..=65535 => {
-                self.op(Self::BININT2);
+                self.emit(op::BININT2);
                 self.out.extend_from_slice(&(v as u16).to_le_bytes());
             }
             _ => {
-                self.op(Self::BININT);
+                self.emit(op::BININT);
                 self.out.extend_from_slice(&v.to_le_bytes());
             }
         }
@@ -117,30 +95,30 @@ impl Py2Pickle {
     fn string(&mut self, s: &[u8]) {
         if s.len() < 256 {
             self.out
-                .extend_from_slice(&[Self::SHORT_BINSTRING, s.len() as u8]);
+                .extend_from_slice(&[op::SHORT_BINSTRING, s.len() as u8]);
         } else {
-            self.op(Self::BINSTRING);
+            self.emit(op::BINSTRING);
             self.out.extend_from_slice(&(s.len() as i32).to_le_bytes());
         }
         self.out.extend_from_slice(s);
         self.put();
     }
     fn global(&mut self, module: &str, name: &str) {
-        self.op(Self::GLOBAL);
+        self.emit(op::GLOBAL);
         self.out
             .extend_from_slice(format!("{module}\n{name}\n").as_bytes());
         self.put();
     }
     /// A list, appended in runs of 1000 as cPickle does.
     fn list<T>(&mut self, items: &[T], mut item: impl FnMut(&mut Self, &T)) {
-        self.op(Self::EMPTY_LIST);
+        self.emit(op::EMPTY_LIST);
         self.put();
         for run in items.chunks(1000) {
-            self.op(Self::MARK);
+            self.emit(op::MARK);
             for x in run {
                 item(self, x);
             }
-            self.op(Self::APPENDS);
+            self.emit(op::APPENDS);
         }
     }
     /// numpy's `uint8` array [rows, cols] of `data`, as numpy pickles one.
@@ -148,57 +126,57 @@ impl Py2Pickle {
         self.global("numpy.core.multiarray", "_reconstruct");
         self.global("numpy", "ndarray");
         self.int(0);
-        self.op(Self::TUPLE1);
+        self.emit(op::TUPLE1);
         self.put();
         self.string(b"b");
-        self.op(Self::TUPLE3);
+        self.emit(op::TUPLE3);
         self.put();
-        self.op(Self::REDUCE);
+        self.emit(op::REDUCE);
         self.put();
-        self.op(Self::MARK);
+        self.emit(op::MARK);
         self.int(1);
         self.int(rows as i32);
         self.int(cols as i32);
-        self.op(Self::TUPLE2);
+        self.emit(op::TUPLE2);
         self.put();
         self.global("numpy", "dtype");
         self.string(b"u1");
         self.int(0);
         self.int(1);
-        self.op(Self::TUPLE3);
+        self.emit(op::TUPLE3);
         self.put();
-        self.op(Self::REDUCE);
+        self.emit(op::REDUCE);
         self.put();
-        self.op(Self::MARK);
+        self.emit(op::MARK);
         self.int(3);
         self.string(b"|");
-        self.out.extend_from_slice(&[Self::NONE; 3]);
+        self.out.extend_from_slice(&[op::NONE; 3]);
         self.int(-1);
         self.int(-1);
         self.int(0);
-        self.op(Self::TUPLE);
+        self.emit(op::TUPLE);
         self.put();
-        self.op(Self::BUILD);
-        self.op(Self::NEWFALSE);
+        self.emit(op::BUILD);
+        self.emit(op::NEWFALSE);
         self.string(data);
-        self.op(Self::TUPLE);
+        self.emit(op::TUPLE);
         self.put();
-        self.op(Self::BUILD);
+        self.emit(op::BUILD);
     }
     /// Opens the pickle's top-level dict; `key` then a value, for each item; `finish` closes it.
     fn dict() -> Self {
         let mut p = Py2Pickle::new();
-        p.op(Self::EMPTY_DICT);
+        p.emit(op::EMPTY_DICT);
         p.put();
-        p.op(Self::MARK);
+        p.emit(op::MARK);
         p
     }
     fn key(&mut self, key: &str) {
         self.string(key.as_bytes());
     }
     fn finish(mut self) -> Vec<u8> {
-        self.op(Self::SETITEMS);
-        self.op(Self::STOP);
+        self.emit(op::SETITEMS);
+        self.emit(op::STOP);
         self.out
     }
 }
