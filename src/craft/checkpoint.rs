@@ -269,7 +269,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// A run recorded before `data.subset` existed trained on the first `train_limit` images; the
-/// field's default (balanced) would pick others, so such a run reads as `first`.
+/// field's default, `auto`, would pick others on CUDA (balanced), so such a run reads as `first`.
 fn recorded_before_subset(state: &mut serde_json::Value) {
     if let Some(data) = state
         .pointer_mut("/config/data")
