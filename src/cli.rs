@@ -615,6 +615,21 @@ pub struct VictimArgs {
     /// Train victims with crop + flip augmentation.
     #[arg(long)]
     pub augment: bool,
+    /// Victim training recipe: `crafter` (the [victim] protocol: plain SGD, as the surrogates
+    /// train) or `standard` (SGD with Nesterov momentum 0.9, weight decay 5e-4, a one-cycle
+    /// schedule; the same epochs, batch and augmentation). The flags below apply on top.
+    #[arg(long, value_enum)]
+    pub recipe: Option<RecipeArg>,
+    /// Override victim.momentum (SGD momentum, 0 = plain SGD).
+    #[arg(long)]
+    pub momentum: Option<f64>,
+    /// Nesterov momentum (victim.nesterov).
+    #[arg(long)]
+    pub nesterov: bool,
+    /// Override victim.schedule: `step` (warm-up, then x0.1 at victim.lr_drops) or
+    /// `one-cycle`.
+    #[arg(long)]
+    pub schedule: Option<String>,
     /// Keep only the first N poisons (the others revert to clean images).
     #[arg(long)]
     pub first_poisons: Option<usize>,
@@ -632,6 +647,13 @@ pub struct VictimArgs {
     pub victim_cache: Option<PathBuf>,
 }
 
+/// `eval --recipe`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RecipeArg {
+    Crafter,
+    Standard,
+}
+
 impl VictimArgs {
     /// The evaluation plan: `base` (the victim protocol) with these flags applied.
     pub fn plan(
@@ -639,6 +661,26 @@ impl VictimArgs {
         mut victim: crate::config::VictimConfig,
         save_weights: bool,
     ) -> Result<crate::victim::eval::EvalPlan> {
+        if self.recipe == Some(RecipeArg::Standard) {
+            victim = victim.standard_recipe();
+        }
+        if let Some(m) = self.momentum {
+            if !(m.is_finite() && (0.0..1.0).contains(&m)) {
+                bail!("--momentum {m} must be a number in [0, 1)");
+            }
+            victim.momentum = m;
+        }
+        if self.nesterov {
+            victim.nesterov = true;
+        }
+        if victim.nesterov && victim.momentum == 0.0 {
+            bail!("--nesterov needs a momentum above 0 (--momentum 0.9)");
+        }
+        if let Some(name) = &self.schedule {
+            victim.schedule = toml::Value::String(name.clone())
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("--schedule {name}: use step or one-cycle"))?;
+        }
         if let Some(n) = &self.victim_net {
             victim.net = toml::Value::String(n.clone()).try_into().map_err(|_| {
                 anyhow::anyhow!(
@@ -742,19 +784,22 @@ fn evaluate(
 
 /// The printed summary of one evaluation.
 pub fn report_table(report: &crate::victim::eval::EvalReport, control: bool) -> String {
+    let targets = report.adversarial.len().max(1);
     let row_line = |name: &str, a: &crate::victim::eval::ArmSummary| {
         format!(
-            "{name:<9} {:>6} {:>9.1}% [{:>5.1}%, {:>5.1}%] {:>9.2}% +- {:.2}\n",
+            "{name:<9} {:>6} {:>9.1}% [{:>5.1}%, {:>5.1}%] {:>9.2}% +- {:.2} {:>10}\n",
             a.trials,
             a.success_rate * 100.0,
             a.success_ci95.0 * 100.0,
             a.success_ci95.1 * 100.0,
             a.accuracy_mean * 100.0,
-            a.accuracy_std * 100.0
+            a.accuracy_std * 100.0,
+            format!("{}/{}", a.train_mode_successes, a.trials * targets)
         )
     };
+    let recipe = report.protocol.as_ref().map_or("", |p| p.recipe_name());
     let mut out = format!(
-        "{} victims ({}, {} epochs, {} poisons) on {}\narm       trials   success [95% Wilson]      clean accuracy\n",
+        "{} victims ({}, {recipe} recipe, {} epochs, {} poisons) on {}\narm       trials   success [95% Wilson]      clean accuracy   train mode\n",
         report.setting, report.victim_net, report.epochs, report.poisons_used, report.export
     );
     out += &row_line("poisoned", &report.poisoned);

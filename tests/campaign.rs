@@ -15,6 +15,7 @@ fn trial(arm: &str, success: bool, acc: f64) -> Trial {
         target_probs: vec![vec![0.0; 10]],
         success: vec![success],
         clean_accuracy: acc,
+        train_mode: vec![if success { 0.75 } else { 0.25 }],
         seconds: 1.0,
         cached: false,
     }
@@ -269,6 +270,60 @@ fn eval_variation_flags_reach_the_victims_and_bad_values_are_named() {
     let msg = String::from_utf8_lossy(&bad.stderr);
     assert!(msg.contains("--victim-lr"), "{msg}");
     assert_eq!(msg.trim().lines().count(), 1, "{msg}");
+}
+
+#[test]
+fn eval_recipe_standard_trains_with_nesterov_momentum_and_one_cycle_and_flags_apply_on_top() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (config, export) = crafted_export(tmp.path());
+    let bin = env!("CARGO_BIN_EXE_metapoison");
+    let eval = |extra: &[&str]| {
+        Command::new(bin)
+            .arg("--data-dir")
+            .arg(tmp.path().join("data"))
+            .arg("--config")
+            .arg(&config)
+            .arg("eval")
+            .arg(&export)
+            .args(["--trials", "1", "--no-control"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = eval(&["--recipe", "standard", "--weight-decay", "2e-4"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let e: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(export.join("eval.json")).unwrap()).unwrap();
+    let p = &e["protocol"];
+    assert_eq!(
+        (&p["momentum"], &p["nesterov"], &p["schedule"], &p["lr"]),
+        (
+            &serde_json::json!(0.9),
+            &serde_json::json!(true),
+            &serde_json::json!("one-cycle"),
+            &serde_json::json!(0.1)
+        )
+    );
+    assert_eq!(p["weight_decay"], 2e-4, "--weight-decay applies on top");
+    // Each victim also reports the authors' train-mode verdict.
+    assert_eq!(e["trials"][0]["train_mode"].as_array().unwrap().len(), 1);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains("train mode"), "{printed}");
+    for (args, named) in [
+        (&["--nesterov"][..], "--nesterov"),
+        (&["--momentum", "1.5"][..], "--momentum"),
+        (&["--schedule", "cosine"][..], "--schedule"),
+    ] {
+        let bad = eval(args);
+        assert!(!bad.status.success());
+        let msg = String::from_utf8_lossy(&bad.stderr);
+        assert!(msg.contains(named), "{msg}");
+        assert_eq!(msg.trim().lines().count(), 1, "{msg}");
+    }
 }
 
 #[test]

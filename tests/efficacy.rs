@@ -2,12 +2,14 @@
 //! victims trained from scratch on the poisoned set, victims that took no part in crafting,
 //! compared with victims trained the same way on the clean set.
 
-use metapoison::config::{Auto, Config, DataConfig, DatasetKind, NetKind, ObjectiveKind};
+use metapoison::config::{
+    Auto, Config, DataConfig, DatasetKind, LrSchedule, NetKind, ObjectiveKind,
+};
 use metapoison::craft::crafter::{split_tensor, Crafter};
 use metapoison::craft::objective::{adversarial_loss, TargetLabels};
 use metapoison::craft::plan::Plan;
 use metapoison::data;
-use metapoison::model::sgd;
+use metapoison::model::sgd::{self, SgdRule};
 use metapoison::victim::{poisoned_training_set, targets, train_from_scratch, VictimTraining};
 use tch::{Device, Kind, Tensor};
 
@@ -41,7 +43,8 @@ fn crafted_poisons_lower_the_target_loss_of_fresh_victims() {
         warmup_epochs: 1,
         lr_drops: vec![],
         batch_size: 50,
-        weight_decay: 0.0,
+        rule: SgdRule::plain(0.0),
+        schedule: LrSchedule::Step,
         augment: false,
     };
     // Shirt 143: the one `targets suggest` put first on victims of this very protocol when

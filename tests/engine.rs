@@ -88,11 +88,11 @@ fn final_tensors(
     )
 }
 
-#[test]
-fn interrupted_and_resumed_equals_uninterrupted() {
+/// Crafts `config` in one go and, in another folder, stopped after 2 steps and resumed: the
+/// two end with the same poisons, surrogates and losses. Returns the final checkpoint.
+fn assert_exact_resume(config: Config) -> checkpoint::Loaded {
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    let config = tiny_config();
     let full = run(config.clone(), &a, false, None, vec![]);
     assert_eq!(full.len(), 5);
 
@@ -141,6 +141,29 @@ fn interrupted_and_resumed_equals_uninterrupted() {
     // The perturbation moved and stayed in bounds.
     assert!(da.abs().max().double_value(&[]) <= 8.0 + 1e-4);
     assert!(da.abs().sum(Kind::Double).double_value(&[]) > 0.0);
+    checkpoint::load(&b).unwrap()
+}
+
+#[test]
+fn interrupted_and_resumed_equals_uninterrupted() {
+    let loaded = assert_exact_resume(tiny_config());
+    assert!(
+        !loaded.tensors.keys().any(|k| k.contains("velocity")),
+        "plain SGD keeps no velocity"
+    );
+}
+
+#[test]
+fn surrogates_with_momentum_weight_decay_and_one_cycle_resume_exactly() {
+    let mut config = tiny_config();
+    config.surrogate.momentum = 0.9;
+    config.surrogate.nesterov = true;
+    config.surrogate.weight_decay = 5e-4;
+    config.surrogate.schedule = metapoison::config::LrSchedule::OneCycle;
+    let loaded = assert_exact_resume(config);
+    // The velocity is part of the checkpoint (the resume above depends on it), and it moved.
+    let v = &loaded.tensors["surrogate.1.velocity.0"];
+    assert!(v.abs().sum(Kind::Double).double_value(&[]) > 0.0);
 }
 
 #[test]

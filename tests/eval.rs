@@ -3,12 +3,13 @@
 
 mod common;
 
-use metapoison::config::{DataConfig, DatasetKind, NetKind};
+use metapoison::config::{DataConfig, DatasetKind, LrSchedule, NetKind};
 use metapoison::craft::crafter::split_tensor;
 use metapoison::data;
 use metapoison::export::{export, ExportRequest, Formats};
+use metapoison::model::sgd::SgdRule;
 use metapoison::model::{sgd, InputNorm, Network, State};
-use metapoison::victim::eval::{load_export, run_trial, score, summarise, wilson95, Arm};
+use metapoison::victim::eval::{load_export, run_trial, score, summarise, wilson95, Arm, Judged};
 use metapoison::victim::{train_from_scratch, VictimTraining};
 use tch::{Device, Kind, Tensor};
 
@@ -21,7 +22,8 @@ fn short_victim(epochs: usize) -> VictimTraining {
         warmup_epochs: 1,
         lr_drops: vec![],
         batch_size: 50,
-        weight_decay: 0.0,
+        rule: SgdRule::plain(0.0),
+        schedule: LrSchedule::Step,
         augment: false,
     }
 }
@@ -122,12 +124,14 @@ fn eval_on_a_real_export_reads_success_from_the_prediction() {
                 }
             })
             .collect();
-        State {
-            weights,
-            buffers: s.buffers,
-        }
+        State::new(weights, s.buffers)
     };
-    let hit = score(&data, &net, &forced(0), "poisoned", 1, 0.0);
+    let judged = Judged {
+        arm: Arm::Poisoned,
+        seed: 1,
+        batch: 50,
+    };
+    let hit = score(&data, &net, &forced(0), judged, 0.0);
     assert_eq!(
         (hit.predicted.clone(), hit.success.clone()),
         (vec![0], vec![true])
@@ -136,13 +140,19 @@ fn eval_on_a_real_export_reads_success_from_the_prediction() {
         (hit.clean_accuracy - 0.1).abs() < 1e-9,
         "a constant predictor is right on one class in ten"
     );
-    let miss = score(&data, &net, &forced(6), "poisoned", 1, 0.0);
+    let miss = score(&data, &net, &forced(6), judged, 0.0);
     assert_eq!(
         (miss.predicted.clone(), miss.success.clone()),
         (vec![6], vec![false])
     );
+    // A constant predictor says the same in training mode, in all 8 batches.
+    assert_eq!(
+        (hit.train_mode.clone(), miss.train_mode.clone()),
+        (vec![1.0], vec![0.0])
+    );
     let s = summarise(&[&hit, &miss]);
     assert_eq!((s.trials, s.successes), (2, 1));
+    assert_eq!(s.train_mode_successes, 1);
     assert_eq!(s.success_ci95, wilson95(1, 2));
 
     // And a real, short victim trial runs on both splits.
@@ -150,6 +160,12 @@ fn eval_on_a_real_export_reads_success_from_the_prediction() {
     assert_eq!(t.arm, "control");
     assert_eq!(t.target_probs[0].len(), 10);
     assert!(t.clean_accuracy > 0.2, "{}", t.clean_accuracy);
+    assert!(
+        t.train_mode.len() == 1
+            && [0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0].contains(&t.train_mode[0]),
+        "a fraction of 8 train-mode passes: {:?}",
+        t.train_mode
+    );
 
     // The noise arm: the clean split with each of the first n poisons' values moved by exactly
     // +-eps (8) where the pixel range allows, both signs present, nothing else touched.

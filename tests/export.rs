@@ -3,11 +3,12 @@
 
 mod common;
 
-use metapoison::config::NetKind;
 use metapoison::config::{Auto, Config};
+use metapoison::config::{LrSchedule, NetKind};
 use metapoison::data;
 use metapoison::export::npz::read_npz;
 use metapoison::export::{export, verify::verify, ExportRequest, Formats};
+use metapoison::model::sgd::SgdRule;
 use metapoison::victim::eval::{load_export, run_trial, victim_network, Arm};
 use metapoison::victim::VictimTraining;
 use std::path::{Path, PathBuf};
@@ -366,7 +367,8 @@ fn cifar_python_folder_crafts_and_its_native_export_reads_back_as_the_poisoned_s
         warmup_epochs: 1,
         lr_drops: vec![],
         batch_size: 50,
-        weight_decay: 0.0,
+        rule: SgdRule::plain(0.0),
+        schedule: LrSchedule::Step,
         augment: true,
     };
     let (trial, _) = run_trial(

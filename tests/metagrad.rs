@@ -3,9 +3,10 @@
 //! additive perturbation and of the colour grid. (`metapoison bench --gradcheck --device cuda`
 //! runs the same checks on a GPU.)
 
-use metapoison::bench::gradcheck::{check, Case, GradCheck};
+use metapoison::bench::gradcheck::{check, check_momentum, Case, GradCheck};
 use metapoison::config::ObjectiveKind;
 use metapoison::craft::unroll::{meta_gradient, UnrollSettings};
+use metapoison::model::sgd::SgdRule;
 use tch::{Device, Kind};
 
 fn assert_close(c: &GradCheck) {
@@ -60,6 +61,39 @@ fn metagradient_matches_finite_differences_rgb_colour_grid() {
 }
 
 #[test]
+fn metagradient_through_momentum_and_weight_decay_carried_into_the_unroll() {
+    for nesterov in [false, true] {
+        let c = check_momentum(2, nesterov, Device::Cpu);
+        assert!(c.sgd.starts_with("momentum 0.9"), "{}", c.sgd);
+        assert_close(&c);
+    }
+}
+
+#[test]
+fn the_velocity_carried_into_the_unroll_changes_the_metagradient() {
+    // Guard against a velocity that never reaches the unrolled steps: the same case with and
+    // without the surrogate's incoming velocity gives different meta-gradients.
+    let s = UnrollSettings {
+        steps: 2,
+        lr: 0.1,
+        rule: SgdRule {
+            weight_decay: 0.0,
+            momentum: 0.9,
+            nesterov: false,
+        },
+        objective: ObjectiveKind::Cw,
+        smooth_coef: 1.0,
+    };
+    let without = Case::new(1, 2, 13, Device::Cpu);
+    let with = Case::new(1, 2, 13, Device::Cpu).with_random_velocity(13);
+    let g = |c: &Case| meta_gradient(c.model(), &c.perturbation, &c.batches, c.targets(), s).1;
+    let (a, b) = (g(&without), g(&with));
+    let scale = a.abs().max().double_value(&[]);
+    assert!(scale > 0.0);
+    assert!((a - b).abs().max().double_value(&[]) > 1e-3 * scale);
+}
+
+#[test]
 fn metagradient_through_differentiable_augmentation() {
     assert_close(&check(1, 2, ObjectiveKind::Cw, Some(42), Device::Cpu));
     assert_close(&check(3, 1, ObjectiveKind::Xent, Some(7), Device::Cpu));
@@ -73,7 +107,7 @@ fn a_wrong_gradient_is_caught() {
     let s2 = UnrollSettings {
         steps: 2,
         lr: 0.1,
-        weight_decay: 0.0,
+        rule: SgdRule::plain(0.0),
         objective: ObjectiveKind::Cw,
         smooth_coef: 1.0,
     };
@@ -98,7 +132,7 @@ fn poisons_outside_the_batch_get_no_adversarial_gradient() {
     let s = UnrollSettings {
         steps: 1,
         lr: 0.1,
-        weight_decay: 0.0,
+        rule: SgdRule::plain(0.0),
         objective: ObjectiveKind::Cw,
         smooth_coef: 0.0,
     };

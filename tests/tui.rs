@@ -462,6 +462,7 @@ fn v_starts_one_evaluation_and_its_result_reaches_the_header() {
         target_probs: vec![vec![0.1; 10]],
         success: vec![success],
         clean_accuracy: acc,
+        train_mode: vec![],
         seconds: 1.0,
         cached: false,
     };

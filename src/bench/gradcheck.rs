@@ -14,6 +14,7 @@ use crate::craft::rng::SplitMix64;
 use crate::craft::unroll::{
     meta_gradient, unrolled_adversarial_loss, Surrogate, Targets, UnrollBatches, UnrollSettings,
 };
+use crate::model::sgd::SgdRule;
 use crate::model::{InputNorm, Network, OwnOps};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
@@ -23,6 +24,8 @@ pub struct Case {
     pub net: Network,
     pub weights: Vec<Tensor>,
     pub buffers: Vec<Tensor>,
+    /// The surrogate's SGD velocity going into the unroll (empty: none).
+    pub velocity: Vec<Tensor>,
     pub perturbation: Perturbation,
     pub batches: UnrollBatches,
     pub targets: Tensor,
@@ -90,6 +93,7 @@ impl Case {
             net,
             weights,
             buffers: state.buffers,
+            velocity: Vec::new(),
             perturbation,
             batches: UnrollBatches {
                 batches,
@@ -111,7 +115,20 @@ impl Case {
             net: &self.net,
             weights: &self.weights,
             buffers: &self.buffers,
+            velocity: &self.velocity,
         }
+    }
+
+    /// Gives the surrogate a velocity of the weights' shapes (what training with momentum
+    /// leaves), random and about as large as a few gradients.
+    pub fn with_random_velocity(mut self, seed: u64) -> Case {
+        let mut rng = SplitMix64::new(seed);
+        self.velocity = self
+            .weights
+            .iter()
+            .map(|w| rng.uniform_tensor(&w.size(), -0.05, 0.05, (w.kind(), w.device())))
+            .collect();
+        self
     }
 
     pub fn targets(&self) -> Targets<'_> {
@@ -180,6 +197,8 @@ pub struct GradCheck {
     pub channels_last: bool,
     /// Which ops ran (`OwnOps::describe`).
     pub ops: String,
+    /// The unrolled steps' SGD rule: "plain", or its momentum and weight decay.
+    pub sgd: String,
     pub entries: Vec<EntryCheck>,
     pub worst_error: f64,
     /// Sum of |d/d delta|: the check only means something if this is not zero.
@@ -221,10 +240,42 @@ pub fn check_variant(
     let s = UnrollSettings {
         steps: k,
         lr: 0.1,
-        weight_decay: 0.0,
+        rule: SgdRule::default(),
         objective,
         smooth_coef: 1.0,
     };
+    let report = compare(&case, s);
+    GradCheck {
+        augment: augment.is_some(),
+        channels_last,
+        ops: ops.describe(),
+        ..report
+    }
+}
+
+/// The unrolled steps with SGD momentum (heavy ball or Nesterov) and weight decay, the
+/// surrogate coming in with a velocity of its own: grey images, the crate's own ops.
+pub fn check_momentum(k: usize, nesterov: bool, device: Device) -> GradCheck {
+    let case = Case::new(1, k, 11 + k as u64, device).with_random_velocity(13);
+    let s = UnrollSettings {
+        steps: k,
+        lr: 0.1,
+        rule: SgdRule {
+            weight_decay: 5e-4,
+            momentum: 0.9,
+            nesterov,
+        },
+        objective: ObjectiveKind::Cw,
+        smooth_coef: 1.0,
+    };
+    compare(&case, s)
+}
+
+/// The meta-gradient of `case` under `s` against central differences at 8 delta and 3 grid
+/// entries (augmentation, layout and ops as the case has them, reported by the caller).
+fn compare(case: &Case, s: UnrollSettings) -> GradCheck {
+    let device = case.weights[0].device();
+    let channels = case.perturbation.base.size()[1] as usize;
     let (_, g_delta, g_offsets) = meta_gradient(
         case.model(),
         &case.perturbation,
@@ -262,14 +313,25 @@ pub fn check_variant(
             error,
         });
     }
+    let r = s.rule;
     GradCheck {
         device: crate::device::describe(device),
         channels,
-        unroll_steps: k,
-        objective: format!("{objective:?}").to_lowercase(),
-        augment: augment.is_some(),
-        channels_last,
-        ops: ops.describe(),
+        unroll_steps: s.steps,
+        objective: format!("{:?}", s.objective).to_lowercase(),
+        augment: case.batches.augment.is_some(),
+        channels_last: case.net.channels_last,
+        ops: case.net.ops.describe(),
+        sgd: if r.has_velocity() {
+            format!(
+                "momentum {}{}, weight decay {}",
+                r.momentum,
+                if r.nesterov { " (Nesterov)" } else { "" },
+                r.weight_decay
+            )
+        } else {
+            "plain".into()
+        },
         worst_error: entries.iter().map(|e| e.error).fold(0.0, f64::max),
         entries,
         delta_grad_l1: g_delta.abs().sum(Kind::Double).double_value(&[]),
@@ -310,6 +372,9 @@ pub fn suite(device: Device) -> Vec<GradCheck> {
             ..ours
         };
         out.push(check_variant(1, 2, Cw, None, device, false, aten));
+    }
+    for nesterov in [false, true] {
+        out.push(check_momentum(2, nesterov, device));
     }
     out
 }

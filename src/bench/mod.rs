@@ -23,7 +23,7 @@ use crate::craft::unroll::{
     meta_gradient, meta_gradient_grouped, GroupedSurrogates, Surrogate, Targets, UnrollBatches,
     UnrollSettings,
 };
-use crate::model::sgd::{sgd_step, sgd_step_grouped};
+use crate::model::sgd::{sgd_step, sgd_step_grouped, SgdRule};
 use crate::model::{InputNorm, Network, OwnOps, State};
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -242,6 +242,7 @@ impl SurrogateJob {
                 net: &self.net,
                 weights: &self.state.weights,
                 buffers: &self.state.buffers,
+                velocity: &self.state.velocity,
             },
             &self.perturbation,
             &self.batches,
@@ -252,7 +253,14 @@ impl SurrogateJob {
             self.settings,
         );
         let (x, y) = &self.clean;
-        let _ = sgd_step(&self.net, &self.state, x, y, self.settings.lr, 0.0);
+        let _ = sgd_step(
+            &self.net,
+            &self.state,
+            x,
+            y,
+            self.settings.lr,
+            &self.settings.rule,
+        );
         (gd, go)
     }
 }
@@ -339,7 +347,7 @@ impl StepInputs {
         UnrollSettings {
             steps: self.spec.unroll_steps,
             lr: self.spec.inner_lr,
-            weight_decay: 0.0,
+            rule: SgdRule::default(),
             objective: ObjectiveKind::Cw,
             smooth_coef: 1.0,
         }
@@ -365,6 +373,7 @@ impl StepInputs {
                 net: &self.net,
                 weights: &s.weights,
                 buffers: &s.buffers,
+                velocity: &s.velocity,
             },
             &self.perturbation,
             &self.unroll_batches(m),
@@ -412,6 +421,7 @@ impl StepInputs {
                 net: &self.net,
                 weights: &stacked.weights,
                 buffers: &stacked.buffers,
+                velocity: &stacked.velocity,
                 lrs: &lrs,
             },
             &self.perturbation,
@@ -438,7 +448,7 @@ impl StepInputs {
             let xs = Tensor::stack(&batches.iter().map(|b| &b[0].0).collect::<Vec<_>>(), 0);
             let ys = Tensor::stack(&batches.iter().map(|b| &b[0].1).collect::<Vec<_>>(), 0);
             let lrs = vec![self.spec.inner_lr; range.len()];
-            let _ = sgd_step_grouped(&self.net, stacked, &xs, &ys, &lrs, 0.0);
+            let _ = sgd_step_grouped(&self.net, stacked, &xs, &ys, &lrs, &SgdRule::default());
         }
         (g_delta, g_offsets)
     }

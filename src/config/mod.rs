@@ -300,6 +300,27 @@ impl NetKind {
     }
 }
 
+/// How the learning rate moves over a network's training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LrSchedule {
+    /// Linear warm-up over `warmup_epochs`, then x0.1 at each of `lr_drops` (the authors').
+    Step,
+    /// One cycle (PyTorch's OneCycleLR defaults): from lr/25 up to lr over the first 30% of
+    /// training, then down to lr/250000, both halves cosine; `warmup_epochs` and `lr_drops`
+    /// are not used.
+    OneCycle,
+}
+
+impl LrSchedule {
+    pub fn name(self) -> &'static str {
+        match self {
+            LrSchedule::Step => "step",
+            LrSchedule::OneCycle => "one-cycle",
+        }
+    }
+}
+
 /// How a network is trained with SGD (used for the surrogates).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -313,6 +334,14 @@ pub struct TrainConfig {
     pub lr_drops: Vec<usize>,
     pub batch_size: usize,
     pub weight_decay: f64,
+    /// SGD momentum (0 = plain SGD, the authors' default; 0.9 = their `-optimizer mom`). The
+    /// buffer is carried through the unrolled steps too.
+    pub momentum: f64,
+    /// Nesterov's form of momentum.
+    pub nesterov: bool,
+    /// The lr schedule over the surrogate's life (the ensemble's cycle of
+    /// `ensemble_size x stagger` epochs).
+    pub schedule: LrSchedule,
     /// Width multiplier for ConvNetBN (1 = 16-32-32-64-64).
     pub width: usize,
 }
@@ -326,6 +355,9 @@ impl Default for TrainConfig {
             lr_drops: vec![100, 150],
             batch_size: 125,
             weight_decay: 0.0,
+            momentum: 0.0,
+            nesterov: false,
+            schedule: LrSchedule::Step,
             width: 1,
         }
     }
@@ -343,6 +375,11 @@ pub struct VictimConfig {
     pub lr_drops: Vec<usize>,
     pub batch_size: usize,
     pub weight_decay: f64,
+    /// SGD momentum; 0 = plain SGD (the authors' victims).
+    pub momentum: f64,
+    /// Nesterov's form of momentum.
+    pub nesterov: bool,
+    pub schedule: LrSchedule,
     pub augment: bool,
     pub trials: usize,
 }
@@ -357,11 +394,47 @@ impl Default for VictimConfig {
             lr_drops: vec![100, 150],
             batch_size: 125,
             weight_decay: 0.0,
+            momentum: 0.0,
+            nesterov: false,
+            schedule: LrSchedule::Step,
             augment: false,
             trials: 1,
         }
     }
 }
+
+impl VictimConfig {
+    /// The standard recipe: how victims are commonly trained today, which the crafter does
+    /// not simulate (SGD with Nesterov momentum 0.9, weight decay 5e-4, a one-cycle schedule
+    /// peaking at `STANDARD_RECIPE_LR`), for as many epochs and the same batch, architecture
+    /// and augmentation as this protocol.
+    pub fn standard_recipe(&self) -> VictimConfig {
+        VictimConfig {
+            lr: STANDARD_RECIPE_LR,
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 5e-4,
+            schedule: LrSchedule::OneCycle,
+            ..self.clone()
+        }
+    }
+
+    /// "standard" when this protocol is the standard recipe of its epochs, batch and
+    /// augmentation, "crafter" when it trains as the surrogates do (plain SGD, step
+    /// schedule), else "custom".
+    pub fn recipe_name(&self) -> &'static str {
+        if *self == self.standard_recipe() {
+            "standard"
+        } else if self.momentum == 0.0 && self.schedule == LrSchedule::Step {
+            "crafter"
+        } else {
+            "custom"
+        }
+    }
+}
+
+/// The standard recipe's peak lr (with Nesterov momentum 0.9: an effective step of 10x it).
+pub const STANDARD_RECIPE_LR: f64 = 0.1;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -66,12 +66,38 @@ fn increasing(field: &'static str, v: &[usize]) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn train(prefix: &'static [&'static str; 5], t: &TrainConfig) -> Result<(), ConfigError> {
+fn train(prefix: &'static [&'static str; 6], t: &TrainConfig) -> Result<(), ConfigError> {
     real_range(prefix[0], t.lr, 0.0, 10.0, true)?;
     int_range(prefix[1], t.batch_size, 2, 8192)?;
     real_range(prefix[2], t.weight_decay, 0.0, 0.1, false)?;
     increasing(prefix[3], &t.lr_drops)?;
     int_range(prefix[4], t.width, 1, 16)?;
+    momentum(prefix[5], t.momentum)?;
+    nesterov(prefix[5], t.nesterov, t.momentum)?;
+    Ok(())
+}
+
+/// Nesterov's momentum needs a momentum to act on (PyTorch refuses it too).
+fn nesterov(
+    momentum_field: &'static str,
+    nesterov: bool,
+    momentum: f64,
+) -> Result<(), ConfigError> {
+    if nesterov && momentum == 0.0 {
+        return Err(invalid(
+            momentum_field,
+            momentum,
+            "must be above 0 when nesterov = true (or set nesterov = false)",
+        ));
+    }
+    Ok(())
+}
+
+/// SGD momentum: [0, 1).
+fn momentum(field: &'static str, v: f64) -> Result<(), ConfigError> {
+    if !(v.is_finite() && (0.0..1.0).contains(&v)) {
+        return Err(invalid(field, v, "must be a number in [0, 1)"));
+    }
     Ok(())
 }
 
@@ -147,6 +173,7 @@ impl Config {
                 "surrogate.weight_decay",
                 "surrogate.lr_drops",
                 "surrogate.width",
+                "surrogate.momentum",
             ],
             &self.surrogate,
         )?;
@@ -166,6 +193,8 @@ impl Config {
         increasing("victim.lr_drops", &v.lr_drops)?;
         int_range("victim.batch_size", v.batch_size, 2, 8192)?;
         real_range("victim.weight_decay", v.weight_decay, 0.0, 0.1, false)?;
+        momentum("victim.momentum", v.momentum)?;
+        nesterov("victim.momentum", v.nesterov, v.momentum)?;
         int_range("victim.trials", v.trials, 1, 10_000)?;
 
         let r = &self.run;

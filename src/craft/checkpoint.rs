@@ -97,6 +97,12 @@ fn surrogate_names(m: usize, s: &State) -> Vec<(String, &Tensor)> {
             .enumerate()
             .map(|(i, t)| (format!("surrogate.{m}.buffer.{i}"), t)),
     );
+    out.extend(
+        s.velocity
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("surrogate.{m}.velocity.{i}"), t)),
+    );
     out
 }
 
@@ -402,6 +408,9 @@ impl Loaded {
             }
             for (i, b) in s.buffers.iter_mut().enumerate() {
                 *b = self.take(&format!("surrogate.{m}.buffer.{i}"), b)?;
+            }
+            for (i, v) in s.velocity.iter_mut().enumerate() {
+                *v = self.take(&format!("surrogate.{m}.velocity.{i}"), v)?;
             }
         }
         c.step = self.state.step;

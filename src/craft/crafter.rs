@@ -215,6 +215,12 @@ impl Crafter {
         self.net
             .init(self.surrogate_device(m), self.kind, seed)
             .trainable()
+            .with_velocity(&self.sgd_rule())
+    }
+
+    /// The surrogates' SGD rule (weight decay and momentum), in their own steps and unrolled.
+    fn sgd_rule(&self) -> crate::model::sgd::SgdRule {
+        (&self.config.surrogate).into()
     }
 
     /// Places the surrogates on `devices`, round robin (surrogate m on `devices[m % n]`), each
@@ -249,9 +255,11 @@ impl Crafter {
         for m in 0..self.surrogates.len() {
             let d = self.surrogate_device(m);
             let s = &self.surrogates[m];
+            let moved = |ts: &[Tensor]| ts.iter().map(|t| t.detach().to_device(d)).collect();
             self.surrogates[m] = State {
-                weights: s.weights.iter().map(|w| w.detach().to_device(d)).collect(),
-                buffers: s.buffers.iter().map(|b| b.to_device(d)).collect(),
+                weights: moved(&s.weights),
+                buffers: moved(&s.buffers),
+                velocity: moved(&s.velocity),
             }
             .trainable();
         }
@@ -298,9 +306,19 @@ impl Crafter {
         self.config.surrogate.batch_size
     }
 
+    /// The surrogates' lr at `epoch` of their life (the ensemble's cycle of M x stagger
+    /// epochs, over which a one-cycle schedule runs).
     fn inner_lr(&self, epoch: usize) -> f64 {
         let s = &self.config.surrogate;
-        schedule::inner_lr(self.live.inner_lr, epoch, s.warmup_epochs, &s.lr_drops)
+        let life = self.plan.ensemble_size * self.plan.stagger;
+        schedule::lr_at(
+            s.schedule,
+            self.live.inner_lr,
+            epoch as f64,
+            life,
+            s.warmup_epochs,
+            &s.lr_drops,
+        )
     }
 
     pub fn outer_lr(&self, step: usize) -> f64 {
@@ -324,7 +342,7 @@ impl Crafter {
             train_y: train_y.shallow_clone(),
             batch_size: self.batch_size(),
             lr: self.inner_lr(epoch),
-            weight_decay: self.config.surrogate.weight_decay,
+            rule: self.sgd_rule(),
             seed: derive(
                 self.config.run.seed,
                 Purpose::Pretrain,
@@ -434,7 +452,7 @@ impl Crafter {
             settings: UnrollSettings {
                 steps: self.live.unroll_steps,
                 lr: self.inner_lr(epoch),
-                weight_decay: self.config.surrogate.weight_decay,
+                rule: self.sgd_rule(),
                 objective: self.plan.objective,
                 smooth_coef: self.config.threat.smooth_coef,
             },

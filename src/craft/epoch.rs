@@ -12,7 +12,8 @@ use super::unroll::{
     meta_gradient, meta_gradient_grouped, GroupedSurrogates, Surrogate, Targets, UnrollBatches,
     UnrollSettings,
 };
-use crate::model::{sgd, Network, State};
+use crate::model::sgd::{self, SgdRule};
+use crate::model::{Network, State};
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
@@ -28,7 +29,7 @@ pub(super) struct CleanEpochJob {
     pub(super) train_y: Tensor,
     pub(super) batch_size: usize,
     pub(super) lr: f64,
-    pub(super) weight_decay: f64,
+    pub(super) rule: SgdRule,
     pub(super) seed: u64,
     pub(super) kind: Kind,
     pub(super) device: Device,
@@ -53,7 +54,7 @@ impl CleanEpochJob {
     pub(super) fn run(self) {
         for chunk in self.chunks() {
             let (x, y) = self.load(&chunk);
-            let _ = sgd::sgd_step(&self.net, &self.state, &x, &y, self.lr, self.weight_decay);
+            let _ = sgd::sgd_step(&self.net, &self.state, &x, &y, self.lr, &self.rule);
         }
     }
 
@@ -74,8 +75,7 @@ impl CleanEpochJob {
                     .collect();
                 let xs = Tensor::stack(&batches.iter().map(|(x, _)| x).collect::<Vec<_>>(), 0);
                 let ys = Tensor::stack(&batches.iter().map(|(_, y)| y).collect::<Vec<_>>(), 0);
-                let _ =
-                    sgd::sgd_step_grouped(&first.net, &stacked, &xs, &ys, &lrs, first.weight_decay);
+                let _ = sgd::sgd_step_grouped(&first.net, &stacked, &xs, &ys, &lrs, &first.rule);
             }
             let originals: Vec<State> = group.iter().map(|j| j.state.shallow_clone()).collect();
             stacked.unstack_into(&originals);
@@ -225,6 +225,7 @@ impl EpochJob {
                         net: &self.net,
                         weights: &self.state.weights,
                         buffers: &self.state.buffers,
+                        velocity: &self.state.velocity,
                     },
                     &self.perturbation,
                     &input,
@@ -242,14 +243,7 @@ impl EpochJob {
             // The surrogate's own step: on the clean batch, or on the poisoned one.
             let x = self.trajectory_input(x, &mut choose);
             let settings = &self.settings;
-            let _ = sgd::sgd_step(
-                &self.net,
-                &self.state,
-                &x,
-                &y,
-                settings.lr,
-                settings.weight_decay,
-            );
+            let _ = sgd::sgd_step(&self.net, &self.state, &x, &y, settings.lr, &settings.rule);
         }
         (g_delta, g_offsets, adv_sum, count)
     }
@@ -326,14 +320,15 @@ impl GroupedEpoch {
             }
             if !metas.is_empty() {
                 let who: Vec<usize> = metas.iter().map(|(i, _)| *i).collect();
-                let (weights, buffers) = subset(&stacked, &who, jobs.len());
+                let chosen = subset(&stacked, &who, jobs.len());
                 let inputs: Vec<&UnrollBatches> = metas.iter().map(|(_, b)| b).collect();
                 let sub_lrs: Vec<f64> = who.iter().map(|&i| lrs[i]).collect();
                 let (advs, gd, go) = meta_gradient_grouped(
                     GroupedSurrogates {
                         net,
-                        weights: &weights,
-                        buffers: &buffers,
+                        weights: &chosen.weights,
+                        buffers: &chosen.buffers,
+                        velocity: &chosen.velocity,
                         lrs: &sub_lrs,
                     },
                     &first.perturbation,
@@ -353,8 +348,7 @@ impl GroupedEpoch {
             }
             let xs = Tensor::stack(&trajectory.iter().map(|(x, _)| x).collect::<Vec<_>>(), 0);
             let ys = Tensor::stack(&trajectory.iter().map(|(_, y)| y).collect::<Vec<_>>(), 0);
-            let _ =
-                sgd::sgd_step_grouped(net, &stacked, &xs, &ys, &lrs, first.settings.weight_decay);
+            let _ = sgd::sgd_step_grouped(net, &stacked, &xs, &ys, &lrs, &first.settings.rule);
         }
         let originals: Vec<State> = jobs.iter().map(|j| j.state.shallow_clone()).collect();
         stacked.unstack_into(&originals);
@@ -362,12 +356,11 @@ impl GroupedEpoch {
     }
 }
 
-/// The stacked weights and buffers of surrogates `who` (of `m`), as fresh leaves: all of
-/// them as they are, or a gathered copy of the chosen ones' rows.
-fn subset(stacked: &State, who: &[usize], m: usize) -> (Vec<Tensor>, Vec<Tensor>) {
+/// The stacked state of surrogates `who` (of `m`), the weights as fresh leaves: all of them
+/// as they are, or a gathered copy of the chosen ones' rows.
+fn subset(stacked: &State, who: &[usize], m: usize) -> State {
     if who.len() == m {
-        let all = |ts: &[Tensor]| ts.iter().map(|t| t.shallow_clone()).collect();
-        return (all(&stacked.weights), all(&stacked.buffers));
+        return stacked.shallow_clone();
     }
     let device = stacked.weights[0].device();
     let index = as_index(who, device);
@@ -378,14 +371,15 @@ fn subset(stacked: &State, who: &[usize], m: usize) -> (Vec<Tensor>, Vec<Tensor>
         shape[0] = rows * who.len() as i64;
         parts.view(shape.as_slice())
     };
-    (
-        stacked
+    State {
+        weights: stacked
             .weights
             .iter()
             .map(|t| pick(t).set_requires_grad(true))
             .collect(),
-        stacked.buffers.iter().map(pick).collect(),
-    )
+        buffers: stacked.buffers.iter().map(pick).collect(),
+        velocity: stacked.velocity.iter().map(pick).collect(),
+    }
 }
 
 #[cfg(test)]
@@ -428,7 +422,7 @@ mod tests {
             settings: UnrollSettings {
                 steps: 1,
                 lr: 0.1,
-                weight_decay: 0.0,
+                rule: SgdRule::default(),
                 objective: ObjectiveKind::Cw,
                 smooth_coef: 1.0,
             },
@@ -461,7 +455,7 @@ mod tests {
         for chunk in &chunks {
             let (x, y) = job.load(chunk, with_poisons);
             let s = &job.settings;
-            let _ = sgd::sgd_step(&job.net, &state, &x, &y, s.lr, s.weight_decay);
+            let _ = sgd::sgd_step(&job.net, &state, &x, &y, s.lr, &s.rule);
         }
         state
     }

@@ -24,6 +24,38 @@ pub fn inner_lr(base: f64, epoch: usize, warmup: usize, drops: &[usize]) -> f64 
     base * warm * 0.1f64.powi(dropped)
 }
 
+/// Fraction of a one-cycle schedule spent rising (PyTorch's OneCycleLR `pct_start`).
+const ONE_CYCLE_RISE: f64 = 0.3;
+
+/// The learning rate of a network `progress` epochs into training (fractional: the schedule
+/// may move within an epoch) out of `epochs`: the step schedule (`inner_lr`, per whole
+/// epoch) or one cycle (PyTorch's OneCycleLR with its defaults: from base/25 up to base over
+/// the first 30%, then down to base/250000, cosine both ways).
+pub fn lr_at(
+    schedule: crate::config::LrSchedule,
+    base: f64,
+    progress: f64,
+    epochs: usize,
+    warmup: usize,
+    drops: &[usize],
+) -> f64 {
+    match schedule {
+        crate::config::LrSchedule::Step => inner_lr(base, progress.floor() as usize, warmup, drops),
+        crate::config::LrSchedule::OneCycle => {
+            let t = (progress / epochs.max(1) as f64).clamp(0.0, 1.0);
+            let (start, low) = (base / 25.0, base / 25.0 / 1e4);
+            let cosine = |from: f64, to: f64, f: f64| {
+                to + (from - to) * (1.0 + (std::f64::consts::PI * f).cos()) / 2.0
+            };
+            if t < ONE_CYCLE_RISE {
+                cosine(start, base, t / ONE_CYCLE_RISE)
+            } else {
+                cosine(base, low, (t - ONE_CYCLE_RISE) / (1.0 - ONE_CYCLE_RISE))
+            }
+        }
+    }
+}
+
 /// The epoch surrogate `m` of `ensemble` sits at during craft step `step`:
 /// (m * stagger + step) mod (ensemble * stagger). It is re-initialised whenever this is 0.
 pub fn surrogate_epoch(m: usize, step: usize, ensemble: usize, stagger: usize) -> usize {
@@ -35,4 +67,37 @@ pub fn surrogate_epoch(m: usize, step: usize, ensemble: usize, stagger: usize) -
 pub fn surrogate_generation(m: usize, step: usize, ensemble: usize, stagger: usize) -> usize {
     let cycle = ensemble * stagger;
     (m * stagger + step) / cycle
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::LrSchedule;
+
+    #[test]
+    fn one_cycle_rises_to_the_peak_at_30_percent_then_falls_to_base_over_250000() {
+        let lr = |p: f64| lr_at(LrSchedule::OneCycle, 0.1, p, 10, 5, &[]);
+        assert!((lr(0.0) - 0.004).abs() < 1e-12);
+        assert!((lr(3.0) - 0.1).abs() < 1e-12);
+        assert!((lr(10.0) - 0.1 / 25.0 / 1e4).abs() < 1e-15);
+        // Halfway up and halfway down: the cosine's midpoints.
+        assert!((lr(1.5) - (0.004 + 0.1) / 2.0).abs() < 1e-12);
+        assert!((lr(6.5) - (0.1 + 0.1 / 25.0 / 1e4) / 2.0).abs() < 1e-12);
+        // Monotone on each side.
+        let rising: Vec<f64> = (0..30).map(|i| lr(i as f64 / 10.0)).collect();
+        assert!(rising.windows(2).all(|w| w[0] < w[1]));
+        let falling: Vec<f64> = (30..=100).map(|i| lr(i as f64 / 10.0)).collect();
+        assert!(falling.windows(2).all(|w| w[0] > w[1]));
+    }
+
+    #[test]
+    fn the_step_schedule_is_the_authors_per_epoch_rate_whatever_the_fraction() {
+        for p in [0.0, 0.5, 4.99, 5.0, 12.7] {
+            assert_eq!(
+                lr_at(LrSchedule::Step, 0.1, p, 20, 5, &[10]),
+                inner_lr(0.1, p.floor() as usize, 5, &[10])
+            );
+        }
+        assert!((lr_at(LrSchedule::Step, 0.1, 12.7, 20, 5, &[10]) - 0.01).abs() < 1e-12);
+    }
 }

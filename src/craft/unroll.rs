@@ -10,6 +10,7 @@
 use super::objective::{adversarial_loss, cross_entropy, TargetLabels};
 use super::perturbation::Perturbation;
 use crate::config::ObjectiveKind;
+use crate::model::sgd::{GroupRates, SgdRule};
 use crate::model::{Mode, Network};
 use tch::Tensor;
 
@@ -31,7 +32,8 @@ pub struct UnrollBatches {
 pub struct UnrollSettings {
     pub steps: usize,
     pub lr: f64,
-    pub weight_decay: f64,
+    /// The surrogates' SGD rule (weight decay, momentum), which the unrolled steps follow.
+    pub rule: SgdRule,
     pub objective: ObjectiveKind,
     /// Weight of the colour grid's smoothness penalty in the objective.
     pub smooth_coef: f64,
@@ -43,6 +45,41 @@ pub struct Surrogate<'a> {
     pub net: &'a Network,
     pub weights: &'a [Tensor],
     pub buffers: &'a [Tensor],
+    /// Its SGD velocity (empty: none, or zero), which the unrolled steps carry on.
+    pub velocity: &'a [Tensor],
+}
+
+/// The SGD steps of an unroll: each weight and its velocity, stepped inside the graph.
+struct UnrolledWeights<'r> {
+    w: Vec<Tensor>,
+    v: Vec<Option<Tensor>>,
+    rates: GroupRates,
+    rule: &'r SgdRule,
+}
+
+impl<'r> UnrolledWeights<'r> {
+    fn new(weights: &[Tensor], velocity: &[Tensor], lrs: &[f64], rule: &'r SgdRule) -> Self {
+        UnrolledWeights {
+            w: weights.iter().map(|t| t.shallow_clone()).collect(),
+            v: (0..weights.len())
+                .map(|j| velocity.get(j).map(|t| t.detach()))
+                .collect(),
+            rates: GroupRates::new(lrs, weights),
+            rule,
+        }
+    }
+
+    /// One step down `loss`, keeping the graph (second-order terms included).
+    fn step(&mut self, loss: Tensor) {
+        let grads = Tensor::run_backward(&[loss], &self.w, true, true);
+        for (j, g) in grads.iter().enumerate() {
+            let (w, v) = self
+                .rates
+                .step(self.rule, j, &self.w[j], g, self.v[j].as_ref());
+            self.w[j] = w;
+            self.v[j] = v;
+        }
+    }
 }
 
 /// The target images (0-255, [T, C, H, W]) and their classes.
@@ -72,8 +109,7 @@ pub fn unrolled_adversarial_loss(
     let poisons = perturbation.poisons(Some(&input.slots));
     let first = input.batches[0].0.index_copy(0, &input.positions, &poisons);
     let n_targets = targets.size()[0];
-    let rates = crate::model::sgd::GroupRates::new(&[settings.lr], weights);
-    let mut w: Vec<Tensor> = weights.iter().map(|t| t.shallow_clone()).collect();
+    let mut w = UnrolledWeights::new(weights, model.velocity, &[settings.lr], &settings.rule);
     let mut total: Option<Tensor> = None;
     let mut rng = input.augment.map(crate::craft::rng::SplitMix64::new);
     for i in 0..=k {
@@ -85,7 +121,7 @@ pub fn unrolled_adversarial_loss(
         let augmented = rng.as_mut().map(|r| crate::model::augment::crop_flip(x, r));
         let x = augmented.as_ref().unwrap_or(x);
         let b = x.size()[0];
-        let logits = net.forward(&w, buffers, &Tensor::cat(&[x, targets], 0), Mode::Train);
+        let logits = net.forward(&w.w, buffers, &Tensor::cat(&[x, targets], 0), Mode::Train);
         if i > 0 {
             let adv = adversarial_loss(settings.objective, &logits.narrow(0, b, n_targets), labels);
             total = Some(match total {
@@ -94,14 +130,7 @@ pub fn unrolled_adversarial_loss(
             });
         }
         if i < k {
-            let ce = cross_entropy(&logits.narrow(0, 0, b), y);
-            let grads = Tensor::run_backward(&[ce], &w, true, true);
-            w = w
-                .iter()
-                .zip(grads.iter())
-                .enumerate()
-                .map(|(j, (wi, gi))| wi - rates.update(j, wi, gi, settings.weight_decay))
-                .collect();
+            w.step(cross_entropy(&logits.narrow(0, 0, b), y));
         }
     }
     total.expect("K >= 1") / k as f64
@@ -154,6 +183,8 @@ pub struct GroupedSurrogates<'a> {
     pub net: &'a Network,
     pub weights: &'a [Tensor],
     pub buffers: &'a [Tensor],
+    /// Their stacked velocities (empty: none).
+    pub velocity: &'a [Tensor],
     /// Each surrogate's inner learning rate (they differ with the surrogates' epochs); the
     /// settings' `lr` is not used.
     pub lrs: &'a [f64],
@@ -192,8 +223,7 @@ pub fn unrolled_adversarial_losses_grouped(
     let mut target_shape = vec![m];
     target_shape.extend(images.size());
     let target_images = images.unsqueeze(0).expand(&target_shape, false);
-    let rates = crate::model::sgd::GroupRates::new(model.lrs, model.weights);
-    let mut w: Vec<Tensor> = model.weights.iter().map(|t| t.shallow_clone()).collect();
+    let mut w = UnrolledWeights::new(model.weights, model.velocity, model.lrs, &settings.rule);
     let mut total: Option<Tensor> = None;
     for i in 0..=k {
         let xs: Vec<Tensor> = (0..inputs.len())
@@ -211,7 +241,7 @@ pub fn unrolled_adversarial_losses_grouped(
             .collect();
         let b = xs[0].size()[0];
         let x = Tensor::cat(&[Tensor::stack(&xs, 0), target_images.shallow_clone()], 1);
-        let logits = net.forward_grouped(&w, buffers, &x, Mode::Train);
+        let logits = net.forward_grouped(&w.w, buffers, &x, Mode::Train);
         if i > 0 {
             let adv: Vec<Tensor> = (0..m)
                 .map(|j| {
@@ -231,14 +261,7 @@ pub fn unrolled_adversarial_losses_grouped(
             let classes = logits.size()[2];
             let z = logits.narrow(1, 0, b).reshape([m * b, classes]);
             let ys: Vec<&Tensor> = inputs.iter().map(|input| &input.batches[i].1).collect();
-            let ce = cross_entropy(&z, &Tensor::cat(&ys, 0)) * m as f64;
-            let grads = Tensor::run_backward(&[ce], &w, true, true);
-            w = w
-                .iter()
-                .zip(grads.iter())
-                .enumerate()
-                .map(|(j, (wi, gi))| wi - rates.update(j, wi, gi, settings.weight_decay))
-                .collect();
+            w.step(cross_entropy(&z, &Tensor::cat(&ys, 0)) * m as f64);
         }
     }
     total.expect("K >= 1") / k as f64

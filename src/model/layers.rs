@@ -137,7 +137,7 @@ impl<'a> Layers<'a> {
         match self.source {
             Source::Build {
                 weights, buffers, ..
-            } => super::State { weights, buffers },
+            } => super::State::new(weights, buffers),
             Source::Apply { .. } => unreachable!("into_state is only called on a build context"),
         }
     }

@@ -99,14 +99,25 @@ pub fn to_channels_last(t: &Tensor) -> Tensor {
     }
 }
 
-/// Weights (trained) and batch-norm running statistics (not trained) of one network instance.
+/// Weights (trained) and batch-norm running statistics (not trained) of one network instance,
+/// and the velocity its SGD keeps per weight when it trains with momentum.
 #[derive(Debug)]
 pub struct State {
     pub weights: Vec<Tensor>,
     pub buffers: Vec<Tensor>,
+    /// One tensor per weight (SGD with momentum), or empty (plain SGD).
+    pub velocity: Vec<Tensor>,
 }
 
 impl State {
+    pub fn new(weights: Vec<Tensor>, buffers: Vec<Tensor>) -> State {
+        State {
+            weights,
+            buffers,
+            velocity: Vec::new(),
+        }
+    }
+
     /// The same tensors with the weights marked as autograd leaves (what training and the
     /// unrolled meta-gradient differentiate with respect to).
     pub fn trainable(self) -> State {
@@ -116,15 +127,30 @@ impl State {
                 .into_iter()
                 .map(|w| w.set_requires_grad(true))
                 .collect(),
-            buffers: self.buffers,
+            ..self
         }
+    }
+
+    /// With a zero velocity per weight when `rule` keeps one (and none has been made yet), so
+    /// that in-place training through any handle on this state updates it.
+    pub fn with_velocity(mut self, rule: &sgd::SgdRule) -> State {
+        if rule.has_velocity() && self.velocity.is_empty() {
+            self.velocity = self
+                .weights
+                .iter()
+                .map(|w| w.detach().zeros_like())
+                .collect();
+        }
+        self
     }
 
     /// Another handle on the same tensors: in-place training through it updates this state.
     pub fn shallow_clone(&self) -> State {
+        let handles = |ts: &[Tensor]| ts.iter().map(|t| t.shallow_clone()).collect();
         State {
-            weights: self.weights.iter().map(|t| t.shallow_clone()).collect(),
-            buffers: self.buffers.iter().map(|t| t.shallow_clone()).collect(),
+            weights: handles(&self.weights),
+            buffers: handles(&self.buffers),
+            velocity: handles(&self.velocity),
         }
     }
 
@@ -139,9 +165,16 @@ impl State {
                 })
                 .collect()
         };
+        assert!(
+            states
+                .iter()
+                .all(|s| s.velocity.is_empty() == states[0].velocity.is_empty()),
+            "stacked states all keep a velocity or none does"
+        );
         State {
             weights: cat(&|s| &s.weights),
             buffers: cat(&|s| &s.buffers),
+            velocity: cat(&|s| &s.velocity),
         }
     }
 
@@ -159,13 +192,16 @@ impl State {
         };
         copy(&self.weights, &|s| &s.weights);
         copy(&self.buffers, &|s| &s.buffers);
+        copy(&self.velocity, &|s| &s.velocity);
     }
 
     /// A deep copy (fresh storage), so updating one never touches the other.
     pub fn deep_clone(&self) -> State {
+        let copies = |ts: &[Tensor]| ts.iter().map(|t| t.detach().copy()).collect();
         State {
-            weights: self.weights.iter().map(|t| t.detach().copy()).collect(),
-            buffers: self.buffers.iter().map(|t| t.detach().copy()).collect(),
+            weights: copies(&self.weights),
+            buffers: copies(&self.buffers),
+            velocity: copies(&self.velocity),
         }
     }
 }

@@ -1,25 +1,101 @@
-//! Ordinary (non-unrolled) training: one plain SGD step, shared by the surrogates' clean
-//! trajectory and by victims trained from scratch.
+//! Ordinary (non-unrolled) training: one SGD step, shared by the surrogates' trajectory and
+//! by victims trained from scratch; and the SGD rule every step applies, the unrolled ones too.
 
 use super::{Mode, Network, State};
 use crate::craft::objective::cross_entropy;
 use tch::Tensor;
 
+/// SGD's update rule, as PyTorch's `torch.optim.SGD` without dampening: the weight decay is
+/// added to the gradient, d = g + wd w; with momentum mu the velocity becomes v' = mu v + d
+/// (v starts at zero) and the weight moves along v' (heavy ball) or along d + mu v'
+/// (Nesterov); then times the learning rate.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct SgdRule {
+    pub weight_decay: f64,
+    pub momentum: f64,
+    pub nesterov: bool,
+}
+
+impl From<&crate::config::TrainConfig> for SgdRule {
+    fn from(t: &crate::config::TrainConfig) -> SgdRule {
+        SgdRule {
+            weight_decay: t.weight_decay,
+            momentum: t.momentum,
+            nesterov: t.nesterov,
+        }
+    }
+}
+
+impl From<&crate::config::VictimConfig> for SgdRule {
+    fn from(v: &crate::config::VictimConfig) -> SgdRule {
+        SgdRule {
+            weight_decay: v.weight_decay,
+            momentum: v.momentum,
+            nesterov: v.nesterov,
+        }
+    }
+}
+
+impl SgdRule {
+    /// Plain SGD (the authors' surrogates and victims), with weight decay.
+    pub fn plain(weight_decay: f64) -> SgdRule {
+        SgdRule {
+            weight_decay,
+            ..SgdRule::default()
+        }
+    }
+
+    /// Whether the rule keeps a velocity per weight (`State::velocity`).
+    pub fn has_velocity(&self) -> bool {
+        self.momentum > 0.0
+    }
+
+    /// The direction weight `w` with gradient `g` moves along (before the rate), and its new
+    /// velocity (None without momentum). `v`: the velocity so far (None = zero). Differentiable:
+    /// the unrolled steps take it inside the graph.
+    pub fn direction(
+        &self,
+        w: &Tensor,
+        g: &Tensor,
+        v: Option<&Tensor>,
+    ) -> (Tensor, Option<Tensor>) {
+        let d = if self.weight_decay > 0.0 {
+            g + w * self.weight_decay
+        } else {
+            g.shallow_clone()
+        };
+        if !self.has_velocity() {
+            return (d, None);
+        }
+        let v_new = match v {
+            Some(v) => v * self.momentum + &d,
+            None => d.shallow_clone(),
+        };
+        let direction = if self.nesterov {
+            &d + &v_new * self.momentum
+        } else {
+            v_new.shallow_clone()
+        };
+        (direction, Some(v_new))
+    }
+}
+
 /// One SGD step on a batch of 0-255 images; batch-norm running statistics are updated.
-/// Returns the loss (no host sync). `state.weights` must require grad.
+/// Returns the loss (no host sync). `state.weights` must require grad; with momentum,
+/// `state.velocity` must be there (`State::with_velocity`).
 pub fn sgd_step(
     net: &Network,
     state: &State,
     x: &Tensor,
     y: &Tensor,
     lr: f64,
-    weight_decay: f64,
+    rule: &SgdRule,
 ) -> Tensor {
     let logits = net.forward(&state.weights, &state.buffers, x, Mode::TrainUpdateStats);
     let loss = cross_entropy(&logits, y);
     let grads = Tensor::run_backward(&[&loss], &state.weights, false, false);
     let rates = GroupRates::new(&[lr], &state.weights);
-    update_in_place(&state.weights, &grads, &rates, weight_decay);
+    update_in_place(state, &grads, &rates, rule);
     loss.detach()
 }
 
@@ -97,24 +173,36 @@ impl GroupRates {
         }
     }
 
-    /// The SGD update of weight tensor `j`, `w`, with gradient `g`: rate x (g + decay x w).
-    /// What every plain, unrolled and grouped step subtracts.
-    pub fn update(&self, j: usize, w: &Tensor, g: &Tensor, weight_decay: f64) -> Tensor {
-        if weight_decay > 0.0 {
-            self.scale(j, &(g + w * weight_decay))
-        } else {
-            self.scale(j, g)
-        }
+    /// One step of weight tensor `j`, `w`, with gradient `g` and velocity `v`: the new
+    /// weight and velocity. What every plain, unrolled and grouped step computes.
+    pub fn step(
+        &self,
+        rule: &SgdRule,
+        j: usize,
+        w: &Tensor,
+        g: &Tensor,
+        v: Option<&Tensor>,
+    ) -> (Tensor, Option<Tensor>) {
+        let (direction, v_new) = rule.direction(w, g, v);
+        (w - self.scale(j, &direction), v_new)
     }
 }
 
-/// Subtracts each weight's SGD update in place (outside autograd).
-fn update_in_place(weights: &[Tensor], grads: &[Tensor], rates: &GroupRates, weight_decay: f64) {
+/// Moves each weight (and its velocity) one SGD step, in place (outside autograd).
+fn update_in_place(state: &State, grads: &[Tensor], rates: &GroupRates, rule: &SgdRule) {
     let _guard = tch::no_grad_guard();
-    for (j, (w, g)) in weights.iter().zip(grads).enumerate() {
-        let update = rates.update(j, w, g, weight_decay);
+    assert!(
+        !rule.has_velocity() || state.velocity.len() == state.weights.len(),
+        "SGD with momentum needs the state's velocity (State::with_velocity)"
+    );
+    for (j, (w, g)) in state.weights.iter().zip(grads).enumerate() {
+        let (direction, v_new) = rule.direction(w, g, state.velocity.get(j));
+        if let (Some(v), Some(v_new)) = (state.velocity.get(j), v_new) {
+            let mut v = v.shallow_clone();
+            v.copy_(&v_new);
+        }
         let mut w = w.shallow_clone();
-        let _ = w.f_sub_(&update).expect("sgd update");
+        let _ = w.f_sub_(&rates.scale(j, &direction)).expect("sgd update");
     }
 }
 
@@ -127,7 +215,7 @@ pub fn sgd_step_grouped(
     xs: &Tensor,
     ys: &Tensor,
     lrs: &[f64],
-    weight_decay: f64,
+    rule: &SgdRule,
 ) -> Tensor {
     let rates = GroupRates::new(lrs, &state.weights);
     let logits = net.forward_grouped(&state.weights, &state.buffers, xs, Mode::TrainUpdateStats);
@@ -135,6 +223,6 @@ pub fn sgd_step_grouped(
     // Mean over all m * N, times m: the sum of the m mean losses (each network's own gradient).
     let loss = cross_entropy(&logits.reshape([m * n, classes]), &ys.reshape([m * n])) * m as f64;
     let grads = Tensor::run_backward(&[&loss], &state.weights, false, false);
-    update_in_place(&state.weights, &grads, &rates, weight_decay);
+    update_in_place(state, &grads, &rates, rule);
     loss.detach() / m as f64
 }

@@ -4,7 +4,7 @@
 //! more trials reuses the victims it trained before. Each file is named by a SHA-256 of those
 //! inputs; a file that is missing, unreadable or of the wrong shape is simply trained again.
 
-use super::eval::{save_victim, score, Arm, EvalData, Trial};
+use super::eval::{save_victim, score, EvalData, Judged, Trial};
 use super::VictimTraining;
 use crate::digest::hex;
 use crate::model::{Network, State};
@@ -74,10 +74,10 @@ impl VictimCache {
                 })
                 .collect()
         };
-        let state = State {
-            weights: take("weight", &template.weights)?,
-            buffers: take("buffer", &template.buffers)?,
-        };
+        let state = State::new(
+            take("weight", &template.weights)?,
+            take("buffer", &template.buffers)?,
+        );
         (loaded.len() == state.weights.len() + state.buffers.len()).then_some(state)
     }
 
@@ -87,19 +87,11 @@ impl VictimCache {
         data: &EvalData,
         net: &Network,
         key: &str,
-        arm: Arm,
-        seed: u64,
+        judged: Judged,
     ) -> Option<(Trial, State)> {
         let started = std::time::Instant::now();
         let state = self.load(key, net, data.train_y.device())?;
-        let mut trial = score(
-            data,
-            net,
-            &state,
-            arm.name(),
-            seed,
-            started.elapsed().as_secs_f64(),
-        );
+        let mut trial = score(data, net, &state, judged, started.elapsed().as_secs_f64());
         trial.cached = true;
         Some((trial, state))
     }

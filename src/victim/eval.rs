@@ -26,6 +26,11 @@ pub struct Trial {
     /// Whether each target went to its adversarial class.
     pub success: Vec<bool>,
     pub clean_accuracy: f64,
+    /// Per target, the fraction of `TRAIN_MODE_BATCHES` train-mode forward passes (batch
+    /// statistics, beside a batch of training images) that put it in its adversarial class:
+    /// how the authors count success. Empty in evaluations recorded before it existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub train_mode: Vec<f64>,
     pub seconds: f64,
     /// Read back from a victim cache (trained by an earlier evaluation with the same training
     /// split, protocol and seed) instead of trained now.
@@ -43,6 +48,10 @@ pub struct ArmSummary {
     pub success_ci95: (f64, f64),
     pub accuracy_mean: f64,
     pub accuracy_std: f64,
+    /// Successes the authors' way (`Trial::train_mode` above one half), over (trials x
+    /// targets).
+    #[serde(default)]
+    pub train_mode_successes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -188,9 +197,14 @@ pub fn evaluate(
                 let key = cache
                     .as_ref()
                     .map(|_| VictimCache::key(&net, &spec, &digests[a], seed_of(t)));
+                let judged = Judged {
+                    arm: arms[a],
+                    seed: seed_of(t),
+                    batch: spec.batch_size,
+                };
                 let hit = cache
                     .as_ref()
-                    .and_then(|c| c.lookup(&data, &net, key.as_deref()?, arms[a], seed_of(t)));
+                    .and_then(|c| c.lookup(&data, &net, key.as_deref()?, judged));
                 victims.push(hit);
                 keys.push(key);
             }
@@ -288,6 +302,14 @@ pub fn successes(predicted: &[i64], adversarial: &[i64]) -> Vec<bool> {
         .collect()
 }
 
+impl Trial {
+    /// Whether each target counts as flipped the authors' way: classified as its adversarial
+    /// class in more than half of the train-mode forward passes.
+    pub fn train_mode_success(&self) -> Vec<bool> {
+        self.train_mode.iter().map(|&f| f > 0.5).collect()
+    }
+}
+
 pub fn summarise(trials: &[&Trial]) -> ArmSummary {
     let n = trials.iter().map(|t| t.success.len()).sum::<usize>();
     let k = trials
@@ -304,6 +326,11 @@ pub fn summarise(trials: &[&Trial]) -> ArmSummary {
         success_ci95: wilson95(k, n),
         accuracy_mean: mean,
         accuracy_std: var.sqrt(),
+        train_mode_successes: trials
+            .iter()
+            .flat_map(|t| t.train_mode_success())
+            .filter(|&s| s)
+            .count(),
     }
 }
 
@@ -470,8 +497,11 @@ pub fn run_trial(
         data,
         net,
         &state,
-        arm.name(),
-        seed,
+        Judged {
+            arm,
+            seed,
+            batch: spec.batch_size,
+        },
         started.elapsed().as_secs_f64(),
     );
     (trial, state)
@@ -509,7 +539,12 @@ fn train_victims(
         .zip(states)
         .map(|(&i, state)| {
             let (t, a) = group[i];
-            let trial = score(data, net, &state, arms[a].name(), seed_of(t), seconds);
+            let judged = Judged {
+                arm: arms[a],
+                seed: seed_of(t),
+                batch: spec.batch_size,
+            };
+            let trial = score(data, net, &state, judged, seconds);
             (trial, state)
         })
         .collect()
@@ -546,12 +581,69 @@ pub fn save_victim(
     crate::craft::checkpoint::save_tensors(path, &named, Some(meta)).map_err(|e| e.to_string())
 }
 
+/// Which victim a score is for: its arm, seed and training batch size.
+#[derive(Debug, Clone, Copy)]
+pub struct Judged {
+    pub arm: Arm,
+    pub seed: u64,
+    pub batch: usize,
+}
+
+/// Train-mode forward passes behind `Trial::train_mode`.
+pub const TRAIN_MODE_BATCHES: usize = 8;
+
+/// Per target, the fraction of `TRAIN_MODE_BATCHES` forward passes in training mode (batch
+/// statistics, running statistics untouched) that classify it as `adversarial`, each pass on
+/// the targets beside `batch` random images of the training split `x` (drawn from `seed`):
+/// the authors log a victim's success this way, as the target's accuracy inside a training
+/// batch, where eval mode uses the running statistics.
+pub fn train_mode_flips(
+    net: &Network,
+    state: &crate::model::State,
+    x: &Tensor,
+    targets: &Tensor,
+    adversarial: &[i64],
+    batch: usize,
+    seed: u64,
+) -> Vec<f64> {
+    let _guard = tch::no_grad_guard();
+    let n = x.size()[0];
+    let t = targets.size()[0];
+    let batch = (batch as i64).min(n);
+    let kind = state.weights[0].kind();
+    let mut rng = crate::craft::rng::SplitMix64::new(seed ^ 0x7472_6169_6e6d);
+    let mut hits = vec![0usize; t as usize];
+    for _ in 0..TRAIN_MODE_BATCHES {
+        let mut perm: Vec<i64> = (0..n).collect();
+        rng.shuffle(&mut perm);
+        let idx = Tensor::from_slice(&perm[..batch as usize]).to_device(x.device());
+        let input = Tensor::cat(&[x.index_select(0, &idx), targets.shallow_clone()], 0);
+        let logits = net.forward(
+            &state.weights,
+            &state.buffers,
+            &input.to_kind(kind),
+            crate::model::Mode::Train,
+        );
+        let predicted = logits
+            .narrow(0, batch, t)
+            .argmax(1, false)
+            .to_device(Device::Cpu);
+        for (i, hit) in hits.iter_mut().enumerate() {
+            if predicted.int64_value(&[i as i64]) == adversarial[i] {
+                *hit += 1;
+            }
+        }
+    }
+    hits.iter()
+        .map(|&h| h as f64 / TRAIN_MODE_BATCHES as f64)
+        .collect()
+}
+
 pub fn score(
     data: &EvalData,
     net: &Network,
     state: &crate::model::State,
-    arm: &str,
-    seed: u64,
+    judged: Judged,
     seconds: f64,
 ) -> Trial {
     let target_probs = probabilities(net, state, &data.targets);
@@ -565,13 +657,23 @@ pub fn score(
                 .unwrap_or(-1)
         })
         .collect();
+    let train_mode = train_mode_flips(
+        net,
+        state,
+        data.split(judged.arm),
+        &data.targets,
+        &data.adversarial,
+        judged.batch,
+        judged.seed,
+    );
     Trial {
-        arm: arm.into(),
-        seed,
+        arm: judged.arm.name().into(),
+        seed: judged.seed,
         success: successes(&predicted, &data.adversarial),
         predicted,
         target_probs,
         clean_accuracy: sgd::accuracy(net, state, &data.test_x, &data.test_y),
+        train_mode,
         seconds,
         cached: false,
     }

@@ -1,10 +1,11 @@
 //! Victims: networks trained from scratch on a (possibly poisoned) training split, the only
 //! honest measure of a poison set.
 
-use crate::config::{NetKind, VictimConfig};
+use crate::config::{LrSchedule, NetKind, VictimConfig};
 use crate::craft::rng::{derive, Purpose, SplitMix64};
 use crate::craft::schedule;
-use crate::model::{sgd, Network, State};
+use crate::model::sgd::{self, SgdRule};
+use crate::model::{Network, State};
 use tch::{Device, Kind, Tensor};
 
 /// How to train one victim.
@@ -17,7 +18,8 @@ pub struct VictimTraining {
     pub warmup_epochs: usize,
     pub lr_drops: Vec<usize>,
     pub batch_size: usize,
-    pub weight_decay: f64,
+    pub rule: SgdRule,
+    pub schedule: LrSchedule,
     pub augment: bool,
 }
 
@@ -31,9 +33,24 @@ impl VictimTraining {
             warmup_epochs: v.warmup_epochs,
             lr_drops: v.lr_drops.clone(),
             batch_size: v.batch_size,
-            weight_decay: v.weight_decay,
+            rule: v.into(),
+            schedule: v.schedule,
             augment: v.augment,
         }
+    }
+
+    /// The learning rate of batch `batch` of `batches` in `epoch` (a one-cycle schedule moves
+    /// every batch; the step schedule every epoch).
+    pub fn lr(&self, epoch: usize, batch: usize, batches: usize) -> f64 {
+        let progress = epoch as f64 + batch as f64 / batches.max(1) as f64;
+        schedule::lr_at(
+            self.schedule,
+            self.lr,
+            progress,
+            self.epochs,
+            self.warmup_epochs,
+            &self.lr_drops,
+        )
     }
 }
 
@@ -56,21 +73,23 @@ pub fn train_from_scratch(
             kind,
             derive(seed, Purpose::SurrogateInit, u64::MAX, 0),
         )
-        .trainable();
+        .trainable()
+        .with_velocity(&spec.rule);
     let n = x.size()[0] as usize;
+    let batches = n / spec.batch_size.min(n);
     for epoch in 0..spec.epochs {
-        let lr = schedule::inner_lr(spec.lr, epoch, spec.warmup_epochs, &spec.lr_drops);
         let mut rng = SplitMix64::new(derive(seed, Purpose::Shuffle, u64::MAX, epoch as u64));
         let mut perm: Vec<i64> = (0..n as i64).collect();
         rng.shuffle(&mut perm);
-        for chunk in perm.chunks_exact(spec.batch_size.min(n)) {
+        for (bi, chunk) in perm.chunks_exact(spec.batch_size.min(n)).enumerate() {
             let idx = Tensor::from_slice(chunk).to_device(device);
             let mut xb = x.index_select(0, &idx).to_kind(kind);
             if spec.augment {
                 xb = crate::model::augment::crop_flip(&xb, &mut rng);
             }
             let yb = y.index_select(0, &idx);
-            let _ = sgd::sgd_step(net, &state, &xb, &yb, lr, spec.weight_decay);
+            let lr = spec.lr(epoch, bi, batches);
+            let _ = sgd::sgd_step(net, &state, &xb, &yb, lr, &spec.rule);
         }
         if !progress(epoch + 1) {
             break;
@@ -101,13 +120,13 @@ pub fn train_from_scratch_grouped(
                 kind,
                 derive(seed, Purpose::SurrogateInit, u64::MAX, 0),
             )
+            .with_velocity(&spec.rule)
         })
         .collect();
     let stacked = State::stack(&states.iter().collect::<Vec<_>>()).trainable();
     let n = y.size()[0] as usize;
+    let b = spec.batch_size.min(n);
     for epoch in 0..spec.epochs {
-        let lr = schedule::inner_lr(spec.lr, epoch, spec.warmup_epochs, &spec.lr_drops);
-        let lrs = vec![lr; seeds.len()];
         let mut walks: Vec<(SplitMix64, Vec<i64>)> = seeds
             .iter()
             .map(|&seed| {
@@ -118,8 +137,7 @@ pub fn train_from_scratch_grouped(
                 (rng, perm)
             })
             .collect();
-        let b = spec.batch_size.min(n);
-        for start in (0..n - n % b).step_by(b) {
+        for (bi, start) in (0..n - n % b).step_by(b).enumerate() {
             let mut xbs = Vec::with_capacity(xs.len());
             let mut ybs = Vec::with_capacity(xs.len());
             for (x, (rng, perm)) in xs.iter().zip(walks.iter_mut()) {
@@ -131,13 +149,14 @@ pub fn train_from_scratch_grouped(
                 xbs.push(xb);
                 ybs.push(y.index_select(0, &idx));
             }
+            let lrs = vec![spec.lr(epoch, bi, n / b); seeds.len()];
             let _ = sgd::sgd_step_grouped(
                 net,
                 &stacked,
                 &Tensor::stack(&xbs, 0),
                 &Tensor::stack(&ybs, 0),
                 &lrs,
-                spec.weight_decay,
+                &spec.rule,
             );
         }
     }
