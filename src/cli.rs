@@ -618,8 +618,8 @@ pub struct VictimArgs {
     /// Victim training recipe: `crafter` (the [victim] protocol: plain SGD, as the surrogates
     /// train) or `standard` (SGD with Nesterov momentum 0.9, weight decay 5e-4, a one-cycle
     /// schedule; the same epochs, batch and augmentation). The flags below apply on top.
-    #[arg(long, value_enum)]
-    pub recipe: Option<RecipeArg>,
+    #[arg(long)]
+    pub recipe: Option<crate::config::Recipe>,
     /// Override victim.momentum (SGD momentum, 0 = plain SGD).
     #[arg(long)]
     pub momentum: Option<f64>,
@@ -647,22 +647,38 @@ pub struct VictimArgs {
     pub victim_cache: Option<PathBuf>,
 }
 
-/// `eval --recipe`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum RecipeArg {
-    Crafter,
-    Standard,
-}
-
 impl VictimArgs {
+    /// The flags given that choose the victims or their training (all but --victim-cache).
+    pub fn flags_given(&self) -> Vec<&'static str> {
+        [
+            (self.trials.is_some(), "--trials"),
+            (self.victim_net.is_some(), "--victim-net"),
+            (self.epochs.is_some(), "--epochs"),
+            (self.victim_batch.is_some(), "--victim-batch"),
+            (self.weight_decay.is_some(), "--weight-decay"),
+            (self.victim_lr.is_some(), "--victim-lr"),
+            (self.augment, "--augment"),
+            (self.recipe.is_some(), "--recipe"),
+            (self.momentum.is_some(), "--momentum"),
+            (self.nesterov, "--nesterov"),
+            (self.schedule.is_some(), "--schedule"),
+            (self.first_poisons.is_some(), "--first-poisons"),
+            (self.no_control, "--no-control"),
+            (self.noise_control, "--noise-control"),
+        ]
+        .into_iter()
+        .filter_map(|(given, flag)| given.then_some(flag))
+        .collect()
+    }
+
     /// The evaluation plan: `base` (the victim protocol) with these flags applied.
     pub fn plan(
         &self,
         mut victim: crate::config::VictimConfig,
         save_weights: bool,
     ) -> Result<crate::victim::eval::EvalPlan> {
-        if self.recipe == Some(RecipeArg::Standard) {
-            victim = victim.standard_recipe();
+        if let Some(recipe) = self.recipe {
+            victim = recipe.apply(victim);
         }
         if let Some(m) = self.momentum {
             if !(m.is_finite() && (0.0..1.0).contains(&m)) {

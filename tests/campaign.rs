@@ -48,6 +48,15 @@ fn report(net: &str, poisoned: &[bool], control: &[bool]) -> EvalReport {
         control: c,
         noise: None,
         trials,
+        seconds: 60.0,
+    }
+}
+
+/// `report` for victims trained with the standard recipe.
+fn standard(poisoned: &[bool], control: &[bool]) -> EvalReport {
+    EvalReport {
+        protocol: Some(metapoison::config::VictimConfig::default().standard_recipe()),
+        ..report("convnet-bn", poisoned, control)
     }
 }
 
@@ -61,7 +70,9 @@ fn totals_pool_victims_over_targets_and_count_majority_flips() {
             evals: vec![
                 report("convnet-bn", &[true, true, false], &[false, false, false]),
                 report("resnet20", &[false, false, false], &[false, false, false]),
+                standard(&[false, false, false], &[false, false, false]),
             ],
+            craft_seconds: 0.0,
         },
         TargetResult {
             target_id: 2,
@@ -70,11 +81,13 @@ fn totals_pool_victims_over_targets_and_count_majority_flips() {
             evals: vec![
                 report("convnet-bn", &[true, false, false], &[true, false, false]),
                 report("resnet20", &[true, false, false], &[false, false, false]),
+                standard(&[true, true, true], &[false, false, false]),
             ],
+            craft_seconds: 0.0,
         },
     ];
     let t = totals(&results);
-    assert_eq!(t.len(), 2);
+    assert_eq!(t.len(), 3, "one line per architecture and recipe");
     let gray = &t[0];
     assert_eq!(gray.victim_net, "convnet-bn");
     assert_eq!((gray.successes, gray.victims), (3, 6));
@@ -87,6 +100,17 @@ fn totals_pool_victims_over_targets_and_count_majority_flips() {
     assert_eq!(gray.success_ci95, wilson);
     assert_eq!(t[1].setting, "black-box");
     assert_eq!((t[1].successes, t[1].targets_flipped), (1, 0));
+    // The same architecture with the standard recipe is a victim kind of its own.
+    assert_eq!(
+        (t[2].victim_net.as_str(), t[2].recipe.as_str()),
+        ("convnet-bn", "standard")
+    );
+    assert_eq!(
+        (t[2].successes, t[2].victims, t[2].targets_flipped),
+        (3, 6, 1)
+    );
+    assert_eq!(gray.recipe, "crafter");
+    assert!((gray.eval_seconds - 120.0).abs() < 1e-9);
 }
 
 fn tiny_config_file(dir: &std::path::Path) -> std::path::PathBuf {
@@ -194,6 +218,112 @@ fn a_campaign_crafts_and_evaluates_each_target_and_resumes_without_redoing_work(
         before
     );
     assert!(String::from_utf8_lossy(&again.stdout).contains("gray-box"));
+}
+
+#[test]
+fn a_protocol_campaign_completes_a_campaign_on_its_targets_with_its_victim_kinds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tiny_config_file(tmp.path());
+    let dir = tmp.path().join("camp");
+    let protocol = tmp.path().join("tiny-protocol.toml");
+    std::fs::write(
+        &protocol,
+        r#"name = "tiny"
+description = "two targets, one victim an arm"
+dataset = "embedded"
+target_class = 6
+poison_class = 0
+targets = [3, 5]
+trials = 1
+noise_control = true
+
+[[victims]]
+net = "convnet-bn"
+recipe = "crafter"
+
+[[victims]]
+net = "convnet-bn"
+recipe = "standard"
+"#,
+    )
+    .unwrap();
+    let campaign = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_metapoison"))
+            .arg("--data-dir")
+            .arg(tmp.path().join("data"))
+            .arg("--config")
+            .arg(&config)
+            .arg("campaign")
+            .args(args)
+            .arg("--dir")
+            .arg(&dir)
+            .output()
+            .unwrap()
+    };
+    // A protocol fixes targets and victims: flags that choose them are refused up front.
+    let p = protocol.to_str().unwrap();
+    let refused = campaign(&["--protocol", p, "--targets", "3", "--trials", "2"]);
+    assert!(!refused.status.success());
+    let msg = String::from_utf8_lossy(&refused.stderr);
+    assert!(msg.contains("--trials, --targets"), "{msg}");
+    assert!(!dir.exists(), "nothing written for a refused campaign");
+    // First the crafter's victims alone on the protocol's targets (a cheaper tier) ...
+    let first = campaign(&["--targets", "3,5", "--trials", "1", "--noise-control"]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let crafter_eval = dir.join("target-3/export/eval-convnet-bn.json");
+    let before = std::fs::metadata(&crafter_eval)
+        .unwrap()
+        .modified()
+        .unwrap();
+    // ... then completed with the protocol: those evaluations are read back, the standard
+    // recipe's are added.
+    let out = campaign(&["--protocol", p]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::metadata(&crafter_eval)
+            .unwrap()
+            .modified()
+            .unwrap(),
+        before
+    );
+    let standard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("target-5/export/eval-convnet-bn-standard.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(standard["protocol"]["momentum"], 0.9);
+    assert_eq!(standard["noise"]["trials"], 1);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("campaign.json")).unwrap()).unwrap();
+    assert_eq!(report["protocol"]["name"], "tiny");
+    let totals = report["totals"].as_array().unwrap();
+    let recipes: Vec<&str> = totals
+        .iter()
+        .map(|t| t["recipe"].as_str().unwrap())
+        .collect();
+    assert_eq!(recipes, ["crafter", "standard"]);
+    for t in totals {
+        assert_eq!((&t["victims"], &t["noise_victims"]), (&2.into(), &2.into()));
+    }
+    assert!(report["results"][0]["craft_seconds"].as_f64().unwrap() > 0.0);
+    let md = std::fs::read_to_string(dir.join("campaign.md")).unwrap();
+    for row in [
+        "Protocol `tiny`: two targets, one victim an arm.",
+        "| 3 | convnet-bn (gray-box) | ",
+        "| 3 | convnet-bn, standard recipe (gray-box) | ",
+        "| **all 2** | convnet-bn (gray-box) | **",
+        "| **all 2** | convnet-bn, standard recipe (gray-box) | **",
+    ] {
+        assert!(md.contains(row), "{row} missing from\n{md}");
+    }
 }
 
 /// A tiny crafted run exported (npz) into TMP/export; returns (config file, export folder).
@@ -504,6 +634,7 @@ fn the_markdown_table_shows_each_victims_adversarial_probability_and_the_totals(
         run_dir: String::new(),
         export_dir: String::new(),
         evals: vec![gray],
+        craft_seconds: 0.0,
     }];
     let r = CampaignReport {
         started: String::new(),
@@ -519,6 +650,7 @@ fn the_markdown_table_shows_each_victims_adversarial_probability_and_the_totals(
                 p_adv: 0.1,
             }],
         },
+        protocol: None,
         totals: totals(&results),
         results,
         seconds: 0.0,

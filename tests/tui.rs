@@ -486,6 +486,7 @@ fn v_starts_one_evaluation_and_its_result_reaches_the_header() {
         control: summarise(&pick("control")),
         noise: None,
         trials: trials.clone(),
+        seconds: 1.0,
     };
     app.on_telemetry(Telemetry::Evaluation(Box::new(report)));
     let screen = text(&render(&app, 160, 48));

@@ -433,6 +433,45 @@ impl VictimConfig {
     }
 }
 
+/// How victims are trained, by name: what `eval --recipe` and a protocol's victims take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Recipe {
+    /// The `[victim]` protocol as configured (by default the authors': plain SGD, as the
+    /// surrogates train).
+    Crafter,
+    /// `VictimConfig::standard_recipe` of it.
+    Standard,
+}
+
+impl Recipe {
+    pub fn name(self) -> &'static str {
+        match self {
+            Recipe::Crafter => "crafter",
+            Recipe::Standard => "standard",
+        }
+    }
+
+    /// The victim protocol this recipe makes of `victim`.
+    pub fn apply(self, victim: VictimConfig) -> VictimConfig {
+        match self {
+            Recipe::Crafter => victim,
+            Recipe::Standard => victim.standard_recipe(),
+        }
+    }
+}
+
+impl std::str::FromStr for Recipe {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Recipe, String> {
+        match s {
+            "crafter" => Ok(Recipe::Crafter),
+            "standard" => Ok(Recipe::Standard),
+            other => Err(format!("{other}: use crafter or standard")),
+        }
+    }
+}
+
 /// The standard recipe's peak lr (with Nesterov momentum 0.9: an effective step of 10x it).
 pub const STANDARD_RECIPE_LR: f64 = 0.1;
 

@@ -53,6 +53,16 @@ pub struct CheckpointState {
     /// Where the run computed (e.g. "cuda:0", "cpu (2 threads)", "cpu (2 surrogates x 1 thread)").
     #[serde(default)]
     pub device: String,
+    /// Wall-clock seconds of the surrogates' pretraining (0 in runs recorded before).
+    #[serde(default)]
+    pub pretrain_seconds: f64,
+}
+
+impl CheckpointState {
+    /// Seconds spent crafting up to this checkpoint: pretraining and every craft step.
+    pub fn crafting_seconds(&self) -> f64 {
+        self.pretrain_seconds + self.history.iter().map(|r| r.seconds).sum::<f64>()
+    }
 }
 
 fn dtype_of(kind: Kind) -> Dtype {
@@ -121,6 +131,7 @@ pub fn save(crafter: &Crafter, dir: &Path) -> Result<PathBuf, CheckpointError> {
         adam_t: crafter.adam.t,
         float64: crafter.kind == Kind::Double,
         device: crate::device::describe(crafter.device),
+        pretrain_seconds: crafter.pretrain_seconds,
     };
     let mut named: Vec<(String, &Tensor)> = vec![
         ("delta".into(), &crafter.perturbation.delta),
@@ -418,6 +429,7 @@ impl Loaded {
         c.events = self.state.events.clone();
         c.history = self.state.history.clone();
         c.nonfinite_in_row = self.state.nonfinite_in_row;
+        c.pretrain_seconds = self.state.pretrain_seconds;
         Ok(())
     }
 }

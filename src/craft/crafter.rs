@@ -75,6 +75,8 @@ pub struct Crafter {
     pub events: Vec<Event>,
     pub history: Vec<StepReport>,
     pub nonfinite_in_row: usize,
+    /// Wall-clock seconds the surrogates' pretraining took (before step 0).
+    pub pretrain_seconds: f64,
     step_seconds: Vec<f64>,
     /// Surrogates in one grouped network (with `plan.grouped_surrogates`): the whole ensemble
     /// until the GPU runs out of memory, then halved.
@@ -191,6 +193,7 @@ impl Crafter {
             events: Vec::new(),
             history: Vec::new(),
             nonfinite_in_row: 0,
+            pretrain_seconds: 0.0,
             step_seconds: Vec::new(),
             group_size: plan_ensemble,
             net,

@@ -538,6 +538,7 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Sender<Telemetry>) -> Re
         let m = session.crafter.plan.ensemble_size;
         let stop = setup.stop.clone();
         let tx = out.clone();
+        let started = std::time::Instant::now();
         let completed = session.crafter.pretrain(|s, epoch, epochs| {
             if epoch <= 1 {
                 let _ = tx.send(Telemetry::Phase(Phase::Pretraining {
@@ -560,6 +561,7 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Sender<Telemetry>) -> Re
             );
             return Ok(());
         }
+        session.crafter.pretrain_seconds = started.elapsed().as_secs_f64();
         session.checkpoint()?;
     } else {
         session.event(

@@ -77,6 +77,19 @@ pub struct EvalReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub noise: Option<ArmSummary>,
     pub trials: Vec<Trial>,
+    /// Wall-clock time of the evaluation (victims read back from a cache cost almost none).
+    #[serde(default)]
+    pub seconds: f64,
+}
+
+impl EvalReport {
+    /// The victims' recipe by name (`VictimConfig::recipe_name`); "crafter" for reports
+    /// recorded before the protocol was.
+    pub fn recipe(&self) -> &'static str {
+        self.protocol
+            .as_ref()
+            .map_or("crafter", |p| p.recipe_name())
+    }
 }
 
 /// What `evaluate` should do.
@@ -273,6 +286,7 @@ pub fn evaluate(
         control: summarise(&pick("control")),
         noise: plan.noise_control.then(|| summarise(&pick("noise"))),
         trials: results,
+        seconds: started.elapsed().as_secs_f64(),
     };
     let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
     let path = dir.join("eval.json");

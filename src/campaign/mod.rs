@@ -4,17 +4,28 @@
 //! Layout: CAMPAIGN_DIR/{campaign.json, campaign.csv, campaign.md, config.toml, victims,
 //! target-ID/{run, export}}.
 //! Every finished piece is kept, so re-running with the same --dir resumes: finished targets
-//! are read back, an interrupted crafting run continues from its checkpoint.
+//! are read back, an interrupted crafting run continues from its checkpoint, and evaluations
+//! already written are read back (so a campaign can be completed with more victim kinds).
+//!
+//! With `--protocol` (protocol.rs) the targets, arms and victim kinds are the protocol's: the
+//! efficacy benchmark every crafting setting is judged by.
+
+pub mod protocol;
+mod report;
+
+pub use protocol::{Protocol, VictimKind};
+pub use report::{
+    csv, markdown, summary, totals, ArmTotals, CampaignReport, Selection, TargetResult,
+};
 
 use crate::cli::{
     progress_line, progress_text, spawn_engine, victim_protocol, watch_signals, VictimArgs,
 };
-use crate::config::Config;
+use crate::config::{Config, VictimConfig};
 use crate::craft::messages::{Phase, Telemetry};
 use crate::paths::{timestamp, Paths};
-use crate::victim::eval::{wilson95, EvalReport};
+use crate::victim::eval::EvalReport;
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,200 +56,38 @@ pub struct CampaignArgs {
     /// Override craft.steps for every run.
     #[arg(long)]
     steps: Option<usize>,
+    /// Follow an efficacy protocol: `standard` (10 fixed targets, 8 victims an arm, poisoned,
+    /// control and noise arms, ConvNetBN victims with the crafter's and the standard recipe,
+    /// ResNet-20 victims with the standard recipe), `gray-box` (the same without ResNet-20),
+    /// or a protocol file of that form. It fixes targets and victims, so the flags that choose
+    /// them are refused.
+    #[arg(long, value_name = "NAME|FILE")]
+    protocol: Option<String>,
     #[command(flatten)]
     victim: VictimArgs,
 }
 
-/// How the targets were chosen, saved with the campaign.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Selection {
-    pub method: String,
-    pub targets: Vec<usize>,
-    /// Margin and clean correctness of each chosen target, when they were ranked.
-    #[serde(default)]
-    pub candidates: Vec<crate::victim::targets::Candidate>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TargetResult {
-    pub target_id: usize,
-    pub run_dir: String,
-    pub export_dir: String,
-    /// Per victim architecture: the evaluation (gray-box first).
-    pub evals: Vec<EvalReport>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ArmTotals {
-    pub victim_net: String,
-    pub setting: String,
-    /// Poisoned victims that flipped their target, over all targets.
-    pub successes: usize,
-    pub victims: usize,
-    pub success_rate: f64,
-    pub success_ci95: (f64, f64),
-    /// Targets flipped by a majority of their poisoned victims.
-    pub targets_flipped: usize,
-    pub targets: usize,
-    pub control_successes: usize,
-    pub control_victims: usize,
-    pub accuracy_poisoned: f64,
-    pub accuracy_control: f64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CampaignReport {
-    pub started: String,
-    pub selection: Selection,
-    pub results: Vec<TargetResult>,
-    pub totals: Vec<ArmTotals>,
-    pub seconds: f64,
-}
-
-fn eval_file(export: &Path, net: &str) -> PathBuf {
-    export.join(format!("eval-{net}.json"))
-}
-
-/// Totals per victim architecture over the targets evaluated so far.
-pub fn totals(results: &[TargetResult]) -> Vec<ArmTotals> {
-    let mut nets: Vec<(String, String)> = Vec::new();
-    for r in results {
-        for e in &r.evals {
-            if !nets.iter().any(|(n, _)| n == &e.victim_net) {
-                nets.push((e.victim_net.clone(), e.setting.clone()));
-            }
+impl CampaignArgs {
+    /// The flags a protocol decides itself, of those given.
+    fn protocol_conflicts(&self) -> Vec<&'static str> {
+        let mut given = self.victim.flags_given();
+        if !self.targets.is_empty() {
+            given.push("--targets");
         }
-    }
-    nets.into_iter()
-        .map(|(net, setting)| {
-            let evals: Vec<&EvalReport> = results
-                .iter()
-                .flat_map(|r| r.evals.iter().filter(|e| e.victim_net == net))
-                .collect();
-            // (successes, victim x target outcomes) of one arm over every target.
-            let arm = |name: &str| {
-                let outcomes = evals
-                    .iter()
-                    .flat_map(|e| e.trials.iter().filter(|t| t.arm == name))
-                    .flat_map(|t| t.success.iter());
-                outcomes.fold((0, 0), |(k, n), &hit| (k + usize::from(hit), n + 1))
-            };
-            let (successes, victims) = arm("poisoned");
-            let (control_successes, control_victims) = arm("control");
-            let flipped = evals
-                .iter()
-                .filter(|e| e.poisoned.trials > 0 && e.poisoned.success_rate > 0.5)
-                .count();
-            let mean = |f: &dyn Fn(&EvalReport) -> f64| {
-                evals.iter().map(|e| f(e)).sum::<f64>() / evals.len().max(1) as f64
-            };
-            ArmTotals {
-                victim_net: net,
-                setting,
-                successes,
-                victims,
-                success_rate: successes as f64 / victims.max(1) as f64,
-                success_ci95: wilson95(successes, victims),
-                targets_flipped: flipped,
-                targets: evals.len(),
-                control_successes,
-                control_victims,
-                accuracy_poisoned: mean(&|e| e.poisoned.accuracy_mean),
-                accuracy_control: mean(&|e| e.control.accuracy_mean),
-            }
-        })
-        .collect()
-}
-
-/// Each victim's probability of the first target's adversarial class, for the victims of `arm`.
-fn adv_probs(e: &EvalReport, arm: &str) -> Vec<f64> {
-    e.trials
-        .iter()
-        .filter(|t| t.arm == arm)
-        .filter_map(|t| {
-            let cls = *e.adversarial.first()?;
-            t.target_probs.first()?.get(cls as usize).copied()
-        })
-        .collect()
-}
-
-/// The campaign's table as printed and saved (CSV: one row per target and victim net).
-pub fn csv(results: &[TargetResult]) -> String {
-    let mut out = String::from(
-        "target_id,victim_net,setting,epochs,poisoned_successes,poisoned_victims,control_successes,control_victims,accuracy_poisoned,accuracy_control,p_adv_poisoned,p_adv_control\n",
-    );
-    for r in results {
-        for e in &r.evals {
-            // Mean probability of the first target's adversarial class, per arm.
-            let p_adv = |arm: &str| {
-                let v = adv_probs(e, arm);
-                v.iter().sum::<f64>() / v.len().max(1) as f64
-            };
-            out += &format!(
-                "{},{},{},{},{},{},{},{},{:.4},{:.4},{:.4},{:.4}\n",
-                r.target_id,
-                e.victim_net,
-                e.setting,
-                e.epochs,
-                e.poisoned.successes,
-                e.poisoned.trials,
-                e.control.successes,
-                e.control.trials,
-                e.poisoned.accuracy_mean,
-                e.control.accuracy_mean,
-                p_adv("poisoned"),
-                p_adv("control"),
-            );
+        if !self.black_box.is_empty() {
+            given.push("--black-box");
         }
+        given
     }
-    out
 }
 
-/// The campaign as a Markdown table, one row per target and victim net (what a README or a
-/// paper's appendix shows): the target's clean margins when it was ranked, each arm's flips and
-/// every victim's probability of the adversarial class, clean accuracies; then the printed
-/// summary of the totals.
-pub fn markdown(report: &CampaignReport) -> String {
-    let mut out = format!(
-        "Targets: {:?} ({}).\n\n| target | victims | clean margin mean / worst | poisoned flipped | p(adv) poisoned | controls flipped | p(adv) controls | clean accuracy poisoned / control |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n",
-        report.selection.targets, report.selection.method
-    );
-    for r in &report.results {
-        let margins = report
-            .selection
-            .candidates
-            .iter()
-            .find(|c| c.id == r.target_id)
-            .map_or("-".to_string(), |c| {
-                format!("{:.2} / {:.2}", c.margin, c.min_margin)
-            });
-        for e in &r.evals {
-            let probs = |arm: &str| {
-                let p: Vec<String> = adv_probs(e, arm)
-                    .iter()
-                    .map(|p| format!("{p:.2}"))
-                    .collect();
-                p.join(", ")
-            };
-            out += &format!(
-                "| {} | {} ({}) | {margins} | {}/{} | {} | {}/{} | {} | {:.1}% / {:.1}% |\n",
-                r.target_id,
-                e.victim_net,
-                e.setting,
-                e.poisoned.successes,
-                e.poisoned.trials,
-                probs("poisoned"),
-                e.control.successes,
-                e.control.trials,
-                probs("control"),
-                e.poisoned.accuracy_mean * 100.0,
-                e.control.accuracy_mean * 100.0,
-            );
-        }
+/// Where a target's evaluation by victims of `victim`'s architecture and recipe is kept.
+fn eval_file(export: &Path, victim: &VictimConfig) -> PathBuf {
+    match victim.recipe_name() {
+        // The name campaigns used before recipes existed.
+        "crafter" => export.join(format!("eval-{}.json", victim.net.name())),
+        recipe => export.join(format!("eval-{}-{recipe}.json", victim.net.name())),
     }
-    // The totals as the command prints them.
-    out += &format!("\n```\n{}```\n", summary(report));
-    out
 }
 
 fn save(dir: &Path, report: &CampaignReport) -> Result<()> {
@@ -305,6 +154,44 @@ fn choose_targets(config: &Config, args: &CampaignArgs) -> Result<Selection> {
         targets: chosen.iter().map(|c| c.id).collect(),
         candidates: chosen,
     })
+}
+
+/// The evaluations each target gets, as the flags of `eval` would give them: a protocol's victim
+/// kinds, or the victims the flags name and each `--black-box` architecture. All keep their
+/// victims in the campaign's cache, so the control (and noise) victims, the same for every
+/// target, are trained once.
+fn victim_kinds(args: &CampaignArgs, protocol: Option<&Protocol>, dir: &Path) -> Vec<VictimArgs> {
+    let cache = Some(
+        args.victim
+            .victim_cache
+            .clone()
+            .unwrap_or_else(|| dir.join("victims")),
+    );
+    match protocol {
+        Some(p) => p
+            .victims
+            .iter()
+            .map(|kind| VictimArgs {
+                trials: Some(p.trials),
+                victim_net: Some(kind.net.name().into()),
+                recipe: Some(kind.recipe),
+                noise_control: p.noise_control,
+                victim_cache: cache.clone(),
+                ..VictimArgs::default()
+            })
+            .collect(),
+        None => {
+            let mut nets: Vec<Option<String>> = vec![args.victim.victim_net.clone()];
+            nets.extend(args.black_box.iter().cloned().map(Some));
+            nets.into_iter()
+                .map(|net| VictimArgs {
+                    victim_net: net,
+                    victim_cache: cache.clone(),
+                    ..args.victim.clone()
+                })
+                .collect()
+        }
+    }
 }
 
 /// Where a campaign's crafting runs report: on a terminal a progress line that rewrites
@@ -398,7 +285,23 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs, json: bool) -> Res
         terminal: std::io::stderr().is_terminal(),
         json,
     };
-    check_target_choice(&args)?;
+    let protocol = match &args.protocol {
+        Some(name) => {
+            let conflicts = args.protocol_conflicts();
+            if !conflicts.is_empty() {
+                bail!(
+                    "{}: the protocol fixes the targets and victims; drop {}",
+                    conflicts.join(", "),
+                    if conflicts.len() == 1 { "it" } else { "them" }
+                );
+            }
+            Some(Protocol::load(name)?)
+        }
+        None => {
+            check_target_choice(&args)?;
+            None
+        }
+    };
     let dir = args
         .dir
         .clone()
@@ -407,6 +310,20 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs, json: bool) -> Res
     let previous: Option<CampaignReport> = std::fs::read_to_string(dir.join("campaign.json"))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok());
+    // A resumed campaign follows the protocol it was started with, unless one is given now
+    // (which may complete a campaign started with its targets, e.g. a gray-box tier).
+    let protocol = protocol.or_else(|| previous.as_ref().and_then(|p| p.protocol.clone()));
+    if let (Some(p), Some(prev)) = (&protocol, &previous) {
+        if p.targets != prev.selection.targets {
+            bail!(
+                "{} holds a campaign on targets {:?}; protocol {} has targets {:?}: use another --dir",
+                dir.display(),
+                prev.selection.targets,
+                p.name,
+                p.targets
+            );
+        }
+    }
     let mut config = config;
     if let Some(s) = args.steps {
         config.craft.steps = s.into();
@@ -426,6 +343,9 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs, json: bool) -> Res
             config.data.subset = crate::config::Auto::Value(crate::config::Subset::First);
         }
     }
+    if let Some(p) = &protocol {
+        p.fit(&mut config)?;
+    }
     let device = crate::cli::resolve_device(&config)?;
     if !resuming {
         for note in config.settle(device.is_cuda()) {
@@ -435,9 +355,14 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs, json: bool) -> Res
         crate::craft::checkpoint::write_atomic(&config_file, config.to_toml().as_bytes())
             .with_context(|| format!("cannot write {}", config_file.display()))?;
     }
-    let selection = match &previous {
-        Some(p) => p.selection.clone(),
-        None => choose_targets(&config, &args)?,
+    let selection = match (&previous, &protocol) {
+        (Some(p), _) => p.selection.clone(),
+        (None, Some(p)) => Selection {
+            method: format!("protocol {}", p.name),
+            targets: p.targets.clone(),
+            candidates: vec![],
+        },
+        (None, None) => choose_targets(&config, &args)?,
     };
     eprintln!(
         "campaign in {}: targets {:?} ({})",
@@ -445,8 +370,7 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs, json: bool) -> Res
         selection.targets,
         selection.method
     );
-    let mut nets: Vec<Option<String>> = vec![args.victim.victim_net.clone()];
-    nets.extend(args.black_box.iter().cloned().map(Some));
+    let victims = victim_kinds(&args, protocol.as_ref(), &dir);
     let stop = Arc::new(AtomicBool::new(false));
     watch_signals(&stop)?;
     // Time spent by earlier invocations of a resumed campaign.
@@ -457,6 +381,7 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs, json: bool) -> Res
             .map(|p| p.started.clone())
             .unwrap_or_else(timestamp),
         selection: selection.clone(),
+        protocol: protocol.clone(),
         results: vec![],
         totals: vec![],
         seconds: earlier_seconds,
@@ -486,27 +411,30 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs, json: bool) -> Res
             .map_err(anyhow::Error::msg)?;
         }
         let mut evals = Vec::new();
-        for net in &nets {
-            let mut victim_args = args.victim.clone();
-            victim_args.victim_net = net.clone();
-            // The control (and noise) victims are the same for every target: trained once.
-            victim_args
-                .victim_cache
-                .get_or_insert_with(|| dir.join("victims"));
+        for victim_args in &victims {
             let plan = victim_args.plan(victim_protocol(&target_config, &export_dir), false)?;
-            let file = eval_file(&export_dir, plan.victim.net.name());
+            let file = eval_file(&export_dir, &plan.victim);
+            // An evaluation already written is read back if it has the arms and victims asked
+            // for now (a campaign completed with a protocol may have been run with others).
             let cached: Option<EvalReport> = std::fs::read_to_string(&file)
                 .ok()
-                .and_then(|t| serde_json::from_str(&t).ok());
+                .and_then(|t| serde_json::from_str::<EvalReport>(&t).ok())
+                .filter(|e| {
+                    e.poisoned.trials == plan.trials
+                        && e.control.trials == if plan.control { plan.trials } else { 0 }
+                        && e.noise.as_ref().map(|n| n.trials)
+                            == plan.noise_control.then_some(plan.trials)
+                });
             let e = match cached {
                 Some(e) => e,
                 None => {
                     let e = crate::victim::eval::evaluate(&export_dir, &plan, device, |p| {
                         eprintln!(
-                            "  victim {}/{} ({} {}{}): target -> {:?}, clean accuracy {:.2}%",
+                            "  victim {}/{} ({}, {} recipe, {}{}): target -> {:?}, clean accuracy {:.2}%",
                             p.done,
                             p.total,
                             plan.victim.net.name(),
+                            plan.victim.recipe_name(),
                             p.trial.arm,
                             if p.trial.cached { ", reused" } else { "" },
                             p.trial.predicted,
@@ -525,9 +453,10 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs, json: bool) -> Res
                 format!(", noise {}/{}", n.successes, n.trials)
             });
             eprintln!(
-                "  {} ({}): poisoned {}/{} flipped, control {}/{}{noise}",
+                "  {} ({}, {} recipe): poisoned {}/{} flipped, control {}/{}{noise}",
                 e.victim_net,
                 e.setting,
+                e.recipe(),
                 e.poisoned.successes,
                 e.poisoned.trials,
                 e.control.successes,
@@ -540,6 +469,9 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs, json: bool) -> Res
             run_dir: run_dir.display().to_string(),
             export_dir: export_dir.display().to_string(),
             evals,
+            craft_seconds: crate::craft::checkpoint::load(&run_dir)?
+                .state
+                .crafting_seconds(),
         });
         report.totals = totals(&report.results);
         report.seconds = earlier_seconds + started.elapsed().as_secs_f64();
@@ -558,32 +490,4 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs, json: bool) -> Res
         dir.join("campaign.json").display()
     );
     Ok(())
-}
-
-/// The printed summary: one line per victim architecture.
-pub fn summary(report: &CampaignReport) -> String {
-    let mut out = format!(
-        "{} targets ({})\nvictims      setting    success over victims [95% Wilson]  targets flipped  control flips  clean acc poisoned / control\n",
-        report.selection.targets.len(),
-        report.selection.method
-    );
-    for t in &report.totals {
-        out += &format!(
-            "{:<12} {:<10} {:>3}/{:<3} {:>5.1}% [{:>5.1}%, {:>5.1}%]      {:>2}/{:<2}           {:>2}/{:<3}         {:.2}% / {:.2}%\n",
-            t.victim_net,
-            t.setting,
-            t.successes,
-            t.victims,
-            t.success_rate * 100.0,
-            t.success_ci95.0 * 100.0,
-            t.success_ci95.1 * 100.0,
-            t.targets_flipped,
-            t.targets,
-            t.control_successes,
-            t.control_victims,
-            t.accuracy_poisoned * 100.0,
-            t.accuracy_control * 100.0
-        );
-    }
-    out
 }

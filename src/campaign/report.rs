@@ -1,0 +1,396 @@
+//! What a campaign records and prints: each target's evaluations, totals per victim kind
+//! (architecture and recipe) over all targets, the CSV, the Markdown tables (the benchmark
+//! table of a protocol campaign, or one row per target and victim kind) and the printed
+//! summary.
+
+use super::protocol::Protocol;
+use crate::victim::eval::{wilson95, EvalReport};
+use serde::{Deserialize, Serialize};
+
+/// How the targets were chosen, saved with the campaign.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Selection {
+    pub method: String,
+    pub targets: Vec<usize>,
+    /// Margin and clean correctness of each chosen target, when they were ranked.
+    #[serde(default)]
+    pub candidates: Vec<crate::victim::targets::Candidate>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TargetResult {
+    pub target_id: usize,
+    pub run_dir: String,
+    pub export_dir: String,
+    /// Per victim kind: the evaluation (the surrogates' architecture first).
+    pub evals: Vec<EvalReport>,
+    /// Pretraining and craft steps, from the run's checkpoint (0 for results recorded
+    /// before it was).
+    #[serde(default)]
+    pub craft_seconds: f64,
+}
+
+/// One victim kind's outcomes over every target.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ArmTotals {
+    pub victim_net: String,
+    /// The victims' recipe ("crafter", "standard" or "custom").
+    #[serde(default = "crafter")]
+    pub recipe: String,
+    pub setting: String,
+    /// Poisoned victims that flipped their target, over all targets.
+    pub successes: usize,
+    pub victims: usize,
+    pub success_rate: f64,
+    pub success_ci95: (f64, f64),
+    /// Poisoned victims flipped the authors' way (the target's verdict in training mode).
+    #[serde(default)]
+    pub train_mode_successes: usize,
+    /// Targets flipped by a majority of their poisoned victims.
+    pub targets_flipped: usize,
+    pub targets: usize,
+    pub control_successes: usize,
+    pub control_victims: usize,
+    /// The noise arm, where it was trained.
+    #[serde(default)]
+    pub noise_successes: usize,
+    #[serde(default)]
+    pub noise_victims: usize,
+    pub accuracy_poisoned: f64,
+    pub accuracy_control: f64,
+    /// Mean probability of the adversarial class in the poisoned and the control victims.
+    #[serde(default)]
+    pub p_adv_poisoned: f64,
+    #[serde(default)]
+    pub p_adv_control: f64,
+    /// Wall-clock seconds of these evaluations.
+    #[serde(default)]
+    pub eval_seconds: f64,
+}
+
+fn crafter() -> String {
+    "crafter".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CampaignReport {
+    pub started: String,
+    pub selection: Selection,
+    /// The protocol the campaign follows, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
+    pub results: Vec<TargetResult>,
+    pub totals: Vec<ArmTotals>,
+    pub seconds: f64,
+}
+
+/// (successes, outcomes) of one arm in `evals`: every victim and target.
+fn arm_count(evals: &[&EvalReport], arm: &str, train_mode: bool) -> (usize, usize) {
+    evals
+        .iter()
+        .flat_map(|e| e.trials.iter().filter(|t| t.arm == arm))
+        .flat_map(|t| {
+            if train_mode {
+                t.train_mode_success()
+            } else {
+                t.success.clone()
+            }
+        })
+        .fold((0, 0), |(k, n), hit| (k + usize::from(hit), n + 1))
+}
+
+/// Totals per victim kind (architecture and recipe) over the targets evaluated so far, in the
+/// order the kinds first appear.
+pub fn totals(results: &[TargetResult]) -> Vec<ArmTotals> {
+    let mut kinds: Vec<(String, &'static str, String)> = Vec::new();
+    for e in results.iter().flat_map(|r| &r.evals) {
+        if !kinds
+            .iter()
+            .any(|(n, r, _)| n == &e.victim_net && *r == e.recipe())
+        {
+            kinds.push((e.victim_net.clone(), e.recipe(), e.setting.clone()));
+        }
+    }
+    kinds
+        .into_iter()
+        .map(|(net, recipe, setting)| {
+            let evals: Vec<&EvalReport> = results
+                .iter()
+                .flat_map(|r| {
+                    r.evals
+                        .iter()
+                        .filter(|e| e.victim_net == net && e.recipe() == recipe)
+                })
+                .collect();
+            let (successes, victims) = arm_count(&evals, "poisoned", false);
+            let (train_mode_successes, _) = arm_count(&evals, "poisoned", true);
+            let (control_successes, control_victims) = arm_count(&evals, "control", false);
+            let (noise_successes, noise_victims) = arm_count(&evals, "noise", false);
+            let flipped = evals
+                .iter()
+                .filter(|e| e.poisoned.trials > 0 && e.poisoned.success_rate > 0.5)
+                .count();
+            let mean = |f: &dyn Fn(&EvalReport) -> f64| {
+                evals.iter().map(|e| f(e)).sum::<f64>() / evals.len().max(1) as f64
+            };
+            ArmTotals {
+                victim_net: net,
+                recipe: recipe.into(),
+                setting,
+                successes,
+                victims,
+                success_rate: successes as f64 / victims.max(1) as f64,
+                success_ci95: wilson95(successes, victims),
+                train_mode_successes,
+                targets_flipped: flipped,
+                targets: evals.len(),
+                control_successes,
+                control_victims,
+                noise_successes,
+                noise_victims,
+                accuracy_poisoned: mean(&|e| e.poisoned.accuracy_mean),
+                accuracy_control: mean(&|e| e.control.accuracy_mean),
+                p_adv_poisoned: mean(&|e| mean_p_adv(e, "poisoned")),
+                p_adv_control: mean(&|e| mean_p_adv(e, "control")),
+                eval_seconds: evals.iter().map(|e| e.seconds).sum(),
+            }
+        })
+        .collect()
+}
+
+/// Each victim's probability of the first target's adversarial class, for the victims of `arm`.
+fn adv_probs(e: &EvalReport, arm: &str) -> Vec<f64> {
+    e.trials
+        .iter()
+        .filter(|t| t.arm == arm)
+        .filter_map(|t| {
+            let cls = *e.adversarial.first()?;
+            t.target_probs.first()?.get(cls as usize).copied()
+        })
+        .collect()
+}
+
+/// The mean of `adv_probs` (0 when the arm has no victims).
+fn mean_p_adv(e: &EvalReport, arm: &str) -> f64 {
+    let v = adv_probs(e, arm);
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+/// "victim net" or, for another recipe than the crafter's, "victim net, recipe".
+fn victims_label(net: &str, recipe: &str) -> String {
+    if recipe == "crafter" {
+        net.to_string()
+    } else {
+        format!("{net}, {recipe} recipe")
+    }
+}
+
+/// The campaign's table as printed and saved (CSV: one row per target and victim kind).
+pub fn csv(results: &[TargetResult]) -> String {
+    let mut out = String::from(
+        "target_id,victim_net,recipe,setting,epochs,poisoned_successes,poisoned_victims,train_mode_successes,control_successes,control_victims,noise_successes,noise_victims,accuracy_poisoned,accuracy_control,p_adv_poisoned,p_adv_control,craft_seconds,eval_seconds\n",
+    );
+    for r in results {
+        for e in &r.evals {
+            let noise = e.noise.as_ref();
+            out += &format!(
+                "{},{},{},{},{},{},{},{},{},{},{},{},{:.4},{:.4},{:.4},{:.4},{:.1},{:.1}\n",
+                r.target_id,
+                e.victim_net,
+                e.recipe(),
+                e.setting,
+                e.epochs,
+                e.poisoned.successes,
+                e.poisoned.trials,
+                e.poisoned.train_mode_successes,
+                e.control.successes,
+                e.control.trials,
+                noise.map_or(0, |n| n.successes),
+                noise.map_or(0, |n| n.trials),
+                e.poisoned.accuracy_mean,
+                e.control.accuracy_mean,
+                mean_p_adv(e, "poisoned"),
+                mean_p_adv(e, "control"),
+                r.craft_seconds,
+                e.seconds,
+            );
+        }
+    }
+    out
+}
+
+/// Minutes, one decimal.
+fn minutes(seconds: f64) -> String {
+    format!("{:.1} min", seconds / 60.0)
+}
+
+/// "k/n" and, with `interval`, its rate and 95% Wilson interval.
+fn flips(k: usize, n: usize, interval: bool) -> String {
+    if !interval || n == 0 {
+        return format!("{k}/{n}");
+    }
+    let (lo, hi) = wilson95(k, n);
+    format!(
+        "{k}/{n}, {:.0}% [{:.0}, {:.0}]",
+        k as f64 / n as f64 * 100.0,
+        lo * 100.0,
+        hi * 100.0
+    )
+}
+
+/// The benchmark table of a protocol campaign: a row per target and victim kind (poisoned
+/// victims flipped, flipped the authors' way, controls, noise controls, the mean probability
+/// of the adversarial class, clean accuracy, crafting and evaluation time), then a row per
+/// victim kind over all targets with Wilson intervals.
+fn benchmark_table(report: &CampaignReport, protocol: &Protocol) -> String {
+    let mut out = format!(
+        "Protocol `{}`: {}. Targets {:?}.\n\n| target | victims | poisoned flipped | train mode | controls flipped | noise flipped | p(adv) poisoned / control | clean accuracy poisoned / control | crafting | evaluation |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        protocol.name, protocol.description, protocol.targets
+    );
+    let row = |target: &str, e: &EvalReport, craft: &str| {
+        let noise = e
+            .noise
+            .as_ref()
+            .map_or("-".to_string(), |n| flips(n.successes, n.trials, false));
+        format!(
+            "| {target} | {} ({}) | {} | {} | {} | {noise} | {:.2} / {:.2} | {:.1}% / {:.1}% | {craft} | {} |\n",
+            victims_label(&e.victim_net, e.recipe()),
+            e.setting,
+            flips(e.poisoned.successes, e.poisoned.trials, false),
+            flips(e.poisoned.train_mode_successes, e.poisoned.trials, false),
+            flips(e.control.successes, e.control.trials, false),
+            mean_p_adv(e, "poisoned"),
+            mean_p_adv(e, "control"),
+            e.poisoned.accuracy_mean * 100.0,
+            e.control.accuracy_mean * 100.0,
+            minutes(e.seconds),
+        )
+    };
+    for r in &report.results {
+        for (i, e) in r.evals.iter().enumerate() {
+            let craft = if i == 0 {
+                minutes(r.craft_seconds)
+            } else {
+                String::new()
+            };
+            out += &row(&r.target_id.to_string(), e, &craft);
+        }
+    }
+    let craft_total: f64 = report.results.iter().map(|r| r.craft_seconds).sum();
+    for (i, t) in report.totals.iter().enumerate() {
+        out += &format!(
+            "| **all {}** | {} ({}) | **{}** | {} | {} | {} | {:.2} / {:.2} | {:.1}% / {:.1}% | {} | {} |\n",
+            t.targets,
+            victims_label(&t.victim_net, &t.recipe),
+            t.setting,
+            flips(t.successes, t.victims, true),
+            flips(t.train_mode_successes, t.victims, true),
+            flips(t.control_successes, t.control_victims, true),
+            if t.noise_victims > 0 {
+                flips(t.noise_successes, t.noise_victims, true)
+            } else {
+                "-".into()
+            },
+            t.p_adv_poisoned,
+            t.p_adv_control,
+            t.accuracy_poisoned * 100.0,
+            t.accuracy_control * 100.0,
+            if i == 0 { minutes(craft_total) } else { String::new() },
+            minutes(t.eval_seconds),
+        );
+    }
+    out
+}
+
+/// The campaign as a Markdown table: a protocol campaign's benchmark table, or one row per
+/// target and victim kind (the target's clean margins when it was ranked, each arm's flips and
+/// every victim's probability of the adversarial class, clean accuracies); then the printed
+/// summary of the totals.
+pub fn markdown(report: &CampaignReport) -> String {
+    let mut out = match &report.protocol {
+        Some(p) => benchmark_table(report, p),
+        None => per_target_table(report),
+    };
+    // The totals as the command prints them.
+    out += &format!("\n```\n{}```\n", summary(report));
+    out
+}
+
+fn per_target_table(report: &CampaignReport) -> String {
+    let mut out = format!(
+        "Targets: {:?} ({}).\n\n| target | victims | clean margin mean / worst | poisoned flipped | p(adv) poisoned | controls flipped | p(adv) controls | clean accuracy poisoned / control |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        report.selection.targets, report.selection.method
+    );
+    for r in &report.results {
+        let margins = report
+            .selection
+            .candidates
+            .iter()
+            .find(|c| c.id == r.target_id)
+            .map_or("-".to_string(), |c| {
+                format!("{:.2} / {:.2}", c.margin, c.min_margin)
+            });
+        for e in &r.evals {
+            let probs = |arm: &str| {
+                let p: Vec<String> = adv_probs(e, arm)
+                    .iter()
+                    .map(|p| format!("{p:.2}"))
+                    .collect();
+                p.join(", ")
+            };
+            out += &format!(
+                "| {} | {} ({}) | {margins} | {}/{} | {} | {}/{} | {} | {:.1}% / {:.1}% |\n",
+                r.target_id,
+                victims_label(&e.victim_net, e.recipe()),
+                e.setting,
+                e.poisoned.successes,
+                e.poisoned.trials,
+                probs("poisoned"),
+                e.control.successes,
+                e.control.trials,
+                probs("control"),
+                e.poisoned.accuracy_mean * 100.0,
+                e.control.accuracy_mean * 100.0,
+            );
+        }
+    }
+    out
+}
+
+/// The printed summary: one line per victim kind.
+pub fn summary(report: &CampaignReport) -> String {
+    let method = match &report.protocol {
+        Some(p) => format!("protocol {}", p.name),
+        None => report.selection.method.clone(),
+    };
+    let mut out = format!(
+        "{} targets ({method})\nvictims      recipe    setting    success over victims [95% Wilson]  targets flipped  control flips  noise flips  train mode  clean acc poisoned / control\n",
+        report.selection.targets.len(),
+    );
+    for t in &report.totals {
+        out += &format!(
+            "{:<12} {:<9} {:<10} {:>3}/{:<3} {:>5.1}% [{:>5.1}%, {:>5.1}%]      {:>2}/{:<2}           {:>2}/{:<3}        {:>7}  {:>10}  {:.2}% / {:.2}%\n",
+            t.victim_net,
+            t.recipe,
+            t.setting,
+            t.successes,
+            t.victims,
+            t.success_rate * 100.0,
+            t.success_ci95.0 * 100.0,
+            t.success_ci95.1 * 100.0,
+            t.targets_flipped,
+            t.targets,
+            t.control_successes,
+            t.control_victims,
+            if t.noise_victims > 0 {
+                format!("{}/{}", t.noise_successes, t.noise_victims)
+            } else {
+                "-".into()
+            },
+            format!("{}/{}", t.train_mode_successes, t.victims),
+            t.accuracy_poisoned * 100.0,
+            t.accuracy_control * 100.0
+        );
+    }
+    out
+}
