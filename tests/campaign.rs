@@ -231,6 +231,9 @@ fn a_protocol_campaign_completes_a_campaign_on_its_targets_with_its_victim_kinds
         r#"name = "tiny"
 description = "two targets, one victim an arm"
 dataset = "embedded"
+train_limit = 400
+subset = "first"
+victim_epochs = 1
 target_class = 6
 poison_class = 0
 targets = [3, 5]

@@ -106,6 +106,21 @@ fn defaults_settled_for_a_cpu_are_the_dense_profile_and_explicit_values_stay() {
         !notes.iter().any(|n| n.starts_with("craft.steps")),
         "{notes:?}"
     );
+    // Gradient matching's `auto` steps: 240 for each restart, whatever the hardware.
+    let mut gm =
+        parse("[craft]\nrecipe = \"gradient-matching\"\n[matching]\nrestarts = 3\n").unwrap();
+    gm.settle(true);
+    assert_eq!(gm.craft.steps, Auto::Value(720));
+    // Its surrogates train as long as the victims.
+    assert_eq!(gm.matching.surrogate_epochs, Auto::Value(200));
+    // Explicit steps must share evenly among the restarts, named in one line.
+    let e = parse("[craft]\nrecipe = \"gradient-matching\"\nsteps = 10\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("craft.steps") && e.contains("matching.restarts = 4"),
+        "{e}"
+    );
     // The settled config round-trips through TOML with numbers, not "auto".
     let text = c.to_toml();
     assert!(text.contains("train_limit = 2000"), "{text}");

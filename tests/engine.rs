@@ -29,6 +29,12 @@ fn dataset(c: &Config) -> Dataset {
     data::load(&c.data).unwrap()
 }
 
+/// One engine at a time in this test process: libtorch's thread count is process-wide and an
+/// engine sets it for its surrogate workers (parallel.rs), so two engines side by side would
+/// change each other's float reduction order mid-run, and the exact-resume comparisons below
+/// would fail for reasons no user meets (a process runs one engine).
+static ONE_ENGINE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Runs the engine to the end (or until `stop_after` steps were reported, then raises the stop
 /// flag as a signal would). Returns the step reports seen.
 fn run(
@@ -38,6 +44,7 @@ fn run(
     stop_after: Option<usize>,
     commands: Vec<(usize, Command)>,
 ) -> Vec<StepReport> {
+    let _one = ONE_ENGINE.lock().unwrap_or_else(|e| e.into_inner());
     let stop = Arc::new(AtomicBool::new(false));
     let handle = spawn(EngineSetup {
         data: dataset(&config),
@@ -151,6 +158,66 @@ fn interrupted_and_resumed_equals_uninterrupted() {
         !loaded.tensors.keys().any(|k| k.contains("velocity")),
         "plain SGD keeps no velocity"
     );
+}
+
+#[test]
+fn gradient_matching_resumes_exactly_in_the_middle_of_a_restart() {
+    let mut config = tiny_config();
+    config.craft.recipe = metapoison::config::CraftRecipe::GradientMatching;
+    config.matching.restarts = 2;
+    config.matching.surrogates = 2;
+    config.matching.surrogate_epochs = Auto::Value(1);
+    config.matching.recolor = true;
+    config.craft.steps = Auto::Value(16);
+    config.run.checkpoint_every = 3;
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let full = run(config.clone(), &a, false, None, vec![]);
+    assert_eq!(full.len(), 16);
+    assert_eq!(
+        (full[0].restart, full[15].restart),
+        (Some((1, 2)), Some((2, 2)))
+    );
+    // Stopped inside the second restart, with the first one's best perturbation saved.
+    let first = run(config.clone(), &b, false, Some(11), vec![]);
+    let saved = checkpoint::load(&b).unwrap();
+    assert!(
+        (9..16).contains(&saved.state.step),
+        "stopped at step {} of 16",
+        saved.state.step
+    );
+    assert_eq!(saved.state.matching_best.map(|(r, _)| r), Some(0));
+    assert!(saved.tensors.contains_key("matching.best.delta"));
+    let rest = run(saved.state.config.clone(), &b, true, None, vec![]);
+    assert_eq!(first.len() + rest.len(), 16);
+    let (sa, da, oa, _) = final_tensors(&a);
+    let (sb, db, ob, _) = final_tensors(&b);
+    assert_eq!((sa.step, sb.step), (16, 16));
+    assert_eq!(sa.matching_best, sb.matching_best);
+    let diff = |x: &tch::Tensor, y: &tch::Tensor| (x - y).abs().max().double_value(&[]);
+    assert!(diff(&da, &db) < 1e-5, "delta differs by {}", diff(&da, &db));
+    assert!(
+        diff(&oa, &ob) < 1e-7,
+        "offsets differ by {}",
+        diff(&oa, &ob)
+    );
+    for r in &rest {
+        let twin = &full[r.step];
+        let (x, y) = (r.adv_loss.unwrap(), twin.adv_loss.unwrap());
+        assert!((x - y).abs() < 1e-5, "step {}: {x} vs {y}", r.step);
+    }
+    // Each restart lowered its loss, and the run ends on the better restart's perturbation.
+    for restart in [&full[..8], &full[8..]] {
+        let (start, end) = (restart[0].adv_loss.unwrap(), restart[7].adv_loss.unwrap());
+        assert!(end < start, "matching loss {start} -> {end}");
+    }
+    let (kept, _) = sa.matching_best.unwrap();
+    let best = checkpoint::load(&a).unwrap().tensors["matching.best.delta"].shallow_clone();
+    assert!(kept <= 1 && diff(&best, &da) == 0.0);
+    assert!(sa
+        .events
+        .iter()
+        .any(|e| e.kind == "restart" && e.message.starts_with("kept restart")));
 }
 
 #[test]
@@ -269,6 +336,7 @@ fn bad_target_id_fails_with_a_clear_message() {
     let tmp = tempfile::tempdir().unwrap();
     let mut config = tiny_config();
     config.threat.target_ids = Auto::Value(vec![500]);
+    let _one = ONE_ENGINE.lock().unwrap_or_else(|e| e.into_inner());
     let handle = spawn(EngineSetup {
         data: dataset(&config),
         config,
@@ -331,6 +399,7 @@ fn a_lingering_engine_exports_and_evaluates_after_the_last_step() {
     config.victim.epochs = 1.into();
     config.victim.batch_size = 50;
     let dir = tempfile::tempdir().unwrap();
+    let _one = ONE_ENGINE.lock().unwrap_or_else(|e| e.into_inner());
     let handle = spawn(EngineSetup {
         data: dataset(&config),
         config,

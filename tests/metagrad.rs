@@ -3,7 +3,7 @@
 //! additive perturbation and of the colour grid. (`metapoison bench --gradcheck --device cuda`
 //! runs the same checks on a GPU.)
 
-use metapoison::bench::gradcheck::{check, check_momentum, Case, GradCheck};
+use metapoison::bench::gradcheck::{check, check_matching, check_momentum, Case, GradCheck};
 use metapoison::config::ObjectiveKind;
 use metapoison::craft::unroll::{meta_gradient, UnrollSettings};
 use metapoison::model::sgd::SgdRule;
@@ -65,6 +65,15 @@ fn metagradient_through_momentum_and_weight_decay_carried_into_the_unroll() {
     for nesterov in [false, true] {
         let c = check_momentum(2, nesterov, Device::Cpu);
         assert!(c.sgd.starts_with("momentum 0.9"), "{}", c.sgd);
+        assert_close(&c);
+    }
+}
+
+#[test]
+fn the_matching_loss_gradient_matches_finite_differences_grey_and_rgb() {
+    for channels in [1, 3] {
+        let c = check_matching(channels, Device::Cpu);
+        assert_eq!(c.objective, "gradient matching");
         assert_close(&c);
     }
 }

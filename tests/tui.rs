@@ -72,6 +72,7 @@ fn step(i: usize, loss: f64) -> Telemetry {
         seconds: 20.0,
         eta_seconds: 600.0,
         skipped: false,
+        restart: None,
     })
 }
 
@@ -101,6 +102,50 @@ fn text(buf: &ratatui::buffer::Buffer) -> String {
                 + "\n"
         })
         .collect()
+}
+
+#[test]
+fn a_gradient_matching_run_shows_its_matching_loss_restart_and_step_size() {
+    let mut app = App::new(Palette::TrueColor);
+    let Telemetry::Started {
+        run_dir,
+        device,
+        config_summary,
+        resumed_at,
+        class_names,
+        mut plan,
+        live,
+        steps,
+    } = started()
+    else {
+        unreachable!()
+    };
+    plan.recipe = metapoison::config::CraftRecipe::GradientMatching;
+    app.on_telemetry(Telemetry::Started {
+        run_dir,
+        device,
+        config_summary,
+        resumed_at,
+        class_names,
+        plan,
+        live,
+        steps,
+    });
+    app.on_telemetry(Telemetry::Phase(Phase::Crafting));
+    let Telemetry::Step(mut report) = step(0, 0.42) else {
+        unreachable!()
+    };
+    report.restart = Some((2, 4));
+    app.on_telemetry(Telemetry::Step(report));
+    let screen = text(&render(&app, 160, 48));
+    assert!(screen.contains("matching loss, restart 2/4"), "{screen}");
+    assert!(!screen.contains("adversarial loss"), "{screen}");
+    app.on_key(key(KeyCode::Char('p')));
+    let screen = text(&render(&app, 160, 48));
+    assert!(screen.contains("step (fraction of eps)"), "{screen}");
+    // A MetaPoison run keeps its labels.
+    let screen = text(&render(&app_with_steps(Palette::TrueColor), 160, 48));
+    assert!(screen.contains("adversarial loss"), "{screen}");
 }
 
 #[test]

@@ -4,7 +4,8 @@
 //! A tiny ConvNetBN (4 classes, batch norm in train mode) is unrolled K steps on random batches
 //! with two poisons in the first batch; random entries of the additive perturbation (of both
 //! poisons in the batch) and of the colour grid are perturbed by +-h and the objective (the
-//! adversarial loss plus the grid's smoothness penalty) is recomputed.
+//! adversarial loss plus the grid's smoothness penalty) is recomputed. The same comparison
+//! checks gradient matching's loss (`check_matching`).
 
 use crate::config::{NetKind, ObjectiveKind};
 use crate::craft::objective::TargetLabels;
@@ -155,6 +156,17 @@ impl Case {
     /// Central difference of the objective in entry `j` of delta (`is_delta`) or of the grid
     /// offsets, with step `h`; the entry is put back afterwards.
     pub fn central_difference(&self, is_delta: bool, j: i64, h: f64, s: UnrollSettings) -> f64 {
+        self.central_difference_of(is_delta, j, h, &|| self.objective(s))
+    }
+
+    /// `central_difference` of any objective of the perturbation.
+    pub fn central_difference_of(
+        &self,
+        is_delta: bool,
+        j: i64,
+        h: f64,
+        objective: &dyn Fn() -> f64,
+    ) -> f64 {
         let p = &self.perturbation;
         let flat = if is_delta {
             p.delta.view(-1)
@@ -167,9 +179,9 @@ impl Case {
             let _ = flat.get(j).fill_(v);
         };
         set(orig + h);
-        let up = self.objective(s);
+        let up = objective();
         set(orig - h);
-        let down = self.objective(s);
+        let down = objective();
         set(orig);
         (up - down) / (2.0 * h)
     }
@@ -271,11 +283,9 @@ pub fn check_momentum(k: usize, nesterov: bool, device: Device) -> GradCheck {
     compare(&case, s)
 }
 
-/// The meta-gradient of `case` under `s` against central differences at 8 delta and 3 grid
-/// entries (augmentation, layout and ops as the case has them, reported by the caller).
+/// The meta-gradient of `case` under `s` against central differences (augmentation, layout
+/// and ops as the case has them).
 fn compare(case: &Case, s: UnrollSettings) -> GradCheck {
-    let device = case.weights[0].device();
-    let channels = case.perturbation.base.size()[1] as usize;
     let (_, g_delta, g_offsets) = meta_gradient(
         case.model(),
         &case.perturbation,
@@ -283,40 +293,11 @@ fn compare(case: &Case, s: UnrollSettings) -> GradCheck {
         case.targets(),
         s,
     );
-    let g_delta = g_delta.to_device(Device::Cpu).flatten(0, -1);
-    let g_offsets = g_offsets.to_device(Device::Cpu).flatten(0, -1);
-    let per_image = case.perturbation.delta.size()[1..].iter().product::<i64>();
-    let mut picks: Vec<(bool, i64, f64)> = Vec::new();
-    for j in [3i64, 101, 377, 600] {
-        picks.push((true, j, 1e-4)); // slot 0
-        picks.push((true, 2 * per_image + (j * 2 + 1) % per_image, 1e-4)); // slot 2
-    }
-    let grid_size = case.perturbation.offsets.numel() as i64;
-    for j in [5i64, grid_size / 3 + 1, grid_size - 2] {
-        picks.push((false, j, 1e-6));
-    }
-    let mut entries = Vec::new();
-    for (is_delta, j, h) in picks {
-        let analytic = if is_delta { &g_delta } else { &g_offsets }.double_value(&[j]);
-        let numeric = case.central_difference(is_delta, j, h, s);
-        let scale = analytic.abs().max(numeric.abs());
-        let error = if scale < 1e-7 {
-            (analytic - numeric).abs()
-        } else {
-            (analytic - numeric).abs() / scale
-        };
-        entries.push(EntryCheck {
-            param: if is_delta { "delta" } else { "grid" },
-            index: j,
-            analytic,
-            numeric,
-            error,
-        });
-    }
+    let entries = entries(case, &g_delta, &g_offsets, &|| case.objective(s));
     let r = s.rule;
     GradCheck {
-        device: crate::device::describe(device),
-        channels,
+        device: crate::device::describe(case.weights[0].device()),
+        channels: case.perturbation.base.size()[1] as usize,
         unroll_steps: s.steps,
         objective: format!("{:?}", s.objective).to_lowercase(),
         augment: case.batches.augment.is_some(),
@@ -332,6 +313,86 @@ fn compare(case: &Case, s: UnrollSettings) -> GradCheck {
         } else {
             "plain".into()
         },
+        worst_error: entries.iter().map(|e| e.error).fold(0.0, f64::max),
+        entries,
+        delta_grad_l1: g_delta.abs().sum(Kind::Double).double_value(&[]),
+    }
+}
+
+/// The gradients `g_delta` and `g_offsets` of `objective` against its central differences
+/// (h = 1e-4 on the 0-255 delta, 1e-6 on the grid) at 8 delta entries (poison slots 0 and 2)
+/// and 3 grid entries.
+fn entries(
+    case: &Case,
+    g_delta: &Tensor,
+    g_offsets: &Tensor,
+    objective: &dyn Fn() -> f64,
+) -> Vec<EntryCheck> {
+    let g_delta = g_delta.to_device(Device::Cpu).flatten(0, -1);
+    let g_offsets = g_offsets.to_device(Device::Cpu).flatten(0, -1);
+    let per_image = case.perturbation.delta.size()[1..].iter().product::<i64>();
+    let mut picks: Vec<(bool, i64, f64)> = Vec::new();
+    for j in [3i64, 101, 377, 600] {
+        picks.push((true, j, 1e-4)); // slot 0
+        picks.push((true, 2 * per_image + (j * 2 + 1) % per_image, 1e-4)); // slot 2
+    }
+    let grid_size = case.perturbation.offsets.numel() as i64;
+    for j in [5i64, grid_size / 3 + 1, grid_size - 2] {
+        picks.push((false, j, 1e-6));
+    }
+    picks
+        .into_iter()
+        .map(|(is_delta, j, h)| {
+            let analytic = if is_delta { &g_delta } else { &g_offsets }.double_value(&[j]);
+            let numeric = case.central_difference_of(is_delta, j, h, objective);
+            let scale = analytic.abs().max(numeric.abs());
+            let error = if scale < 1e-7 {
+                (analytic - numeric).abs()
+            } else {
+                (analytic - numeric).abs() / scale
+            };
+            EntryCheck {
+                param: if is_delta { "delta" } else { "grid" },
+                index: j,
+                analytic,
+                numeric,
+                error,
+            }
+        })
+        .collect()
+}
+
+/// Gradient matching's loss (1 - cos between the targets' adversarial gradient and the
+/// poisons' training gradient, in eval mode, the poisons cropped and flipped) against central
+/// differences in delta and the colour grid: grey or RGB, the crate's own ops.
+pub fn check_matching(channels: usize, device: Device) -> GradCheck {
+    use crate::craft::matching::{matching_loss, target_gradient};
+    let case = Case::new(channels, 1, 17 + channels as u64, device);
+    let state = crate::model::State::new(
+        case.weights.iter().map(|w| w.shallow_clone()).collect(),
+        case.buffers.iter().map(|b| b.shallow_clone()).collect(),
+    );
+    let target = target_gradient(&case.net, &state, &case.targets, &case.labels.adversarial);
+    let labels = Tensor::from_slice(&[2i64, 0, 1]).to_device(device);
+    let loss = || {
+        let mut rng = SplitMix64::new(99);
+        let poisons = crate::model::augment::crop_flip(&case.perturbation.poisons(None), &mut rng);
+        matching_loss(&case.net, &state, &poisons, &labels, &target)
+    };
+    let p = &case.perturbation;
+    let mut grads = Tensor::run_backward(&[loss()], &[&p.delta, &p.offsets], false, false);
+    let g_offsets = grads.pop().expect("two gradients");
+    let g_delta = grads.pop().expect("two gradients");
+    let entries = entries(&case, &g_delta, &g_offsets, &|| loss().double_value(&[]));
+    GradCheck {
+        device: crate::device::describe(device),
+        channels,
+        unroll_steps: 0,
+        objective: "gradient matching".into(),
+        augment: true,
+        channels_last: false,
+        ops: case.net.ops.describe(),
+        sgd: "none (eval mode)".into(),
         worst_error: entries.iter().map(|e| e.error).fold(0.0, f64::max),
         entries,
         delta_grad_l1: g_delta.abs().sum(Kind::Double).double_value(&[]),
@@ -375,6 +436,9 @@ pub fn suite(device: Device) -> Vec<GradCheck> {
     }
     for nesterov in [false, true] {
         out.push(check_momentum(2, nesterov, device));
+    }
+    for channels in [1, 3] {
+        out.push(check_matching(channels, device));
     }
     out
 }

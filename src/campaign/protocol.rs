@@ -3,7 +3,7 @@
 //! the same victims. `campaign --protocol NAME` takes a built-in one (benches/efficacy/NAME.toml,
 //! compiled in) or a file of the same form.
 
-use crate::config::{Auto, Config, DatasetKind, NetKind, Recipe};
+use crate::config::{Auto, Config, DatasetKind, NetKind, Recipe, Subset};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -27,8 +27,13 @@ impl VictimKind {
 pub struct Protocol {
     pub name: String,
     pub description: String,
-    /// The data set its targets belong to.
+    /// The data set its targets belong to, and the training images victims learn from: the
+    /// targets were chosen by how clean victims of that data see them.
     pub dataset: DatasetKind,
+    pub train_limit: usize,
+    pub subset: Subset,
+    /// Epochs every victim trains (whatever the machine's `auto`).
+    pub victim_epochs: usize,
     pub target_class: i64,
     pub poison_class: i64,
     /// Target ids among the test images of the target class, one crafting run each.
@@ -113,9 +118,10 @@ impl Protocol {
         Ok(p)
     }
 
-    /// Fits a campaign's config to the protocol: the data set must be the protocol's, and the
-    /// target and poison classes become its own (a config that names other classes is refused,
-    /// since the protocol's target ids would then mean other images).
+    /// Fits a campaign's config to the protocol: the data set must be the protocol's; the
+    /// training images, the victims' epochs and the target and poison classes become its own.
+    /// A config that gives other values for them is refused, since the protocol's targets
+    /// would then be judged on other data or mean other images.
     pub fn fit(&self, config: &mut Config) -> Result<(), ProtocolError> {
         let invalid = |message: String| ProtocolError::Invalid {
             origin: self.name.clone(),
@@ -127,28 +133,50 @@ impl Protocol {
                 self.dataset, config.data.dataset
             )));
         }
-        let threat = &mut config.threat;
-        for (field, slot, value) in [
-            (
-                "threat.target_class",
-                &mut threat.target_class,
-                self.target_class,
-            ),
-            (
-                "threat.poison_class",
-                &mut threat.poison_class,
-                self.poison_class,
-            ),
-        ] {
+        fn pin<T: PartialEq + std::fmt::Debug + Clone>(
+            field: &str,
+            slot: &mut Auto<T>,
+            value: T,
+        ) -> Result<(), String> {
             match slot {
-                Auto::Value(v) if *v != value => {
-                    return Err(invalid(format!(
-                        "uses class {value} where the config's {field} is {v}; remove {field} from the config"
-                    )))
+                Auto::Value(v) if *v != value => Err(format!(
+                    "uses {field} = {value:?} where the config has {v:?}; remove {field} from the config"
+                )),
+                _ => {
+                    *slot = Auto::Value(value);
+                    Ok(())
                 }
-                _ => *slot = Auto::Value(value),
             }
         }
+        let pinned = pin(
+            "data.train_limit",
+            &mut config.data.train_limit,
+            self.train_limit,
+        )
+        .and_then(|_| pin("data.subset", &mut config.data.subset, self.subset))
+        .and_then(|_| {
+            pin(
+                "victim.epochs",
+                &mut config.victim.epochs,
+                self.victim_epochs,
+            )
+        })
+        .and_then(|_| {
+            pin(
+                "threat.target_class",
+                &mut config.threat.target_class,
+                self.target_class,
+            )
+        })
+        .and_then(|_| {
+            pin(
+                "threat.poison_class",
+                &mut config.threat.poison_class,
+                self.poison_class,
+            )
+        });
+        pinned.map_err(invalid)?;
+        let threat = &config.threat;
         if !matches!(threat.adv_class, Auto::Auto)
             && threat.adv_class != Auto::Value(self.poison_class)
         {
@@ -198,6 +226,18 @@ mod tests {
             (c.threat.target_class, c.threat.poison_class),
             (Auto::Value(6), Auto::Value(0))
         );
+        assert_eq!(
+            (c.data.train_limit, c.data.subset, c.victim.epochs),
+            (
+                Auto::Value(2000),
+                Auto::Value(Subset::First),
+                Auto::Value(20)
+            )
+        );
+        let mut longer = Config::default();
+        longer.victim.epochs = Auto::Value(200);
+        let e = p.fit(&mut longer).unwrap_err().to_string();
+        assert!(e.contains("victim.epochs"), "{e}");
         let mut other = Config::default();
         other.threat.poison_class = Auto::Value(3);
         let e = p.fit(&mut other).unwrap_err().to_string();

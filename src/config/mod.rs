@@ -20,6 +20,8 @@ pub struct Config {
     pub craft: CraftConfig,
     pub surrogate: TrainConfig,
     pub victim: VictimConfig,
+    /// Gradient matching's settings (`craft.recipe = "gradient-matching"`).
+    pub matching: MatchingConfig,
     pub run: RunConfig,
     pub keys: KeysConfig,
 }
@@ -243,6 +245,72 @@ pub struct CraftConfig {
     pub augment: bool,
     /// What the surrogates themselves train on while crafting (the authors' `-trajectory`).
     pub trajectory: Trajectory,
+    /// The attack: MetaPoison (this tool's purpose) or gradient matching.
+    pub recipe: CraftRecipe,
+}
+
+/// Which attack crafts the poisons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CraftRecipe {
+    /// Meta-learning through unrolled SGD steps over a staggered ensemble (Huang et al. 2020).
+    Metapoison,
+    /// Witches' Brew (Geiping et al. 2021): the poisons' training gradient aligned with the
+    /// target's adversarial gradient on surrogates trained on the clean data; see [matching].
+    GradientMatching,
+}
+
+impl CraftRecipe {
+    pub fn name(self) -> &'static str {
+        match self {
+            CraftRecipe::Metapoison => "metapoison",
+            CraftRecipe::GradientMatching => "gradient-matching",
+        }
+    }
+}
+
+/// Steps of one gradient-matching restart when `craft.steps` is `auto` (forest's 250, rounded
+/// so that the step-size drops at 3/8, 5/8 and 7/8 fall on whole steps).
+pub const MATCHING_STEPS_PER_RESTART: usize = 240;
+
+/// Gradient matching (Witches' Brew, Geiping et al., ICLR 2021; forest's defaults where this
+/// does not say otherwise).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MatchingConfig {
+    /// Restarts from fresh random perturbations; the poisons of the restart with the lowest
+    /// final matching loss are kept. `craft.steps` are shared evenly among them (`auto`:
+    /// `MATCHING_STEPS_PER_RESTART` each).
+    pub restarts: usize,
+    /// Surrogates trained from scratch on the clean split; their matching losses are averaged.
+    pub surrogates: usize,
+    /// Signed-Adam step, as a fraction of `threat.eps` (forest's tau 0.1 at eps 16 on CIFAR-10
+    /// is 0.4 eps); x0.1 at 3/8, 5/8 and 7/8 of each restart.
+    pub step_size: f64,
+    /// How the surrogates are trained: "standard" (SGD with Nesterov momentum, weight decay,
+    /// one cycle, as `eval --recipe standard`) or "crafter" (the `[victim]` protocol), with
+    /// the surrogates' architecture.
+    pub surrogate_recipe: Recipe,
+    /// Epochs of that training; `auto` = `victim.epochs`.
+    pub surrogate_epochs: Auto<usize>,
+    /// Differentiable random crop and flip of the poisons at every step.
+    pub augment: bool,
+    /// Also optimise each poison's colour grid (ReColor), within `threat.color_eps`.
+    pub recolor: bool,
+}
+
+impl Default for MatchingConfig {
+    fn default() -> Self {
+        Self {
+            restarts: 4,
+            surrogates: 1,
+            step_size: 0.4,
+            surrogate_recipe: Recipe::Standard,
+            surrogate_epochs: Auto::Auto,
+            augment: true,
+            recolor: false,
+        }
+    }
 }
 
 /// The surrogates' own training batches during crafting. Pretraining is always clean.
@@ -274,6 +342,7 @@ impl Default for CraftConfig {
             restart_period: 0,
             augment: false,
             trajectory: Trajectory::Clean,
+            recipe: CraftRecipe::Metapoison,
         }
     }
 }

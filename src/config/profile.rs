@@ -124,7 +124,17 @@ impl Config {
                 p.npoison,
                 p.name,
             ),
-            settle("craft.steps", &mut self.craft.steps, p.steps, p.name),
+            settle(
+                "craft.steps",
+                &mut self.craft.steps,
+                match self.craft.recipe {
+                    super::CraftRecipe::Metapoison => p.steps,
+                    super::CraftRecipe::GradientMatching => {
+                        self.matching.restarts * super::MATCHING_STEPS_PER_RESTART
+                    }
+                },
+                p.name,
+            ),
             settle(
                 "craft.lr_drops",
                 &mut self.craft.lr_drops,
@@ -178,6 +188,17 @@ impl Config {
                 p.name,
             ),
             self.victim.settle(on_gpu),
+            // Gradient matching's own field, settled (and noted) only where it is used.
+            if self.craft.recipe == super::CraftRecipe::GradientMatching {
+                settle(
+                    "matching.surrogate_epochs",
+                    &mut self.matching.surrogate_epochs,
+                    self.victim.epochs(),
+                    p.name,
+                )
+            } else {
+                None
+            },
         ]
         .into_iter()
         .flatten()
@@ -257,5 +278,11 @@ impl super::RunConfig {
 impl super::VictimConfig {
     pub fn epochs(&self) -> usize {
         self.epochs.resolve(CPU.victim_epochs)
+    }
+}
+
+impl super::MatchingConfig {
+    pub fn surrogate_epochs(&self) -> usize {
+        self.surrogate_epochs.resolve(CPU.victim_epochs)
     }
 }

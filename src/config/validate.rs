@@ -197,6 +197,36 @@ impl Config {
         nesterov("victim.momentum", v.nesterov, v.momentum)?;
         int_range("victim.trials", v.trials, 1, 10_000)?;
 
+        let m = &self.matching;
+        int_range("matching.restarts", m.restarts, 1, 1000)?;
+        int_range("matching.surrogates", m.surrogates, 1, 1024)?;
+        real_range("matching.step_size", m.step_size, 0.0, 10.0, true)?;
+        if let Auto::Value(e) = m.surrogate_epochs {
+            int_range("matching.surrogate_epochs", e, 1, 100_000)?;
+        }
+        if self.craft.recipe == super::CraftRecipe::GradientMatching {
+            if let Auto::Value(steps) = self.craft.steps {
+                if steps % m.restarts != 0 || steps / m.restarts < 8 {
+                    return Err(invalid(
+                        "craft.steps",
+                        steps,
+                        format!(
+                            "must share evenly among matching.restarts = {} with at least 8 steps each (or \"auto\": {} each)",
+                            m.restarts,
+                            super::MATCHING_STEPS_PER_RESTART
+                        ),
+                    ));
+                }
+            }
+            if !self.run.surrogate_devices.is_empty() {
+                return Err(invalid(
+                    "run.surrogate_devices",
+                    format!("{:?}", self.run.surrogate_devices),
+                    "spreads MetaPoison's ensemble; gradient matching runs on run.device: remove it",
+                ));
+            }
+        }
+
         let r = &self.run;
         if let Err(e) = r.device.parse::<DeviceChoice>() {
             return Err(invalid("run.device", format!("\"{}\"", r.device), e));

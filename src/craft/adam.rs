@@ -30,6 +30,12 @@ impl Adam {
 
     /// One step: params -= lr * m_hat / (sqrt(v_hat) + eps).
     pub fn step(&mut self, params: &mut [&mut Tensor], grads: &[Tensor], lr: f64) {
+        let lrs = vec![lr; params.len()];
+        self.step_each(params, grads, &lrs);
+    }
+
+    /// `step` with a rate per parameter.
+    pub fn step_each(&mut self, params: &mut [&mut Tensor], grads: &[Tensor], lrs: &[f64]) {
         let _guard = tch::no_grad_guard();
         self.t += 1;
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
@@ -37,7 +43,7 @@ impl Adam {
         for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
             let m = &self.m[i] * self.beta1 + g * (1.0 - self.beta1);
             let v = &self.v[i] * self.beta2 + g.square() * (1.0 - self.beta2);
-            let update = (&m / bc1) / ((&v / bc2).sqrt() + self.eps) * lr;
+            let update = (&m / bc1) / ((&v / bc2).sqrt() + self.eps) * lrs[i];
             let _ = p.f_sub_(&update).expect("adam update");
             self.m[i] = m;
             self.v[i] = v;

@@ -56,6 +56,10 @@ pub struct CheckpointState {
     /// Wall-clock seconds of the surrogates' pretraining (0 in runs recorded before).
     #[serde(default)]
     pub pretrain_seconds: f64,
+    /// Gradient matching: the best restart so far (0-based) and its final matching loss; its
+    /// perturbation is saved as the tensors `matching.best.delta` and `matching.best.offsets`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matching_best: Option<(usize, f64)>,
 }
 
 impl CheckpointState {
@@ -132,6 +136,7 @@ pub fn save(crafter: &Crafter, dir: &Path) -> Result<PathBuf, CheckpointError> {
         float64: crafter.kind == Kind::Double,
         device: crate::device::describe(crafter.device),
         pretrain_seconds: crafter.pretrain_seconds,
+        matching_best: crafter.matching.best.as_ref().map(|b| (b.restart, b.loss)),
     };
     let mut named: Vec<(String, &Tensor)> = vec![
         ("delta".into(), &crafter.perturbation.delta),
@@ -143,6 +148,10 @@ pub fn save(crafter: &Crafter, dir: &Path) -> Result<PathBuf, CheckpointError> {
     }
     for (m, s) in crafter.surrogates.iter().enumerate() {
         named.extend(surrogate_names(m, s));
+    }
+    if let Some(best) = &crafter.matching.best {
+        named.push(("matching.best.delta".into(), &best.delta));
+        named.push(("matching.best.offsets".into(), &best.offsets));
     }
     let meta = HashMap::from([(
         "metapoison".to_string(),
@@ -430,6 +439,16 @@ impl Loaded {
         c.history = self.state.history.clone();
         c.nonfinite_in_row = self.state.nonfinite_in_row;
         c.pretrain_seconds = self.state.pretrain_seconds;
+        c.matching.targets.clear();
+        c.matching.best = match self.state.matching_best {
+            Some((restart, loss)) => Some(crate::craft::matching::BestRestart {
+                restart,
+                loss,
+                delta: self.take("matching.best.delta", &c.perturbation.delta)?,
+                offsets: self.take("matching.best.offsets", &c.perturbation.offsets)?,
+            }),
+            None => None,
+        };
         Ok(())
     }
 }

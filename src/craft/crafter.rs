@@ -3,15 +3,16 @@
 
 use super::adam::Adam;
 use super::epoch::{CleanEpochJob, EpochJob, GroupedEpoch};
+use super::matching::{self, MatchingState, Restarts};
 use super::messages::{Event, StepReport};
 use super::objective::TargetLabels;
 use super::perturbation::Perturbation;
 use super::plan::Plan;
 use super::recolor::Recolor;
-use super::rng::{derive, Purpose};
+use super::rng::{derive, Purpose, SplitMix64};
 use super::schedule;
 use super::unroll::UnrollSettings;
-use crate::config::Config;
+use crate::config::{Config, CraftRecipe};
 use crate::data::{Dataset, Split};
 use crate::failure::{attempt_group, GroupAttempt};
 use crate::model::{InputNorm, Mode, Network, State};
@@ -86,6 +87,22 @@ pub struct Crafter {
     replicas: Vec<Replica>,
     /// Surrogate m lives on `replicas[placement[m]]`.
     placement: Vec<usize>,
+    /// Gradient matching's own state (empty for MetaPoison).
+    pub matching: MatchingState,
+}
+
+/// What one recipe's step leaves for the step report.
+struct StepOutcome {
+    /// Each surrogate's loss this step (MetaPoison: None for one that took no meta step).
+    losses: Vec<Option<f64>>,
+    /// The outer rate applied to delta (0-255 scale).
+    lr: f64,
+    epochs: Vec<usize>,
+    meta_batches: usize,
+    /// False when the gradient was not finite and the update was skipped.
+    updated: bool,
+    /// Gradient matching: (restart, restarts), 1-based.
+    restart: Option<(usize, usize)>,
 }
 
 /// A device surrogates live on; on a device other than the crafter's, its copy of what they
@@ -169,7 +186,11 @@ impl Crafter {
         .with_channels_last(config.run.channels_last())
         .with_ops(config.run.own_ops());
         let live = LiveSettings {
-            outer_lr: config.craft.outer_lr,
+            // Gradient matching's outer rate is its signed-Adam step, a fraction of eps.
+            outer_lr: match config.craft.recipe {
+                CraftRecipe::Metapoison => config.craft.outer_lr,
+                CraftRecipe::GradientMatching => config.matching.step_size,
+            },
             inner_lr: config.surrogate.lr,
             unroll_steps: config.craft.unroll_steps,
         };
@@ -196,6 +217,7 @@ impl Crafter {
             pretrain_seconds: 0.0,
             step_seconds: Vec::new(),
             group_size: plan_ensemble,
+            matching: MatchingState::default(),
             net,
             device,
             kind,
@@ -215,10 +237,15 @@ impl Crafter {
             m as u64,
             generation as u64,
         );
-        self.net
+        let state = self
+            .net
             .init(self.surrogate_device(m), self.kind, seed)
-            .trainable()
-            .with_velocity(&self.sgd_rule())
+            .trainable();
+        match self.plan.recipe {
+            CraftRecipe::Metapoison => state.with_velocity(&self.sgd_rule()),
+            // Gradient matching's surrogates never take a crafting step.
+            CraftRecipe::GradientMatching => state,
+        }
     }
 
     /// The surrogates' SGD rule (weight decay and momentum), in their own steps and unrolled.
@@ -361,6 +388,9 @@ impl Crafter {
     /// `plan.parallel_surrogates` surrogates at a time. `progress(m, epoch, epochs)` is called
     /// after each epoch; returning false cancels.
     pub fn pretrain(&mut self, mut progress: impl FnMut(usize, usize, usize) -> bool) -> bool {
+        if self.plan.recipe == CraftRecipe::GradientMatching {
+            return self.train_matching_surrogates(progress);
+        }
         let (mm, stagger) = (self.plan.ensemble_size, self.plan.stagger);
         let epochs = |m: usize| schedule::surrogate_epoch(m, 0, mm, stagger);
         if self.plan.grouped_surrogates {
@@ -388,6 +418,111 @@ impl Crafter {
             }
         }
         true
+    }
+
+    /// Gradient matching's surrogates: each trained from scratch on the clean split with
+    /// `matching.surrogate_recipe` for `matching.surrogate_epochs` (the victims' protocol), one
+    /// after another. They do not train further while crafting.
+    fn train_matching_surrogates(
+        &mut self,
+        mut progress: impl FnMut(usize, usize, usize) -> bool,
+    ) -> bool {
+        let m = &self.config.matching;
+        let mut victim = m.surrogate_recipe.apply(self.config.victim.clone());
+        victim.net = self.config.surrogate.net;
+        victim.epochs = m.surrogate_epochs().into();
+        let spec = crate::victim::VictimTraining::from_config(&victim);
+        let epochs = spec.epochs;
+        for k in 0..self.plan.ensemble_size {
+            let seed = derive(self.config.run.seed, Purpose::Pretrain, k as u64, 0);
+            let mut go_on = true;
+            let state = crate::victim::train_from_scratch(
+                &self.net,
+                &spec,
+                &self.train_x,
+                &self.train_y,
+                seed,
+                self.kind,
+                |epoch| {
+                    go_on = progress(k, epoch, epochs);
+                    go_on
+                },
+            );
+            if !go_on {
+                return false;
+            }
+            // Crafting differentiates through the weights but never steps them: no velocity.
+            self.surrogates[k] = State::new(state.weights, state.buffers).trainable();
+        }
+        self.matching.targets.clear();
+        true
+    }
+
+    /// The targets' adversarial gradient on each surrogate, computed once after pretraining
+    /// or a restore.
+    fn ensure_target_gradients(&mut self) {
+        if self.matching.targets.len() == self.surrogates.len() {
+            return;
+        }
+        self.matching.targets = self
+            .surrogates
+            .iter()
+            .map(|s| {
+                matching::target_gradient(&self.net, s, &self.targets, &self.labels.adversarial)
+            })
+            .collect();
+    }
+
+    /// The poisons' true labels, in slot order.
+    fn poison_labels(&self) -> Tensor {
+        let idx = super::epoch::as_index(&self.plan.poison_indices, self.device);
+        self.train_y.index_select(0, &idx)
+    }
+
+    /// The end of restart `restart`: its unaugmented matching loss is scored against the best
+    /// restart so far; after the last one, the best restart's perturbation becomes the run's.
+    fn finish_restart(&mut self, restart: usize, last: bool) {
+        let loss = {
+            let poisons = self.perturbation.poisons(None);
+            let labels = self.poison_labels();
+            matching::ensemble_loss(
+                &self.net,
+                &self.surrogates,
+                &self.matching.targets,
+                &poisons,
+                &labels,
+            )
+            .0
+            .double_value(&[])
+        };
+        let p = &self.perturbation;
+        let kept = self.matching.offer(restart, loss, &p.delta, &p.offsets);
+        let restarts = self.config.matching.restarts;
+        self.events.push(Event {
+            step: self.step,
+            kind: "restart".into(),
+            message: format!(
+                "restart {}/{restarts} ended at matching loss {loss:.4}{}",
+                restart + 1,
+                if kept { ", the best so far" } else { "" }
+            ),
+        });
+        if last {
+            if let Some(best) = &self.matching.best {
+                let _guard = tch::no_grad_guard();
+                self.perturbation.delta.copy_(&best.delta);
+                self.perturbation.offsets.copy_(&best.offsets);
+                self.events.push(Event {
+                    step: self.step,
+                    kind: "restart".into(),
+                    message: format!(
+                        "kept restart {}/{restarts}: matching loss {:.4}",
+                        best.restart + 1,
+                        best.loss
+                    ),
+                });
+            }
+        }
     }
 
     /// `pretrain` with the surrogates grouped: at each epoch, every surrogate still short of
@@ -529,6 +664,77 @@ impl Crafter {
     pub fn craft_step(&mut self, cancelled: &(dyn Fn() -> bool + Sync)) -> Option<StepReport> {
         let started = Instant::now();
         let step = self.step;
+        let outcome = match self.plan.recipe {
+            CraftRecipe::Metapoison => self.metapoison_step(step, cancelled)?,
+            CraftRecipe::GradientMatching => self.matching_step(step),
+        };
+        let counted: Vec<f64> = outcome.losses.iter().flatten().copied().collect();
+        let adv_loss =
+            (!counted.is_empty()).then(|| counted.iter().sum::<f64>() / counted.len() as f64);
+        let (target_probs, target_fooled) = self.evaluate_targets();
+        let seconds = started.elapsed().as_secs_f64();
+        self.step_seconds.push(seconds);
+        let recent = &self.step_seconds[self.step_seconds.len().saturating_sub(5)..];
+        let mean = recent.iter().sum::<f64>() / recent.len() as f64;
+        let steps = self.config.craft.steps();
+        let report = StepReport {
+            step,
+            steps,
+            adv_loss,
+            adv_loss_per_surrogate: outcome.losses,
+            target_probs,
+            target_fooled,
+            norms: self.perturbation.norms(),
+            outer_lr: outcome.lr,
+            inner_lr: self.live.inner_lr,
+            unroll_steps: self.live.unroll_steps,
+            epochs: outcome.epochs,
+            meta_batches: outcome.meta_batches,
+            seconds,
+            eta_seconds: mean * (steps.saturating_sub(step + 1)) as f64,
+            skipped: !outcome.updated,
+            restart: outcome.restart,
+        };
+        self.step += 1;
+        self.history.push(report.clone());
+        Some(report)
+    }
+
+    /// Applies an outer step to the perturbation when its gradients are finite (the rates:
+    /// delta's, then the colour grid's); otherwise counts a skipped step. Returns whether it
+    /// was applied.
+    fn update_perturbation(&mut self, step: usize, grads: [Tensor; 2], rates: [f64; 2]) -> bool {
+        let finite = grads
+            .iter()
+            .all(|g| g.isfinite().all().int64_value(&[]) != 0);
+        if finite {
+            self.nonfinite_in_row = 0;
+            let p = &mut self.perturbation;
+            self.adam
+                .step_each(&mut [&mut p.delta, &mut p.offsets], &grads, &rates);
+            p.project(true);
+        } else {
+            self.nonfinite_in_row += 1;
+            self.events.push(Event {
+                step,
+                kind: "nonfinite".into(),
+                message: format!(
+                    "gradient not finite: update skipped ({} in a row)",
+                    self.nonfinite_in_row
+                ),
+            });
+        }
+        finite
+    }
+
+    /// MetaPoison's craft step: every surrogate walks its epoch, taking the meta-gradient at
+    /// its poison-holding batches; the averaged meta-gradient moves the perturbation (Adam).
+    /// None when cancelled (the surrogates are put back).
+    fn metapoison_step(
+        &mut self,
+        step: usize,
+        cancelled: &(dyn Fn() -> bool + Sync),
+    ) -> Option<StepOutcome> {
         let mm = self.plan.ensemble_size;
         let restart = self.config.craft.restart_period;
         if step > 0 && restart > 0 && step % restart == 0 {
@@ -640,62 +846,96 @@ impl Crafter {
         }
         let g_delta = g_delta / mm as f64;
         let g_offsets = g_offsets / mm as f64;
-        let finite = g_delta.isfinite().all().int64_value(&[]) != 0
-            && g_offsets.isfinite().all().int64_value(&[]) != 0;
         let lr = self.outer_lr(step);
-        if finite {
-            self.nonfinite_in_row = 0;
-            let p = &mut self.perturbation;
-            self.adam.step(
-                &mut [&mut p.delta, &mut p.offsets],
-                &[g_delta, g_offsets],
-                lr,
-            );
-            p.project(true);
-        } else {
-            self.nonfinite_in_row += 1;
-            self.events.push(Event {
-                step,
-                kind: "nonfinite".into(),
-                message: format!(
-                    "meta-gradient not finite: update skipped ({} in a row)",
-                    self.nonfinite_in_row
-                ),
-            });
-        }
-        let adv_loss_per_surrogate: Vec<Option<f64>> = adv_per
-            .iter()
-            .map(|(a, n)| (*n > 0).then(|| a.double_value(&[]) / *n as f64))
-            .collect();
-        let counted: Vec<f64> = adv_loss_per_surrogate.iter().flatten().copied().collect();
-        let adv_loss =
-            (!counted.is_empty()).then(|| counted.iter().sum::<f64>() / counted.len() as f64);
-        let (target_probs, target_fooled) = self.evaluate_targets();
-        let seconds = started.elapsed().as_secs_f64();
-        self.step_seconds.push(seconds);
-        let recent = &self.step_seconds[self.step_seconds.len().saturating_sub(5)..];
-        let mean = recent.iter().sum::<f64>() / recent.len() as f64;
-        let steps = self.config.craft.steps();
-        let report = StepReport {
-            step,
-            steps,
-            adv_loss,
-            adv_loss_per_surrogate,
-            target_probs,
-            target_fooled,
-            norms: self.perturbation.norms(),
-            outer_lr: lr,
-            inner_lr: self.live.inner_lr,
-            unroll_steps: self.live.unroll_steps,
+        let updated = self.update_perturbation(step, [g_delta, g_offsets], [lr, lr]);
+        Some(StepOutcome {
+            losses: adv_per
+                .iter()
+                .map(|(a, n)| (*n > 0).then(|| a.double_value(&[]) / *n as f64))
+                .collect(),
+            lr,
             epochs,
             meta_batches,
-            seconds,
-            eta_seconds: mean * (steps.saturating_sub(step + 1)) as f64,
-            skipped: !finite,
+            updated,
+            restart: None,
+        })
+    }
+
+    /// Gradient matching's craft step (matching.rs): a fresh random perturbation at the start
+    /// of each restart, one signed-Adam step on the averaged matching loss, and at the end of
+    /// each restart its unaugmented loss scored against the best restart so far; after the
+    /// last step the best restart's poisons are the run's.
+    fn matching_step(&mut self, step: usize) -> StepOutcome {
+        let schedule = Restarts {
+            restarts: self.config.matching.restarts,
+            steps: self.config.craft.steps(),
         };
-        self.step += 1;
-        self.history.push(report.clone());
-        Some(report)
+        let (restart, i) = schedule.locate(step);
+        if i == 0 && restart > 0 {
+            let seed = derive(
+                self.config.run.seed,
+                Purpose::PerturbationInit,
+                restart as u64,
+                1,
+            );
+            self.perturbation.randomise(seed);
+            self.perturbation.project(true);
+            self.adam = Adam::new(&[&self.perturbation.delta, &self.perturbation.offsets]);
+        }
+        self.ensure_target_gradients();
+        let augment = self.config.matching.augment.then(|| {
+            SplitMix64::new(derive(
+                self.config.run.seed,
+                Purpose::Augment,
+                0,
+                step as u64,
+            ))
+        });
+        let poisons = self.perturbation.poisons(None);
+        let poisons = match augment {
+            Some(mut rng) => crate::model::augment::crop_flip(&poisons, &mut rng),
+            None => poisons,
+        };
+        let labels = self.poison_labels();
+        let (loss, losses) = matching::ensemble_loss(
+            &self.net,
+            &self.surrogates,
+            &self.matching.targets,
+            &poisons,
+            &labels,
+        );
+        let recolor = self.config.matching.recolor;
+        let objective = if recolor {
+            let p = &self.perturbation;
+            loss + p.recolor.smoothness(&p.offsets) * self.config.threat.smooth_coef
+        } else {
+            loss
+        };
+        let p = &self.perturbation;
+        let mut grads = Tensor::run_backward(&[&objective], &[&p.delta, &p.offsets], false, false);
+        let g_offsets = if recolor {
+            grads.pop().expect("two gradients").sign()
+        } else {
+            let _ = grads.pop();
+            p.offsets.detach().zeros_like()
+        };
+        let g_delta = grads.pop().expect("two gradients").sign();
+        // The step as a fraction of each bound: pixels for delta, colour units for the grid.
+        let fraction = self.live.outer_lr * schedule.factor(i);
+        let lr = fraction * self.perturbation.eps;
+        let rates = [lr, fraction * self.perturbation.color_eps];
+        let updated = self.update_perturbation(step, [g_delta, g_offsets], rates);
+        if i + 1 == schedule.per_restart() {
+            self.finish_restart(restart, step + 1 == schedule.steps);
+        }
+        StepOutcome {
+            losses: losses.into_iter().map(Some).collect(),
+            lr,
+            epochs: Vec::new(),
+            meta_batches: 0,
+            updated,
+            restart: Some((restart + 1, schedule.restarts)),
+        }
     }
 
     pub fn finished(&self) -> bool {

@@ -206,6 +206,15 @@ impl Session<'_> {
                 }
                 Err(e) => self.event("rejected", format!("{e}: refused")),
             },
+            Command::SetInnerLr { .. } | Command::SetUnrollSteps { .. }
+                if self.crafter.plan.recipe == crate::config::CraftRecipe::GradientMatching =>
+            {
+                self.event(
+                    "rejected",
+                    "the inner lr and K are MetaPoison's; gradient matching has neither: refused"
+                        .into(),
+                );
+            }
             Command::SetInnerLr { value } => match LiveSettings::check_inner_lr(value) {
                 Ok(v) => {
                     let old = std::mem::replace(&mut self.crafter.live.inner_lr, v);
@@ -488,7 +497,7 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Sender<Telemetry>) -> Re
             None => crate::device::describe(setup.device),
         },
         config_summary: format!(
-            "{} on {}, {} poisons of class {}, targets {:?} (class {}) -> class {}, M={} stagger={} K={} fraction={} ({})",
+            "{} on {}, {} poisons of class {}, targets {:?} (class {}) -> class {}, {}",
             config.surrogate.net.name(),
             setup.data.name,
             crafter.plan.poison_indices.len(),
@@ -496,14 +505,23 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Sender<Telemetry>) -> Re
             crafter.plan.target_ids,
             crafter.plan.target_class,
             crafter.plan.adv_class,
-            crafter.plan.ensemble_size,
-            crafter.plan.stagger,
-            crafter.live.unroll_steps,
-            crafter.plan.meta_batch_fraction,
-            if crafter.plan.grouped_surrogates {
-                "grouped".to_string()
-            } else {
-                format!("{} at once", crafter.plan.parallel_surrogates)
+            match crafter.plan.recipe {
+                crate::config::CraftRecipe::Metapoison => format!(
+                    "M={} stagger={} K={} fraction={} ({})",
+                    crafter.plan.ensemble_size,
+                    crafter.plan.stagger,
+                    crafter.live.unroll_steps,
+                    crafter.plan.meta_batch_fraction,
+                    if crafter.plan.grouped_surrogates {
+                        "grouped".to_string()
+                    } else {
+                        format!("{} at once", crafter.plan.parallel_surrogates)
+                    }
+                ),
+                crate::config::CraftRecipe::GradientMatching => format!(
+                    "gradient matching: {} surrogate(s), {} restarts",
+                    crafter.plan.ensemble_size, config.matching.restarts
+                ),
             }
         ),
         resumed_at,

@@ -88,6 +88,9 @@ pub struct StepReport {
     pub eta_seconds: f64,
     /// True when the meta-gradient was not finite and the update was skipped.
     pub skipped: bool,
+    /// Gradient matching: (restart, restarts), 1-based. `adv_loss` is then the matching loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<(usize, usize)>,
 }
 
 /// Something that happened, recorded with the step it applied at and saved with the run.

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod crafter;
 pub mod engine;
 mod epoch;
+pub mod matching;
 pub mod messages;
 pub mod objective;
 pub mod parallel;

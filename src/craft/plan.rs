@@ -1,7 +1,7 @@
 //! Turns a (settled) config plus a data set into concrete choices: the data set's default
 //! classes and targets, poison and target indices picked and checked.
 
-use crate::config::{Config, ObjectiveKind};
+use crate::config::{Config, CraftRecipe, ObjectiveKind};
 use crate::data::Dataset;
 use serde::{Deserialize, Serialize};
 
@@ -27,8 +27,15 @@ pub struct Plan {
     #[serde(default)]
     pub grouped_surrogates: bool,
     pub objective: ObjectiveKind,
+    /// The attack (runs recorded before there was a choice are MetaPoison).
+    #[serde(default = "metapoison")]
+    pub recipe: CraftRecipe,
     /// Why each `auto` value came out as it did (logged and shown).
     pub notes: Vec<String>,
+}
+
+fn metapoison() -> CraftRecipe {
+    CraftRecipe::Metapoison
 }
 
 fn one() -> usize {
@@ -122,10 +129,21 @@ impl Plan {
 
         // Hardware-dependent `auto` fields were settled by `Config::settle` (its notes are
         // the caller's to add); unsettled ones read as the CPU profile.
-        let ensemble_size = config.craft.ensemble_size();
-        let stagger = config.craft.stagger();
+        let recipe = config.craft.recipe;
+        let matching = recipe == CraftRecipe::GradientMatching;
+        // Gradient matching's surrogates are trained once, not staggered: one after another.
+        let ensemble_size = if matching {
+            config.matching.surrogates
+        } else {
+            config.craft.ensemble_size()
+        };
+        let stagger = if matching { 1 } else { config.craft.stagger() };
         let meta_batch_fraction = config.craft.meta_batch_fraction();
-        let parallel_surrogates = config.craft.parallel_surrogates().min(ensemble_size);
+        let parallel_surrogates = if matching {
+            1
+        } else {
+            config.craft.parallel_surrogates().min(ensemble_size)
+        };
         let b = config.surrogate.batch_size;
         let batches = data.train.len() / b;
         if batches < config.craft.unroll_steps + 1 {
@@ -150,8 +168,9 @@ impl Plan {
             stagger,
             meta_batch_fraction,
             parallel_surrogates,
-            grouped_surrogates: config.craft.grouped_surrogates() && ensemble_size > 1,
+            grouped_surrogates: !matching && config.craft.grouped_surrogates() && ensemble_size > 1,
             objective: config.craft.objective,
+            recipe,
             notes: Vec::new(),
         })
     }

@@ -77,6 +77,8 @@ pub enum Purpose {
     MetaBatchChoice = 3,
     PerturbationInit = 4,
     Pretrain = 5,
+    /// Gradient matching's augmentation of the poisons, per step.
+    Augment = 6,
 }
 
 /// A seed for one purpose at one place: mixes the run seed with the coordinates.

@@ -195,6 +195,9 @@ pub struct App {
     /// The engine reported a termination signal (SIGHUP, SIGTERM, SIGINT): leave when it stops.
     pub signalled: bool,
     pub victims: Option<VictimResult>,
+    /// The run crafts by gradient matching: the chart shows the matching loss and the outer
+    /// rate is its step (a fraction of eps).
+    pub matching: bool,
 }
 
 const EVENT_LINES: usize = 200;
@@ -235,6 +238,7 @@ impl App {
             signalled: false,
             checkpoint_steps: Vec::new(),
             victims: None,
+            matching: false,
         }
     }
 
@@ -275,6 +279,7 @@ impl App {
                 self.target_class = plan.target_class as usize;
                 self.adv_class = plan.adv_class as usize;
                 self.poison_count = plan.poison_indices.len();
+                self.matching = plan.recipe == crate::config::CraftRecipe::GradientMatching;
                 self.total_steps = steps;
                 self.live = Live {
                     outer_lr: live.outer_lr,

@@ -213,12 +213,19 @@ fn draw_loss(frame: &mut Frame, app: &App, area: Rect) {
     all.extend(lo.iter().chain(hi.iter()).copied());
     let yb = bounds(&all);
     let xmax = (app.steps.len().max(2) - 1) as f64;
+    let last = app.steps.last();
     let title = format!(
-        " adversarial loss{} {} ",
+        " {}{}{} {} ",
+        if app.matching {
+            "matching loss"
+        } else {
+            "adversarial loss"
+        },
+        last.and_then(|r| r.restart)
+            .map(|(r, n)| format!(", restart {r}/{n}"))
+            .unwrap_or_default(),
         if app.log_scale { " (symlog)" } else { "" },
-        app.steps
-            .last()
-            .and_then(|r| r.adv_loss)
+        last.and_then(|r| r.adv_loss)
             .map(|v| format!("now {v:.3}"))
             .unwrap_or_default()
     );
@@ -621,7 +628,11 @@ fn draw_popup(frame: &mut Frame, app: &App, popup: &Popup, area: Rect) {
         ),
         Popup::Params(form) => {
             let names = [
-                "outer lr (0-255 scale)",
+                if app.matching {
+                    "step (fraction of eps)"
+                } else {
+                    "outer lr (0-255 scale)"
+                },
                 "inner lr (surrogate SGD)",
                 "K (unrolled steps)",
             ];
