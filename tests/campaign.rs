@@ -270,8 +270,8 @@ recipe = "standard"
     let msg = String::from_utf8_lossy(&refused.stderr);
     assert!(msg.contains("--trials, --targets"), "{msg}");
     assert!(!dir.exists(), "nothing written for a refused campaign");
-    // First the crafter's victims alone on the protocol's targets (a cheaper tier) ...
-    let first = campaign(&["--targets", "3,5", "--trials", "1", "--noise-control"]);
+    // First the crafter's victims alone on the protocol's first target ...
+    let first = campaign(&["--targets", "3", "--trials", "1", "--noise-control"]);
     assert!(
         first.status.success(),
         "{}",
@@ -282,8 +282,21 @@ recipe = "standard"
         .unwrap()
         .modified()
         .unwrap();
-    // ... then completed with the protocol: those evaluations are read back, the standard
-    // recipe's are added.
+    // ... then the protocol's first target (a partial tier): that evaluation is read back,
+    // the standard recipe's is added ...
+    let partial = campaign(&["--protocol", p, "--first", "1"]);
+    assert!(
+        partial.status.success(),
+        "{}",
+        String::from_utf8_lossy(&partial.stderr)
+    );
+    let md = std::fs::read_to_string(dir.join("campaign.md")).unwrap();
+    assert!(md.contains("Only its first 1 targets so far: [3]."), "{md}");
+    assert!(dir
+        .join("target-3/export/eval-convnet-bn-standard.json")
+        .exists());
+    assert!(!dir.join("target-5").exists());
+    // ... then the whole protocol.
     let out = campaign(&["--protocol", p]);
     assert!(
         out.status.success(),
@@ -318,6 +331,7 @@ recipe = "standard"
     }
     assert!(report["results"][0]["craft_seconds"].as_f64().unwrap() > 0.0);
     let md = std::fs::read_to_string(dir.join("campaign.md")).unwrap();
+    assert!(!md.contains("Only its first"), "{md}");
     for row in [
         "Protocol `tiny`: two targets, one victim an arm.",
         "| 3 | convnet-bn (gray-box) | ",

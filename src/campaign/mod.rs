@@ -63,6 +63,10 @@ pub struct CampaignArgs {
     /// them are refused.
     #[arg(long, value_name = "NAME|FILE")]
     protocol: Option<String>,
+    /// With --protocol: only its first N targets (a cheaper tier for sweeps; run again
+    /// without it in the same folder to complete the protocol).
+    #[arg(long, value_name = "N", requires = "protocol")]
+    first: Option<usize>,
     #[command(flatten)]
     victim: VictimArgs,
 }
@@ -295,6 +299,9 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs, json: bool) -> Res
                     if conflicts.len() == 1 { "it" } else { "them" }
                 );
             }
+            if args.first == Some(0) {
+                bail!("--first must be at least 1");
+            }
             Some(Protocol::load(name)?)
         }
         None => {
@@ -313,14 +320,22 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs, json: bool) -> Res
     // A resumed campaign follows the protocol it was started with, unless one is given now
     // (which may complete a campaign started with its targets, e.g. a gray-box tier).
     let protocol = protocol.or_else(|| previous.as_ref().and_then(|p| p.protocol.clone()));
-    if let (Some(p), Some(prev)) = (&protocol, &previous) {
-        if p.targets != prev.selection.targets {
+    // The targets asked for now: a protocol's (or its first few).
+    let asked: Option<Vec<usize>> = args.protocol.as_ref().and(protocol.as_ref()).map(|p| {
+        let n = args.first.unwrap_or(p.targets.len()).min(p.targets.len());
+        p.targets[..n].to_vec()
+    });
+    // A folder's targets must be the protocol's first ones (a partial tier may be extended).
+    if let (Some(p), Some(asked), Some(prev)) = (&protocol, &asked, &previous) {
+        let done = &prev.selection.targets;
+        let prefix = |a: &[usize], b: &[usize]| a.len() <= b.len() && b[..a.len()] == *a;
+        if !prefix(done, asked) && !prefix(asked, done) {
             bail!(
                 "{} holds a campaign on targets {:?}; protocol {} has targets {:?}: use another --dir",
                 dir.display(),
-                prev.selection.targets,
+                done,
                 p.name,
-                p.targets
+                asked
             );
         }
     }
@@ -355,14 +370,14 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs, json: bool) -> Res
         crate::craft::checkpoint::write_atomic(&config_file, config.to_toml().as_bytes())
             .with_context(|| format!("cannot write {}", config_file.display()))?;
     }
-    let selection = match (&previous, &protocol) {
-        (Some(p), _) => p.selection.clone(),
-        (None, Some(p)) => Selection {
+    let selection = match (asked, &previous, &protocol) {
+        (Some(targets), _, Some(p)) => Selection {
             method: format!("protocol {}", p.name),
-            targets: p.targets.clone(),
+            targets,
             candidates: vec![],
         },
-        (None, None) => choose_targets(&config, &args)?,
+        (_, Some(prev), _) => prev.selection.clone(),
+        _ => choose_targets(&config, &args)?,
     };
     eprintln!(
         "campaign in {}: targets {:?} ({})",

@@ -243,8 +243,17 @@ fn flips(k: usize, n: usize, interval: bool) -> String {
 /// of the adversarial class, clean accuracy, crafting and evaluation time), then a row per
 /// victim kind over all targets with Wilson intervals.
 fn benchmark_table(report: &CampaignReport, protocol: &Protocol) -> String {
+    let part = if report.selection.targets.len() < protocol.targets.len() {
+        format!(
+            " Only its first {} targets so far: {:?}.",
+            report.selection.targets.len(),
+            report.selection.targets
+        )
+    } else {
+        String::new()
+    };
     let mut out = format!(
-        "Protocol `{}`: {}. Targets {:?}.\n\n| target | victims | poisoned flipped | train mode | controls flipped | noise flipped | p(adv) poisoned / control | clean accuracy poisoned / control | crafting | evaluation |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "Protocol `{}`: {}. Targets {:?}.{part}\n\n| target | victims | poisoned flipped | train mode | controls flipped | noise flipped | p(adv) poisoned / control | clean accuracy poisoned / control | crafting | evaluation |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
         protocol.name, protocol.description, protocol.targets
     );
     let row = |target: &str, e: &EvalReport, craft: &str| {
