@@ -31,14 +31,8 @@ for setting in $SETTINGS; do
   fi
   mkdir -p "$OUT/r/$name"
   cp "$cfg" "$OUT/r/$name/setting.toml"
-  (
-    # shellcheck disable=SC2086 # $first is one flag and its value, or nothing
-    timeout -s TERM "$BUDGET_S" "$B" --config "$cfg" campaign --protocol "$PROTOCOL" $first \
-      --dir "$W/$name" --data-dir "$W/dd-$name" --headless \
-      >"$OUT/r/$name/stdout.log" 2> >(while IFS= read -r l; do echo "$SECONDS $l"; done >"$OUT/r/$name/progress.log")
-    echo "rc=$? after ${SECONDS}s" >>"$OUT/r/$name/progress.log"
-  ) &
-  pids+=($!)
+  # shellcheck disable=SC2086 # $first is one flag and its value, or nothing
+  campaign_in_background "$name" "$cfg" --protocol "$PROTOCOL" $first
 done
 for p in "${pids[@]}"; do wait "$p"; done
 sleep 2

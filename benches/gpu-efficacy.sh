@@ -49,13 +49,7 @@ for arm in $ARMS; do
   cfg=$(arm_config "$name" "${arm#*:}") || exit 1
   mkdir -p "$OUT/r/$name"
   cp "$cfg" "$OUT/r/$name/arm.toml"
-  (
-    timeout -s TERM "$BUDGET_S" "$B" --config "$cfg" campaign --targets "$TARGETS" --trials "$TRIALS" \
-      --dir "$W/$name" --data-dir "$W/dd-$name" --headless \
-      >"$OUT/r/$name/stdout.log" 2> >(while IFS= read -r l; do echo "$SECONDS $l"; done >"$OUT/r/$name/progress.log")
-    echo "rc=$? after ${SECONDS}s" >>"$OUT/r/$name/progress.log"
-  ) &
-  pids+=($!)
+  campaign_in_background "$name" "$cfg" --targets "$TARGETS" --trials "$TRIALS"
 done
 for p in "${pids[@]}"; do wait "$p"; done
 sleep 2

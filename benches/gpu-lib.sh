@@ -20,3 +20,19 @@ part() {
   timeout "$limit" "$@" >>"$LOGS/$name.out" 2>>"$LOGS/parts.log"
   echo "   rc=$? after ${SECONDS}s" | tee -a "$LOGS/progress.log"
 }
+
+# campaign_in_background NAME CONFIG CAMPAIGN_ARGS...: one campaign (headless, its own data dir)
+# in $W/NAME, stopped with SIGTERM after BUDGET_S; stdout and time-stamped progress land in
+# $OUT/r/NAME. Its pid is added to the array `pids`. Set W and OUT first.
+campaign_in_background() {
+  local name=$1 cfg=$2
+  shift 2
+  mkdir -p "$OUT/r/$name"
+  (
+    timeout -s TERM "$BUDGET_S" "$B" --config "$cfg" campaign "$@" \
+      --dir "$W/$name" --data-dir "$W/dd-$name" --headless \
+      >"$OUT/r/$name/stdout.log" 2> >(while IFS= read -r l; do echo "$SECONDS $l"; done >"$OUT/r/$name/progress.log")
+    echo "rc=$? after ${SECONDS}s" >>"$OUT/r/$name/progress.log"
+  ) &
+  pids+=($!)
+}

@@ -365,38 +365,42 @@ fn crafted_export(tmp: &std::path::Path) -> (std::path::PathBuf, std::path::Path
 fn eval_variation_flags_reach_the_victims_and_bad_values_are_named() {
     let tmp = tempfile::tempdir().unwrap();
     let (config, export) = crafted_export(tmp.path());
-    let bin = env!("CARGO_BIN_EXE_metapoison");
-    let out = Command::new(bin)
-        .arg("--data-dir")
-        .arg(tmp.path().join("data"))
-        .arg("--config")
-        .arg(&config)
-        .arg("eval")
-        .arg(&export)
-        .args([
-            "--trials",
-            "1",
-            "--no-control",
-            "--noise-control",
-            "--first-poisons",
-            "4",
-            "--victim-batch",
-            "100",
-            "--weight-decay",
-            "2e-4",
-            "--victim-lr",
-            "0.2",
-            "--augment",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let e: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(export.join("eval.json")).unwrap()).unwrap();
+    let eval = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_metapoison"))
+            .arg("--data-dir")
+            .arg(tmp.path().join("data"))
+            .arg("--config")
+            .arg(&config)
+            .arg("eval")
+            .arg(&export)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let succeeded = |out: &std::process::Output| -> serde_json::Value {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str(&std::fs::read_to_string(export.join("eval.json")).unwrap()).unwrap()
+    };
+    let out = eval(&[
+        "--trials",
+        "1",
+        "--no-control",
+        "--noise-control",
+        "--first-poisons",
+        "4",
+        "--victim-batch",
+        "100",
+        "--weight-decay",
+        "2e-4",
+        "--victim-lr",
+        "0.2",
+        "--augment",
+    ]);
+    let e = succeeded(&out);
     assert_eq!(e["poisons_used"], 4);
     assert_eq!(e["protocol"]["batch_size"], 100);
     assert_eq!(e["protocol"]["weight_decay"], 2e-4);
@@ -405,46 +409,18 @@ fn eval_variation_flags_reach_the_victims_and_bad_values_are_named() {
     assert_eq!(e["control"]["trials"], 0);
     assert_eq!(e["noise"]["trials"], 1);
     assert!(String::from_utf8_lossy(&out.stdout).contains("\nnoise "));
-    let bad = Command::new(bin)
-        .arg("--config")
-        .arg(&config)
-        .arg("eval")
-        .arg(&export)
-        .arg("--victim-lr=-1")
-        .output()
-        .unwrap();
-    assert!(!bad.status.success());
-    let msg = String::from_utf8_lossy(&bad.stderr);
-    assert!(msg.contains("--victim-lr"), "{msg}");
-    assert_eq!(msg.trim().lines().count(), 1, "{msg}");
-}
 
-#[test]
-fn eval_recipe_standard_trains_with_nesterov_momentum_and_one_cycle_and_flags_apply_on_top() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (config, export) = crafted_export(tmp.path());
-    let bin = env!("CARGO_BIN_EXE_metapoison");
-    let eval = |extra: &[&str]| {
-        Command::new(bin)
-            .arg("--data-dir")
-            .arg(tmp.path().join("data"))
-            .arg("--config")
-            .arg(&config)
-            .arg("eval")
-            .arg(&export)
-            .args(["--trials", "1", "--no-control"])
-            .args(extra)
-            .output()
-            .unwrap()
-    };
-    let out = eval(&["--recipe", "standard", "--weight-decay", "2e-4"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let e: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(export.join("eval.json")).unwrap()).unwrap();
+    // The standard recipe: Nesterov momentum, one cycle; a flag given with it applies on top.
+    let out = eval(&[
+        "--trials",
+        "1",
+        "--no-control",
+        "--recipe",
+        "standard",
+        "--weight-decay",
+        "2e-4",
+    ]);
+    let e = succeeded(&out);
     let p = &e["protocol"];
     assert_eq!(
         (&p["momentum"], &p["nesterov"], &p["schedule"], &p["lr"]),
@@ -455,12 +431,18 @@ fn eval_recipe_standard_trains_with_nesterov_momentum_and_one_cycle_and_flags_ap
             &serde_json::json!(0.1)
         )
     );
-    assert_eq!(p["weight_decay"], 2e-4, "--weight-decay applies on top");
+    assert_eq!(p["weight_decay"], 2e-4);
     // Each victim also reports the authors' train-mode verdict.
     assert_eq!(e["trials"][0]["train_mode"].as_array().unwrap().len(), 1);
+    // With a flag on top it is no longer the standard recipe, and says so.
     let printed = String::from_utf8_lossy(&out.stdout);
-    assert!(printed.contains("train mode"), "{printed}");
+    assert!(
+        printed.contains("train mode") && printed.contains("custom recipe"),
+        "{printed}"
+    );
+
     for (args, named) in [
+        (&["--victim-lr=-1"][..], "--victim-lr"),
         (&["--nesterov"][..], "--nesterov"),
         (&["--momentum", "1.5"][..], "--momentum"),
         (&["--schedule", "cosine"][..], "--schedule"),

@@ -13,8 +13,9 @@ use metapoison::model::sgd::{self, SgdRule};
 use metapoison::victim::{poisoned_training_set, targets, train_from_scratch, VictimTraining};
 use tch::{Device, Kind, Tensor};
 
-#[test]
-fn crafted_poisons_lower_the_target_loss_of_fresh_victims() {
+/// 80 poisons at eps 16 among the first 1,000 embedded images: an attack strong enough to
+/// show in a few steps.
+fn small_attack() -> Config {
     let mut config = Config {
         data: DataConfig {
             dataset: DatasetKind::Embedded,
@@ -26,6 +27,12 @@ fn crafted_poisons_lower_the_target_loss_of_fresh_victims() {
     };
     config.threat.npoison = 80.into();
     config.threat.eps = 16.0;
+    config
+}
+
+#[test]
+fn crafted_poisons_lower_the_target_loss_of_fresh_victims() {
+    let mut config = small_attack();
     config.craft.steps = 12.into();
     config.craft.ensemble_size = Auto::Value(2);
     config.craft.stagger = Auto::Value(2);
@@ -132,17 +139,7 @@ fn crafted_poisons_lower_the_target_loss_of_fresh_victims() {
 /// few that `targets suggest` ranks (not one pinned image), each crafted from its own seed.
 #[test]
 fn gradient_matching_raises_the_adversarial_probability_of_fresh_victims_over_several_targets() {
-    let mut config = Config {
-        data: DataConfig {
-            dataset: DatasetKind::Embedded,
-            path: None,
-            train_limit: 1000.into(),
-            ..Default::default()
-        },
-        ..Config::default()
-    };
-    config.threat.npoison = 80.into();
-    config.threat.eps = 16.0;
+    let mut config = small_attack();
     config.craft.recipe = metapoison::config::CraftRecipe::GradientMatching;
     config.craft.steps = 40.into();
     config.matching.restarts = 1;
@@ -153,8 +150,8 @@ fn gradient_matching_raises_the_adversarial_probability_of_fresh_victims_over_se
     let spec = VictimTraining::from_config(&victim);
     let data = data::load(&config.data).unwrap();
     let s = targets::suggest(&data, &spec, (6, 0), 1, 1000, Device::Cpu, |_, _| {});
-    let chosen: Vec<_> = s.eligible(0.5).take(3).cloned().collect();
-    assert_eq!(chosen.len(), 3);
+    let chosen: Vec<_> = s.eligible(0.5).take(4).cloned().collect();
+    assert_eq!(chosen.len(), 4);
     let train_x = split_tensor(&data.train, Device::Cpu);
     let train_y = Tensor::from_slice(&data.train.labels).to_kind(Kind::Int64);
     let test_x = split_tensor(&data.test, Device::Cpu);
@@ -201,8 +198,10 @@ fn gradient_matching_raises_the_adversarial_probability_of_fresh_victims_over_se
         }
     }
     let mean_shift = shifts.iter().sum::<f64>() / shifts.len() as f64;
+    let raised = shifts.iter().filter(|&&d| d > 0.0).count();
     assert!(
-        mean_shift > 0.05,
-        "poisons moved the fresh victims' p(T-shirt) by {mean_shift:.3} on average: {shifts:?}"
+        mean_shift > 0.03 && raised * 2 > shifts.len(),
+        "poisons moved the fresh victims' p(T-shirt) by {mean_shift:.3} on average, up in {raised} of {}: {shifts:?}",
+        shifts.len()
     );
 }

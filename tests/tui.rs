@@ -25,11 +25,16 @@ fn key(c: KeyCode) -> KeyEvent {
 }
 
 fn started() -> Telemetry {
+    started_with(metapoison::config::CraftRecipe::Metapoison)
+}
+
+fn started_with(recipe: metapoison::config::CraftRecipe) -> Telemetry {
     let ds = data::embedded::load().unwrap();
     let mut config = Config::default();
     config.craft.ensemble_size = Auto::Value(2);
     config.threat.npoison = 200.into();
-    let plan = Plan::resolve(&config, &ds).unwrap();
+    let mut plan = Plan::resolve(&config, &ds).unwrap();
+    plan.recipe = recipe;
     Telemetry::Started {
         run_dir: "/runs/test".into(),
         device: "cpu (2 threads)".into(),
@@ -107,30 +112,9 @@ fn text(buf: &ratatui::buffer::Buffer) -> String {
 #[test]
 fn a_gradient_matching_run_shows_its_matching_loss_restart_and_step_size() {
     let mut app = App::new(Palette::TrueColor);
-    let Telemetry::Started {
-        run_dir,
-        device,
-        config_summary,
-        resumed_at,
-        class_names,
-        mut plan,
-        live,
-        steps,
-    } = started()
-    else {
-        unreachable!()
-    };
-    plan.recipe = metapoison::config::CraftRecipe::GradientMatching;
-    app.on_telemetry(Telemetry::Started {
-        run_dir,
-        device,
-        config_summary,
-        resumed_at,
-        class_names,
-        plan,
-        live,
-        steps,
-    });
+    app.on_telemetry(started_with(
+        metapoison::config::CraftRecipe::GradientMatching,
+    ));
     app.on_telemetry(Telemetry::Phase(Phase::Crafting));
     let Telemetry::Step(mut report) = step(0, 0.42) else {
         unreachable!()

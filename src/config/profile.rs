@@ -2,10 +2,10 @@
 //! into a config once the device is known (so a run folder records what actually ran, and a
 //! later export or resume on other hardware reads the same numbers).
 //!
-//! CUDA gets the authors' setting. A CPU gets a poison-dense setting measured to move targets
-//! on 2 cores in about 11 minutes of crafting: 2,000 training images with 150 poisons, every
+//! CUDA gets the authors' setting. A CPU gets a poison-dense setting measured to move some
+//! targets on 2 cores: 2,000 training images with 150 poisons, every
 //! poison-holding batch unrolled, 4 surrogates staggered by 5 epochs so that the ensemble spans
-//! the 20 epochs a CPU victim trains (README, "What the default run does").
+//! the 20 epochs a CPU victim trains (docs/efficacy.md has how it was found and how well it works).
 
 use super::{Auto, Config, NetKind, Subset};
 
