@@ -129,8 +129,9 @@ impl MatchingState {
     }
 }
 
-/// The averaged matching loss over `surrogates` (their gradients each), as a tensor of kind
-/// `kind`: what a step differentiates and a restart's end scores.
+/// The matching loss averaged over `surrogates` (each with its target gradient), as a
+/// differentiable tensor, and each surrogate's value: what a step differentiates and a
+/// restart's end scores.
 pub fn ensemble_loss(
     net: &Network,
     surrogates: &[State],
