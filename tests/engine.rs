@@ -440,3 +440,91 @@ fn a_lingering_engine_exports_and_evaluates_after_the_last_step() {
         .iter()
         .any(|e| e.kind == "evaluation" && e.message.starts_with("done:")));
 }
+
+#[test]
+fn a_libtorch_failure_inside_an_evaluation_is_reported_and_the_next_one_may_start() {
+    let mut config = common::tiny_config(400, 10, 1);
+    config.victim.epochs = 1.into();
+    config.victim.batch_size = 50;
+    let dir = tempfile::tempdir().unwrap();
+    let _one = ONE_ENGINE.lock().unwrap_or_else(|e| e.into_inner());
+    let handle = spawn(EngineSetup {
+        data: dataset(&config),
+        config,
+        device: Device::Cpu,
+        kind: Kind::Float,
+        run_dir: dir.path().to_path_buf(),
+        resume: false,
+        stop: Arc::new(AtomicBool::new(false)),
+        linger: true,
+    });
+    let export = dir.path().join("export-step-0001");
+    let mut failures = Vec::new();
+    let mut events = Vec::new();
+    // A regression would leave the engine waiting for commands: fail instead of hanging.
+    let next = || {
+        handle
+            .telemetry
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .ok()
+    };
+    while let Some(t) = next() {
+        match t {
+            Telemetry::Finished { .. } => handle
+                .commands
+                .send(Command::ExportNow {
+                    formats: "npz".into(),
+                    step: None,
+                    out: None,
+                })
+                .unwrap(),
+            Telemetry::Event(e) if e.kind == "export" => {
+                // Three colour channels where the data has one: the evaluation's first
+                // tensor operation on it fails inside libtorch (a panic in tch).
+                let split = export.join("poisoned_train.npz");
+                let n = metapoison::export::npz::read_npz(&split).unwrap()["labels"].len();
+                let images = metapoison::export::npz::NpyArray::u8(
+                    vec![n, 28, 28, 3],
+                    vec![0; n * 28 * 28 * 3],
+                );
+                let labels = metapoison::export::npz::NpyArray::i64(vec![n], &vec![0; n]);
+                metapoison::export::npz::write_npz(
+                    &split,
+                    &[("images", &images), ("labels", &labels)],
+                )
+                .unwrap();
+                handle
+                    .commands
+                    .send(Command::Evaluate { trials: Some(1) })
+                    .unwrap();
+            }
+            Telemetry::Event(e) if e.kind == "evaluation_failed" => {
+                failures.push(e.message.clone());
+                if failures.len() == 1 {
+                    // Not refused as "already running": the failed one let go.
+                    handle
+                        .commands
+                        .send(Command::Evaluate { trials: Some(1) })
+                        .unwrap();
+                } else {
+                    handle.commands.send(Command::Abort).unwrap();
+                }
+            }
+            Telemetry::Event(e) => events.push(e),
+            Telemetry::Phase(Phase::Failed { message }) => panic!("{message}"),
+            _ => {}
+        }
+    }
+    assert_eq!(failures.len(), 2, "{failures:?} {events:?}");
+    handle.commands.send(Command::Abort).ok();
+    handle.join().unwrap();
+    assert!(
+        failures
+            .iter()
+            .all(|m| m.lines().count() == 1 && !m.is_empty()),
+        "{failures:?}"
+    );
+    assert!(!events
+        .iter()
+        .any(|e| e.kind == "rejected" && e.message.contains("already running")));
+}

@@ -336,21 +336,26 @@ impl Session<'_> {
                         message,
                     }));
                 };
-                let result = crate::victim::eval::evaluate(&dir, &plan, device, |p| {
-                    note(
-                        "evaluation",
-                        format!(
-                            "victim {}/{} ({}{}): target -> {:?}, clean accuracy {:.1}%",
-                            p.done,
-                            p.total,
-                            p.trial.arm,
-                            if p.trial.cached { ", reused" } else { "" },
-                            p.trial.predicted,
-                            p.trial.clean_accuracy * 100.0
-                        ),
-                    );
-                    true
-                });
+                // A libtorch error (a panic in tch) fails this evaluation like any other error,
+                // so the next `v` is not refused as "already running".
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    crate::victim::eval::evaluate(&dir, &plan, device, |p| {
+                        note(
+                            "evaluation",
+                            format!(
+                                "victim {}/{} ({}{}): target -> {:?}, clean accuracy {:.1}%",
+                                p.done,
+                                p.total,
+                                p.trial.arm,
+                                if p.trial.cached { ", reused" } else { "" },
+                                p.trial.predicted,
+                                p.trial.clean_accuracy * 100.0
+                            ),
+                        );
+                        true
+                    })
+                }))
+                .unwrap_or_else(|payload| Err(crate::failure::message(&*payload)));
                 match result {
                     Ok(report) => {
                         note(
