@@ -10,19 +10,23 @@ use metapoison::craft::plan::Plan;
 use metapoison::data;
 use tch::{Device, Kind};
 
-/// Pretrains and runs two craft steps in float64 with `parallel` surrogates at once; returns
-/// the final delta, offsets and the adversarial losses reported.
-fn craft(parallel: usize) -> (tch::Tensor, tch::Tensor, Vec<f64>) {
+/// What a short crafting job ends with: delta, the colour-grid offsets, the adversarial
+/// losses reported, and how far the steps moved delta from where it started (it starts
+/// random, so being non-zero says nothing).
+struct Crafted {
+    delta: tch::Tensor,
+    offsets: tch::Tensor,
+    losses: Vec<f64>,
+    moved: f64,
+}
+
+/// Pretrains and runs two craft steps in float64 with `parallel` surrogates at once.
+fn craft(parallel: usize) -> Crafted {
     craft_with(parallel, false, false, 3)
 }
 
 /// As `craft`, optionally with the surrogates grouped, `group` of them in one network.
-fn craft_with(
-    parallel: usize,
-    grouped: bool,
-    augment: bool,
-    group: usize,
-) -> (tch::Tensor, tch::Tensor, Vec<f64>) {
+fn craft_with(parallel: usize, grouped: bool, augment: bool, group: usize) -> Crafted {
     craft_on(parallel, grouped, augment, group, &[])
 }
 
@@ -33,7 +37,7 @@ fn craft_on(
     augment: bool,
     group: usize,
     devices: &[Device],
-) -> (tch::Tensor, tch::Tensor, Vec<f64>) {
+) -> Crafted {
     let mut c = common::tiny_config(300, 10, 2);
     c.craft.grouped_surrogates = grouped.into();
     c.craft.augment = augment;
@@ -49,6 +53,7 @@ fn craft_on(
     assert_eq!(plan.parallel_surrogates, parallel);
     assert_eq!(plan.grouped_surrogates, grouped);
     let mut crafter = Crafter::new(c, &ds, plan, Device::Cpu, Kind::Double);
+    let start = crafter.perturbation.delta.detach().copy();
     crafter.set_group_size(group);
     crafter.spread_over(devices);
     let mut progress = Vec::new();
@@ -69,27 +74,36 @@ fn craft_on(
         losses.extend(r.adv_loss_per_surrogate.iter().flatten());
     }
     let p = &crafter.perturbation;
-    (p.delta.detach().copy(), p.offsets.detach().copy(), losses)
+    Crafted {
+        moved: (&p.delta - &start).abs().max().double_value(&[]),
+        delta: p.delta.detach().copy(),
+        offsets: p.offsets.detach().copy(),
+        losses,
+    }
+}
+
+/// `b` crafted the same poisons as `a` (float rounding aside), and the steps moved them.
+fn assert_same(a: &Crafted, b: &Crafted, case: &str) {
+    assert_eq!(a.losses.len(), b.losses.len());
+    assert!(!a.losses.is_empty());
+    for (x, y) in a.losses.iter().zip(&b.losses) {
+        assert!(
+            (x - y).abs() <= 1e-9 * x.abs().max(1.0),
+            "{case}: adv loss {x} vs {y}"
+        );
+    }
+    // The steps moved the perturbation (so the comparison means something), identically.
+    assert!(a.moved > 0.1, "{case}: delta moved by {}", a.moved);
+    assert!(a.offsets.abs().max().double_value(&[]) > 0.0);
+    let dd = (&a.delta - &b.delta).abs().max().double_value(&[]);
+    let doff = (&a.offsets - &b.offsets).abs().max().double_value(&[]);
+    assert!(dd <= 1e-9, "{case}: delta differs by {dd}");
+    assert!(doff <= 1e-12, "{case}: offsets differ by {doff}");
 }
 
 #[test]
 fn parallel_surrogates_craft_the_same_poisons() {
-    let (d1, o1, l1) = craft(1);
-    let (d2, o2, l2) = craft(2);
-    assert_eq!(l1.len(), l2.len());
-    assert!(!l1.is_empty());
-    for (a, b) in l1.iter().zip(&l2) {
-        assert!(
-            (a - b).abs() <= 1e-9 * a.abs().max(1.0),
-            "adv loss {a} vs {b}"
-        );
-    }
-    // The perturbation moved (so the comparison means something) and moved identically.
-    assert!(d1.abs().max().double_value(&[]) > 0.0);
-    let dd = (&d1 - &d2).abs().max().double_value(&[]);
-    let doff = (&o1 - &o2).abs().max().double_value(&[]);
-    assert!(dd <= 1e-9, "delta differs by {dd}");
-    assert!(doff <= 1e-12, "offsets differ by {doff}");
+    assert_same(&craft(1), &craft(2), "2 at once");
 }
 
 #[test]
@@ -97,21 +111,11 @@ fn grouped_surrogates_craft_the_same_poisons() {
     // All three in one group, with and without augmentation; and groups of 2 + 1 (what the
     // crafter falls back to when a GPU runs out of memory).
     for (augment, group) in [(false, 3), (true, 3), (false, 2)] {
-        let (d1, o1, l1) = craft_with(1, false, augment, 3);
-        let (d2, o2, l2) = craft_with(1, true, augment, group);
-        assert_eq!(l1.len(), l2.len());
-        assert!(!l1.is_empty());
-        for (a, b) in l1.iter().zip(&l2) {
-            assert!(
-                (a - b).abs() <= 1e-9 * a.abs().max(1.0),
-                "augment {augment}: adv loss {a} vs {b}"
-            );
-        }
-        assert!(d1.abs().max().double_value(&[]) > 0.0);
-        let dd = (&d1 - &d2).abs().max().double_value(&[]);
-        let doff = (&o1 - &o2).abs().max().double_value(&[]);
-        assert!(dd <= 1e-9, "augment {augment}: delta differs by {dd}");
-        assert!(doff <= 1e-12, "augment {augment}: offsets differ by {doff}");
+        assert_same(
+            &craft_with(1, false, augment, 3),
+            &craft_with(1, true, augment, group),
+            &format!("grouped, augment {augment}, groups of {group}"),
+        );
     }
 }
 
@@ -120,21 +124,10 @@ fn surrogates_spread_over_devices_craft_the_same_poisons() {
     // Two replicas (here both the CPU: each with its own copy of the data and its own
     // detached perturbation, whose gradients are brought back and summed), one surrogate at a
     // time and grouped per device side by side.
-    let (d1, o1, l1) = craft_with(1, false, false, 3);
-    assert!(d1.abs().max().double_value(&[]) > 0.0);
+    let alone = craft_with(1, false, false, 3);
     for grouped in [false, true] {
-        let (d2, o2, l2) = craft_on(1, grouped, false, 3, &[Device::Cpu, Device::Cpu]);
-        assert_eq!(l1.len(), l2.len());
-        for (a, b) in l1.iter().zip(&l2) {
-            assert!(
-                (a - b).abs() <= 1e-9 * a.abs().max(1.0),
-                "grouped {grouped}: {a} vs {b}"
-            );
-        }
-        let dd = (&d1 - &d2).abs().max().double_value(&[]);
-        let doff = (&o1 - &o2).abs().max().double_value(&[]);
-        assert!(dd <= 1e-9, "grouped {grouped}: delta differs by {dd}");
-        assert!(doff <= 1e-12, "grouped {grouped}: offsets differ by {doff}");
+        let spread = craft_on(1, grouped, false, 3, &[Device::Cpu, Device::Cpu]);
+        assert_same(&alone, &spread, &format!("spread, grouped {grouped}"));
     }
 }
 
