@@ -385,23 +385,29 @@ fn export_now_writes_an_earlier_step_to_a_chosen_folder_and_never_overwrites_it(
     );
 }
 
-#[test]
-fn a_lingering_engine_exports_and_evaluates_after_the_last_step() {
+/// A one-step tiny run into `dir` whose engine stays after the last step (as under the
+/// dashboard), with 1-epoch victims. Hold `ONE_ENGINE` while it runs.
+fn spawn_lingering(dir: &Path) -> metapoison::craft::engine::EngineHandle {
     let mut config = common::tiny_config(400, 10, 1);
     config.victim.epochs = 1.into();
     config.victim.batch_size = 50;
-    let dir = tempfile::tempdir().unwrap();
-    let _one = ONE_ENGINE.lock().unwrap_or_else(|e| e.into_inner());
-    let handle = spawn(EngineSetup {
+    spawn(EngineSetup {
         data: dataset(&config),
         config,
         device: Device::Cpu,
         kind: Kind::Float,
-        run_dir: dir.path().to_path_buf(),
+        run_dir: dir.to_path_buf(),
         resume: false,
         stop: Arc::new(AtomicBool::new(false)),
         linger: true,
-    });
+    })
+}
+
+#[test]
+fn a_lingering_engine_exports_and_evaluates_after_the_last_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let _one = ONE_ENGINE.lock().unwrap_or_else(|e| e.into_inner());
+    let handle = spawn_lingering(dir.path());
     let mut report = None;
     let mut events = Vec::new();
     for t in handle.telemetry.iter() {
@@ -443,21 +449,9 @@ fn a_lingering_engine_exports_and_evaluates_after_the_last_step() {
 
 #[test]
 fn a_libtorch_failure_inside_an_evaluation_is_reported_and_the_next_one_may_start() {
-    let mut config = common::tiny_config(400, 10, 1);
-    config.victim.epochs = 1.into();
-    config.victim.batch_size = 50;
     let dir = tempfile::tempdir().unwrap();
     let _one = ONE_ENGINE.lock().unwrap_or_else(|e| e.into_inner());
-    let handle = spawn(EngineSetup {
-        data: dataset(&config),
-        config,
-        device: Device::Cpu,
-        kind: Kind::Float,
-        run_dir: dir.path().to_path_buf(),
-        resume: false,
-        stop: Arc::new(AtomicBool::new(false)),
-        linger: true,
-    });
+    let handle = spawn_lingering(dir.path());
     let export = dir.path().join("export-step-0001");
     let mut failures = Vec::new();
     let mut events = Vec::new();
