@@ -473,28 +473,34 @@ impl Crafter {
             .collect();
     }
 
-    /// The poisons' true labels, in slot order.
-    fn poison_labels(&self) -> Tensor {
+    /// `matching::ensemble_loss` of `poisons` (all of them, in slot order) with their true
+    /// labels on the surrogates.
+    fn matching_loss(&self, poisons: &Tensor) -> (Tensor, Vec<f64>) {
         let idx = super::epoch::as_index(&self.plan.poison_indices, self.device);
-        self.train_y.index_select(0, &idx)
+        let labels = self.train_y.index_select(0, &idx);
+        matching::ensemble_loss(
+            &self.net,
+            &self.surrogates,
+            &self.matching.targets,
+            poisons,
+            &labels,
+        )
+    }
+
+    /// A fresh random perturbation (within its bounds) from the run seed's stream at (a, b).
+    fn rerandomise(&mut self, a: u64, b: u64) {
+        let seed = derive(self.config.run.seed, Purpose::PerturbationInit, a, b);
+        self.perturbation.randomise(seed);
+        self.perturbation.project(true);
     }
 
     /// The end of restart `restart`: its unaugmented matching loss is scored against the best
     /// restart so far; after the last one, the best restart's perturbation becomes the run's.
     fn finish_restart(&mut self, restart: usize, last: bool) {
-        let loss = {
-            let poisons = self.perturbation.poisons(None);
-            let labels = self.poison_labels();
-            matching::ensemble_loss(
-                &self.net,
-                &self.surrogates,
-                &self.matching.targets,
-                &poisons,
-                &labels,
-            )
+        let loss = self
+            .matching_loss(&self.perturbation.poisons(None))
             .0
-            .double_value(&[])
-        };
+            .double_value(&[]);
         let p = &self.perturbation;
         let kept = self.matching.offer(restart, loss, &p.delta, &p.offsets);
         let restarts = self.config.matching.restarts;
@@ -738,14 +744,7 @@ impl Crafter {
         let mm = self.plan.ensemble_size;
         let restart = self.config.craft.restart_period;
         if step > 0 && restart > 0 && step % restart == 0 {
-            let seed = derive(
-                self.config.run.seed,
-                Purpose::PerturbationInit,
-                step as u64,
-                0,
-            );
-            self.perturbation.randomise(seed);
-            self.perturbation.project(true);
+            self.rerandomise(step as u64, 0);
             self.events.push(Event {
                 step,
                 kind: "restart".into(),
@@ -872,14 +871,7 @@ impl Crafter {
         };
         let (restart, i) = schedule.locate(step);
         if i == 0 && restart > 0 {
-            let seed = derive(
-                self.config.run.seed,
-                Purpose::PerturbationInit,
-                restart as u64,
-                1,
-            );
-            self.perturbation.randomise(seed);
-            self.perturbation.project(true);
+            self.rerandomise(restart as u64, 1);
             self.adam = Adam::new(&[&self.perturbation.delta, &self.perturbation.offsets]);
         }
         self.ensure_target_gradients();
@@ -896,14 +888,7 @@ impl Crafter {
             Some(mut rng) => crate::model::augment::crop_flip(&poisons, &mut rng),
             None => poisons,
         };
-        let labels = self.poison_labels();
-        let (loss, losses) = matching::ensemble_loss(
-            &self.net,
-            &self.surrogates,
-            &self.matching.targets,
-            &poisons,
-            &labels,
-        );
+        let (loss, losses) = self.matching_loss(&poisons);
         let recolor = self.config.matching.recolor;
         let objective = if recolor {
             let p = &self.perturbation;
