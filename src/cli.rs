@@ -1,9 +1,13 @@
 //! The command line. Errors reach the user as one line (anyhow context chains joined).
 
+use crate::app::{
+    append_results_row, progress_line, rank_targets, report_table, resolve_device, spawn_engine,
+    victim_protocol, watch_signals, VictimArgs,
+};
+use crate::base::fmt::format_duration;
 use crate::config::Config;
-use crate::craft::engine::{self, EngineSetup};
-use crate::craft::messages::{Phase, Telemetry};
-use crate::device::DeviceChoice;
+use crate::engine;
+use crate::engine::protocol::{Phase, Telemetry};
 use crate::paths::{timestamp, Paths};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -413,48 +417,6 @@ fn start_engine(
     Ok((handle, run_dir))
 }
 
-/// SIGINT, SIGTERM and SIGHUP set `stop` (the engine checkpoints and stops). A second SIGINT
-/// or SIGTERM while the first is being handled ends the process at once (an impatient user);
-/// SIGHUP never does, because a dropped SSH session often delivers it twice.
-pub(crate) fn watch_signals(stop: &Arc<AtomicBool>) -> Result<()> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    for sig in [SIGINT, SIGTERM] {
-        signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())?;
-    }
-    for sig in [SIGINT, SIGTERM, SIGHUP] {
-        signal_hook::flag::register(sig, stop.clone())?;
-    }
-    Ok(())
-}
-
-/// Validates `config`, loads its data and starts the engine thread on it.
-pub(crate) fn spawn_engine(
-    config: Config,
-    run_dir: PathBuf,
-    resume: bool,
-    stop: Arc<AtomicBool>,
-    linger: bool,
-) -> Result<engine::EngineHandle> {
-    config.validate()?;
-    let device = resolve_device(&config)?;
-    // The engine settles the config's `auto` fields itself (and reports them); the data it
-    // crafts on must be loaded with the same choices.
-    let mut settled = config.clone();
-    settled.settle(device.is_cuda());
-    let data = crate::data::load(&settled.data)?;
-    tracing::info!("crafting into {} on {device:?}", run_dir.display());
-    Ok(engine::spawn(EngineSetup {
-        config,
-        data,
-        device,
-        kind: tch::Kind::Float,
-        run_dir,
-        resume,
-        stop,
-        linger,
-    }))
-}
-
 /// The headless mode: JSON lines on stdout, a progress line on stderr when it is a terminal.
 fn craft(config_path: Option<&Path>, paths: &Paths, args: RunArgs) -> Result<()> {
     let (handle, run_dir) = start_engine(config_path, paths, args, false)?;
@@ -483,85 +445,6 @@ fn craft(config_path: Option<&Path>, paths: &Paths, args: RunArgs) -> Result<()>
     Ok(())
 }
 
-pub(crate) fn progress_line(t: &Telemetry) {
-    if let Some(line) = progress_text(t) {
-        let _ = write!(std::io::stderr(), "\r\x1b[2K{line}");
-    }
-}
-
-/// The one-line progress text of a pretraining epoch or a craft step (None for the rest).
-pub(crate) fn progress_text(t: &Telemetry) -> Option<String> {
-    Some(match t {
-        Telemetry::PretrainProgress {
-            surrogate,
-            of,
-            epoch,
-            epochs,
-        } => {
-            format!("pretraining surrogate {surrogate}/{of}: epoch {epoch}/{epochs}")
-        }
-        Telemetry::Step(r) => format!(
-            "step {}/{}  adv loss {}  linf {:.1}  {:.1}s/step  ETA {}",
-            r.step + 1,
-            r.steps,
-            r.adv_loss
-                .map(|v| format!("{v:.3}"))
-                .unwrap_or_else(|| "-".into()),
-            r.norms.linf,
-            r.seconds,
-            format_duration(r.eta_seconds)
-        ),
-        _ => return None,
-    })
-}
-
-pub fn format_duration(secs: f64) -> String {
-    let s = secs.max(0.0).round() as u64;
-    if s >= 3600 {
-        format!("{}h{:02}m", s / 3600, s % 3600 / 60)
-    } else {
-        format!("{}m{:02}s", s / 60, s % 60)
-    }
-}
-
-/// Trains `victims` clean victims (the config's protocol) and ranks the target class's test
-/// images; also returns the resolved plan and the data set's class names.
-pub(crate) fn rank_targets(
-    config: &Config,
-    victims: usize,
-) -> Result<(
-    crate::victim::targets::Suggestion,
-    crate::craft::plan::Plan,
-    Vec<String>,
-)> {
-    use crate::victim::{targets, VictimTraining};
-    let device = resolve_device(config)?;
-    let mut config = config.clone();
-    for note in config.settle(device.is_cuda()) {
-        tracing::info!("{note}");
-    }
-    let data = crate::data::load(&config.data)?;
-    let plan = crate::craft::plan::Plan::resolve(&config, &data).map_err(anyhow::Error::msg)?;
-    let spec = VictimTraining::from_config(&config.victim);
-    eprintln!(
-        "training {victims} clean {} victim(s) for {} epochs on {} images of {}",
-        spec.net.name(),
-        spec.epochs,
-        data.train.len(),
-        data.name
-    );
-    let s = targets::suggest(
-        &data,
-        &spec,
-        (plan.target_class, plan.adv_class),
-        victims,
-        config.run.seed,
-        device,
-        |v, n| eprintln!("victim {v}/{n} trained"),
-    );
-    Ok((s, plan, data.class_names))
-}
-
 fn suggest_targets(config: &Config, victims: usize, top: usize) -> Result<()> {
     let (s, plan, class_names) = rank_targets(config, victims)?;
     let acc: Vec<String> = s
@@ -588,174 +471,6 @@ fn suggest_targets(config: &Config, victims: usize, top: usize) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Victim protocol flags shared by `eval` and `campaign`: each overrides one field of the
-/// config's `[victim]` section (the authors' robustness variations are single flags).
-#[derive(clap::Args, Debug, Clone, Default)]
-pub struct VictimArgs {
-    /// Victims per arm (poisoned and control); default victim.trials.
-    #[arg(long)]
-    pub trials: Option<usize>,
-    /// Victim architecture (default victim.net): convnet-bn, resnet20, resnet18, vgg11, vgg13.
-    #[arg(long)]
-    pub victim_net: Option<String>,
-    /// Override victim.epochs (a longer schedule: more epochs).
-    #[arg(long)]
-    pub epochs: Option<usize>,
-    /// Override victim.batch_size (the authors' variation: twice the batch).
-    #[arg(long)]
-    pub victim_batch: Option<usize>,
-    /// Override victim.weight_decay (the authors' variation: 2e-4).
-    #[arg(long)]
-    pub weight_decay: Option<f64>,
-    /// Override victim.lr (the authors' variation: twice the lr).
-    #[arg(long)]
-    pub victim_lr: Option<f64>,
-    /// Train victims with crop + flip augmentation.
-    #[arg(long)]
-    pub augment: bool,
-    /// Victim training recipe: `crafter` (the [victim] protocol: plain SGD, as the surrogates
-    /// train) or `standard` (SGD with Nesterov momentum 0.9, weight decay 5e-4, a one-cycle
-    /// schedule; the same epochs, batch and augmentation). The flags below apply on top.
-    #[arg(long)]
-    pub recipe: Option<crate::config::Recipe>,
-    /// Override victim.momentum (SGD momentum, 0 = plain SGD).
-    #[arg(long)]
-    pub momentum: Option<f64>,
-    /// Nesterov momentum (victim.nesterov).
-    #[arg(long)]
-    pub nesterov: bool,
-    /// Override victim.schedule: `step` (warm-up, then x0.1 at victim.lr_drops) or
-    /// `one-cycle`.
-    #[arg(long)]
-    pub schedule: Option<String>,
-    /// Keep only the first N poisons (the others revert to clean images).
-    #[arg(long)]
-    pub first_poisons: Option<usize>,
-    /// Skip the control victims.
-    #[arg(long)]
-    pub no_control: bool,
-    /// Also train as many victims on the poisons' clean images moved by random +-eps noise
-    /// (the same budget spent at random): the "noise" arm.
-    #[arg(long)]
-    pub noise_control: bool,
-    /// Keep trained victims in DIR and reuse any whose training split, protocol and seed
-    /// match (a campaign keeps them in CAMPAIGN_DIR/victims, so its control victims are
-    /// trained once for all targets).
-    #[arg(long, value_name = "DIR")]
-    pub victim_cache: Option<PathBuf>,
-}
-
-impl VictimArgs {
-    /// The flags given that choose the victims or their training (all but --victim-cache).
-    pub fn flags_given(&self) -> Vec<&'static str> {
-        [
-            (self.trials.is_some(), "--trials"),
-            (self.victim_net.is_some(), "--victim-net"),
-            (self.epochs.is_some(), "--epochs"),
-            (self.victim_batch.is_some(), "--victim-batch"),
-            (self.weight_decay.is_some(), "--weight-decay"),
-            (self.victim_lr.is_some(), "--victim-lr"),
-            (self.augment, "--augment"),
-            (self.recipe.is_some(), "--recipe"),
-            (self.momentum.is_some(), "--momentum"),
-            (self.nesterov, "--nesterov"),
-            (self.schedule.is_some(), "--schedule"),
-            (self.first_poisons.is_some(), "--first-poisons"),
-            (self.no_control, "--no-control"),
-            (self.noise_control, "--noise-control"),
-        ]
-        .into_iter()
-        .filter_map(|(given, flag)| given.then_some(flag))
-        .collect()
-    }
-
-    /// The evaluation plan: `base` (the victim protocol) with these flags applied.
-    pub fn plan(
-        &self,
-        mut victim: crate::config::VictimConfig,
-        save_weights: bool,
-    ) -> Result<crate::victim::eval::EvalPlan> {
-        if let Some(recipe) = self.recipe {
-            victim = recipe.apply(victim);
-        }
-        if let Some(m) = self.momentum {
-            if !(m.is_finite() && (0.0..1.0).contains(&m)) {
-                bail!("--momentum {m} must be a number in [0, 1)");
-            }
-            victim.momentum = m;
-        }
-        if self.nesterov {
-            victim.nesterov = true;
-        }
-        if victim.nesterov && victim.momentum == 0.0 {
-            bail!("--nesterov needs a momentum above 0 (--momentum 0.9)");
-        }
-        if let Some(name) = &self.schedule {
-            victim.schedule = toml::Value::String(name.clone())
-                .try_into()
-                .map_err(|_| anyhow::anyhow!("--schedule {name}: use step or one-cycle"))?;
-        }
-        if let Some(n) = &self.victim_net {
-            victim.net = toml::Value::String(n.clone()).try_into().map_err(|_| {
-                anyhow::anyhow!(
-                    "--victim-net {n}: use convnet-bn, resnet20, resnet18, vgg11 or vgg13"
-                )
-            })?;
-        }
-        if let Some(e) = self.epochs {
-            victim.epochs = e.into();
-        }
-        if let Some(b) = self.victim_batch {
-            victim.batch_size = b;
-        }
-        if let Some(w) = self.weight_decay {
-            if !(w >= 0.0 && w.is_finite()) {
-                bail!("--weight-decay {w} must be a finite number >= 0");
-            }
-            victim.weight_decay = w;
-        }
-        if let Some(lr) = self.victim_lr {
-            victim.lr = lr;
-        }
-        if self.augment {
-            victim.augment = true;
-        }
-        let trials = self.trials.unwrap_or(victim.trials);
-        if trials == 0 || victim.epochs() == 0 || victim.batch_size == 0 {
-            bail!("--trials, --epochs and --victim-batch must be at least 1");
-        }
-        if !(victim.lr > 0.0 && victim.lr.is_finite()) {
-            bail!("--victim-lr {} must be a positive number", victim.lr);
-        }
-        if self.first_poisons == Some(0) {
-            bail!("--first-poisons must be at least 1");
-        }
-        Ok(crate::victim::eval::EvalPlan {
-            victim,
-            trials,
-            control: !self.no_control,
-            noise_control: self.noise_control,
-            save_weights,
-            first_poisons: self.first_poisons,
-            grouped: None,
-            victim_cache: self.victim_cache.clone(),
-        })
-    }
-}
-
-/// The victim protocol an evaluation starts from: the config given on the command line (or the
-/// default file) when there is one, else the export's own.
-pub fn victim_protocol(config: &Config, export_dir: &Path) -> crate::config::VictimConfig {
-    if config != &Config::default() {
-        return config.victim.clone();
-    }
-    std::fs::read_to_string(export_dir.join("manifest.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<crate::export::Manifest>(&t).ok())
-        .map(|m| m.config.victim)
-        .unwrap_or_else(|| config.victim.clone())
 }
 
 fn evaluate(
@@ -798,75 +513,6 @@ fn evaluate(
     Ok(())
 }
 
-/// The printed summary of one evaluation.
-pub fn report_table(report: &crate::victim::eval::EvalReport, control: bool) -> String {
-    let targets = report.adversarial.len().max(1);
-    let row_line = |name: &str, a: &crate::victim::eval::ArmSummary| {
-        format!(
-            "{name:<9} {:>6} {:>9.1}% [{:>5.1}%, {:>5.1}%] {:>9.2}% +- {:.2} {:>10}\n",
-            a.trials,
-            a.success_rate * 100.0,
-            a.success_ci95.0 * 100.0,
-            a.success_ci95.1 * 100.0,
-            a.accuracy_mean * 100.0,
-            a.accuracy_std * 100.0,
-            format!("{}/{}", a.train_mode_successes, a.trials * targets)
-        )
-    };
-    let recipe = report.protocol.as_ref().map_or("", |p| p.recipe_name());
-    let mut out = format!(
-        "{} victims ({}, {recipe} recipe, {} epochs, {} poisons) on {}\narm       trials   success [95% Wilson]      clean accuracy   train mode\n",
-        report.setting, report.victim_net, report.epochs, report.poisons_used, report.export
-    );
-    out += &row_line("poisoned", &report.poisoned);
-    if control {
-        out += &row_line("control", &report.control);
-    }
-    if let Some(noise) = &report.noise {
-        out += &row_line("noise", noise);
-    }
-    out
-}
-
-/// Appends one row per evaluation to DATA_DIR/results.csv (header on creation).
-pub fn append_results_row(
-    paths: &Paths,
-    report: &crate::victim::eval::EvalReport,
-) -> Result<PathBuf> {
-    let csv = paths.data_dir.join("results.csv");
-    std::fs::create_dir_all(&paths.data_dir)
-        .with_context(|| format!("cannot create {}", paths.data_dir.display()))?;
-    let new = !csv.exists();
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&csv)
-        .with_context(|| format!("cannot open {}", csv.display()))?;
-    if new {
-        writeln!(f, "time,export,setting,victim_net,epochs,trials,success_rate,ci_low,ci_high,accuracy_mean,control_success_rate,control_accuracy_mean,poisons_used")?;
-    }
-    let a = &report.poisoned;
-    writeln!(
-        f,
-        "{},{},{},{},{},{},{},{},{},{},{},{},{}",
-        timestamp(),
-        report.export,
-        report.setting,
-        report.victim_net,
-        report.epochs,
-        a.trials,
-        a.success_rate,
-        a.success_ci95.0,
-        a.success_ci95.1,
-        a.accuracy_mean,
-        report.control.success_rate,
-        report.control.accuracy_mean,
-        report.poisons_used
-    )
-    .with_context(|| format!("cannot write {}", csv.display()))?;
-    Ok(csv)
-}
-
 fn tui(
     config_path: Option<&Path>,
     paths: &Paths,
@@ -897,20 +543,4 @@ fn tui(
     // stderr may be a terminal that went away (SSH drop): never panic on it.
     let _ = writeln!(std::io::stderr(), "run folder: {}", run_dir.display());
     Ok(())
-}
-
-/// The libtorch device `run.device` names, with `run.threads` applied.
-pub(crate) fn resolve_device(config: &Config) -> Result<tch::Device> {
-    let device = config
-        .run
-        .device
-        .parse::<DeviceChoice>()
-        .map_err(anyhow::Error::msg)?
-        .resolve()
-        .map_err(anyhow::Error::msg)?;
-    if config.run.threads > 0 {
-        tch::set_num_threads(config.run.threads as i32);
-    }
-    crate::device::tune(device);
-    Ok(device)
 }

@@ -1,5 +1,7 @@
 //! metapoison: clean-label data poisoning with MetaPoison on libtorch.
 
+pub mod app;
+pub mod base;
 pub mod bench;
 pub mod campaign;
 pub mod cli;
@@ -8,6 +10,7 @@ pub mod craft;
 pub mod data;
 pub mod device;
 pub mod digest;
+pub mod engine;
 pub mod export;
 pub mod failure;
 pub mod model;

@@ -2,6 +2,7 @@
 //! message naming the field and the allowed range.
 
 use metapoison::config::{Auto, Config, Subset};
+use metapoison::model::OwnOps;
 use std::path::Path;
 
 const EXAMPLE: &str = include_str!("../config.example.toml");
@@ -65,11 +66,11 @@ fn defaults_settled_for_cuda_are_the_published_ones() {
     // The crate's own ops stay off on CUDA until timed there, but may serve it when asked.
     assert_eq!(c.run.fused_batch_norm, Auto::Value(false));
     assert_eq!(c.run.direct_conv_double_backward, Auto::Value(false));
-    let ops = c.run.own_ops();
+    let ops = OwnOps::from(&c.run);
     assert!(!ops.fused_batch_norm && !ops.direct_conv_double_backward && ops.cuda);
     let mut asked = parse("[run]\nfused_batch_norm = true\n").unwrap();
     asked.settle(true);
-    let ops = asked.run.own_ops();
+    let ops = OwnOps::from(&asked.run);
     assert!(ops.fused_batch_norm && !ops.direct_conv_double_backward && ops.cuda);
     // One note per field decided, naming it and the hardware.
     assert_eq!(notes.len(), 14, "{notes:?}");

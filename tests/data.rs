@@ -272,7 +272,7 @@ fn no_damage_to_a_python_batch_makes_the_reader_panic() {
     // panic or an allocation the file cannot back.
     let good = std::fs::read(py_fixture("test_batch")).unwrap();
     let path = Path::new("fuzzed");
-    let mut rng = metapoison::craft::rng::SplitMix64::new(2026);
+    let mut rng = metapoison::base::rng::SplitMix64::new(2026);
     let tail = good.len() - 400;
     let (mut ok, mut errors) = (0, 0);
     for round in 0..3000 {

@@ -5,11 +5,12 @@
 use metapoison::config::{
     Auto, Config, DataConfig, DatasetKind, LrSchedule, NetKind, ObjectiveKind,
 };
-use metapoison::craft::crafter::{split_tensor, Crafter};
+use metapoison::craft::crafter::Crafter;
 use metapoison::craft::objective::{adversarial_loss, TargetLabels};
 use metapoison::craft::plan::Plan;
 use metapoison::data;
 use metapoison::model::sgd::{self, SgdRule};
+use metapoison::model::split_tensor;
 use metapoison::victim::{poisoned_training_set, targets, train_from_scratch, VictimTraining};
 use tch::{Device, Kind, Tensor};
 

@@ -5,10 +5,10 @@ mod common;
 
 use metapoison::config::{Auto, Config};
 use metapoison::craft::checkpoint;
-use metapoison::craft::engine::{spawn, EngineSetup};
-use metapoison::craft::messages::{Command, Phase, StepReport, Telemetry};
 use metapoison::craft::schedule::surrogate_epoch;
 use metapoison::data::{self, Dataset};
+use metapoison::engine::protocol::{Command, Phase, StepReport, Telemetry};
+use metapoison::engine::{spawn, EngineSetup};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -387,7 +387,7 @@ fn export_now_writes_an_earlier_step_to_a_chosen_folder_and_never_overwrites_it(
 
 /// A one-step tiny run into `dir` whose engine stays after the last step (as under the
 /// dashboard), with 1-epoch victims. Hold `ONE_ENGINE` while it runs.
-fn spawn_lingering(dir: &Path) -> metapoison::craft::engine::EngineHandle {
+fn spawn_lingering(dir: &Path) -> metapoison::engine::EngineHandle {
     let mut config = common::tiny_config(400, 10, 1);
     config.victim.epochs = 1.into();
     config.victim.batch_size = 50;

@@ -4,10 +4,10 @@
 mod common;
 
 use metapoison::config::{DataConfig, DatasetKind, LrSchedule, NetKind};
-use metapoison::craft::crafter::split_tensor;
 use metapoison::data;
 use metapoison::export::{export, ExportRequest, Formats};
 use metapoison::model::sgd::SgdRule;
+use metapoison::model::split_tensor;
 use metapoison::model::{sgd, InputNorm, Network, State};
 use metapoison::victim::eval::{load_export, run_trial, score, summarise, wilson95, Arm, Judged};
 use metapoison::victim::{train_from_scratch, VictimTraining};

@@ -4,10 +4,10 @@
 use crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyEventState, KeyModifiers};
 use metapoison::config::{Auto, Config};
 use metapoison::craft::crafter::LiveSettings;
-use metapoison::craft::messages::{Command, Phase, Preview, StepReport, Telemetry};
 use metapoison::craft::perturbation::Norms;
 use metapoison::craft::plan::Plan;
 use metapoison::data;
+use metapoison::engine::protocol::{Command, Phase, Preview, StepReport, Telemetry};
 use metapoison::tui::app::{App, Palette, Popup};
 use metapoison::tui::draw::draw;
 use metapoison::tui::image::{indexed, ASCII_RAMP};
@@ -400,7 +400,7 @@ fn replay_file_round_trips_telemetry() {
 
 fn with_preview(mut app: App) -> App {
     app.on_telemetry(preview(true));
-    app.on_telemetry(Telemetry::Event(metapoison::craft::messages::Event {
+    app.on_telemetry(Telemetry::Event(metapoison::engine::protocol::Event {
         step: 2,
         kind: "set_outer_lr".into(),
         message: "outer lr 200 -> 100".into(),

@@ -7,11 +7,11 @@
 //! adversarial loss plus the grid's smoothness penalty) is recomputed. The same comparison
 //! checks gradient matching's loss (`check_matching`).
 
+use crate::base::rng::SplitMix64;
 use crate::config::{NetKind, ObjectiveKind};
 use crate::craft::objective::TargetLabels;
 use crate::craft::perturbation::Perturbation;
 use crate::craft::recolor::Recolor;
-use crate::craft::rng::SplitMix64;
 use crate::craft::unroll::{
     meta_gradient, unrolled_adversarial_loss, Surrogate, Targets, UnrollBatches, UnrollSettings,
 };

@@ -11,14 +11,14 @@ pub mod gradcheck;
 pub mod profile;
 pub mod reference;
 
+use crate::base::rng::SplitMix64;
+use crate::base::tensor_file::save_tensors;
 use crate::config::NetKind;
 use crate::config::ObjectiveKind;
 use crate::craft::adam::Adam;
-use crate::craft::checkpoint::save_tensors;
 use crate::craft::objective::TargetLabels;
 use crate::craft::perturbation::Perturbation;
 use crate::craft::recolor::Recolor;
-use crate::craft::rng::SplitMix64;
 use crate::craft::unroll::{
     meta_gradient, meta_gradient_grouped, GroupedSurrogates, Surrogate, Targets, UnrollBatches,
     UnrollSettings,

@@ -18,11 +18,11 @@ pub use report::{
     csv, markdown, summary, totals, ArmTotals, CampaignReport, Selection, TargetResult,
 };
 
-use crate::cli::{
+use crate::app::{
     progress_line, progress_text, spawn_engine, victim_protocol, watch_signals, VictimArgs,
 };
 use crate::config::{Config, VictimConfig};
-use crate::craft::messages::{Phase, Telemetry};
+use crate::engine::protocol::{Phase, Telemetry};
 use crate::paths::{timestamp, Paths};
 use crate::victim::eval::EvalReport;
 use anyhow::{bail, Context, Result};
@@ -96,14 +96,14 @@ fn eval_file(export: &Path, victim: &VictimConfig) -> PathBuf {
 
 fn save(dir: &Path, report: &CampaignReport) -> Result<()> {
     let json = serde_json::to_string_pretty(report)?;
-    crate::craft::checkpoint::write_atomic(&dir.join("campaign.json"), json.as_bytes())
+    crate::base::tensor_file::write_atomic(&dir.join("campaign.json"), json.as_bytes())
         .with_context(|| format!("cannot write {}", dir.join("campaign.json").display()))?;
-    crate::craft::checkpoint::write_atomic(
+    crate::base::tensor_file::write_atomic(
         &dir.join("campaign.csv"),
         csv(&report.results).as_bytes(),
     )
     .with_context(|| format!("cannot write {}", dir.join("campaign.csv").display()))?;
-    crate::craft::checkpoint::write_atomic(&dir.join("campaign.md"), markdown(report).as_bytes())
+    crate::base::tensor_file::write_atomic(&dir.join("campaign.md"), markdown(report).as_bytes())
         .with_context(|| format!("cannot write {}", dir.join("campaign.md").display()))?;
     Ok(())
 }
@@ -133,7 +133,7 @@ fn choose_targets(config: &Config, args: &CampaignArgs) -> Result<Selection> {
             candidates: vec![],
         });
     }
-    let (s, _, _) = crate::cli::rank_targets(config, args.suggest_victims)?;
+    let (s, _, _) = crate::app::rank_targets(config, args.suggest_victims)?;
     let chosen: Vec<_> = s
         .eligible(args.min_margin)
         .take(args.count)
@@ -361,13 +361,13 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs, json: bool) -> Res
     if let Some(p) = &protocol {
         p.fit(&mut config)?;
     }
-    let device = crate::cli::resolve_device(&config)?;
+    let device = crate::app::resolve_device(&config)?;
     if !resuming {
         for note in config.settle(device.is_cuda()) {
             eprintln!("{note}");
             tracing::info!("{note}");
         }
-        crate::craft::checkpoint::write_atomic(&config_file, config.to_toml().as_bytes())
+        crate::base::tensor_file::write_atomic(&config_file, config.to_toml().as_bytes())
             .with_context(|| format!("cannot write {}", config_file.display()))?;
     }
     let selection = match (asked, &previous, &protocol) {
@@ -460,7 +460,7 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs, json: bool) -> Res
                     .map_err(anyhow::Error::msg)?;
                     std::fs::rename(export_dir.join("eval.json"), &file)
                         .with_context(|| format!("cannot write {}", file.display()))?;
-                    let _ = crate::cli::append_results_row(paths, &e);
+                    let _ = crate::app::append_results_row(paths, &e);
                     e
                 }
             };

@@ -262,16 +262,15 @@ impl super::RunConfig {
         self.channels_last.resolve(CPU.channels_last)
     }
 
-    /// The crafter's own ops. The switches are settled for the run's device, so they may
-    /// serve CUDA tensors: there they are on only when a config asks for them.
-    pub fn own_ops(&self) -> crate::model::OwnOps {
-        crate::model::OwnOps {
-            fused_batch_norm: self.fused_batch_norm.resolve(CPU.own_ops),
-            batch_norm_as_aten_ops: false,
-            direct_conv_double_backward: self.direct_conv_double_backward.resolve(CPU.own_ops),
-            max_pool: true,
-            cuda: true,
-        }
+    /// Whether batch norm runs as the crate's fused op (`model::OwnOps`), settled for the
+    /// run's device: on CUDA only when a config asks for it.
+    pub fn fused_batch_norm(&self) -> bool {
+        self.fused_batch_norm.resolve(CPU.own_ops)
+    }
+
+    /// Whether convolutions take the crate's direct double backward, settled as above.
+    pub fn direct_conv_double_backward(&self) -> bool {
+        self.direct_conv_double_backward.resolve(CPU.own_ops)
     }
 }
 

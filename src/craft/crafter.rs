@@ -4,18 +4,18 @@
 use super::adam::Adam;
 use super::epoch::{CleanEpochJob, EpochJob, GroupedEpoch};
 use super::matching::{self, MatchingState, Restarts};
-use super::messages::{Event, StepReport};
 use super::objective::TargetLabels;
 use super::perturbation::Perturbation;
 use super::plan::Plan;
 use super::recolor::Recolor;
-use super::rng::{derive, Purpose, SplitMix64};
+use super::report::{Event, StepReport};
 use super::schedule;
 use super::unroll::UnrollSettings;
+use crate::base::rng::{derive, Purpose, SplitMix64};
 use crate::config::{Config, CraftRecipe};
-use crate::data::{Dataset, Split};
+use crate::data::Dataset;
 use crate::failure::{attempt_group, GroupAttempt};
-use crate::model::{InputNorm, Mode, Network, State};
+use crate::model::{split_tensor, InputNorm, Mode, Network, State};
 use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -127,20 +127,6 @@ struct StepInputs {
     poisons_now: Tensor,
 }
 
-/// Images of a split as a [N, C, H, W] u8 tensor.
-pub fn split_tensor(split: &Split, device: Device) -> Tensor {
-    Tensor::from_slice(&split.images)
-        .view([
-            split.len() as i64,
-            split.height as i64,
-            split.width as i64,
-            split.channels as i64,
-        ])
-        .permute([0, 3, 1, 2])
-        .contiguous()
-        .to_device(device)
-}
-
 impl Crafter {
     /// Builds the job; surrogates are initialised but not yet pretrained (see [`Self::pretrain`]).
     pub fn new(config: Config, data: &Dataset, plan: Plan, device: Device, kind: Kind) -> Crafter {
@@ -184,7 +170,7 @@ impl Crafter {
             norm,
         )
         .with_channels_last(config.run.channels_last())
-        .with_ops(config.run.own_ops());
+        .with_ops(crate::model::OwnOps::from(&config.run));
         let live = LiveSettings {
             // Gradient matching's outer rate is its signed-Adam step, a fraction of eps.
             outer_lr: match config.craft.recipe {
@@ -431,12 +417,12 @@ impl Crafter {
         let mut victim = m.surrogate_recipe.apply(self.config.victim.clone());
         victim.net = self.config.surrogate.net;
         victim.epochs = m.surrogate_epochs().into();
-        let spec = crate::victim::VictimTraining::from_config(&victim);
+        let spec = crate::model::train::VictimTraining::from_config(&victim);
         let epochs = spec.epochs;
         for k in 0..self.plan.ensemble_size {
             let seed = derive(self.config.run.seed, Purpose::Pretrain, k as u64, 0);
             let mut go_on = true;
-            let state = crate::victim::train_from_scratch(
+            let state = crate::model::train::train_from_scratch(
                 &self.net,
                 &spec,
                 &self.train_x,

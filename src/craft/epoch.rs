@@ -7,11 +7,11 @@
 
 use super::objective::TargetLabels;
 use super::perturbation::Perturbation;
-use super::rng::{derive, Purpose, SplitMix64};
 use super::unroll::{
     meta_gradient, meta_gradient_grouped, GroupedSurrogates, Surrogate, Targets, UnrollBatches,
     UnrollSettings,
 };
+use crate::base::rng::{derive, Purpose, SplitMix64};
 use crate::model::sgd::{self, SgdRule};
 use crate::model::{Network, State};
 use std::sync::Arc;

@@ -4,15 +4,13 @@
 pub mod adam;
 pub mod checkpoint;
 pub mod crafter;
-pub mod engine;
 mod epoch;
 pub mod matching;
-pub mod messages;
 pub mod objective;
 pub mod parallel;
 pub mod perturbation;
 pub mod plan;
 pub mod recolor;
-pub mod rng;
+pub mod report;
 pub mod schedule;
 pub mod unroll;

@@ -2,6 +2,7 @@
 //! better for the attacker.
 
 use crate::config::ObjectiveKind;
+pub use crate::model::cross_entropy;
 use tch::{Kind, Tensor};
 
 /// Per-target classes an objective needs.
@@ -65,11 +66,6 @@ pub fn adversarial_loss(kind: ObjectiveKind, logits: &Tensor, labels: &TargetLab
             xent_complement(logits, &labels.truth) + xent_complement(logits, &poison)
         }
     }
-}
-
-/// Cross-entropy of a batch (mean), in the logits' own precision.
-pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Tensor {
-    logits.log_softmax(1, logits.kind()).nll_loss(labels)
 }
 
 /// Whether each target is currently classified as its adversarial class.

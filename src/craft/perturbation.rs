@@ -2,7 +2,7 @@
 //! bounded) and a ReColor grid offset. poison = recolor(base, offsets) + delta.
 
 use super::recolor::Recolor;
-use super::rng::SplitMix64;
+use crate::base::rng::SplitMix64;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 

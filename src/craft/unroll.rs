@@ -111,7 +111,7 @@ pub fn unrolled_adversarial_loss(
     let n_targets = targets.size()[0];
     let mut w = UnrolledWeights::new(weights, model.velocity, &[settings.lr], &settings.rule);
     let mut total: Option<Tensor> = None;
-    let mut rng = input.augment.map(crate::craft::rng::SplitMix64::new);
+    let mut rng = input.augment.map(crate::base::rng::SplitMix64::new);
     for i in 0..=k {
         let (x, y) = if i == 0 {
             (&first, &input.batches[0].1)
@@ -214,9 +214,9 @@ pub fn unrolled_adversarial_losses_grouped(
             input.batches[0].0.index_copy(0, &input.positions, &poisons)
         })
         .collect();
-    let mut rngs: Vec<Option<crate::craft::rng::SplitMix64>> = inputs
+    let mut rngs: Vec<Option<crate::base::rng::SplitMix64>> = inputs
         .iter()
-        .map(|input| input.augment.map(crate::craft::rng::SplitMix64::new))
+        .map(|input| input.augment.map(crate::base::rng::SplitMix64::new))
         .collect();
     let images = targets.images;
     let n_targets = images.size()[0];

@@ -128,7 +128,7 @@ impl Dataset {
             // attack on a small CPU budget has a chance (shared/METAPOISON.md, "Measured here").
             // Id 81: of the shirts that 6 clean 20-epoch ConvNetBN victims all classify
             // correctly by at least 1.5 logits, the one closest to the T-shirt class; the CPU
-            // default run flips it in some victims and controls leave it (README "Default target").
+            // default run flips it in some victims and controls leave it (docs/configuration.md, "The default target").
             (6, vec![81], 0)
         } else {
             // The authors' default: bird targets, dog poisons, target id 0.

@@ -1,6 +1,6 @@
 //! Adversarial loss and perturbation norms over craft steps: a CSV and a small SVG chart.
 
-use crate::craft::messages::StepReport;
+use crate::craft::report::StepReport;
 
 pub fn csv(history: &[StepReport]) -> String {
     let mut s = String::from("step,adv_loss,linf,mean_l2,delta_linf,grid_l2,frac_at_bound,outer_lr,inner_lr,unroll_steps,seconds,target_fooled\n");

@@ -113,7 +113,7 @@ pub struct Manifest {
     pub config: crate::config::Config,
     pub plan: Plan,
     pub dataset: DatasetInfo,
-    pub events: Vec<crate::craft::messages::Event>,
+    pub events: Vec<crate::craft::report::Event>,
     pub norms: QuantisedNorms,
     /// Adversarial loss reported at the exported step (mean over surrogates).
     pub final_adv_loss: Option<f64>,
@@ -262,8 +262,8 @@ fn poisons_from_checkpoint(
     data: &Dataset,
     plan: &Plan,
 ) -> Result<(Vec<usize>, Vec<u8>), String> {
-    use crate::craft::crafter::split_tensor;
     use crate::craft::perturbation::Perturbation;
+    use crate::model::split_tensor;
     let _guard = tch::no_grad_guard();
     let idx = tch::Tensor::from_slice(
         &plan

@@ -2,7 +2,7 @@
 //! applied inside the unrolled graph: zero-pad by 4, a random crop back to the original size
 //! at a random offset per image, a random horizontal flip.
 
-use crate::craft::rng::SplitMix64;
+use crate::base::rng::SplitMix64;
 use tch::Tensor;
 
 pub fn crop_flip(x: &Tensor, rng: &mut SplitMix64) -> Tensor {

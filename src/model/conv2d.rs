@@ -96,7 +96,7 @@ mod tests {
             (&[3, 4, 6, 6], &[8, 4, 3, 3], (1, 1, 1), true),
         ];
         for (seed, (xs, ws, conv, nhwc)) in cases.into_iter().enumerate() {
-            let mut rng = crate::craft::rng::SplitMix64::new(40 + seed as u64);
+            let mut rng = crate::base::rng::SplitMix64::new(40 + seed as u64);
             let opts = (Kind::Double, Device::Cpu);
             let x = rng.normal_tensor(xs, 1.0, opts);
             let w = rng.normal_tensor(ws, 0.5, opts);
@@ -131,7 +131,7 @@ mod tests {
     /// backward then returns the weight's gradient alone, and its derivative is still right.
     #[test]
     fn an_input_without_gradient_gives_the_weight_term_alone() {
-        let mut rng = crate::craft::rng::SplitMix64::new(50);
+        let mut rng = crate::base::rng::SplitMix64::new(50);
         let opts = (Kind::Double, Device::Cpu);
         let x = rng.normal_tensor(&[3, 4, 6, 6], 1.0, opts);
         let w0 = rng.normal_tensor(&[5, 4, 3, 3], 0.5, opts);

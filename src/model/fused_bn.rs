@@ -146,7 +146,7 @@ mod tests {
     /// shape gO, and the weights u, p, q, w of the objective built from the first-order
     /// gradients.
     fn inputs(shape: &[i64], seed: u64) -> Vec<Tensor> {
-        let mut rng = crate::craft::rng::SplitMix64::new(seed);
+        let mut rng = crate::base::rng::SplitMix64::new(seed);
         let opts = (Kind::Double, Device::Cpu);
         let c = shape[1];
         vec![
@@ -286,7 +286,7 @@ mod tests {
     }
 
     fn float32_case(backend: Backend, shape: [i64; 4], nhwc: bool) {
-        let mut rng = crate::craft::rng::SplitMix64::new(5);
+        let mut rng = crate::base::rng::SplitMix64::new(5);
         let opts = (Kind::Float, Device::Cpu);
         let layout = |t: Tensor| {
             if nhwc {
@@ -336,7 +336,7 @@ mod tests {
     }
 
     fn running_statistics_case(backend: Backend) {
-        let mut rng = crate::craft::rng::SplitMix64::new(4);
+        let mut rng = crate::base::rng::SplitMix64::new(4);
         let x = rng.normal_tensor(&[8, 3, 5, 5], 2.0, (Kind::Float, Device::Cpu)) + 1.0;
         let (gamma, beta) = (
             Tensor::ones([3], (Kind::Float, Device::Cpu)),

@@ -1,8 +1,8 @@
 //! The layer context shared by weight construction and the forward pass.
 
 use super::OwnOps;
+use crate::base::rng::SplitMix64;
 use crate::config::NetKind;
-use crate::craft::rng::SplitMix64;
 use tch::{Device, Kind, Tensor};
 
 /// Batch-norm behaviour of a forward pass.

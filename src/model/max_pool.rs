@@ -41,7 +41,7 @@ pub fn max_pool_2x2(x: &Tensor) -> Result<Tensor, TchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::craft::rng::SplitMix64;
+    use crate::base::rng::SplitMix64;
 
     fn libtorch(x: &Tensor) -> Tensor {
         x.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false)

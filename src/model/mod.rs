@@ -13,11 +13,14 @@ mod fused_bn;
 mod layers;
 mod max_pool;
 mod nets;
+pub mod schedule;
 pub mod sgd;
+pub mod train;
 
 pub use layers::{Layers, Mode};
 
 use crate::config::NetKind;
+use crate::data::Split;
 use tch::{Device, Kind, Tensor};
 
 /// For the C++ ops' tests: asserts that each of `ours` equals the same-index tensor of
@@ -243,6 +246,20 @@ pub struct OwnOps {
     pub cuda: bool,
 }
 
+impl From<&crate::config::RunConfig> for OwnOps {
+    /// The crafter's own ops. The switches are settled for the run's device, so they may
+    /// serve CUDA tensors: there they are on only when a config asks for them.
+    fn from(run: &crate::config::RunConfig) -> OwnOps {
+        OwnOps {
+            fused_batch_norm: run.fused_batch_norm(),
+            batch_norm_as_aten_ops: false,
+            direct_conv_double_backward: run.direct_conv_double_backward(),
+            max_pool: true,
+            cuda: true,
+        }
+    }
+}
+
 impl Default for OwnOps {
     fn default() -> Self {
         OwnOps {
@@ -345,7 +362,7 @@ impl Network {
             net: self.kind,
             dtype: kind,
             device,
-            rng: crate::craft::rng::SplitMix64::new(seed),
+            rng: crate::base::rng::SplitMix64::new(seed),
         });
         let x = Tensor::zeros(
             [2, self.in_channels, self.norm.side, self.norm.side],
@@ -426,4 +443,23 @@ impl Network {
             .map(|t| t.numel() as i64)
             .sum()
     }
+}
+
+/// Cross-entropy of a batch (mean), in the logits' own precision.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Tensor {
+    logits.log_softmax(1, logits.kind()).nll_loss(labels)
+}
+
+/// Images of a split as a [N, C, H, W] u8 tensor.
+pub fn split_tensor(split: &Split, device: Device) -> Tensor {
+    Tensor::from_slice(&split.images)
+        .view([
+            split.len() as i64,
+            split.height as i64,
+            split.width as i64,
+            split.channels as i64,
+        ])
+        .permute([0, 3, 1, 2])
+        .contiguous()
+        .to_device(device)
 }

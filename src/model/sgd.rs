@@ -1,8 +1,8 @@
 //! Ordinary (non-unrolled) training: one SGD step, shared by the surrogates' trajectory and
 //! by victims trained from scratch; and the SGD rule every step applies, the unrolled ones too.
 
+use super::cross_entropy;
 use super::{Mode, Network, State};
-use crate::craft::objective::cross_entropy;
 use tch::Tensor;
 
 /// SGD's update rule, as PyTorch's `torch.optim.SGD` without dampening: the weight decay is

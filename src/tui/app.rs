@@ -2,8 +2,8 @@
 //! libtorch, so it is tested with synthetic keys and recorded telemetry.
 
 use crate::config::KeysConfig;
-use crate::craft::crafter::LiveSettings;
-use crate::craft::messages::{Command, Phase, Preview, StepReport, Telemetry};
+use crate::engine::protocol::LiveSettings;
+use crate::engine::protocol::{Command, Phase, Preview, StepReport, Telemetry};
 use crate::telemetry::SystemSample;
 use crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 use std::collections::VecDeque;

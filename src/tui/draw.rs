@@ -2,7 +2,7 @@
 
 use super::app::{App, Palette, Popup, EXPORT_PARTS, QUIT_CHOICES};
 use super::image::{self, Pixels};
-use crate::craft::messages::Phase;
+use crate::engine::protocol::Phase;
 use crate::telemetry::{GpuSample, SystemSample};
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
@@ -93,7 +93,7 @@ fn draw_header(frame: &mut Frame, app: &App, area: Rect) {
     let last = app.steps.last();
     let step = last.map(|r| r.step + 1).unwrap_or(0);
     let eta = last
-        .map(|r| crate::cli::format_duration(r.eta_seconds))
+        .map(|r| crate::base::fmt::format_duration(r.eta_seconds))
         .unwrap_or_else(|| "-".into());
     let fooled = last
         .and_then(|r| r.target_fooled.first())
@@ -112,7 +112,7 @@ fn draw_header(frame: &mut Frame, app: &App, area: Rect) {
         (None, false) => String::new(),
     };
     let phase = format!(" {} ", phase_text(app));
-    let elapsed = crate::cli::format_duration(app.elapsed);
+    let elapsed = crate::base::fmt::format_duration(app.elapsed);
     let device = if app.device.is_empty() {
         "-"
     } else {
@@ -265,7 +265,7 @@ fn draw_loss(frame: &mut Frame, app: &App, area: Rect) {
 
 fn draw_norms(frame: &mut Frame, app: &App, area: Rect) {
     // Each series scaled to its own maximum; the title gives the latest values.
-    let series = |get: fn(&crate::craft::perturbation::Norms) -> f64| -> Vec<(f64, f64)> {
+    let series = |get: fn(&crate::engine::protocol::Norms) -> f64| -> Vec<(f64, f64)> {
         let max = app
             .steps
             .iter()

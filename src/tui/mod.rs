@@ -5,8 +5,8 @@ pub mod app;
 pub mod draw;
 pub mod image;
 
-use crate::craft::engine::{EngineHandle, EngineThread};
-use crate::craft::messages::{Command, Telemetry};
+use crate::engine::protocol::{Command, Telemetry};
+use crate::engine::{EngineHandle, EngineThread};
 use crate::telemetry::{spawn_sampler, SystemSample};
 use app::{App, Palette};
 use crossterm::event::{self, Event};
@@ -170,7 +170,7 @@ async fn run_loop(
         // The engine stopped by itself (a signal, a failure after its checkpoint, or the user's
         // quit): nothing is left to show. A finished run stays on screen until q; a replay
         // until q or until its terminal goes away.
-        let finished = matches!(app.phase, crate::craft::messages::Phase::Done);
+        let finished = matches!(app.phase, crate::engine::protocol::Phase::Done);
         if engine_gone
             && (app.quit || terminal_gone || (engine.is_some() && (!finished || app.signalled)))
         {

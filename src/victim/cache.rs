@@ -32,7 +32,7 @@ impl VictimCache {
     pub fn split_digest(x: &Tensor, y: &Tensor) -> String {
         let mut h = Sha256::new();
         for t in [x, y] {
-            let (dtype, shape, bytes) = crate::craft::checkpoint::bytes_of(t);
+            let (dtype, shape, bytes) = crate::base::tensor_file::bytes_of(t);
             h.update(format!("{dtype:?} {shape:?}\n").as_bytes());
             h.update(&bytes);
         }
@@ -56,7 +56,7 @@ impl VictimCache {
         if !path.exists() {
             return None;
         }
-        let loaded = match crate::craft::checkpoint::load_tensors(&path) {
+        let loaded = match crate::base::tensor_file::load_tensors(&path) {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!("victim cache: {e}; training that victim again");

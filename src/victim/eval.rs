@@ -290,7 +290,7 @@ pub fn evaluate(
     };
     let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
     let path = dir.join("eval.json");
-    crate::craft::checkpoint::write_atomic(&path, json.as_bytes())
+    crate::base::tensor_file::write_atomic(&path, json.as_bytes())
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     Ok(report)
 }
@@ -467,7 +467,7 @@ impl EvalData {
         let n = count.min(self.poison_count()) as i64;
         let eps = self.manifest.config.threat.eps;
         let base = self.poison_bases.narrow(0, 0, n).to_kind(Kind::Float);
-        let mut coin = crate::craft::rng::SplitMix64::new(seed);
+        let mut coin = crate::base::rng::SplitMix64::new(seed);
         let signs: Vec<f32> = (0..base.numel())
             .map(|_| if coin.next_u64() & 1 == 1 { 1.0 } else { -1.0 })
             .collect();
@@ -592,7 +592,7 @@ pub fn save_victim(
         ),
         ("net".to_string(), net.kind.name().to_string()),
     ]);
-    crate::craft::checkpoint::save_tensors(path, &named, Some(meta)).map_err(|e| e.to_string())
+    crate::base::tensor_file::save_tensors(path, &named, Some(meta)).map_err(|e| e.to_string())
 }
 
 /// Which victim a score is for: its arm, seed and training batch size.
@@ -625,7 +625,7 @@ pub fn train_mode_flips(
     let t = targets.size()[0];
     let batch = (batch as i64).min(n);
     let kind = state.weights[0].kind();
-    let mut rng = crate::craft::rng::SplitMix64::new(seed ^ 0x7472_6169_6e6d);
+    let mut rng = crate::base::rng::SplitMix64::new(seed ^ 0x7472_6169_6e6d);
     let mut hits = vec![0usize; t as usize];
     for _ in 0..TRAIN_MODE_BATCHES {
         let mut perm: Vec<i64> = (0..n).collect();

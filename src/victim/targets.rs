@@ -3,8 +3,8 @@
 //! "succeeds" too) yet sits close to the adversarial class.
 
 use super::{train_from_scratch, VictimTraining};
-use crate::craft::crafter::split_tensor;
 use crate::data::Dataset;
+use crate::model::split_tensor;
 use crate::model::{sgd, InputNorm, Network};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};

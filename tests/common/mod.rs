@@ -2,9 +2,9 @@
 #![allow(dead_code)] // each test file uses part of it
 
 use metapoison::config::{Auto, Config, DataConfig, DatasetKind};
-use metapoison::craft::engine::{spawn, EngineSetup};
-use metapoison::craft::messages::{Phase, Telemetry};
 use metapoison::data;
+use metapoison::engine::protocol::{Phase, Telemetry};
+use metapoison::engine::{spawn, EngineSetup};
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;

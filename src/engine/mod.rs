@@ -1,13 +1,15 @@
 //! The crafting thread. It owns libtorch and the job; the outside world talks to it only
 //! through [`Command`]s in and [`Telemetry`] out.
 
-use super::checkpoint;
-use super::crafter::{Crafter, LiveSettings};
-use super::messages::{Command, Event, Phase, Preview, Telemetry};
-use super::parallel;
-use super::plan::Plan;
+pub mod protocol;
+
 use crate::config::Config;
+use crate::craft::checkpoint;
+use crate::craft::crafter::{Crafter, LiveSettings};
+use crate::craft::parallel;
+use crate::craft::plan::Plan;
 use crate::data::Dataset;
+use protocol::{Command, Event, Phase, Preview, Telemetry};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
