@@ -1,6 +1,8 @@
 //! The speed harness: its step keeps every bound, and the PyTorch reference computes the same
 //! float64 meta-gradient (and the comparison notices when it does not).
 
+mod common;
+
 use metapoison::bench::{agreement_spec, reference, Reference, StepInputs, StepSpec};
 use tch::{Device, Kind, Tensor};
 
@@ -48,8 +50,7 @@ fn start_reference(dir: &std::path::Path) -> Option<Reference> {
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
-    if !ok {
-        eprintln!("skipped: {} has no torch", python.display());
+    if common::skip_without(&format!("torch in {}", python.display()), ok) {
         return None;
     }
     Some(Reference::start(&python, dir, "cpu", 1).expect("reference starts"))

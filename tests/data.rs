@@ -1,6 +1,8 @@
 //! Loaders on real bytes: the embedded Fashion-MNIST subset, the CIFAR-10 fixture built from 20
 //! real test images, and corrupt or truncated files.
 
+mod common;
+
 use metapoison::config::{Auto, DataConfig, DatasetKind, Subset};
 use metapoison::data::{self, cifar, idx};
 use std::path::{Path, PathBuf};
@@ -481,10 +483,9 @@ fn idx_folder_with_mismatched_counts() {
 }
 
 #[test]
-fn fashion_mnist_from_the_debian_package_when_installed() {
+fn fashion_mnist_from_the_debian_package() {
     let dir = Path::new("/usr/share/datasets/fashion-mnist");
-    if !dir.exists() {
-        eprintln!("skipped: {} not installed", dir.display());
+    if common::skip_without("Debian's dataset-fashion-mnist", dir.exists()) {
         return;
     }
     let ds = data::load(&DataConfig {
@@ -509,4 +510,15 @@ fn fashion_mnist_from_the_debian_package_when_installed() {
         assert_eq!(sub.train.image(k), ds.train.image(orig as usize));
         assert_eq!(sub.train.labels[k], ds.train.labels[orig as usize]);
     }
+}
+
+/// Under CI a test never skips for a missing tool or data set: it fails, naming what is missing.
+#[test]
+fn a_missing_tool_fails_under_ci_and_skips_elsewhere() {
+    assert!(!common::skip_without_under("x", true, true));
+    assert!(common::skip_without_under("x", false, false));
+    let under_ci = std::panic::catch_unwind(|| common::skip_without_under("tmux", false, true));
+    let message = under_ci.unwrap_err();
+    let text = message.downcast_ref::<String>().unwrap();
+    assert!(text.contains("tmux is missing"), "{text}");
 }

@@ -4,6 +4,8 @@
 //! that passes `export --verify`, `v` trains victims on it, the quit dialog checkpoints and
 //! exits, and the terminal is handed back. Skipped (with a message) where tmux is not installed.
 
+mod common;
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -123,13 +125,9 @@ fn start_dashboard(
     (tmux, run_dir)
 }
 
-/// Whether tmux is missing (then the test says it is skipped).
+/// Whether tmux is missing (then the test says it is skipped; under CI it fails).
 fn tmux_missing() -> bool {
-    let missing = Command::new("tmux").arg("-V").output().is_err();
-    if missing {
-        eprintln!("skipped: tmux is not installed");
-    }
-    missing
+    common::skip_without("tmux", Command::new("tmux").arg("-V").output().is_ok())
 }
 
 #[test]

@@ -60,3 +60,23 @@ pub fn images_that_differ(a: &tch::Tensor, b: &tch::Tensor) -> i64 {
         .sum(tch::Kind::Int64)
         .int64_value(&[])
 }
+
+/// Whether a test must skip because `what` (a tool or data set it checks against) is missing.
+/// Under CI (`CI` set and not "false"), where `.ci/run` installs everything, a missing tool
+/// fails the test instead: nothing skips quietly there.
+pub fn skip_without(what: &str, present: bool) -> bool {
+    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false");
+    skip_without_under(what, present, ci)
+}
+
+pub fn skip_without_under(what: &str, present: bool, ci: bool) -> bool {
+    if present {
+        return false;
+    }
+    assert!(
+        !ci,
+        "{what} is missing; .ci/run installs it, and under CI this test must not skip"
+    );
+    eprintln!("skipped: {what} is missing");
+    true
+}
