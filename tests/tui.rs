@@ -7,7 +7,10 @@ use metapoison::craft::crafter::LiveSettings;
 use metapoison::craft::perturbation::Norms;
 use metapoison::craft::plan::Plan;
 use metapoison::data;
-use metapoison::engine::protocol::{Command, Phase, Preview, StepReport, Telemetry};
+use metapoison::engine::protocol::{
+    Command, Event, EventKind, LiveChange, LiveField, Phase, Preview, StepReport, Telemetry,
+    PROTOCOL_VERSION,
+};
 use metapoison::tui::app::{App, Palette, Popup};
 use metapoison::tui::draw::draw;
 use metapoison::tui::image::{indexed, ASCII_RAMP};
@@ -36,6 +39,7 @@ fn started_with(recipe: metapoison::config::CraftRecipe) -> Telemetry {
     let mut plan = Plan::resolve(&config, &ds).unwrap();
     plan.recipe = recipe;
     Telemetry::Started {
+        protocol: PROTOCOL_VERSION,
         run_dir: "/runs/test".into(),
         device: "cpu (2 threads)".into(),
         config_summary: "convnet-bn on fashion-mnist-subset".into(),
@@ -398,13 +402,59 @@ fn replay_file_round_trips_telemetry() {
     assert!(e.contains("line 1"), "{e}");
 }
 
+/// Replay files say which protocol wrote them: a newer one is refused with a clear line; one
+/// from before the version existed, and events as older checkpoints stored them (kind as
+/// text, no structured change; a kind this build does not know), still read.
+#[test]
+fn replay_files_carry_the_protocol_version_and_old_records_still_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("rec.jsonl");
+    let mut newer = serde_json::to_value(started()).unwrap();
+    assert_eq!(newer["protocol"], PROTOCOL_VERSION);
+    newer["protocol"] = (PROTOCOL_VERSION + 1).into();
+    std::fs::write(&path, newer.to_string() + "\n").unwrap();
+    let e = metapoison::tui::read_replay(&path).unwrap_err();
+    assert!(
+        e.contains("newer metapoison") && e.contains("rec.jsonl"),
+        "{e}"
+    );
+    assert_eq!(e.lines().count(), 1);
+    let mut older = serde_json::to_value(started()).unwrap();
+    older.as_object_mut().unwrap().remove("protocol");
+    let old_event =
+        r#"{"type":"event","step":3,"kind":"set_outer_lr","message":"outer lr 200 -> 50"}"#;
+    let future_event = r#"{"type":"event","step":4,"kind":"teleported","message":"?"}"#;
+    std::fs::write(&path, format!("{older}\n{old_event}\n{future_event}\n")).unwrap();
+    let back = metapoison::tui::read_replay(&path).unwrap();
+    assert!(matches!(back[0], Telemetry::Started { protocol: 0, .. }));
+    match (&back[1], &back[2]) {
+        (Telemetry::Event(a), Telemetry::Event(b)) => {
+            assert_eq!((a.kind, a.change), (EventKind::SetOuterLr, None));
+            assert_eq!(b.kind, EventKind::Other);
+        }
+        other => panic!("{other:?}"),
+    }
+    // The dashboard takes the outer lr from the structured change, not from the text.
+    let mut app = app_with_steps(Palette::Mono);
+    let mut lr = Event::new(5, EventKind::SetOuterLr, "text that says nothing");
+    lr.change = Some(LiveChange {
+        field: LiveField::OuterLr,
+        old: 200.0,
+        new: 37.5,
+    });
+    app.on_telemetry(Telemetry::Event(lr));
+    assert_eq!(app.live.outer_lr, 37.5);
+}
+
 fn with_preview(mut app: App) -> App {
     app.on_telemetry(preview(true));
-    app.on_telemetry(Telemetry::Event(metapoison::engine::protocol::Event {
-        step: 2,
-        kind: "set_outer_lr".into(),
-        message: "outer lr 200 -> 100".into(),
-    }));
+    let mut lr = Event::new(2, EventKind::SetOuterLr, "outer lr 200 -> 100");
+    lr.change = Some(LiveChange {
+        field: LiveField::OuterLr,
+        old: 200.0,
+        new: 100.0,
+    });
+    app.on_telemetry(Telemetry::Event(lr));
     app
 }
 

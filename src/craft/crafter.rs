@@ -8,7 +8,7 @@ use super::objective::TargetLabels;
 use super::perturbation::Perturbation;
 use super::plan::Plan;
 use super::recolor::Recolor;
-use super::report::{Event, StepReport};
+use super::report::{Event, EventKind, StepReport};
 use super::schedule;
 use super::unroll::UnrollSettings;
 use crate::base::rng::{derive, Purpose, SplitMix64};
@@ -490,29 +490,29 @@ impl Crafter {
         let p = &self.perturbation;
         let kept = self.matching.offer(restart, loss, &p.delta, &p.offsets);
         let restarts = self.config.matching.restarts;
-        self.events.push(Event {
-            step: self.step,
-            kind: "restart".into(),
-            message: format!(
+        self.events.push(Event::new(
+            self.step,
+            EventKind::Restart,
+            format!(
                 "restart {}/{restarts} ended at matching loss {loss:.4}{}",
                 restart + 1,
                 if kept { ", the best so far" } else { "" }
             ),
-        });
+        ));
         if last {
             if let Some(best) = &self.matching.best {
                 let _guard = tch::no_grad_guard();
                 self.perturbation.delta.copy_(&best.delta);
                 self.perturbation.offsets.copy_(&best.offsets);
-                self.events.push(Event {
-                    step: self.step,
-                    kind: "restart".into(),
-                    message: format!(
+                self.events.push(Event::new(
+                    self.step,
+                    EventKind::Restart,
+                    format!(
                         "kept restart {}/{restarts}: matching loss {:.4}",
                         best.restart + 1,
                         best.loss
                     ),
-                });
+                ));
             }
         }
     }
@@ -707,14 +707,14 @@ impl Crafter {
             p.project(true);
         } else {
             self.nonfinite_in_row += 1;
-            self.events.push(Event {
+            self.events.push(Event::new(
                 step,
-                kind: "nonfinite".into(),
-                message: format!(
+                EventKind::Nonfinite,
+                format!(
                     "gradient not finite: update skipped ({} in a row)",
                     self.nonfinite_in_row
                 ),
-            });
+            ));
         }
         finite
     }
@@ -731,11 +731,11 @@ impl Crafter {
         let restart = self.config.craft.restart_period;
         if step > 0 && restart > 0 && step % restart == 0 {
             self.rerandomise(step as u64, 0);
-            self.events.push(Event {
+            self.events.push(Event::new(
                 step,
-                kind: "restart".into(),
-                message: "perturbation re-initialised".into(),
-            });
+                EventKind::Restart,
+                "perturbation re-initialised",
+            ));
         }
         let poisons_now = self.perturbation.poisons_detached();
         let inputs = self.step_inputs(&poisons_now);
@@ -780,13 +780,13 @@ impl Crafter {
                             .map(|s| s.deep_clone().trainable())
                             .collect();
                         self.group_size = smaller;
-                        self.events.push(Event {
+                        self.events.push(Event::new(
                             step,
-                            kind: "memory".into(),
-                            message: format!(
+                            EventKind::Memory,
+                            format!(
                                 "the GPU ran out of memory with {group_size} surrogates in a group: now {smaller} at a time"
                             ),
-                        });
+                        ));
                     }
                 }
             };

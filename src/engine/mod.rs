@@ -9,7 +9,7 @@ use crate::craft::crafter::{Crafter, LiveSettings};
 use crate::craft::parallel;
 use crate::craft::plan::Plan;
 use crate::data::Dataset;
-use protocol::{Command, Event, Phase, Preview, Telemetry};
+use protocol::{Command, Event, EventKind, LiveChange, LiveField, Phase, Preview, Telemetry};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
@@ -107,14 +107,25 @@ impl Session<'_> {
         let _ = self.out.send(t);
     }
 
-    fn event(&mut self, kind: &str, message: String) {
-        let step = self.crafter.step;
-        tracing::info!("event at step {step}: {kind}: {message}");
-        self.crafter.events.push(Event {
-            step,
-            kind: kind.into(),
-            message,
-        });
+    fn event(&mut self, kind: EventKind, message: String) {
+        self.record(Event::new(self.crafter.step, kind, message));
+    }
+
+    /// A live setting changed: the event carries the change itself, not only its text.
+    fn changed(&mut self, kind: EventKind, field: LiveField, old: f64, new: f64, text: String) {
+        let mut event = Event::new(self.crafter.step, kind, text);
+        event.change = Some(LiveChange { field, old, new });
+        self.record(event);
+    }
+
+    fn record(&mut self, event: Event) {
+        tracing::info!(
+            "event at step {}: {}: {}",
+            event.step,
+            event.kind,
+            event.message
+        );
+        self.crafter.events.push(event);
         self.flush_events();
     }
 
@@ -183,36 +194,42 @@ impl Session<'_> {
             Command::Pause if !self.paused => {
                 self.paused = true;
                 self.send(Telemetry::Phase(Phase::Paused));
-                self.event("pause", "paused between steps".into());
+                self.event(EventKind::Pause, "paused between steps".into());
             }
             Command::Resume if self.paused => {
                 self.paused = false;
                 self.send(Telemetry::Phase(Phase::Crafting));
-                self.event("resume", "resumed".into());
+                self.event(EventKind::Resume, "resumed".into());
             }
             Command::Pause | Command::Resume => {}
             Command::Stop => {
-                self.event("stop", "stop requested: checkpointing".into());
+                self.event(EventKind::Stop, "stop requested: checkpointing".into());
                 self.checkpoint()?;
                 return Ok(false);
             }
             Command::Abort => {
-                self.event("abort", "stopped without a new checkpoint".into());
+                self.event(EventKind::Abort, "stopped without a new checkpoint".into());
                 return Ok(false);
             }
             Command::CheckpointNow => self.checkpoint()?,
             Command::SetOuterLr { value } => match LiveSettings::check_outer_lr(value) {
                 Ok(v) => {
                     let old = std::mem::replace(&mut self.crafter.live.outer_lr, v);
-                    self.event("set_outer_lr", format!("outer lr {old} -> {v}"));
+                    self.changed(
+                        EventKind::SetOuterLr,
+                        LiveField::OuterLr,
+                        old,
+                        v,
+                        format!("outer lr {old} -> {v}"),
+                    );
                 }
-                Err(e) => self.event("rejected", format!("{e}: refused")),
+                Err(e) => self.event(EventKind::Rejected, format!("{e}: refused")),
             },
             Command::SetInnerLr { .. } | Command::SetUnrollSteps { .. }
                 if self.crafter.plan.recipe == crate::config::CraftRecipe::GradientMatching =>
             {
                 self.event(
-                    "rejected",
+                    EventKind::Rejected,
                     "the inner lr and K are MetaPoison's; gradient matching has neither: refused"
                         .into(),
                 );
@@ -220,16 +237,28 @@ impl Session<'_> {
             Command::SetInnerLr { value } => match LiveSettings::check_inner_lr(value) {
                 Ok(v) => {
                     let old = std::mem::replace(&mut self.crafter.live.inner_lr, v);
-                    self.event("set_inner_lr", format!("inner lr {old} -> {v}"));
+                    self.changed(
+                        EventKind::SetInnerLr,
+                        LiveField::InnerLr,
+                        old,
+                        v,
+                        format!("inner lr {old} -> {v}"),
+                    );
                 }
-                Err(e) => self.event("rejected", format!("{e}: refused")),
+                Err(e) => self.event(EventKind::Rejected, format!("{e}: refused")),
             },
             Command::SetUnrollSteps { value } => match LiveSettings::check_unroll_steps(value) {
                 Ok(k) => {
                     let old = std::mem::replace(&mut self.crafter.live.unroll_steps, k);
-                    self.event("set_unroll_steps", format!("K {old} -> {k}"));
+                    self.changed(
+                        EventKind::SetUnrollSteps,
+                        LiveField::UnrollSteps,
+                        old as f64,
+                        k as f64,
+                        format!("K {old} -> {k}"),
+                    );
                 }
-                Err(e) => self.event("rejected", format!("{e}: refused")),
+                Err(e) => self.event(EventKind::Rejected, format!("{e}: refused")),
             },
             Command::Preview { slot } => self.preview(slot),
             Command::ExportNow { formats, step, out } => {
@@ -266,12 +295,12 @@ impl Session<'_> {
         });
         match outcome {
             Ok(dir) => {
-                self.event("export", format!("exported to {}", dir.display()));
+                self.event(EventKind::Export, format!("exported to {}", dir.display()));
                 self.latest_export = Some(dir.clone());
                 Ok(Some(dir))
             }
             Err(e) => {
-                self.event("export_failed", e);
+                self.event(EventKind::ExportFailed, e);
                 Ok(None)
             }
         }
@@ -282,7 +311,7 @@ impl Session<'_> {
     fn start_evaluation(&mut self, trials: Option<usize>) -> Result<(), String> {
         if self.evaluating.load(Ordering::SeqCst) {
             self.event(
-                "rejected",
+                EventKind::Rejected,
                 "an evaluation is already running: wait for its result".into(),
             );
             return Ok(());
@@ -311,7 +340,7 @@ impl Session<'_> {
             victim_cache: Some(self.setup.run_dir.join("victims")),
         };
         self.event(
-            "evaluation",
+            EventKind::Evaluation,
             format!(
                 "training {} poisoned + {} control {} victims ({} epochs) on {}",
                 plan.trials,
@@ -331,19 +360,14 @@ impl Session<'_> {
             .spawn(move || {
                 // (No set_num_threads here: libtorch's thread count is process-wide, so it
                 // would slow the crafting thread too and change its reduction order.)
-                let note = |kind: &str, message: String| {
-                    let _ = out.send(Telemetry::Event(Event {
-                        step,
-                        kind: kind.into(),
-                        message,
-                    }));
+                let note = |kind: EventKind, message: String| {
+                    let _ = out.send(Telemetry::Event(Event::new(step, kind, message)));
                 };
                 // A libtorch error (a panic in tch) fails this evaluation like any other error,
                 // so the next `v` is not refused as "already running".
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     crate::victim::eval::evaluate(&dir, &plan, device, |p| {
-                        note(
-                            "evaluation",
+                        note(EventKind::Evaluation,
                             format!(
                                 "victim {}/{} ({}{}): target -> {:?}, clean accuracy {:.1}%",
                                 p.done,
@@ -360,8 +384,7 @@ impl Session<'_> {
                 .unwrap_or_else(|payload| Err(crate::failure::message(&*payload)));
                 match result {
                     Ok(report) => {
-                        note(
-                            "evaluation",
+                        note(EventKind::Evaluation,
                             format!(
                                 "done: poisoned {}/{} flipped, control {}/{}; clean accuracy {:.1}% vs {:.1}% ({})",
                                 report.poisoned.successes,
@@ -375,13 +398,16 @@ impl Session<'_> {
                         );
                         let _ = out.send(Telemetry::Evaluation(Box::new(report)));
                     }
-                    Err(e) => note("evaluation_failed", e),
+                    Err(e) => note(EventKind::EvaluationFailed, e),
                 }
                 busy.store(false, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
             self.evaluating.store(false, Ordering::SeqCst);
-            self.event("evaluation_failed", format!("cannot start a thread: {e}"));
+            self.event(
+                EventKind::EvaluationFailed,
+                format!("cannot start a thread: {e}"),
+            );
         }
         Ok(())
     }
@@ -391,7 +417,7 @@ impl Session<'_> {
     fn serve_finished(&mut self, rx: &Receiver<Command>) -> Result<(), String> {
         loop {
             if self.setup.stop.load(Ordering::SeqCst) {
-                self.event("signal", "termination signal: leaving".into());
+                self.event(EventKind::Signal, "termination signal: leaving".into());
                 return Ok(());
             }
             let cmd = match rx.recv_timeout(std::time::Duration::from_millis(200)) {
@@ -408,7 +434,7 @@ impl Session<'_> {
                     self.apply(cmd)?;
                 }
                 other => self.event(
-                    "rejected",
+                    EventKind::Rejected,
                     format!("the run is finished: {other:?} does nothing now"),
                 ),
             }
@@ -420,7 +446,10 @@ impl Session<'_> {
     fn handle_commands(&mut self, rx: &Receiver<Command>) -> Result<bool, String> {
         loop {
             if self.setup.stop.load(Ordering::SeqCst) {
-                self.event("signal", "termination signal: checkpointing".into());
+                self.event(
+                    EventKind::Signal,
+                    "termination signal: checkpointing".into(),
+                );
                 self.checkpoint()?;
                 return Ok(false);
             }
@@ -498,6 +527,7 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Sender<Telemetry>) -> Re
         None => None,
     };
     let _ = out.send(Telemetry::Started {
+        protocol: protocol::PROTOCOL_VERSION,
         run_dir: setup.run_dir.display().to_string(),
         device: match intra_op {
             Some(_) => crate::device::describe_cpu_workers(crafter.plan.parallel_surrogates),
@@ -547,11 +577,11 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Sender<Telemetry>) -> Re
         evaluating: Arc::new(AtomicBool::new(false)),
     };
     for note in session.crafter.plan.notes.clone() {
-        session.send(Telemetry::Event(Event {
-            step: session.crafter.step,
-            kind: "auto".into(),
-            message: note,
-        }));
+        session.send(Telemetry::Event(Event::new(
+            session.crafter.step,
+            EventKind::Auto,
+            note,
+        )));
     }
     if resumed_at.is_none() {
         std::fs::write(setup.run_dir.join("config.toml"), config.to_toml()).map_err(|e| {
@@ -581,7 +611,7 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Sender<Telemetry>) -> Re
         });
         if !completed {
             session.event(
-                "signal",
+                EventKind::Signal,
                 "stopped during pretraining; nothing crafted yet".into(),
             );
             return Ok(());
@@ -590,7 +620,7 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Sender<Telemetry>) -> Re
         session.checkpoint()?;
     } else {
         session.event(
-            "resume",
+            EventKind::Resume,
             format!("resumed from checkpoint at step {}", session.crafter.step),
         );
     }

@@ -8,8 +8,13 @@
 pub use crate::craft::crafter::LiveSettings;
 pub use crate::craft::perturbation::Norms;
 pub use crate::craft::plan::Plan;
-pub use crate::craft::report::{Event, StepReport};
+pub use crate::craft::report::{Event, EventKind, LiveChange, LiveField, StepReport};
 use serde::{Deserialize, Serialize};
+
+/// The layout of commands and telemetry this build speaks, sent in `Started`. Raised whenever
+/// a message changes in a way an older reader would misread; records without it (written
+/// before it existed) read as 0.
+pub const PROTOCOL_VERSION: u32 = 1;
 
 /// What a controller can ask of a running engine. Applied between craft steps.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,6 +90,9 @@ pub struct Preview {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Telemetry {
     Started {
+        /// [`PROTOCOL_VERSION`] of the engine that sent it.
+        #[serde(default)]
+        protocol: u32,
         run_dir: String,
         device: String,
         config_summary: String,

@@ -3,7 +3,9 @@
 
 use crate::config::KeysConfig;
 use crate::engine::protocol::LiveSettings;
-use crate::engine::protocol::{Command, Phase, Preview, StepReport, Telemetry};
+use crate::engine::protocol::{
+    Command, EventKind, LiveField, Phase, Preview, StepReport, Telemetry,
+};
 use crate::telemetry::SystemSample;
 use crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 use std::collections::VecDeque;
@@ -263,6 +265,7 @@ impl App {
         self.dirty = true;
         match t {
             Telemetry::Started {
+                protocol: _,
                 run_dir,
                 device,
                 config_summary,
@@ -319,21 +322,11 @@ impl App {
                 self.steps.push(r);
             }
             Telemetry::Event(e) => {
-                if e.kind == "set_outer_lr" {
-                    if let Some(v) = e
-                        .message
-                        .rsplit("-> ")
-                        .next()
-                        .and_then(|v| v.trim().parse().ok())
-                    {
-                        self.live.outer_lr = v;
-                    }
-                }
-                if e.kind == "evaluation_failed" {
-                    self.evaluating = false;
-                }
-                if e.kind == "signal" {
-                    self.signalled = true;
+                match (e.kind, e.change) {
+                    (_, Some(c)) if c.field == LiveField::OuterLr => self.live.outer_lr = c.new,
+                    (EventKind::EvaluationFailed, _) => self.evaluating = false,
+                    (EventKind::Signal, _) => self.signalled = true,
+                    _ => {}
                 }
                 self.log(format!("[{}] {}: {}", e.step, e.kind, e.message));
             }

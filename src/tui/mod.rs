@@ -5,7 +5,7 @@ pub mod app;
 pub mod draw;
 pub mod image;
 
-use crate::engine::protocol::{Command, Telemetry};
+use crate::engine::protocol::{Command, Telemetry, PROTOCOL_VERSION};
 use crate::engine::{EngineHandle, EngineThread};
 use crate::telemetry::{spawn_sampler, SystemSample};
 use app::{App, Palette};
@@ -32,13 +32,22 @@ pub fn read_replay(path: &std::path::Path) -> Result<Vec<Telemetry>, String> {
         if line.trim().is_empty() {
             continue;
         }
-        out.push(serde_json::from_str(&line).map_err(|e| {
+        let record: Telemetry = serde_json::from_str(&line).map_err(|e| {
             format!(
                 "{} line {}: not a telemetry record: {e}",
                 path.display(),
                 i + 1
             )
-        })?);
+        })?;
+        if let Telemetry::Started { protocol, .. } = &record {
+            if *protocol > PROTOCOL_VERSION {
+                return Err(format!(
+                    "{} was written by a newer metapoison (protocol {protocol}; this build reads up to {PROTOCOL_VERSION}): replay it with that version",
+                    path.display()
+                ));
+            }
+        }
+        out.push(record);
     }
     Ok(out)
 }
