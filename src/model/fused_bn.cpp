@@ -62,8 +62,8 @@ struct ForwardArgs {
   bool relu;
   T *y, *mean, *invstd, *var;  // var: biased, for the running statistics
   // Channels-last only: per-chunk partial statistics and the per-channel scale and shift.
-  double* partials;
-  T* coef;
+  double* partials = nullptr;
+  T* coef = nullptr;
 };
 
 template <typename T>
@@ -71,8 +71,8 @@ struct BackwardArgs {
   const T *go, *x, *mask, *gamma, *mean, *invstd;
   int64_t N, C, HW;
   T *gx, *gresidual, *ggamma, *gbeta;
-  double* partials;
-  T* coef;
+  double* partials = nullptr;
+  T* coef = nullptr;
 };
 
 template <typename T>
@@ -80,8 +80,8 @@ struct DoubleBackwardArgs {
   const T *x, *go, *mask, *a, *ar, *mean, *invstd, *gamma, *gg_gamma, *gg_beta;
   int64_t N, C, HW;
   T *out_go, *out_x, *out_gamma;
-  double* partials;
-  T* coef;
+  double* partials = nullptr;
+  T* coef = nullptr;
 };
 
 // Loads and stores of V, a GCC vector of T (the channels-last kernels' lanes) or T itself.
