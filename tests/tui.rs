@@ -8,8 +8,8 @@ use metapoison::craft::perturbation::Norms;
 use metapoison::craft::plan::Plan;
 use metapoison::data;
 use metapoison::engine::protocol::{
-    Command, Event, EventKind, LiveChange, LiveField, Phase, Preview, StepReport, Telemetry,
-    PROTOCOL_VERSION,
+    Command, Event, EventKind, LiveChange, LiveField, Phase, Preview, RunInfo, StepReport,
+    Telemetry, PROTOCOL_VERSION,
 };
 use metapoison::tui::app::{App, Palette, Popup};
 use metapoison::tui::draw::draw;
@@ -45,7 +45,7 @@ fn started_with(recipe: metapoison::config::CraftRecipe) -> Telemetry {
         config_summary: "convnet-bn on fashion-mnist-subset".into(),
         resumed_at: None,
         class_names: ds.class_names.clone(),
-        plan,
+        plan: (&plan).into(),
         live: LiveSettings {
             outer_lr: 200.0,
             inner_lr: 0.1,
@@ -419,14 +419,24 @@ fn replay_files_carry_the_protocol_version_and_old_records_still_read() {
         "{e}"
     );
     assert_eq!(e.lines().count(), 1);
+    // Before the version existed, `started` also carried the crafter's whole plan.
     let mut older = serde_json::to_value(started()).unwrap();
     older.as_object_mut().unwrap().remove("protocol");
+    let ds = data::embedded::load().unwrap();
+    let whole_plan = Plan::resolve(&Config::default(), &ds).unwrap();
+    older["plan"] = serde_json::to_value(&whole_plan).unwrap();
     let old_event =
         r#"{"type":"event","step":3,"kind":"set_outer_lr","message":"outer lr 200 -> 50"}"#;
     let future_event = r#"{"type":"event","step":4,"kind":"teleported","message":"?"}"#;
     std::fs::write(&path, format!("{older}\n{old_event}\n{future_event}\n")).unwrap();
     let back = metapoison::tui::read_replay(&path).unwrap();
-    assert!(matches!(back[0], Telemetry::Started { protocol: 0, .. }));
+    match &back[0] {
+        Telemetry::Started { protocol, plan, .. } => {
+            assert_eq!(*protocol, 0);
+            assert_eq!(*plan, RunInfo::from(&whole_plan));
+        }
+        other => panic!("{other:?}"),
+    }
     match (&back[1], &back[2]) {
         (Telemetry::Event(a), Telemetry::Event(b)) => {
             assert_eq!((a.kind, a.change), (EventKind::SetOuterLr, None));
@@ -567,7 +577,15 @@ fn v_starts_one_evaluation_and_its_result_reaches_the_header() {
         trials: trials.clone(),
         seconds: 1.0,
     };
-    app.on_telemetry(Telemetry::Evaluation(Box::new(report)));
+    // Records from before the summary existed carried the whole report: they still read.
+    let old = serde_json::json!({ "type": "evaluation" });
+    let mut old = old.as_object().unwrap().clone();
+    for (k, v) in serde_json::to_value(&report).unwrap().as_object().unwrap() {
+        old.insert(k.clone(), v.clone());
+    }
+    let back: Telemetry = serde_json::from_value(old.into()).unwrap();
+    assert_eq!(back, Telemetry::Evaluation((&report).into()));
+    app.on_telemetry(back);
     let screen = text(&render(&app, 160, 48));
     assert!(
         screen.contains("victims 1/2 flipped (control 0/2), acc 85.2%/85.6%"),

@@ -396,7 +396,7 @@ impl Session<'_> {
                                 dir.join("eval.json").display()
                             ),
                         );
-                        let _ = out.send(Telemetry::Evaluation(Box::new(report)));
+                        let _ = out.send(Telemetry::Evaluation((&report).into()));
                     }
                     Err(e) => note(EventKind::EvaluationFailed, e),
                 }
@@ -563,7 +563,7 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Sender<Telemetry>) -> Re
         ),
         resumed_at,
         class_names: setup.data.class_names.clone(),
-        plan: crafter.plan.clone(),
+        plan: (&crafter.plan).into(),
         live: crafter.live.clone(),
         steps: config.craft.steps(),
     });
