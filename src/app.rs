@@ -105,7 +105,7 @@ pub fn rank_targets(
         tracing::info!("{note}");
     }
     let data = crate::data::load(&config.data)?;
-    let plan = crate::craft::plan::Plan::resolve(&config, &data).map_err(anyhow::Error::msg)?;
+    let plan = crate::craft::plan::Plan::resolve(&config, &data)?;
     let spec = VictimTraining::from_config(&config.victim);
     eprintln!(
         "training {victims} clean {} victim(s) for {} epochs on {} images of {}",
@@ -365,13 +365,7 @@ pub fn append_results_row(
 
 /// The libtorch device `run.device` names, with `run.threads` applied.
 pub fn resolve_device(config: &Config) -> Result<tch::Device> {
-    let device = config
-        .run
-        .device
-        .parse::<DeviceChoice>()
-        .map_err(anyhow::Error::msg)?
-        .resolve()
-        .map_err(anyhow::Error::msg)?;
+    let device = config.run.device.parse::<DeviceChoice>()?.resolve()?;
     if config.run.threads > 0 {
         tch::set_num_threads(config.run.threads as i32);
     }

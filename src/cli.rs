@@ -269,7 +269,7 @@ fn run(cli: Cli) -> Result<()> {
             force,
         } => {
             if verify {
-                let v = crate::export::verify::verify(&dir).map_err(anyhow::Error::msg)?;
+                let v = crate::export::verify::verify(&dir)?;
                 println!("{}", v.summary);
                 for p in &v.problems {
                     println!("problem: {p}");
@@ -282,7 +282,7 @@ fn run(cli: Cli) -> Result<()> {
                     );
                 }
             } else {
-                let formats = crate::export::Formats::parse(&format).map_err(anyhow::Error::msg)?;
+                let formats = crate::export::Formats::parse(&format)?;
                 let req = crate::export::ExportRequest {
                     run_dir: dir,
                     step,
@@ -290,7 +290,7 @@ fn run(cli: Cli) -> Result<()> {
                     formats,
                     force,
                 };
-                let folder = crate::export::export(&req).map_err(anyhow::Error::msg)?;
+                let folder = crate::export::export(&req)?;
                 println!("{}", folder.display());
             }
         }
@@ -439,7 +439,7 @@ fn craft(config_path: Option<&Path>, paths: &Paths, args: RunArgs) -> Result<()>
     if progress {
         eprintln!();
     }
-    handle.join().map_err(anyhow::Error::msg)?;
+    handle.join()?;
     // stderr may be a terminal that went away (SSH drop): never panic on it.
     let _ = writeln!(std::io::stderr(), "run folder: {}", run_dir.display());
     Ok(())
@@ -498,8 +498,7 @@ fn evaluate(
             format_duration(p.eta_seconds)
         );
         true
-    })
-    .map_err(anyhow::Error::msg)?;
+    })?;
     print!("{}", report_table(&report, plan.control));
     if save_weights {
         println!("victim weights: {}", dir.join("victims").display());
@@ -530,16 +529,15 @@ fn tui(
         if !terminal {
             bail!("--replay needs a terminal");
         }
-        let records = crate::tui::read_replay(&file).map_err(anyhow::Error::msg)?;
-        return crate::tui::run(crate::tui::Source::Replay(records), keys)
-            .map_err(anyhow::Error::msg);
+        let records = crate::tui::read_replay(&file)?;
+        return Ok(crate::tui::run(crate::tui::Source::Replay(records), keys)?);
     }
     if !terminal {
         eprintln!("not a terminal: crafting headless (JSON lines on stdout)");
         return craft(config_path, paths, run);
     }
     let (handle, run_dir) = start_engine(config_path, paths, run, true)?;
-    crate::tui::run(crate::tui::Source::Engine(handle), keys).map_err(anyhow::Error::msg)?;
+    crate::tui::run(crate::tui::Source::Engine(handle), keys)?;
     // stderr may be a terminal that went away (SSH drop): never panic on it.
     let _ = writeln!(std::io::stderr(), "run folder: {}", run_dir.display());
     Ok(())

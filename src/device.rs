@@ -3,6 +3,17 @@
 use std::fmt;
 use std::str::FromStr;
 
+/// A device name that is not one, or a CUDA device libtorch does not see.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    #[error("must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\"")]
+    Unknown,
+    #[error(
+        "run.device = \"cuda:{asked}\" but libtorch sees {gpus} CUDA device(s); use \"auto\" or \"cpu\""
+    )]
+    NoSuchGpu { asked: usize, gpus: usize },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceChoice {
     Auto,
@@ -11,8 +22,8 @@ pub enum DeviceChoice {
 }
 
 impl FromStr for DeviceChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = DeviceError;
+    fn from_str(s: &str) -> Result<Self, DeviceError> {
         match s {
             "auto" => Ok(DeviceChoice::Auto),
             "cpu" => Ok(DeviceChoice::Cpu),
@@ -21,7 +32,7 @@ impl FromStr for DeviceChoice {
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .map(DeviceChoice::Cuda)
-                .ok_or_else(|| "must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\"".to_string()),
+                .ok_or(DeviceError::Unknown),
         }
     }
 }
@@ -39,15 +50,13 @@ impl fmt::Display for DeviceChoice {
 impl DeviceChoice {
     /// Resolves to a libtorch device, failing with a readable message when CUDA was asked
     /// for but is not there.
-    pub fn resolve(self) -> Result<tch::Device, String> {
+    pub fn resolve(self) -> Result<tch::Device, DeviceError> {
         let gpus = tch::Cuda::device_count() as usize;
         match self {
             DeviceChoice::Auto if gpus > 0 => Ok(tch::Device::Cuda(0)),
             DeviceChoice::Auto | DeviceChoice::Cpu => Ok(tch::Device::Cpu),
             DeviceChoice::Cuda(n) if n < gpus => Ok(tch::Device::Cuda(n)),
-            DeviceChoice::Cuda(n) => Err(format!(
-                "run.device = \"cuda:{n}\" but libtorch sees {gpus} CUDA device(s); use \"auto\" or \"cpu\""
-            )),
+            DeviceChoice::Cuda(asked) => Err(DeviceError::NoSuchGpu { asked, gpus }),
         }
     }
 }

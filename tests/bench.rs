@@ -36,10 +36,14 @@ fn a_bench_step_moves_the_poisons_and_keeps_the_bounds() {
 fn bad_bench_shapes_are_refused_with_the_flag_named() {
     let mut s = tiny();
     s.poisons_in_batch = 9;
-    assert!(s.validate().unwrap_err().contains("--poisons-in-batch"));
+    assert!(s
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("--poisons-in-batch"));
     let mut s = tiny();
     s.unroll_steps = 0;
-    assert!(s.validate().unwrap_err().contains("--unroll"));
+    assert!(s.validate().unwrap_err().to_string().contains("--unroll"));
 }
 
 /// The reference needs a python with torch: the project's .venv (scripts/test.sh makes it).

@@ -347,7 +347,7 @@ fn bad_target_id_fails_with_a_clear_message() {
             _ => None,
         })
         .collect();
-    let err = handle.join().unwrap_err();
+    let err = handle.join().unwrap_err().to_string();
     assert!(
         err.contains("threat.target_ids") && err.contains("500") && err.contains("200 images"),
         "{err}"

@@ -176,7 +176,7 @@ fn export_round_trip_verify_and_failures() {
     }
 
     // Refuses to overwrite without --force; --force replaces.
-    let e = export(&request(&run, out.clone())).unwrap_err();
+    let e = export(&request(&run, out.clone())).unwrap_err().to_string();
     assert!(e.contains("already exists") && e.contains("--force"), "{e}");
     let mut forced = request(&run, out.clone());
     forced.force = true;
@@ -200,7 +200,9 @@ fn export_round_trip_verify_and_failures() {
     // An impossible destination: the parent is a file. Nothing partial is left.
     let blocker = tmp.path().join("blocker");
     std::fs::write(&blocker, "x").unwrap();
-    let e = export(&request(&run, blocker.join("exp"))).unwrap_err();
+    let e = export(&request(&run, blocker.join("exp")))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("blocker"), "{e}");
     let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
         .unwrap()
@@ -212,7 +214,7 @@ fn export_round_trip_verify_and_failures() {
     // A step without saved poisons is named.
     let mut missing = request(&run, tmp.path().join("e2"));
     missing.step = Some(1);
-    let e = export(&missing).unwrap_err();
+    let e = export(&missing).unwrap_err().to_string();
     assert!(e.contains("step 1") && e.contains("step-0002"), "{e}");
 }
 

@@ -168,5 +168,5 @@ fn a_checkpoint_resumes_with_another_count_of_parallel_surrogates_only() {
     // ...while a change of the maths (another poison budget) is still refused.
     let mut other = build(2, 12);
     let e = loaded.restore_into(&mut other).unwrap_err();
-    assert!(e.contains("plan"), "{e}");
+    assert!(e.to_string().contains("plan"), "{e}");
 }

@@ -398,7 +398,7 @@ fn replay_file_round_trips_telemetry() {
     assert_eq!(back.len(), 2);
     assert!(matches!(back[1], Telemetry::Step(ref r) if r.adv_loss == Some(1.0)));
     std::fs::write(&path, "{not json}\n").unwrap();
-    let e = metapoison::tui::read_replay(&path).unwrap_err();
+    let e = metapoison::tui::read_replay(&path).unwrap_err().to_string();
     assert!(e.contains("line 1"), "{e}");
 }
 
@@ -413,7 +413,7 @@ fn replay_files_carry_the_protocol_version_and_old_records_still_read() {
     assert_eq!(newer["protocol"], PROTOCOL_VERSION);
     newer["protocol"] = (PROTOCOL_VERSION + 1).into();
     std::fs::write(&path, newer.to_string() + "\n").unwrap();
-    let e = metapoison::tui::read_replay(&path).unwrap_err();
+    let e = metapoison::tui::read_replay(&path).unwrap_err().to_string();
     assert!(
         e.contains("newer metapoison") && e.contains("rec.jsonl"),
         "{e}"

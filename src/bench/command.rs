@@ -115,10 +115,13 @@ pub struct BenchArgs {
     profile: Option<PathBuf>,
 }
 
-fn parse_net(s: &str) -> Result<NetKind, String> {
-    serde_json::from_value(Value::String(s.into())).map_err(|_| {
-        format!("unknown network {s:?}: use convnet-bn, resnet20, resnet18, vgg11 or vgg13")
-    })
+/// A `--net` that names no network.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown network {0:?}: use convnet-bn, resnet20, resnet18, vgg11 or vgg13")]
+struct UnknownNet(String);
+
+fn parse_net(s: &str) -> Result<NetKind, UnknownNet> {
+    serde_json::from_value(Value::String(s.into())).map_err(|_| UnknownNet(s.into()))
 }
 
 impl BenchArgs {
@@ -194,7 +197,7 @@ fn append_line(path: &PathBuf, report: &Value) -> Result<()> {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    let device = args.device.resolve().map_err(anyhow::Error::msg)?;
+    let device = args.device.resolve()?;
     if args.threads > 0 {
         tch::set_num_threads(args.threads);
     }
@@ -204,7 +207,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         return run_gradcheck(device, args.out.as_ref());
     }
     let spec = args.spec(device.is_cuda());
-    spec.validate().map_err(anyhow::Error::msg)?;
+    spec.validate()?;
     if let Some(path) = &args.profile {
         if spec.workers > 1 {
             bail!("--profile records one thread: use --workers 1 (or leave --workers out)");

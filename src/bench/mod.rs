@@ -173,30 +173,32 @@ impl StepSpec {
         })
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> anyhow::Result<()> {
         if self.batch < 2 {
-            return Err(format!("--batch {} must be at least 2", self.batch));
+            anyhow::bail!("--batch {} must be at least 2", self.batch);
         }
         if self.poisons_in_batch < 1 || self.poisons_in_batch > self.batch {
-            return Err(format!(
+            anyhow::bail!(
                 "--poisons-in-batch {} must be in 1..=batch ({})",
-                self.poisons_in_batch, self.batch
-            ));
+                self.poisons_in_batch,
+                self.batch
+            );
         }
         if self.npoison < self.poisons_in_batch {
-            return Err(format!(
+            anyhow::bail!(
                 "--npoison {} must be at least --poisons-in-batch {}",
-                self.npoison, self.poisons_in_batch
-            ));
+                self.npoison,
+                self.poisons_in_batch
+            );
         }
         if !(1..=16).contains(&self.unroll_steps) {
-            return Err(format!("--unroll {} must be in 1..=16", self.unroll_steps));
+            anyhow::bail!("--unroll {} must be in 1..=16", self.unroll_steps);
         }
         if self.ensemble == 0 || self.targets == 0 {
-            return Err("--ensemble and --targets must be at least 1".into());
+            anyhow::bail!("--ensemble and --targets must be at least 1");
         }
         if self.workers == 0 {
-            return Err("--workers must be at least 1".into());
+            anyhow::bail!("--workers must be at least 1");
         }
         Ok(())
     }

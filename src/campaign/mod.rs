@@ -274,7 +274,7 @@ fn craft_target(
     if reporting.terminal {
         eprintln!();
     }
-    handle.join().map_err(anyhow::Error::msg)?;
+    handle.join()?;
     if let Some(m) = failure {
         bail!("crafting into {} failed: {m}", run_dir.display());
     }
@@ -420,10 +420,9 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs, json: bool) -> Res
                 run_dir: run_dir.clone(),
                 step: Some(target_config.craft.steps()),
                 out: Some(export_dir.clone()),
-                formats: crate::export::Formats::parse("npz").map_err(anyhow::Error::msg)?,
+                formats: crate::export::Formats::parse("npz")?,
                 force: true,
-            })
-            .map_err(anyhow::Error::msg)?;
+            })?;
         }
         let mut evals = Vec::new();
         for victim_args in &victims {
@@ -456,8 +455,7 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs, json: bool) -> Res
                             p.trial.clean_accuracy * 100.0
                         );
                         !stop.load(Ordering::SeqCst)
-                    })
-                    .map_err(anyhow::Error::msg)?;
+                    })?;
                     std::fs::rename(export_dir.join("eval.json"), &file)
                         .with_context(|| format!("cannot write {}", file.display()))?;
                     let _ = crate::app::append_results_row(paths, &e);

@@ -133,15 +133,25 @@ impl Protocol {
                 self.dataset, config.data.dataset
             )));
         }
+        /// A field the protocol pins that the config sets otherwise.
+        #[derive(Debug, thiserror::Error)]
+        #[error("uses {field} = {pinned} where the config has {configured}; remove {field} from the config")]
+        struct PinConflict {
+            field: String,
+            pinned: String,
+            configured: String,
+        }
         fn pin<T: PartialEq + std::fmt::Debug + Clone>(
             field: &str,
             slot: &mut Auto<T>,
             value: T,
-        ) -> Result<(), String> {
+        ) -> Result<(), PinConflict> {
             match slot {
-                Auto::Value(v) if *v != value => Err(format!(
-                    "uses {field} = {value:?} where the config has {v:?}; remove {field} from the config"
-                )),
+                Auto::Value(v) if *v != value => Err(PinConflict {
+                    field: field.to_string(),
+                    pinned: format!("{value:?}"),
+                    configured: format!("{v:?}"),
+                }),
                 _ => {
                     *slot = Auto::Value(value);
                     Ok(())
@@ -175,7 +185,7 @@ impl Protocol {
                 self.poison_class,
             )
         });
-        pinned.map_err(invalid)?;
+        pinned.map_err(|e| invalid(e.to_string()))?;
         let threat = &config.threat;
         if !matches!(threat.adv_class, Auto::Auto)
             && threat.adv_class != Auto::Value(self.poison_class)

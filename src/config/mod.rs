@@ -530,13 +530,18 @@ impl Recipe {
     }
 }
 
+/// A recipe name that is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}: use crafter or standard")]
+pub struct UnknownRecipe(pub String);
+
 impl std::str::FromStr for Recipe {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Recipe, String> {
+    type Err = UnknownRecipe;
+    fn from_str(s: &str) -> Result<Recipe, UnknownRecipe> {
         match s {
             "crafter" => Ok(Recipe::Crafter),
             "standard" => Ok(Recipe::Standard),
-            other => Err(format!("{other}: use crafter or standard")),
+            other => Err(UnknownRecipe(other.to_string())),
         }
     }
 }

@@ -229,7 +229,11 @@ impl Config {
 
         let r = &self.run;
         if let Err(e) = r.device.parse::<DeviceChoice>() {
-            return Err(invalid("run.device", format!("\"{}\"", r.device), e));
+            return Err(invalid(
+                "run.device",
+                format!("\"{}\"", r.device),
+                e.to_string(),
+            ));
         }
         for d in &r.surrogate_devices {
             match d.parse::<DeviceChoice>() {
@@ -241,7 +245,13 @@ impl Config {
                     ))
                 }
                 Ok(_) => {}
-                Err(e) => return Err(invalid("run.surrogate_devices", format!("\"{d}\""), e)),
+                Err(e) => {
+                    return Err(invalid(
+                        "run.surrogate_devices",
+                        format!("\"{d}\""),
+                        e.to_string(),
+                    ))
+                }
             }
         }
         int_range("run.threads", r.threads, 0, 1024)?;

@@ -169,24 +169,39 @@ pub fn load(dir: &Path) -> Result<Loaded, CheckpointError> {
     Ok(Loaded { state, tensors })
 }
 
+/// A checkpoint that does not fit the crafter it is restored into.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RestoreError {
+    #[error("the run's plan (poisons, targets, ensemble) differs from the checkpoint's; was the data changed?")]
+    PlanDiffers,
+    #[error("tensor {0} is missing")]
+    Missing(String),
+    #[error("tensor {name} has shape {found:?}, expected {expected:?}")]
+    Shape {
+        name: String,
+        found: Vec<i64>,
+        expected: Vec<i64>,
+    },
+}
+
 impl Loaded {
-    fn take(&self, name: &str, like: &Tensor) -> Result<Tensor, String> {
+    fn take(&self, name: &str, like: &Tensor) -> Result<Tensor, RestoreError> {
         let t = self
             .tensors
             .get(name)
-            .ok_or_else(|| format!("tensor {name} is missing"))?;
+            .ok_or_else(|| RestoreError::Missing(name.to_string()))?;
         if t.size() != like.size() {
-            return Err(format!(
-                "tensor {name} has shape {:?}, expected {:?}",
-                t.size(),
-                like.size()
-            ));
+            return Err(RestoreError::Shape {
+                name: name.to_string(),
+                found: t.size(),
+                expected: like.size(),
+            });
         }
         Ok(t.to_kind(like.kind()).to_device(like.device()))
     }
 
     /// Puts the saved tensors and state into a crafter built from the same config and data.
-    pub fn restore_into(&self, c: &mut Crafter) -> Result<(), String> {
+    pub fn restore_into(&self, c: &mut Crafter) -> Result<(), RestoreError> {
         let _guard = tch::no_grad_guard();
         // The notes say how `auto` fields were settled when the run began; a resumed run's
         // config is already settled, so only the decisions themselves must agree. How many
@@ -198,7 +213,7 @@ impl Loaded {
             ..p.clone()
         };
         if decisions(&self.state.plan) != decisions(&c.plan) {
-            return Err("the run's plan (poisons, targets, ensemble) differs from the checkpoint's; was the data changed?".into());
+            return Err(RestoreError::PlanDiffers);
         }
         c.plan.notes = self.state.plan.notes.clone();
         let delta = self.take("delta", &c.perturbation.delta)?;

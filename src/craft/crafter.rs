@@ -28,28 +28,40 @@ pub struct LiveSettings {
     pub unroll_steps: usize,
 }
 
+/// A live change outside its range; the engine refuses it and a UI says so before sending,
+/// with the same words.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LiveSettingError {
+    #[error("outer lr {0} must be a positive number")]
+    OuterLr(f64),
+    #[error("inner lr {0} must be in (0, 10]")]
+    InnerLr(f64),
+    #[error("K = {0} must be in 1..=16")]
+    UnrollSteps(usize),
+}
+
 /// The ranges a live change must respect; the engine enforces them and a UI checks them before
-/// sending, with the same messages.
+/// sending.
 impl LiveSettings {
-    pub fn check_outer_lr(v: f64) -> Result<f64, String> {
+    pub fn check_outer_lr(v: f64) -> Result<f64, LiveSettingError> {
         if v.is_finite() && v > 0.0 {
             Ok(v)
         } else {
-            Err(format!("outer lr {v} must be a positive number"))
+            Err(LiveSettingError::OuterLr(v))
         }
     }
-    pub fn check_inner_lr(v: f64) -> Result<f64, String> {
+    pub fn check_inner_lr(v: f64) -> Result<f64, LiveSettingError> {
         if v.is_finite() && v > 0.0 && v <= 10.0 {
             Ok(v)
         } else {
-            Err(format!("inner lr {v} must be in (0, 10]"))
+            Err(LiveSettingError::InnerLr(v))
         }
     }
-    pub fn check_unroll_steps(k: usize) -> Result<usize, String> {
+    pub fn check_unroll_steps(k: usize) -> Result<usize, LiveSettingError> {
         if (1..=16).contains(&k) {
             Ok(k)
         } else {
-            Err(format!("K = {k} must be in 1..=16"))
+            Err(LiveSettingError::UnrollSteps(k))
         }
     }
 }

@@ -42,12 +42,23 @@ fn one() -> usize {
     1
 }
 
-fn err(field: &str, msg: impl std::fmt::Display) -> String {
-    format!("config field `{field}`: {msg}")
+/// A config that cannot be turned into a plan for this data set: the field and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("config field `{field}`: {message}")]
+pub struct PlanError {
+    pub field: String,
+    pub message: String,
+}
+
+fn err(field: &str, msg: impl std::fmt::Display) -> PlanError {
+    PlanError {
+        field: field.to_string(),
+        message: msg.to_string(),
+    }
 }
 
 impl Plan {
-    pub fn resolve(config: &Config, data: &Dataset) -> Result<Plan, String> {
+    pub fn resolve(config: &Config, data: &Dataset) -> Result<Plan, PlanError> {
         let th = &config.threat;
         let classes = data.num_classes() as i64;
         let (dt, dids, dp) = data.default_pair();

@@ -547,54 +547,69 @@ impl<'a> Pickle<'a> {
     /// A numpy array, in either of the forms numpy pickles one: `_reconstruct(ndarray, (0,),
     /// b"b")` built with `(version, shape, dtype, fortran_order, data)`, or (protocol 5)
     /// `_frombuffer(data, dtype, shape, order)`. Err says what the object is instead.
-    pub fn array(&self, i: usize) -> Result<Array<'a>, String> {
+    pub fn array(&self, i: usize) -> Result<Array<'a>, NotAnArray> {
         const MULTIARRAY: [&str; 2] = ["numpy.core.multiarray", "numpy._core.multiarray"];
         const NUMERIC: [&str; 2] = ["numpy.core.numeric", "numpy._core.numeric"];
-        let shape_of = |j: usize| -> Result<Vec<usize>, String> {
+        let shape_of = |j: usize| -> Result<Vec<usize>, NotAnArray> {
             self.ints(j)
                 .and_then(|v| v.into_iter().map(|d| usize::try_from(d).ok()).collect())
-                .ok_or_else(|| "its shape is not a tuple of sizes".to_string())
+                .ok_or(NotAnArray("its shape is not a tuple of sizes".into()))
         };
         let (shape, dtype, data) = match self.get(i) {
             Obj::Build { object, state } => {
                 let is_array = matches!(self.get(*object), Obj::Reduce { func, .. }
                     if self.is_global(*func, &MULTIARRAY, "_reconstruct"));
                 if !is_array {
-                    return Err("an object that is not a numpy array".into());
+                    return Err(NotAnArray("an object that is not a numpy array".into()));
                 }
                 let s = self
                     .items(*state)
-                    .ok_or("a numpy array without its state")?;
+                    .ok_or(NotAnArray("a numpy array without its state".into()))?;
                 // (version, shape, dtype, fortran, data); very old numpy left the version out.
                 let s = if s.len() == 5 { &s[1..] } else { s };
                 if s.len() != 4 {
-                    return Err(format!("a numpy array state of {} items", s.len()));
+                    return Err(NotAnArray(format!(
+                        "a numpy array state of {} items",
+                        s.len()
+                    )));
                 }
                 if self.get(s[2]) != &Obj::Bool(false) {
-                    return Err("a Fortran-order numpy array".into());
+                    return Err(NotAnArray("a Fortran-order numpy array".into()));
                 }
                 (shape_of(s[0])?, s[1], s[3])
             }
             Obj::Reduce { func, args } if self.is_global(*func, &NUMERIC, "_frombuffer") => {
-                let a = self.items(*args).ok_or("_frombuffer without arguments")?;
+                let a = self
+                    .items(*args)
+                    .ok_or(NotAnArray("_frombuffer without arguments".into()))?;
                 if a.len() != 4 {
-                    return Err(format!("_frombuffer with {} arguments", a.len()));
+                    return Err(NotAnArray(format!(
+                        "_frombuffer with {} arguments",
+                        a.len()
+                    )));
                 }
                 if self.text(a[3]).as_deref() != Some("C") {
-                    return Err("a numpy array not in C order".into());
+                    return Err(NotAnArray("a numpy array not in C order".into()));
                 }
                 (shape_of(a[2])?, a[1], a[0])
             }
-            Obj::List(_) => return Err("a list, not a numpy array".into()),
-            _ => return Err("not a numpy array".into()),
+            Obj::List(_) => return Err(NotAnArray("a list, not a numpy array".into())),
+            _ => return Err(NotAnArray("not a numpy array".into())),
         };
         let dtype = self
             .dtype(dtype)
-            .ok_or("a numpy array of an unreadable dtype")?;
-        let data = self.bytes(data).ok_or("a numpy array without its bytes")?;
+            .ok_or(NotAnArray("a numpy array of an unreadable dtype".into()))?;
+        let data = self
+            .bytes(data)
+            .ok_or(NotAnArray("a numpy array without its bytes".into()))?;
         Ok(Array { shape, dtype, data })
     }
 }
+
+/// What a pickled object is instead of the numpy array expected there.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct NotAnArray(pub String);
 
 #[cfg(test)]
 mod tests {

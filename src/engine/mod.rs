@@ -41,23 +41,52 @@ pub struct EngineHandle {
 }
 
 impl EngineHandle {
-    /// Waits for the thread; its error (a one-line message) if it failed.
-    pub fn join(self) -> Result<(), String> {
+    /// Waits for the thread; its error (one line) if it failed.
+    pub fn join(self) -> Result<(), EngineError> {
         self.thread.join()
     }
 }
 
 /// The crafting thread apart from its channels (a controller may hand those to threads of
 /// its own): what is left to wait for.
-pub struct EngineThread(JoinHandle<Result<(), String>>);
+pub struct EngineThread(JoinHandle<Result<(), EngineError>>);
 
 impl EngineThread {
-    /// Waits for the thread; its error (a one-line message) if it failed.
-    pub fn join(self) -> Result<(), String> {
-        self.0
-            .join()
-            .unwrap_or_else(|_| Err("the crafting thread panicked (see the log file)".into()))
+    /// Waits for the thread; its error (one line) if it failed.
+    pub fn join(self) -> Result<(), EngineError> {
+        self.0.join().unwrap_or(Err(EngineError::Panicked))
     }
+}
+
+/// Why a crafting job ended early. Every variant reads as one line; checkpoints already
+/// written stay usable.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot create run folder {path}: {source}")]
+    RunFolder {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+    #[error(transparent)]
+    Restore(#[from] checkpoint::RestoreError),
+    #[error(transparent)]
+    Plan(#[from] crate::craft::plan::PlanError),
+    #[error("run.surrogate_devices: {0}")]
+    SurrogateDevice(crate::device::DeviceError),
+    #[error("{steps} craft steps in a row had a non-finite meta-gradient; stopped. Lower craft.outer_lr or surrogate.lr and resume from {run_dir}")]
+    NonFinite { steps: usize, run_dir: PathBuf },
+    /// An error raised inside libtorch (a panic in tch), as `failure::message` words it.
+    #[error("{0}")]
+    Libtorch(String),
+    #[error("the crafting thread panicked (see the log file)")]
+    Panicked,
 }
 
 pub fn spawn(setup: EngineSetup) -> EngineHandle {
@@ -71,11 +100,13 @@ pub fn spawn(setup: EngineSetup) -> EngineHandle {
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 run(setup, cmd_rx, &tel_tx)
             }))
-            .unwrap_or_else(|payload| Err(crate::failure::message(&*payload)));
-            if let Err(message) = &result {
-                tracing::error!("crafting failed: {message}");
+            .unwrap_or_else(|payload| {
+                Err(EngineError::Libtorch(crate::failure::message(&*payload)))
+            });
+            if let Err(e) = &result {
+                tracing::error!("crafting failed: {e}");
                 let _ = tel_tx.send(Telemetry::Phase(Phase::Failed {
-                    message: message.clone(),
+                    message: e.to_string(),
                 }));
             }
             result
@@ -138,11 +169,9 @@ impl Session<'_> {
         }
     }
 
-    fn checkpoint(&mut self) -> Result<(), String> {
-        let path =
-            checkpoint::save(&self.crafter, &self.setup.run_dir).map_err(|e| e.to_string())?;
-        checkpoint::save_poison_snapshot(&self.crafter, &self.setup.run_dir)
-            .map_err(|e| e.to_string())?;
+    fn checkpoint(&mut self) -> Result<(), EngineError> {
+        let path = checkpoint::save(&self.crafter, &self.setup.run_dir)?;
+        checkpoint::save_poison_snapshot(&self.crafter, &self.setup.run_dir)?;
         tracing::info!(
             "checkpoint at step {} -> {}",
             self.crafter.step,
@@ -189,7 +218,7 @@ impl Session<'_> {
     }
 
     /// Applies one command. Returns false when the engine should stop.
-    fn apply(&mut self, cmd: Command) -> Result<bool, String> {
+    fn apply(&mut self, cmd: Command) -> Result<bool, EngineError> {
         match cmd {
             Command::Pause if !self.paused => {
                 self.paused = true;
@@ -277,7 +306,7 @@ impl Session<'_> {
         formats: &str,
         step: Option<usize>,
         out: Option<PathBuf>,
-    ) -> Result<Option<PathBuf>, String> {
+    ) -> Result<Option<PathBuf>, EngineError> {
         self.checkpoint()?;
         let shown = step.unwrap_or(self.crafter.step);
         // The default folder of a step may be replaced (e.g. exporting again before an
@@ -300,7 +329,7 @@ impl Session<'_> {
                 Ok(Some(dir))
             }
             Err(e) => {
-                self.event(EventKind::ExportFailed, e);
+                self.event(EventKind::ExportFailed, e.to_string());
                 Ok(None)
             }
         }
@@ -308,7 +337,7 @@ impl Session<'_> {
 
     /// Starts victims training on the latest export (made now if there is none) on a
     /// thread of their own; crafting goes on meanwhile.
-    fn start_evaluation(&mut self, trials: Option<usize>) -> Result<(), String> {
+    fn start_evaluation(&mut self, trials: Option<usize>) -> Result<(), EngineError> {
         if self.evaluating.load(Ordering::SeqCst) {
             self.event(
                 EventKind::Rejected,
@@ -381,7 +410,11 @@ impl Session<'_> {
                         true
                     })
                 }))
-                .unwrap_or_else(|payload| Err(crate::failure::message(&*payload)));
+                .unwrap_or_else(|payload| {
+                    Err(crate::victim::eval::EvalError::Libtorch(
+                        crate::failure::message(&*payload),
+                    ))
+                });
                 match result {
                     Ok(report) => {
                         note(EventKind::Evaluation,
@@ -398,7 +431,7 @@ impl Session<'_> {
                         );
                         let _ = out.send(Telemetry::Evaluation((&report).into()));
                     }
-                    Err(e) => note(EventKind::EvaluationFailed, e),
+                    Err(e) => note(EventKind::EvaluationFailed, e.to_string()),
                 }
                 busy.store(false, Ordering::SeqCst);
             });
@@ -414,7 +447,7 @@ impl Session<'_> {
 
     /// After the last step (with `linger`): serve exports, evaluations and previews until a
     /// stop, an abort or the controller's departure.
-    fn serve_finished(&mut self, rx: &Receiver<Command>) -> Result<(), String> {
+    fn serve_finished(&mut self, rx: &Receiver<Command>) -> Result<(), EngineError> {
         loop {
             if self.setup.stop.load(Ordering::SeqCst) {
                 self.event(EventKind::Signal, "termination signal: leaving".into());
@@ -443,7 +476,7 @@ impl Session<'_> {
     }
 
     /// Handles pending commands; while paused, waits for them. Returns false to stop.
-    fn handle_commands(&mut self, rx: &Receiver<Command>) -> Result<bool, String> {
+    fn handle_commands(&mut self, rx: &Receiver<Command>) -> Result<bool, EngineError> {
         loop {
             if self.setup.stop.load(Ordering::SeqCst) {
                 self.event(
@@ -482,12 +515,18 @@ impl Session<'_> {
     }
 }
 
-fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Sender<Telemetry>) -> Result<(), String> {
+fn run(
+    setup: EngineSetup,
+    rx: Receiver<Command>,
+    out: &Sender<Telemetry>,
+) -> Result<(), EngineError> {
     let _ = out.send(Telemetry::Phase(Phase::Preparing));
-    std::fs::create_dir_all(&setup.run_dir)
-        .map_err(|e| format!("cannot create run folder {}: {e}", setup.run_dir.display()))?;
+    std::fs::create_dir_all(&setup.run_dir).map_err(|source| EngineError::RunFolder {
+        path: setup.run_dir.clone(),
+        source,
+    })?;
     let loaded = if setup.resume {
-        Some(checkpoint::load(&setup.run_dir).map_err(|e| e.to_string())?)
+        Some(checkpoint::load(&setup.run_dir)?)
     } else {
         None
     };
@@ -510,9 +549,9 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Sender<Telemetry>) -> Re
             .map(|d| {
                 d.parse::<crate::device::DeviceChoice>()
                     .and_then(|c| c.resolve())
-                    .map_err(|e| format!("run.surrogate_devices: {e}"))
+                    .map_err(EngineError::SurrogateDevice)
             })
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
         crafter.spread_over(&devices);
     }
     // Several surrogates at once on the CPU: each worker gets its share of the cores for the
@@ -584,12 +623,9 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Sender<Telemetry>) -> Re
         )));
     }
     if resumed_at.is_none() {
-        std::fs::write(setup.run_dir.join("config.toml"), config.to_toml()).map_err(|e| {
-            format!(
-                "cannot write {}: {e}",
-                setup.run_dir.join("config.toml").display()
-            )
-        })?;
+        let path = setup.run_dir.join("config.toml");
+        std::fs::write(&path, config.to_toml())
+            .map_err(|source| EngineError::Write { path, source })?;
         let m = session.crafter.plan.ensemble_size;
         let stop = setup.stop.clone();
         let tx = out.clone();
@@ -646,11 +682,10 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Sender<Telemetry>) -> Re
         session.flush_events();
         if session.crafter.nonfinite_in_row >= config.run.max_nonfinite_steps {
             session.checkpoint()?;
-            return Err(format!(
-                "{} craft steps in a row had a non-finite meta-gradient; stopped. Lower craft.outer_lr or surrogate.lr and resume from {}",
-                session.crafter.nonfinite_in_row,
-                setup.run_dir.display()
-            ));
+            return Err(EngineError::NonFinite {
+                steps: session.crafter.nonfinite_in_row,
+                run_dir: setup.run_dir.clone(),
+            });
         }
         if every > 0 && session.crafter.step % every == 0 && !session.crafter.finished() {
             session.checkpoint()?;

@@ -9,7 +9,7 @@
 //! controller needs only this module.
 
 use crate::config::CraftRecipe;
-pub use crate::craft::crafter::LiveSettings;
+pub use crate::craft::crafter::{LiveSettingError, LiveSettings};
 pub use crate::craft::perturbation::Norms;
 pub use crate::craft::report::{Event, EventKind, LiveChange, LiveField, StepReport};
 use serde::{Deserialize, Serialize};

@@ -39,7 +39,7 @@ impl Formats {
     };
 
     /// Parses "npz,native,png,curves" ("all" for everything).
-    pub fn parse(list: &str) -> Result<Formats, String> {
+    pub fn parse(list: &str) -> Result<Formats, ExportError> {
         let mut f = Formats {
             datasets: false,
             native: false,
@@ -53,11 +53,7 @@ impl Formats {
                 "native" => f.native = true,
                 "png" => f.png = true,
                 "curves" => f.curves = true,
-                other => {
-                    return Err(format!(
-                        "unknown export format `{other}`: use npz, native, png, curves or all"
-                    ))
-                }
+                other => return Err(ExportError::UnknownFormat(other.to_string())),
             }
         }
         Ok(f)
@@ -153,29 +149,78 @@ fn chw_to_hwc(data: &[u8], n: usize, c: usize, h: usize, w: usize) -> Vec<u8> {
     out
 }
 
-fn io(path: &Path) -> impl Fn(std::io::Error) -> String + '_ {
-    move |e| format!("cannot write {}: {e}", path.display())
+fn io(path: &Path) -> impl Fn(std::io::Error) -> ExportError + '_ {
+    move |source| ExportError::Write {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Why an export was not written; nothing half-written is left behind.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("unknown export format `{0}`: use npz, native, png, curves or all")]
+    UnknownFormat(String),
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+    #[error(transparent)]
+    Restore(#[from] checkpoint::RestoreError),
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error("the run's data no longer matches: {0}")]
+    DataChanged(crate::craft::plan::PlanError),
+    #[error(
+        "the data set differs from the one the run crafted on (poison or target indices moved)"
+    )]
+    IndicesMoved,
+    #[error("no poisons saved for step {step} in {run_dir} (saved: {saved})")]
+    NoSnapshot {
+        step: usize,
+        run_dir: PathBuf,
+        saved: String,
+    },
+    #[error("snapshot {path} holds {shape:?}, which does not fit the data set")]
+    SnapshotShape { path: PathBuf, shape: Vec<usize> },
+    #[error("{0} already exists: choose another --out or pass --force to replace it")]
+    Exists(PathBuf),
+    #[error("cannot create {path}: {source}")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot move the export into {path}: {source}")]
+    Move {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("poisons exceed their bound: L-inf {linf} > {bound}")]
+    OutOfBound { linf: f64, bound: f64 },
+    #[error("cannot hash the export: {0}")]
+    Hash(std::io::Error),
+    #[error("libtorch: {0}")]
+    Tensor(#[from] tch::TchError),
 }
 
 /// Writes the export; returns its folder.
-pub fn export(req: &ExportRequest) -> Result<PathBuf, String> {
-    let loaded = checkpoint::load(&req.run_dir).map_err(|e| e.to_string())?;
+pub fn export(req: &ExportRequest) -> Result<PathBuf, ExportError> {
+    let loaded = checkpoint::load(&req.run_dir)?;
     let state: CheckpointState = loaded.state;
     let step = req.step.unwrap_or(state.step);
     let snapshot = checkpoint::snapshot_path(&req.run_dir, step);
-    let data = data::load(&state.config.data).map_err(|e| e.to_string())?;
-    let plan = Plan::resolve(&state.config, &data)
-        .map_err(|e| format!("the run's data no longer matches: {e}"))?;
+    let data = data::load(&state.config.data)?;
+    let plan = Plan::resolve(&state.config, &data).map_err(ExportError::DataChanged)?;
     if plan.poison_indices != state.plan.poison_indices
         || plan.target_indices != state.plan.target_indices
     {
-        return Err(
-            "the data set differs from the one the run crafted on (poison or target indices moved)"
-                .into(),
-        );
+        return Err(ExportError::IndicesMoved);
     }
     let (shape, chw) = if snapshot.exists() {
-        checkpoint::load_poison_snapshot(&snapshot).map_err(|e| e.to_string())?
+        checkpoint::load_poison_snapshot(&snapshot)?
     } else if step == state.step {
         // Runs without snapshots: rebuild the poisons from the checkpoint's perturbation.
         poisons_from_checkpoint(&loaded.tensors, &state, &data, &plan)?
@@ -188,37 +233,36 @@ pub fn export(req: &ExportRequest) -> Result<PathBuf, String> {
             })
             .unwrap_or_default();
         have.sort();
-        return Err(format!(
-            "no poisons saved for step {step} in {} (saved: {})",
-            req.run_dir.display(),
-            have.join(", ")
-        ));
+        return Err(ExportError::NoSnapshot {
+            step,
+            run_dir: req.run_dir.clone(),
+            saved: have.join(", "),
+        });
     };
     let (n, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
     if (h, w, c) != (data.train.height, data.train.width, data.train.channels)
         || n != plan.poison_indices.len()
     {
-        return Err(format!(
-            "snapshot {} holds {shape:?}, which does not fit the data set",
-            snapshot.display()
-        ));
+        return Err(ExportError::SnapshotShape {
+            path: snapshot,
+            shape,
+        });
     }
     let out = req
         .out
         .clone()
         .unwrap_or_else(|| req.run_dir.join(format!("export-step-{step:04}")));
     if out.exists() && !req.force {
-        return Err(format!(
-            "{} already exists: choose another --out or pass --force to replace it",
-            out.display()
-        ));
+        return Err(ExportError::Exists(out));
     }
     let parent = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)
-        .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    std::fs::create_dir_all(parent).map_err(|source| ExportError::Create {
+        path: parent.to_path_buf(),
+        source,
+    })?;
     let name = out
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
@@ -237,14 +281,17 @@ pub fn export(req: &ExportRequest) -> Result<PathBuf, String> {
     .and_then(|()| {
         if out.exists() {
             let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-            std::fs::rename(&out, &old)
-                .map_err(|e| format!("cannot replace {}: {e}", out.display()))?;
-            std::fs::rename(&tmp, &out)
-                .map_err(|e| format!("cannot move the export into {}: {e}", out.display()))?;
+            std::fs::rename(&out, &old).map_err(io(&out))?;
+            std::fs::rename(&tmp, &out).map_err(|source| ExportError::Move {
+                path: out.clone(),
+                source,
+            })?;
             let _ = std::fs::remove_dir_all(&old);
         } else {
-            std::fs::rename(&tmp, &out)
-                .map_err(|e| format!("cannot move the export into {}: {e}", out.display()))?;
+            std::fs::rename(&tmp, &out).map_err(|source| ExportError::Move {
+                path: out.clone(),
+                source,
+            })?;
         }
         Ok(())
     });
@@ -261,7 +308,7 @@ fn poisons_from_checkpoint(
     state: &CheckpointState,
     data: &Dataset,
     plan: &Plan,
-) -> Result<(Vec<usize>, Vec<u8>), String> {
+) -> Result<(Vec<usize>, Vec<u8>), ExportError> {
     use crate::craft::perturbation::Perturbation;
     use crate::model::split_tensor;
     let _guard = tch::no_grad_guard();
@@ -285,22 +332,20 @@ fn poisons_from_checkpoint(
     for (name, target) in [("delta", &mut p.delta), ("offsets", &mut p.offsets)] {
         let t = tensors
             .get(name)
-            .ok_or(format!("checkpoint lacks {name}"))?;
+            .ok_or_else(|| checkpoint::RestoreError::Missing(name.to_string()))?;
         if t.size() != target.size() {
-            return Err(format!(
-                "checkpoint {name} has shape {:?}, expected {:?}",
-                t.size(),
-                target.size()
-            ));
+            return Err(checkpoint::RestoreError::Shape {
+                name: name.to_string(),
+                found: t.size(),
+                expected: target.size(),
+            }
+            .into());
         }
         target.copy_(&t.to_kind(tch::Kind::Float));
     }
     let q = p.quantised().to_kind(tch::Kind::Uint8).contiguous();
     let shape: Vec<usize> = q.size().iter().map(|&d| d as usize).collect();
-    Ok((
-        shape,
-        Vec::<u8>::try_from(q.flatten(0, -1)).map_err(|e| e.to_string())?,
-    ))
+    Ok((shape, Vec::<u8>::try_from(q.flatten(0, -1))?))
 }
 
 fn write_folder(
@@ -311,7 +356,7 @@ fn write_folder(
     step: usize,
     poisons: &[u8],
     formats: Formats,
-) -> Result<(), String> {
+) -> Result<(), ExportError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let (h, w, c) = (data.train.height, data.train.width, data.train.channels);
     let per = h * w * c;
@@ -482,13 +527,13 @@ fn write_folder(
         state.config.threat.eps + 255.0 * recolor.max_shift(state.config.threat.color_eps) + 0.5,
     );
     if norms.linf > norms.linf_bound {
-        return Err(format!(
-            "poisons exceed their bound: L-inf {} > {}",
-            norms.linf, norms.linf_bound
-        ));
+        return Err(ExportError::OutOfBound {
+            linf: norms.linf,
+            bound: norms.linf_bound,
+        });
     }
     let mut files = BTreeMap::new();
-    collect_hashes(dir, dir, &mut files).map_err(|e| format!("cannot hash the export: {e}"))?;
+    collect_hashes(dir, dir, &mut files).map_err(ExportError::Hash)?;
     let manifest = Manifest {
         tool: "metapoison".into(),
         tool_version: env!("CARGO_PKG_VERSION").into(),

@@ -78,9 +78,13 @@ impl NpyArray {
         out
     }
 
-    pub fn from_npy(bytes: &[u8], name: &str) -> Result<NpyArray, String> {
+    pub fn from_npy(bytes: &[u8], name: &str) -> Result<NpyArray, NpyError> {
+        let bad = |problem: String| NpyError::Bad {
+            name: name.to_string(),
+            problem,
+        };
         if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
-            return Err(format!("{name}: not an .npy array"));
+            return Err(bad("not an .npy array".into()));
         }
         let (hlen, start) = match bytes[6] {
             1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
@@ -88,18 +92,18 @@ impl NpyArray {
                 u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize,
                 12,
             ),
-            v => return Err(format!("{name}: unsupported .npy version {v}")),
+            v => return Err(bad(format!("unsupported .npy version {v}"))),
         };
         let header = std::str::from_utf8(
             bytes
                 .get(start..start + hlen)
-                .ok_or(format!("{name}: truncated header"))?,
+                .ok_or_else(|| bad("truncated header".into()))?,
         )
-        .map_err(|_| format!("{name}: header is not text"))?;
-        let field = |key: &str| -> Result<&str, String> {
+        .map_err(|_| bad("header is not text".into()))?;
+        let field = |key: &str| -> Result<&str, NpyError> {
             let at = header
                 .find(&format!("'{key}':"))
-                .ok_or(format!("{name}: header lacks {key}"))?;
+                .ok_or_else(|| bad(format!("header lacks {key}")))?;
             Ok(header[at + key.len() + 3..].trim_start())
         };
         let descr = field("descr")?
@@ -109,7 +113,7 @@ impl NpyArray {
             .unwrap_or("")
             .to_string();
         if field("fortran_order")?.starts_with("True") {
-            return Err(format!("{name}: Fortran-order arrays are not supported"));
+            return Err(bad("Fortran-order arrays are not supported".into()));
         }
         let shape_text = field("shape")?;
         let inner = shape_text
@@ -121,22 +125,22 @@ impl NpyArray {
             .split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
-            .map(|s| s.parse().map_err(|_| format!("{name}: bad shape {inner}")))
+            .map(|s| s.parse().map_err(|_| bad(format!("bad shape {inner}"))))
             .collect::<Result<_, _>>()?;
         let data = bytes[start + hlen..].to_vec();
         let a = NpyArray { descr, shape, data };
         if !matches!(a.descr.as_str(), "|u1" | "<i8") {
-            return Err(format!(
-                "{name}: dtype {} not supported (expected |u1 or <i8)",
+            return Err(bad(format!(
+                "dtype {} not supported (expected |u1 or <i8)",
                 a.descr
-            ));
+            )));
         }
         if a.data.len() != a.len() * a.item_size() {
-            return Err(format!(
-                "{name}: {} data bytes for shape {:?}",
+            return Err(bad(format!(
+                "{} data bytes for shape {:?}",
                 a.data.len(),
                 a.shape
-            ));
+            )));
         }
         Ok(a)
     }
@@ -217,21 +221,60 @@ pub fn write_npz(path: &Path, arrays: &[(&str, &NpyArray)]) -> std::io::Result<(
     inner.get_ref().inner.sync_all()
 }
 
-pub fn read_npz(path: &Path) -> Result<BTreeMap<String, NpyArray>, String> {
-    let file =
-        std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
-        .map_err(|e| format!("{}: not a zip archive: {e}", path.display()))?;
+/// An `.npy` array or `.npz` archive this reader cannot take.
+#[derive(Debug, thiserror::Error)]
+pub enum NpyError {
+    /// `name` says where the array came from (archive:member).
+    #[error("{name}: {problem}")]
+    Bad { name: String, problem: String },
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a zip archive: {source}")]
+    NotZip {
+        path: std::path::PathBuf,
+        source: zip::result::ZipError,
+    },
+    #[error("{path}: {source}")]
+    Entry {
+        path: std::path::PathBuf,
+        source: zip::result::ZipError,
+    },
+    #[error("{path}: {name}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        name: String,
+        source: std::io::Error,
+    },
+}
+
+pub fn read_npz(path: &Path) -> Result<BTreeMap<String, NpyArray>, NpyError> {
+    let file = std::fs::File::open(path).map_err(|source| NpyError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut zip =
+        zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|source| NpyError::NotZip {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let mut out = BTreeMap::new();
     for i in 0..zip.len() {
-        let mut entry = zip
-            .by_index(i)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut entry = zip.by_index(i).map_err(|source| NpyError::Entry {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let name = entry.name().trim_end_matches(".npy").to_string();
         let mut bytes = Vec::new();
         entry
             .read_to_end(&mut bytes)
-            .map_err(|e| format!("{}: {name}: {e}", path.display()))?;
+            .map_err(|source| NpyError::Read {
+                path: path.to_path_buf(),
+                name: name.clone(),
+                source,
+            })?;
         out.insert(
             name.clone(),
             NpyArray::from_npy(&bytes, &format!("{}:{name}", path.display()))?,

@@ -34,12 +34,34 @@ fn want<'a>(
     }
 }
 
-pub fn verify(dir: &Path) -> Result<Verified, String> {
+/// An export that cannot be checked at all (its problems, when it can, are in `Verified`).
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a metapoison manifest: {source}")]
+    NotManifest {
+        path: std::path::PathBuf,
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Npz(#[from] super::npz::NpyError),
+}
+
+pub fn verify(dir: &Path) -> Result<Verified, VerifyError> {
     let mpath = dir.join("manifest.json");
-    let text = std::fs::read_to_string(&mpath)
-        .map_err(|e| format!("cannot read {}: {e}", mpath.display()))?;
-    let manifest: Manifest = serde_json::from_str(&text)
-        .map_err(|e| format!("{} is not a metapoison manifest: {e}", mpath.display()))?;
+    let text = std::fs::read_to_string(&mpath).map_err(|source| VerifyError::Read {
+        path: mpath.clone(),
+        source,
+    })?;
+    let manifest: Manifest =
+        serde_json::from_str(&text).map_err(|source| VerifyError::NotManifest {
+            path: mpath.clone(),
+            source,
+        })?;
     let mut problems = Vec::new();
     for (rel, hash) in &manifest.files {
         match sha256_file(&dir.join(rel)) {

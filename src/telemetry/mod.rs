@@ -52,18 +52,13 @@ fn rss_mib() -> Option<f64> {
 }
 
 struct Sampler {
-    nvml: Result<nvml_wrapper::Nvml, String>,
+    nvml: Result<nvml_wrapper::Nvml, nvml_wrapper::error::NvmlError>,
     last_cpu: Option<(u64, u64)>,
 }
 
 impl Sampler {
     fn new() -> Sampler {
-        let nvml = nvml_wrapper::Nvml::init().map_err(|e| match e {
-            nvml_wrapper::error::NvmlError::LibloadingError(_) => {
-                "no NVIDIA GPU (NVML library not found)".to_string()
-            }
-            other => format!("no NVIDIA GPU ({other})"),
-        });
+        let nvml = nvml_wrapper::Nvml::init();
         Sampler {
             nvml,
             last_cpu: cpu_times(),
@@ -86,7 +81,14 @@ impl Sampler {
         }
         self.last_cpu = now;
         match &self.nvml {
-            Err(note) => s.gpu_note = Some(note.clone()),
+            Err(e) => {
+                s.gpu_note = Some(match e {
+                    nvml_wrapper::error::NvmlError::LibloadingError(_) => {
+                        "no NVIDIA GPU (NVML library not found)".to_string()
+                    }
+                    other => format!("no NVIDIA GPU ({other})"),
+                })
+            }
             Ok(nvml) => {
                 let count = nvml.device_count().unwrap_or(0);
                 if count == 0 {

@@ -2,14 +2,24 @@
 //! libtorch, so it is tested with synthetic keys and recorded telemetry.
 
 use crate::config::KeysConfig;
-use crate::engine::protocol::LiveSettings;
 use crate::engine::protocol::{
     Command, EventKind, LiveField, Phase, Preview, StepReport, Telemetry,
 };
+use crate::engine::protocol::{LiveSettingError, LiveSettings};
 use crate::telemetry::SystemSample;
 use crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 use std::collections::VecDeque;
 
+/// Why the parameters popup cannot send what was typed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum FormError {
+    #[error("{field} `{text}` is not a number")]
+    NotANumber { field: &'static str, text: String },
+    #[error("{field} `{text}` is not a whole number")]
+    NotAWholeNumber { field: &'static str, text: String },
+    #[error(transparent)]
+    OutOfRange(#[from] LiveSettingError),
+}
 /// How images and colours are drawn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Palette {
@@ -633,7 +643,7 @@ impl App {
                     }
                     return cmds;
                 }
-                Err(e) => form.error = Some(e),
+                Err(e) => form.error = Some(e.to_string()),
             },
             _ => {}
         }
@@ -642,18 +652,23 @@ impl App {
     }
 
     /// The same ranges the engine enforces, checked before anything is sent.
-    pub fn validate(form: &ParamsForm) -> Result<(f64, f64, usize), String> {
-        let outer: f64 = form.values[0]
-            .parse()
-            .map_err(|_| format!("outer lr `{}` is not a number", form.values[0]))?;
-        let outer = LiveSettings::check_outer_lr(outer)?;
-        let inner: f64 = form.values[1]
-            .parse()
-            .map_err(|_| format!("inner lr `{}` is not a number", form.values[1]))?;
-        let inner = LiveSettings::check_inner_lr(inner)?;
+    pub fn validate(form: &ParamsForm) -> Result<(f64, f64, usize), FormError> {
+        let number = |i: usize, what: &'static str| {
+            form.values[i]
+                .parse::<f64>()
+                .map_err(|_| FormError::NotANumber {
+                    field: what,
+                    text: form.values[i].clone(),
+                })
+        };
+        let outer = LiveSettings::check_outer_lr(number(0, "outer lr")?)?;
+        let inner = LiveSettings::check_inner_lr(number(1, "inner lr")?)?;
         let k: usize = form.values[2]
             .parse()
-            .map_err(|_| format!("K `{}` is not a whole number", form.values[2]))?;
+            .map_err(|_| FormError::NotAWholeNumber {
+                field: "K",
+                text: form.values[2].clone(),
+            })?;
         let k = LiveSettings::check_unroll_steps(k)?;
         Ok((outer, inner, k))
     }

@@ -23,28 +23,32 @@ pub enum Source {
     Replay(Vec<Telemetry>),
 }
 
-pub fn read_replay(path: &std::path::Path) -> Result<Vec<Telemetry>, String> {
-    let f =
-        std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+pub fn read_replay(path: &std::path::Path) -> Result<Vec<Telemetry>, TuiError> {
+    let f = std::fs::File::open(path).map_err(|source| TuiError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mut out = Vec::new();
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let line = line.map_err(|e| format!("{}: {e}", path.display()))?;
+        let line = line.map_err(|source| TuiError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         if line.trim().is_empty() {
             continue;
         }
-        let record: Telemetry = serde_json::from_str(&line).map_err(|e| {
-            format!(
-                "{} line {}: not a telemetry record: {e}",
-                path.display(),
-                i + 1
-            )
-        })?;
+        let record: Telemetry =
+            serde_json::from_str(&line).map_err(|source| TuiError::NotTelemetry {
+                path: path.to_path_buf(),
+                line: i + 1,
+                source,
+            })?;
         if let Telemetry::Started { protocol, .. } = &record {
             if *protocol > PROTOCOL_VERSION {
-                return Err(format!(
-                    "{} was written by a newer metapoison (protocol {protocol}; this build reads up to {PROTOCOL_VERSION}): replay it with that version",
-                    path.display()
-                ));
+                return Err(TuiError::NewerProtocol {
+                    path: path.to_path_buf(),
+                    protocol: *protocol,
+                });
             }
         }
         out.push(record);
@@ -63,19 +67,50 @@ const REPLAY_TICK: Duration = Duration::from_millis(50);
 
 /// Runs the dashboard until the user quits (and, with an engine, until it has stopped).
 /// Returns the engine's result.
-pub fn run(source: Source, keys: app::Keymap) -> Result<(), String> {
+pub fn run(source: Source, keys: app::Keymap) -> Result<(), TuiError> {
     // One thread is enough for the event loop: it only waits on channels and timers, and
     // everything heavy runs on the engine's thread.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
-        .map_err(|e| format!("cannot start the dashboard's event loop: {e}"))?;
-    let mut terminal =
-        ratatui::try_init().map_err(|e| format!("cannot set up the terminal: {e}"))?;
+        .map_err(TuiError::EventLoop)?;
+    let mut terminal = ratatui::try_init().map_err(TuiError::Terminal)?;
     let engine = runtime.block_on(run_loop(&mut terminal, source, keys));
     ratatui::restore();
     // The loop ends only once the engine's telemetry has closed, so this wait is short.
-    engine.map_or(Ok(()), EngineThread::join)
+    Ok(engine.map_or(Ok(()), EngineThread::join)?)
+}
+
+/// Why the dashboard could not run, or the engine's failure it watched.
+#[derive(Debug, thiserror::Error)]
+pub enum TuiError {
+    #[error("cannot start the dashboard's event loop: {0}")]
+    EventLoop(std::io::Error),
+    #[error("cannot set up the terminal: {0}")]
+    Terminal(std::io::Error),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} line {line}: not a telemetry record: {source}")]
+    NotTelemetry {
+        path: std::path::PathBuf,
+        line: usize,
+        source: serde_json::Error,
+    },
+    #[error("{path} was written by a newer metapoison (protocol {protocol}; this build reads up to {PROTOCOL_VERSION}): replay it with that version")]
+    NewerProtocol {
+        path: std::path::PathBuf,
+        protocol: u32,
+    },
 }
 
 /// The event loop: telemetry, system samples, keys and timers, whichever comes first.

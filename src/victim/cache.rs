@@ -99,10 +99,9 @@ impl VictimCache {
     /// Keeps a trained victim under `key` (a failed write only costs the reuse, so it is
     /// logged, not returned).
     pub fn store(&self, key: &str, state: &State, trial: &Trial, net: &Network) {
-        let stored = std::fs::create_dir_all(&self.dir)
-            .map_err(|e| format!("cannot create {}: {e}", self.dir.display()))
-            .and_then(|_| save_victim(&self.path(key), state, trial, net));
-        if let Err(e) = stored {
+        if let Err(e) = std::fs::create_dir_all(&self.dir) {
+            tracing::warn!("victim cache: cannot create {}: {e}", self.dir.display());
+        } else if let Err(e) = save_victim(&self.path(key), state, trial, net) {
             tracing::warn!("victim cache: {e}");
         }
     }

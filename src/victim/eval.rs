@@ -140,6 +140,56 @@ pub struct EvalProgress<'a> {
     pub eta_seconds: f64,
 }
 
+/// Why victims could not be trained on an export, or their result not written.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("trials, epochs and batch size must be at least 1")]
+    Empty,
+    #[error("victim lr {0} must be positive")]
+    Lr(f64),
+    // (Not a `source`: the message already says it, mid-sentence.)
+    #[error("cannot read {path}: {error} (is {dir} an export folder?)")]
+    NotExport {
+        path: std::path::PathBuf,
+        dir: std::path::PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Manifest {
+        path: std::path::PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{0} is missing: export with the npz format (the default) to evaluate")]
+    MissingFile(std::path::PathBuf),
+    #[error(transparent)]
+    Npz(#[from] crate::export::npz::NpyError),
+    #[error("{file} lacks `{key}`")]
+    MissingArray { file: String, key: String },
+    #[error("expected u8 images [N, H, W, C], found {descr} {shape:?}")]
+    NotImages { descr: String, shape: Vec<usize> },
+    #[error("{0} are not int64")]
+    NotInt64(&'static str),
+    #[error("cannot create {path}: {source}")]
+    Create {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    TensorFile(#[from] crate::base::tensor_file::TensorFileError),
+    #[error("cannot encode the report: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("evaluation cancelled")]
+    Cancelled,
+    /// A libtorch error raised while training a victim.
+    #[error("{0}")]
+    Libtorch(String),
+}
+
 /// Trains `plan.trials` poisoned victims (and as many paired control victims) on the export in
 /// `dir`, writes `dir/eval.json` (atomically) and returns the report. `progress` is called after
 /// each victim; returning false stops early (nothing is written then).
@@ -148,12 +198,12 @@ pub fn evaluate(
     plan: &EvalPlan,
     device: Device,
     mut progress: impl FnMut(&EvalProgress) -> bool,
-) -> Result<EvalReport, String> {
+) -> Result<EvalReport, EvalError> {
     if plan.trials == 0 || plan.victim.epochs() == 0 || plan.victim.batch_size == 0 {
-        return Err("trials, epochs and batch size must be at least 1".into());
+        return Err(EvalError::Empty);
     }
     if !(plan.victim.lr > 0.0 && plan.victim.lr.is_finite()) {
-        return Err(format!("victim lr {} must be positive", plan.victim.lr));
+        return Err(EvalError::Lr(plan.victim.lr));
     }
     let mut data = load_export(dir, device)?;
     if let Some(n) = plan.first_poisons {
@@ -243,8 +293,10 @@ pub fn evaluate(
             let (trial, state) = victim.expect("every victim trained or read back");
             if plan.save_weights {
                 let folder = dir.join("victims");
-                std::fs::create_dir_all(&folder)
-                    .map_err(|e| format!("cannot create {}: {e}", folder.display()))?;
+                std::fs::create_dir_all(&folder).map_err(|source| EvalError::Create {
+                    path: folder.clone(),
+                    source,
+                })?;
                 let path = folder.join(format!(
                     "{}-{t:03}-{}.safetensors",
                     trial.arm,
@@ -262,7 +314,7 @@ pub fn evaluate(
                 eta_seconds: eta,
             });
             if !go_on {
-                return Err("evaluation cancelled".into());
+                return Err(EvalError::Cancelled);
             }
         }
         next += group.len();
@@ -288,10 +340,10 @@ pub fn evaluate(
         trials: results,
         seconds: started.elapsed().as_secs_f64(),
     };
-    let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+    let json = serde_json::to_string_pretty(&report)?;
     let path = dir.join("eval.json");
     crate::base::tensor_file::write_atomic(&path, json.as_bytes())
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        .map_err(|source| EvalError::Write { path, source })?;
     Ok(report)
 }
 
@@ -348,12 +400,12 @@ pub fn summarise(trials: &[&Trial]) -> ArmSummary {
     }
 }
 
-fn images_tensor(a: &NpyArray, device: Device) -> Result<Tensor, String> {
+fn images_tensor(a: &NpyArray, device: Device) -> Result<Tensor, EvalError> {
     if a.descr != "|u1" || a.shape.len() != 4 {
-        return Err(format!(
-            "expected u8 images [N, H, W, C], found {} {:?}",
-            a.descr, a.shape
-        ));
+        return Err(EvalError::NotImages {
+            descr: a.descr.clone(),
+            shape: a.shape.clone(),
+        });
     }
     let s: Vec<i64> = a.shape.iter().map(|&d| d as i64).collect();
     Ok(Tensor::from_slice(&a.data)
@@ -363,8 +415,8 @@ fn images_tensor(a: &NpyArray, device: Device) -> Result<Tensor, String> {
         .to_device(device))
 }
 
-fn labels_tensor(a: &NpyArray, device: Device) -> Result<Tensor, String> {
-    Ok(Tensor::from_slice(&a.as_i64().ok_or("labels are not int64")?).to_device(device))
+fn labels_tensor(a: &NpyArray, device: Device) -> Result<Tensor, EvalError> {
+    Ok(Tensor::from_slice(&a.as_i64().ok_or(EvalError::NotInt64("labels"))?).to_device(device))
 }
 
 /// What `eval` needs from an export folder.
@@ -385,26 +437,23 @@ pub struct EvalData {
     pub noise_x: Option<Tensor>,
 }
 
-pub fn load_export(dir: &Path, device: Device) -> Result<EvalData, String> {
+pub fn load_export(dir: &Path, device: Device) -> Result<EvalData, EvalError> {
     let mpath = dir.join("manifest.json");
-    let text = std::fs::read_to_string(&mpath).map_err(|e| {
-        format!(
-            "cannot read {}: {e} (is {} an export folder?)",
-            mpath.display(),
-            dir.display()
-        )
+    let text = std::fs::read_to_string(&mpath).map_err(|error| EvalError::NotExport {
+        path: mpath.clone(),
+        dir: dir.to_path_buf(),
+        error,
     })?;
-    let manifest: Manifest =
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", mpath.display()))?;
-    let need = |file: &str| -> Result<_, String> {
+    let manifest: Manifest = serde_json::from_str(&text).map_err(|source| EvalError::Manifest {
+        path: mpath.clone(),
+        source,
+    })?;
+    let need = |file: &str| -> Result<_, EvalError> {
         let p = dir.join(file);
         if !p.exists() {
-            return Err(format!(
-                "{} is missing: export with the npz format (the default) to evaluate",
-                p.display()
-            ));
+            return Err(EvalError::MissingFile(p));
         }
-        read_npz(&p)
+        Ok(read_npz(&p)?)
     };
     let (poisons, train, test) = (
         need("poisons.npz")?,
@@ -414,13 +463,16 @@ pub fn load_export(dir: &Path, device: Device) -> Result<EvalData, String> {
     let get = |m: &std::collections::BTreeMap<String, NpyArray>,
                k: &str,
                f: &str|
-     -> Result<NpyArray, String> {
-        m.get(k).cloned().ok_or_else(|| format!("{f} lacks `{k}`"))
+     -> Result<NpyArray, EvalError> {
+        m.get(k).cloned().ok_or_else(|| EvalError::MissingArray {
+            file: f.to_string(),
+            key: k.to_string(),
+        })
     };
     let poisoned_x = images_tensor(&get(&train, "images", "poisoned_train.npz")?, device)?;
     let idx = get(&poisons, "poison_indices", "poisons.npz")?
         .as_i64()
-        .ok_or("poison_indices are not int64")?;
+        .ok_or(EvalError::NotInt64("poison_indices"))?;
     let base = images_tensor(&get(&poisons, "base_images", "poisons.npz")?, device)?;
     let poison_indices = Tensor::from_slice(&idx).to_device(device);
     let clean_x = poisoned_x.index_copy(0, &poison_indices, &base);
@@ -434,7 +486,7 @@ pub fn load_export(dir: &Path, device: Device) -> Result<EvalData, String> {
         targets: images_tensor(&get(&poisons, "target_images", "poisons.npz")?, device)?,
         adversarial: get(&poisons, "target_adv_labels", "poisons.npz")?
             .as_i64()
-            .ok_or("target_adv_labels are not int64")?,
+            .ok_or(EvalError::NotInt64("target_adv_labels"))?,
         poisoned_x,
         clean_x,
         noise_x: None,
@@ -571,7 +623,7 @@ pub fn save_victim(
     state: &crate::model::State,
     trial: &Trial,
     net: &Network,
-) -> Result<(), String> {
+) -> Result<(), crate::base::tensor_file::TensorFileError> {
     let mut named: Vec<(String, &Tensor)> = state
         .weights
         .iter()
@@ -592,7 +644,7 @@ pub fn save_victim(
         ),
         ("net".to_string(), net.kind.name().to_string()),
     ]);
-    crate::base::tensor_file::save_tensors(path, &named, Some(meta)).map_err(|e| e.to_string())
+    crate::base::tensor_file::save_tensors(path, &named, Some(meta))
 }
 
 /// Which victim a score is for: its arm, seed and training batch size.
