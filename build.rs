@@ -58,16 +58,21 @@ fn compile_cpp(lib_dir: &str) {
     println!("cargo:rerun-if-changed=src/model/max_pool.cpp");
     println!("cargo:rerun-if-changed=src/model/ffi.h");
     println!("cargo:rerun-if-changed=src/bench/profile.cpp");
+    // The profiler hook belongs to the speed harness, built with the `timing` feature only.
+    let timing = std::env::var_os("CARGO_FEATURE_TIMING").is_some();
     let root = std::path::Path::new(lib_dir)
         .parent()
         .expect("libtorch's lib folder has a parent");
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
-    cc::Build::new()
+    let mut build = cc::Build::new();
+    if timing {
+        build.file("src/bench/profile.cpp");
+    }
+    build
         .cpp(true)
         .file("src/model/fused_bn.cpp")
         .file("src/model/conv2d.cpp")
         .file("src/model/max_pool.cpp")
-        .file("src/bench/profile.cpp")
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")

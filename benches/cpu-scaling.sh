@@ -6,6 +6,7 @@
 # Each bench is its own process, so its peak RSS is that setting's.
 set -eu
 B=${METAPOISON_BIN:-target/release/metapoison}
+# The timing harness is a build feature: cargo build --release --features timing.
 J=${OUT:-cpu-scaling}.jsonl
 run() { "$B" bench --device cpu --no-reference --warmup 2 --reps 5 --out "$J" "$@" >/dev/null 2>&1; }
 for k in 1 2 3 4; do run --ensemble 1 --unroll "$k"; done

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Grouped surrogates on a GPU: the bench against the PyTorch reference (which runs the
 # surrogates one after another), and whole crafting steps grouped and not. Like gpu-proof.sh:
-# carry target/release/metapoison; parts in priority order under BUDGET_S (default 230).
+# carry target/release/metapoison built with `--features timing`; parts in priority order under BUDGET_S (default 230).
 # Everything lands in ${OUT:-gpu-grouped}/ and is packed into one results.tar.gz.
 set -u
 OUT=${OUT:-gpu-grouped}
@@ -9,6 +9,7 @@ mkdir -p "$OUT/r"
 BUDGET_S=${BUDGET_S:-230}
 LOGS="$OUT/r"
 source "$(dirname "${BASH_SOURCE[0]}")/gpu-lib.sh"
+require_timing
 J="$OUT/r/bench.jsonl"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/r/gpu.txt" 2>&1
 

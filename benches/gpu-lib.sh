@@ -36,3 +36,12 @@ campaign_in_background() {
   ) &
   pids+=($!)
 }
+
+# The speed harness is a build feature (left out of the user binary): scripts that time steps
+# call this first, so a binary built without it fails at once, not after the device started.
+require_timing() {
+    if "$B" bench --reps 0 --no-reference 2>&1 | grep -q "no timing harness"; then
+        echo "$B has no timing harness: build it with cargo build --release --features timing" >&2
+        exit 2
+    fi
+}

@@ -4,7 +4,7 @@
 # gradcheck on the GPU first, then ResNet-18 grouped steps (the seed's setting) with and
 # without each op, alternating, profiles of both, then the default step and a short crafting
 # run with both on.
-# Like gpu-proof.sh: carry target/release/metapoison; parts in priority order under BUDGET_S
+# Like gpu-proof.sh: carry target/release/metapoison built with `--features timing`; parts in priority order under BUDGET_S
 # (default 420). Everything lands in ${OUT:-gpu-own-ops}/r/, packed into one results.tar.gz.
 set -u
 OUT=${OUT:-gpu-own-ops}
@@ -12,6 +12,7 @@ mkdir -p "$OUT/r"
 BUDGET_S=${BUDGET_S:-420}
 LOGS="$OUT/r"
 source "$(dirname "${BASH_SOURCE[0]}")/gpu-lib.sh"
+require_timing
 J="$LOGS/bench.jsonl"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$LOGS/gpu.txt" 2>&1
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA proof and GPU figures of BENCHMARKS.md, on a machine with an NVIDIA GPU and a
-# python3 that has torch 2.11 (no Rust needed: carry target/release/metapoison there).
+# python3 that has torch 2.11 (no Rust needed: carry target/release/metapoison there, built with `cargo build --release --features timing`).
 # Writes everything under ${OUT:-gpu-proof}/r/, packed at the end into ${OUT}/results.tar.gz
 # (the device tool brings back at most 8 files). Parts run in priority order, each under its own
 # time limit, and a part is skipped when less than its limit is left of BUDGET_S (default 520),
@@ -11,6 +11,7 @@ mkdir -p "$OUT/r"
 BUDGET_S=${BUDGET_S:-520}
 LOGS="$OUT/r"
 source "$(dirname "${BASH_SOURCE[0]}")/gpu-lib.sh"
+require_timing
 J="$LOGS/bench.jsonl"
 S="$LOGS/scaling.jsonl"
 

@@ -11,4 +11,4 @@ if [ -x .venv/bin/python ]; then
     .venv/bin/python -c "import numpy" 2>/dev/null || .venv/bin/python -m pip install --disable-pip-version-check -q numpy || true
     export PATH="$root/.venv/bin:$PATH"
 fi
-cargo test --locked "$@"
+cargo test --locked --features timing "$@"

@@ -1,9 +1,6 @@
 //! `metapoison bench`: the speed harness's command line and report.
 
-use super::{
-    check_agreement, gradcheck, peak_rss_bytes, reference, synchronize, time_side_by_side,
-    Reference, StepInputs, StepSpec, Timing,
-};
+use super::gradcheck;
 use crate::config::NetKind;
 use crate::device::DeviceChoice;
 use anyhow::{bail, Context, Result};
@@ -23,96 +20,96 @@ pub enum Setting {
 pub struct BenchArgs {
     /// The step shape to start from; the flags below override single fields.
     #[arg(long, value_enum, default_value_t = Setting::Default)]
-    setting: Setting,
+    pub(super) setting: Setting,
     /// Network: convnet-bn, resnet20, resnet18, vgg11, vgg13.
     #[arg(long, value_parser = parse_net)]
-    net: Option<NetKind>,
+    pub(super) net: Option<NetKind>,
     /// Images per batch.
     #[arg(long)]
-    batch: Option<i64>,
+    pub(super) batch: Option<i64>,
     /// Poisons in the first unrolled batch.
     #[arg(long)]
-    poisons_in_batch: Option<i64>,
+    pub(super) poisons_in_batch: Option<i64>,
     /// Poisons in the whole perturbation.
     #[arg(long)]
-    npoison: Option<i64>,
+    pub(super) npoison: Option<i64>,
     /// Unrolled steps K.
     #[arg(long)]
-    unroll: Option<usize>,
+    pub(super) unroll: Option<usize>,
     /// Surrogates M.
     #[arg(long)]
-    ensemble: Option<usize>,
+    pub(super) ensemble: Option<usize>,
     /// Surrogates run at once, each on its own thread with its share of the cores (the
     /// crafter's `craft.parallel_surrogates`; default: what its `auto` is on the device, 2 on
     /// a CPU, 1 on CUDA). The reference always runs them one after another.
     #[arg(long)]
-    workers: Option<usize>,
+    pub(super) workers: Option<usize>,
     /// Our convolutions on channels-last (NHWC) tensors.
     #[arg(long)]
-    channels_last: bool,
+    pub(super) channels_last: bool,
     /// The reference's convolutions on channels-last tensors too (default: PyTorch's NCHW).
     #[arg(long)]
-    reference_channels_last: bool,
+    pub(super) reference_channels_last: bool,
     /// Our batch norm (and the ReLU after it) through libtorch's kernels, not the fused op
     /// (`run.fused_batch_norm = false`).
     #[arg(long)]
-    native_batch_norm: bool,
+    pub(super) native_batch_norm: bool,
     /// The fused batch norm as ATen operations on the CPU too, as it runs on CUDA.
     #[arg(long, conflicts_with = "native_batch_norm")]
-    batch_norm_aten_ops: bool,
+    pub(super) batch_norm_aten_ops: bool,
     /// Our convolutions' second derivative through libtorch's own double backward, not the
     /// direct one (`run.direct_conv_double_backward = false`).
     #[arg(long)]
-    libtorch_conv_double_backward: bool,
+    pub(super) libtorch_conv_double_backward: bool,
     /// The fused batch norm and the direct convolution double backward on CUDA too (their
     /// `auto` is off there until timed).
     #[arg(long)]
-    own_ops_on_cuda: bool,
+    pub(super) own_ops_on_cuda: bool,
     /// Our 2x2 max pooling through libtorch's CPU kernel, not the crate's.
     #[arg(long)]
-    libtorch_max_pool: bool,
+    pub(super) libtorch_max_pool: bool,
     /// Our surrogates batched into one grouped network (one kernel a layer for all M); the
     /// reference still runs them one after another, as a PyTorch loop does.
     #[arg(long)]
-    grouped: bool,
+    pub(super) grouped: bool,
     /// With --grouped: surrogates in one grouped network (default all M), the groups one after
     /// another, as the crafter runs them when a GPU's memory holds fewer.
     #[arg(long, requires = "grouped")]
-    group_size: Option<usize>,
+    pub(super) group_size: Option<usize>,
     /// Device: auto, cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
-    device: DeviceChoice,
+    pub(super) device: DeviceChoice,
     /// CPU threads for both sides (0: libtorch's default).
     #[arg(long, default_value_t = 0)]
-    threads: i32,
+    pub(super) threads: i32,
     /// Untimed steps first (each side).
     #[arg(long, default_value_t = 2)]
-    warmup: usize,
+    pub(super) warmup: usize,
     /// Timed steps (each side, alternating).
     #[arg(long, default_value_t = 5)]
-    reps: usize,
+    pub(super) reps: usize,
     /// Time our step only.
     #[arg(long)]
-    no_reference: bool,
+    pub(super) no_reference: bool,
     /// Python with torch for the reference (default: $METAPOISON_PYTHON, ./.venv, python3).
     #[arg(long)]
-    python: Option<PathBuf>,
+    pub(super) python: Option<PathBuf>,
     /// Instead of timing: the meta-gradient against finite differences in float64 on the device.
     #[arg(long)]
-    gradcheck: bool,
+    pub(super) gradcheck: bool,
     /// Append the JSON report as one line to this file.
     #[arg(long)]
-    out: Option<PathBuf>,
+    pub(super) out: Option<PathBuf>,
     /// Also keep the timed inputs (safetensors, read by reference.py) at this path, e.g. to
     /// profile the reference on them.
     #[arg(long)]
-    save_inputs: Option<PathBuf>,
+    pub(super) save_inputs: Option<PathBuf>,
     /// After the timed steps, one more of ours under libtorch's profiler: its trace (Chrome's
     /// format, for chrome://tracing or Perfetto) goes to this path, and tables of host time by
     /// operator and, on CUDA, device time by kernel and by launching operator to the terminal
     /// and the JSON report. Runs the surrogates on this thread (`--workers 1`).
     #[arg(long)]
-    profile: Option<PathBuf>,
+    pub(super) profile: Option<PathBuf>,
 }
 
 /// A `--net` that names no network.
@@ -124,60 +121,10 @@ fn parse_net(s: &str) -> Result<NetKind, UnknownNet> {
     serde_json::from_value(Value::String(s.into())).map_err(|_| UnknownNet(s.into()))
 }
 
-impl BenchArgs {
-    fn spec(&self, on_gpu: bool) -> StepSpec {
-        let mut s = match self.setting {
-            Setting::Default => StepSpec::default_config(),
-            Setting::CifarResnet18 => StepSpec::cifar_resnet18(),
-        };
-        if let Some(n) = self.net {
-            s.net = n;
-        }
-        if let Some(b) = self.batch {
-            s.batch = b;
-        }
-        if let Some(p) = self.poisons_in_batch {
-            s.poisons_in_batch = p;
-        }
-        if let Some(p) = self.npoison {
-            s.npoison = p;
-        }
-        if let Some(k) = self.unroll {
-            s.unroll_steps = k;
-        }
-        if let Some(m) = self.ensemble {
-            s.ensemble = m;
-        }
-        // As the crafter: never more at once than there are surrogates (a surplus worker
-        // would only take its share of the cores away).
-        // The profiler records this thread (and autograd's), not worker threads.
-        let default_workers = if self.profile.is_some() {
-            1
-        } else {
-            crate::config::HardwareProfile::for_device(on_gpu).parallel_surrogates
-        };
-        let workers = self.workers.unwrap_or(default_workers);
-        s.workers = workers.min(s.ensemble.max(1));
-        s.channels_last = self.channels_last;
-        s.reference_channels_last = self.reference_channels_last;
-        s.native_batch_norm = self.native_batch_norm;
-        s.libtorch_conv_double_backward = self.libtorch_conv_double_backward;
-        s.batch_norm_aten_ops = self.batch_norm_aten_ops;
-        s.own_ops_on_cuda = self.own_ops_on_cuda;
-        s.libtorch_max_pool = self.libtorch_max_pool;
-        s.grouped = self.grouped;
-        s.group_size = self.group_size.unwrap_or(0);
-        if s.grouped {
-            s.workers = 1; // one grouped network for all M
-        }
-        s
-    }
-}
-
 /// The device as reported ("cuda:0 (NVIDIA H200)") and, on CUDA, the GPU memory this process
 /// holds: one NVML query, made after the device has been used (before that NVML does not list
 /// the process).
-fn device_report(device: tch::Device) -> (String, Option<u64>) {
+pub(super) fn device_report(device: tch::Device) -> (String, Option<u64>) {
     match device {
         tch::Device::Cuda(i) => match crate::telemetry::process_gpu_memory(i as u32) {
             Some((name, bytes)) => (format!("cuda:{i} ({name})"), Some(bytes)),
@@ -187,7 +134,7 @@ fn device_report(device: tch::Device) -> (String, Option<u64>) {
     }
 }
 
-fn append_line(path: &PathBuf, report: &Value) -> Result<()> {
+pub(super) fn append_line(path: &PathBuf, report: &Value) -> Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -206,241 +153,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.gradcheck {
         return run_gradcheck(device, args.out.as_ref());
     }
-    let spec = args.spec(device.is_cuda());
-    spec.validate()?;
-    if let Some(path) = &args.profile {
-        if spec.workers > 1 {
-            bail!("--profile records one thread: use --workers 1 (or leave --workers out)");
-        }
-        // Before the timing: libtorch's trace writer only logs a failure.
-        std::fs::File::create(path).with_context(|| {
-            format!(
-                "cannot write the profile trace {}: choose a writable path",
-                path.display()
-            )
-        })?;
-    }
-    if args.reps == 0 {
-        bail!("--reps must be at least 1");
-    }
-    let dir = tempfile::Builder::new()
-        .prefix("metapoison-bench-")
-        .tempdir()
-        .context("cannot create a temporary folder for the bench inputs")?;
-    let device_name = match device {
-        tch::Device::Cuda(i) => format!("cuda:{i}"),
-        _ => "cpu".to_string(),
-    };
-    let mut reference = if args.no_reference {
-        None
-    } else {
-        let python = args
-            .python
-            .clone()
-            .unwrap_or_else(reference::default_python);
-        Some(Reference::start(
-            &python,
-            dir.path(),
-            &device_name,
-            threads,
-        )?)
-    };
-    let agreement = match reference.as_mut() {
-        Some(r) => {
-            let a = check_agreement(&spec, device, r, dir.path())?;
-            let worst = a.max_rel_error_delta.max(a.max_rel_error_grid);
-            // NaN counts as a disagreement.
-            if worst.is_nan() || worst >= 1e-6 {
-                bail!(
-                    "the reference's float64 meta-gradient differs from ours (max relative error {worst:e}); no ratio is reported for different maths"
-                );
-            }
-            Some(a)
-        }
-        None => None,
-    };
-    eprintln!(
-        "bench: {} {}x{}x{} batch {}, {} poisons in batch, K {}, M {} ({}{}) on {}",
-        spec.net.name(),
-        spec.channels,
-        spec.side,
-        spec.side,
-        spec.batch,
-        spec.poisons_in_batch,
-        spec.unroll_steps,
-        spec.ensemble,
-        if spec.grouped && spec.group_size > 0 {
-            format!("grouped, {} a group", spec.group_size)
-        } else if spec.grouped {
-            "grouped".to_string()
-        } else {
-            format!("{} at once", spec.workers)
-        },
-        if spec.channels_last {
-            ", channels-last"
-        } else {
-            ""
-        },
-        crate::device::describe(device)
-    );
-    // Our side runs `workers` surrogates at once, each with its share of the cores (the
-    // reference process keeps all of them).
-    let _intra_op = (!device.is_cuda())
-        .then(|| crate::craft::parallel::IntraOpThreads::share_among(spec.workers));
-    let mut inputs = StepInputs::new(&spec, device);
-    if let Some(path) = &args.save_inputs {
-        inputs.save(path, &[])?;
-    }
-    if let Some(r) = reference.as_mut() {
-        let path = dir.path().join("inputs.safetensors");
-        inputs.save(&path, &[])?;
-        r.load(&path)?;
-    }
-    let (ours, theirs) = time_side_by_side(
-        &mut inputs,
-        device,
-        reference.as_mut(),
-        args.warmup,
-        args.reps,
-    )?;
-    let profile = match &args.profile {
-        Some(path) => Some(profile_one_step(&mut inputs, device, path)?),
-        None => None,
-    };
-    let (label, ours_gpu) = device_report(device);
-    let (stats, peak) = match reference.as_mut() {
-        Some(r) => (Some(r.stats()?), Some(r.peak()?)),
-        None => (None, None),
-    };
-    let mut report = report_json(
-        &spec,
-        &label,
-        threads,
-        &ours,
-        theirs.as_ref(),
-        agreement.as_ref(),
-        stats.as_ref(),
-        peak.as_ref(),
-        ours_gpu,
-        reference.as_ref().map(|r| r.about.clone()),
-    );
-    if let Some(p) = profile {
-        report["profile"] = p;
-    }
-    print_summary(&report);
-    println!("{report}");
-    if let Some(path) = &args.out {
-        append_line(path, &report)?;
-    }
-    Ok(())
-}
-
-/// One more of our steps under the profiler: its trace written to `path`, its tables printed,
-/// and returned for the report (with the step's wall time).
-fn profile_one_step(
-    inputs: &mut StepInputs,
-    device: tch::Device,
-    path: &std::path::Path,
-) -> Result<Value> {
-    synchronize(device);
-    let session = super::profile::start(device.is_cuda())?;
-    let t = std::time::Instant::now();
-    inputs.step();
-    synchronize(device);
-    let wall_s = t.elapsed().as_secs_f64();
-    let events = session.stop(Some(path))?;
-    let summary = super::profile::summarize(&events, 25);
-    eprint!(
-        "profiled step: {:.1} ms (trace: {})\n{}",
-        wall_s * 1e3,
-        path.display(),
-        super::profile::render(&summary)
-    );
-    Ok(json!({ "wall_s": wall_s, "trace": path, "summary": summary }))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn report_json(
-    spec: &StepSpec,
-    device: &str,
-    threads: i32,
-    ours: &Timing,
-    theirs: Option<&Timing>,
-    agreement: Option<&super::Agreement>,
-    stats: Option<&Value>,
-    peak: Option<&Value>,
-    ours_gpu_bytes: Option<u64>,
-    reference_about: Option<Value>,
-) -> Value {
-    let flops = stats.and_then(|s| s["flops_per_step"].as_f64());
-    let achieved = flops.map(|f| f / ours.median_s);
-    let fraction = |key: &str| Some(achieved? / peak?.get(key)?.as_f64()?);
-    json!({
-        "kind": "bench",
-        "version": env!("CARGO_PKG_VERSION"),
-        "libtorch": crate::device::libtorch_version(),
-        "device": device,
-        "threads": threads,
-        "spec": spec,
-        "ours": ours,
-        "reference": theirs,
-        "reference_about": reference_about,
-        "ratio_reference_over_ours": theirs.map(|t| t.median_s / ours.median_s),
-        "agreement_float64": agreement,
-        "flops_per_step": flops,
-        "achieved_flops_per_s": achieved,
-        "device_peak_flops_per_s": peak,
-        "fraction_of_peak_tf32": fraction("tf32"),
-        "fraction_of_peak_fp32": fraction("fp32"),
-        "ours_peak_rss_bytes": peak_rss_bytes(),
-        "ours_gpu_memory_bytes": ours_gpu_bytes,
-        "reference_memory": stats.map(|s| json!({
-            "peak_rss_bytes": s["peak_rss_bytes"],
-            "peak_allocated_bytes": s["peak_allocated_bytes"],
-            "peak_reserved_bytes": s["peak_reserved_bytes"],
-        })),
-    })
-}
-
-fn print_summary(r: &Value) {
-    let ms = |v: &Value| {
-        v.as_f64()
-            .map(|s| format!("{:.1} ms", s * 1e3))
-            .unwrap_or("-".into())
-    };
-    eprintln!(
-        "ours: median {} (min {}, max {}, {} reps)",
-        ms(&r["ours"]["median_s"]),
-        ms(&r["ours"]["min_s"]),
-        ms(&r["ours"]["max_s"]),
-        r["ours"]["reps"]
-    );
-    if !r["reference"].is_null() {
-        eprintln!(
-            "PyTorch eager: median {} (min {}, max {})  ratio reference/ours {:.2}",
-            ms(&r["reference"]["median_s"]),
-            ms(&r["reference"]["min_s"]),
-            ms(&r["reference"]["max_s"]),
-            r["ratio_reference_over_ours"].as_f64().unwrap_or(f64::NAN)
-        );
-        eprintln!(
-            "float64 meta-gradient agreement: delta {:.1e}, grid {:.1e}",
-            r["agreement_float64"]["max_rel_error_delta"]
-                .as_f64()
-                .unwrap_or(f64::NAN),
-            r["agreement_float64"]["max_rel_error_grid"]
-                .as_f64()
-                .unwrap_or(f64::NAN)
-        );
-    }
-    if let Some(f) = r["achieved_flops_per_s"].as_f64() {
-        eprintln!(
-            "{:.2} GFLOP a step, {:.1} GFLOP/s achieved; fraction of measured matmul peak: tf32 {}, fp32 {}",
-            r["flops_per_step"].as_f64().unwrap_or(0.0) / 1e9,
-            f / 1e9,
-            r["fraction_of_peak_tf32"].as_f64().map(|x| format!("{:.1}%", x * 100.0)).unwrap_or("-".into()),
-            r["fraction_of_peak_fp32"].as_f64().map(|x| format!("{:.1}%", x * 100.0)).unwrap_or("-".into()),
-        );
+    #[cfg(feature = "timing")]
+    return super::timed_command::run(&args, device, threads);
+    #[cfg(not(feature = "timing"))]
+    {
+        let _ = threads;
+        bail!(
+            "this build has no timing harness (it stays out of the user binary): build with `cargo build --release --features timing` to time a step; `bench --gradcheck` works in every build"
+        )
     }
 }
 

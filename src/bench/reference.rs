@@ -2,7 +2,7 @@
 //! written next to the bench inputs) answers one JSON line per command on its stdin, so our
 //! repetitions and its repetitions can alternate inside one invocation.
 
-use super::Agreement;
+use super::timing::Agreement;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
@@ -91,7 +91,7 @@ impl Reference {
             .ok_or_else(|| anyhow!("the PyTorch reference's answer lacks {key}: {v}"))
     }
 
-    /// Loads timed inputs written by [`super::StepInputs::save`].
+    /// Loads timed inputs written by [`super::timing::StepInputs::save`].
     pub fn load(&mut self, path: &Path) -> Result<()> {
         self.ask(&format!("load {}", path.display())).map(|_| ())
     }
