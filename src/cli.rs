@@ -243,7 +243,9 @@ fn run(cli: Cli) -> Result<()> {
                 println!("wrote {}", target.display());
             }
         },
-        Cmd::Bench(args) => crate::bench::command::run(args)?,
+        Cmd::Bench(args) => {
+            crate::bench::command::run(args, &load_config(cli.config.as_deref(), &paths)?)?
+        }
         Cmd::Data {
             action: DataCmd::Info,
         } => {

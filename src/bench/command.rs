@@ -110,6 +110,12 @@ pub struct BenchArgs {
     /// and the JSON report. Runs the surrogates on this thread (`--workers 1`).
     #[arg(long)]
     pub(super) profile: Option<PathBuf>,
+    /// Times N craft steps of the crafter itself (the tool's own step: every surrogate's epoch
+    /// with its meta batches, the outer update and the targets' evaluation) on the config's
+    /// setting (global --config, `auto` fields settled for the device), after its staggered
+    /// pretraining; the other flags shape only the side-by-side unit.
+    #[arg(long, value_name = "N")]
+    pub(super) crafter_steps: Option<usize>,
 }
 
 /// A `--net` that names no network.
@@ -143,7 +149,7 @@ pub(super) fn append_line(path: &PathBuf, report: &Value) -> Result<()> {
     writeln!(f, "{report}").with_context(|| format!("cannot write {}", path.display()))
 }
 
-pub fn run(args: BenchArgs) -> Result<()> {
+pub fn run(args: BenchArgs, config: &crate::config::Config) -> Result<()> {
     let device = args.device.resolve()?;
     if args.threads > 0 {
         tch::set_num_threads(args.threads);
@@ -154,10 +160,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         return run_gradcheck(device, args.out.as_ref());
     }
     #[cfg(feature = "timing")]
-    return super::timed_command::run(&args, device, threads);
+    return match args.crafter_steps {
+        Some(steps) => super::timed_command::run_crafter(config, steps, device, args.out.as_ref()),
+        None => super::timed_command::run(&args, device, threads),
+    };
     #[cfg(not(feature = "timing"))]
     {
-        let _ = threads;
+        let _ = (threads, config);
         bail!(
             "this build has no timing harness (it stays out of the user binary): build with `cargo build --release --features timing` to time a step; `bench --gradcheck` works in every build"
         )

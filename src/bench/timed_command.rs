@@ -298,3 +298,88 @@ fn print_summary(r: &Value) {
         );
     }
 }
+
+/// `bench --crafter-steps N`: the crafter's own craft steps on `config`'s setting, timed one
+/// by one after the staggered pretraining, as a run on this device would take them.
+pub(super) fn run_crafter(
+    config: &crate::config::Config,
+    steps: usize,
+    device: tch::Device,
+    out: Option<&std::path::PathBuf>,
+) -> Result<()> {
+    if steps == 0 {
+        bail!("--crafter-steps must be at least 1");
+    }
+    config.validate()?;
+    let mut config = config.clone();
+    config.settle(device.is_cuda());
+    let data = crate::data::load(&config.data)?;
+    let plan = crate::craft::plan::Plan::resolve(&config, &data)?;
+    // As the engine: surrogates side by side on the CPU share its cores.
+    let _intra_op = (!device.is_cuda())
+        .then(|| crate::craft::parallel::IntraOpThreads::share_among(plan.parallel_surrogates));
+    let summary = format!(
+        "{} on {}, {} poisons, M {} stagger {}, K {}, {:?}",
+        config.surrogate.net.name(),
+        data.name,
+        plan.poison_indices.len(),
+        plan.ensemble_size,
+        plan.stagger,
+        config.craft.unroll_steps,
+        plan.recipe
+    );
+    eprintln!("bench: the crafter's own steps: {summary}");
+    let mut crafter =
+        crate::craft::crafter::Crafter::new(config, &data, plan, device, tch::Kind::Float);
+    let started = std::time::Instant::now();
+    crafter.pretrain(|_, _, _| true);
+    synchronize(device);
+    let pretrain_s = started.elapsed().as_secs_f64();
+    let mut seconds = Vec::new();
+    let mut meta_batches = Vec::new();
+    for _ in 0..steps {
+        let started = std::time::Instant::now();
+        let report = crafter
+            .craft_step(&|| false)
+            .context("the craft step was cancelled")?;
+        synchronize(device);
+        seconds.push(started.elapsed().as_secs_f64());
+        meta_batches.push(report.meta_batches);
+        eprintln!(
+            "  step {}: {:.2} s, {} meta batches",
+            report.step + 1,
+            seconds.last().unwrap_or(&0.0),
+            report.meta_batches
+        );
+    }
+    let mut sorted = seconds.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let (label, gpu_memory) = match device {
+        tch::Device::Cpu => (
+            crate::device::describe_cpu_workers(crafter.plan.parallel_surrogates),
+            None,
+        ),
+        other => device_report(other),
+    };
+    let report = json!({
+        "kind": "crafter_step",
+        "device": label,
+        "libtorch": crate::device::libtorch_version(),
+        "setting": summary,
+        "pretrain_s": pretrain_s,
+        "step_s": seconds,
+        "median_s": median,
+        "meta_batches": meta_batches,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "gpu_memory_bytes": gpu_memory,
+    });
+    eprintln!(
+        "crafter: pretraining {pretrain_s:.1} s, craft step median {median:.2} s over {steps}"
+    );
+    println!("{report}");
+    if let Some(path) = out {
+        append_line(path, &report)?;
+    }
+    Ok(())
+}
