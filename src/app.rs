@@ -372,3 +372,148 @@ pub fn resolve_device(config: &Config) -> Result<tch::Device> {
     crate::device::tune(device);
     Ok(device)
 }
+
+/// One run folder as `metapoison runs` lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunRow {
+    pub dir: PathBuf,
+    /// The status file's state, "stale" for a working state whose process is gone, or
+    /// "no status" for a run from before status files.
+    pub state: String,
+    pub status: Option<crate::engine::status::RunStatus>,
+}
+
+/// The run folders under `root` (a run folder is one holding a status file or a checkpoint),
+/// up to three levels down, so that a campaign's `target-ID/run` folders are found too.
+pub fn list_runs(root: &Path) -> Result<Vec<RunRow>> {
+    fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
+        let is_run = dir.join(crate::engine::status::FILE_NAME).exists()
+            || dir.join(crate::craft::checkpoint::FILE_NAME).exists();
+        if is_run {
+            out.push(dir.to_path_buf());
+            return;
+        }
+        if depth == 0 {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let mut dirs: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .collect();
+        dirs.sort();
+        for d in dirs {
+            walk(&d, depth - 1, out);
+        }
+    }
+    if !root.is_dir() {
+        bail!("{} is not a folder of runs", root.display());
+    }
+    let mut dirs = Vec::new();
+    walk(root, 3, &mut dirs);
+    let mut rows = Vec::new();
+    for dir in dirs {
+        let status = crate::engine::status::read(&dir)?;
+        let state = match &status {
+            None => "no status".to_string(),
+            Some(s) if s.state.active() && !crate::engine::status::process_alive(s.pid) => {
+                "stale".to_string()
+            }
+            Some(s) => s.state.name().to_string(),
+        };
+        rows.push(RunRow { dir, state, status });
+    }
+    Ok(rows)
+}
+
+/// The runs table: folder (relative to `root`), state, step, ETA, device and pid.
+pub fn runs_table(root: &Path, rows: &[RunRow]) -> String {
+    let mut out = format!(
+        "{:<44} {:<12} {:>9} {:>8}  {:<28} {:>8}\n",
+        "RUN", "STATE", "STEP", "ETA", "DEVICE", "PID"
+    );
+    for r in rows {
+        let name = r
+            .dir
+            .strip_prefix(root)
+            .unwrap_or(&r.dir)
+            .display()
+            .to_string();
+        let name = if name.is_empty() {
+            ".".to_string()
+        } else {
+            name
+        };
+        let (step, eta, device, pid) = match &r.status {
+            Some(s) => (
+                format!("{}/{}", s.step, s.steps),
+                s.eta_seconds
+                    .filter(|_| r.state != "stale")
+                    .map(format_duration)
+                    .unwrap_or_else(|| "-".into()),
+                s.device.clone(),
+                s.pid.to_string(),
+            ),
+            None => ("-".into(), "-".into(), "-".into(), "-".into()),
+        };
+        out.push_str(&format!(
+            "{name:<44} {:<12} {step:>9} {eta:>8}  {device:<28} {pid:>8}\n",
+            r.state
+        ));
+    }
+    out
+}
+
+/// Asks the run in `dir` to checkpoint and stop (SIGTERM to its process, which checkpoints at
+/// the step boundary), and waits up to `wait` for it to say it stopped.
+pub fn stop_run(dir: &Path, wait: std::time::Duration) -> Result<crate::engine::status::RunStatus> {
+    use crate::engine::status::{process_alive, read};
+    let Some(status) = read(dir)? else {
+        bail!(
+            "{} has no status file: not a run folder, or a run from before status files",
+            dir.display()
+        );
+    };
+    if !status.state.active() {
+        bail!(
+            "the run in {} is not running (state: {})",
+            dir.display(),
+            status.state.name()
+        );
+    }
+    if !process_alive(status.pid) {
+        bail!(
+            "the run in {} says {} but its process {} is gone: continue it with `metapoison craft --resume {}`",
+            dir.display(),
+            status.state.name(),
+            status.pid,
+            dir.display()
+        );
+    }
+    let pid = libc::pid_t::try_from(status.pid).context("process id out of range")?;
+    // SAFETY: a plain signal to a process this user started (its status file says so).
+    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+        bail!(
+            "cannot signal process {}: {}",
+            status.pid,
+            std::io::Error::last_os_error()
+        );
+    }
+    let started = std::time::Instant::now();
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let now = read(dir)?.unwrap_or(status.clone());
+        if !now.state.active() || !process_alive(status.pid) {
+            return Ok(now);
+        }
+        if started.elapsed() > wait {
+            bail!(
+                "asked process {} to stop; it has not within {} s (it checkpoints at the end of the current craft step): see `metapoison runs`",
+                status.pid,
+                wait.as_secs()
+            );
+        }
+    }
+}

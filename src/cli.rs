@@ -118,6 +118,20 @@ enum Cmd {
         #[command(subcommand)]
         action: DataCmd,
     },
+    /// List runs with their state (crafting, paused, finished, stopped, failed, or stale when
+    /// the process is gone), step, ETA, device and process id.
+    Runs {
+        /// A folder of runs (default: DATA_DIR/runs); campaign folders work too.
+        dir: Option<PathBuf>,
+    },
+    /// Ask a running run to checkpoint at the end of its current step and stop.
+    Stop {
+        /// The run folder.
+        dir: PathBuf,
+        /// Seconds to wait for it to stop.
+        #[arg(long, default_value_t = 600)]
+        wait: u64,
+    },
     /// Time one craft step side by side with a PyTorch-eager reference of the same maths (after
     /// checking both give the same float64 meta-gradient); or, with --gradcheck, check the
     /// meta-gradient against finite differences on the chosen device.
@@ -243,6 +257,25 @@ fn run(cli: Cli) -> Result<()> {
                 println!("wrote {}", target.display());
             }
         },
+        Cmd::Runs { dir } => {
+            let root = dir.unwrap_or_else(|| paths.runs_dir());
+            let rows = crate::app::list_runs(&root)?;
+            if rows.is_empty() {
+                println!("no runs in {}", root.display());
+            } else {
+                print!("{}", crate::app::runs_table(&root, &rows));
+            }
+        }
+        Cmd::Stop { dir, wait } => {
+            let s = crate::app::stop_run(&dir, std::time::Duration::from_secs(wait))?;
+            println!(
+                "{}: {} at step {}/{}",
+                dir.display(),
+                s.state.name(),
+                s.step,
+                s.steps
+            );
+        }
         Cmd::Bench(args) => {
             crate::bench::command::run(args, &load_config(cli.config.as_deref(), &paths)?)?
         }

@@ -2,6 +2,7 @@
 //! through [`Command`]s in and [`Telemetry`] out.
 
 pub mod protocol;
+pub mod status;
 
 use crate::config::Config;
 use crate::craft::checkpoint;
@@ -89,9 +90,40 @@ pub enum EngineError {
     Panicked,
 }
 
+/// The engine's side of the telemetry channel: every message also updates the run's
+/// status file (status.rs), so that processes outside this one see where the run stands.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: Sender<Telemetry>,
+    status: Arc<std::sync::Mutex<status::StatusTracker>>,
+}
+
+impl Outbox {
+    /// Whether a controller was still there to receive it.
+    pub fn send(&self, t: Telemetry) -> bool {
+        if let Ok(mut s) = self.status.lock() {
+            s.observe(&t);
+        }
+        self.tx.send(t).is_ok()
+    }
+
+    /// The engine returned: a run still marked as working stopped early.
+    fn closed(&self) {
+        if let Ok(mut s) = self.status.lock() {
+            s.closed();
+        }
+    }
+}
+
 pub fn spawn(setup: EngineSetup) -> EngineHandle {
     let (cmd_tx, cmd_rx) = mpsc::channel();
     let (tel_tx, tel_rx) = mpsc::channel();
+    let tel_tx = Outbox {
+        tx: tel_tx,
+        status: Arc::new(std::sync::Mutex::new(status::StatusTracker::new(
+            &setup.run_dir,
+        ))),
+    };
     let thread = std::thread::Builder::new()
         .name("crafting".into())
         .spawn(move || {
@@ -109,6 +141,7 @@ pub fn spawn(setup: EngineSetup) -> EngineHandle {
                     message: e.to_string(),
                 }));
             }
+            tel_tx.closed();
             result
         })
         .expect("spawn crafting thread");
@@ -122,7 +155,7 @@ pub fn spawn(setup: EngineSetup) -> EngineHandle {
 struct Session<'a> {
     crafter: Crafter,
     setup: &'a EngineSetup,
-    out: &'a Sender<Telemetry>,
+    out: &'a Outbox,
     paused: bool,
     /// Events already sent out.
     events_sent: usize,
@@ -515,16 +548,12 @@ impl Session<'_> {
     }
 }
 
-fn run(
-    setup: EngineSetup,
-    rx: Receiver<Command>,
-    out: &Sender<Telemetry>,
-) -> Result<(), EngineError> {
-    let _ = out.send(Telemetry::Phase(Phase::Preparing));
+fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Outbox) -> Result<(), EngineError> {
     std::fs::create_dir_all(&setup.run_dir).map_err(|source| EngineError::RunFolder {
         path: setup.run_dir.clone(),
         source,
     })?;
+    let _ = out.send(Telemetry::Phase(Phase::Preparing));
     let loaded = if setup.resume {
         Some(checkpoint::load(&setup.run_dir)?)
     } else {

@@ -1,0 +1,143 @@
+//! Runs seen from outside their process: the status file follows a real `craft` process,
+//! `metapoison runs` lists it, `metapoison stop` makes it checkpoint and stop, and a run whose
+//! process is gone is reported as stale.
+
+mod common;
+
+use metapoison::engine::status::{read, RunState};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn bin(data_dir: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_metapoison"));
+    c.arg("--data-dir").arg(data_dir);
+    c
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Waits until `check` holds, or panics after `limit` saying what was awaited.
+fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_crafting_process_is_listed_and_stop_checkpoints_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("long.toml");
+    // Many tiny steps: the run is still crafting when it is stopped.
+    std::fs::write(
+        &config,
+        "[data]\ntrain_limit = 300\n[threat]\nnpoison = 10\n[craft]\nsteps = 2000\nunroll_steps = 1\nensemble_size = 1\nstagger = 1\n[surrogate]\nbatch_size = 50\n",
+    )
+    .unwrap();
+    let run = tmp.path().join("runs").join("r1");
+    let mut child = bin(tmp.path())
+        .arg("--config")
+        .arg(&config)
+        .args(["craft", "--run-dir"])
+        .arg(&run)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("two craft steps", Duration::from_secs(120), || {
+        read(&run)
+            .ok()
+            .flatten()
+            .is_some_and(|s| s.state == RunState::Crafting && s.step >= 2)
+    });
+    let s = read(&run).unwrap().unwrap();
+    assert_eq!((s.pid, s.steps), (child.id(), 2000));
+    assert!(s.eta_seconds.is_some_and(|e| e > 0.0), "{s:?}");
+
+    let listed = bin(tmp.path()).arg("runs").output().unwrap();
+    let out = text(&listed);
+    assert!(listed.status.success(), "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("r1 "))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains("crafting") && line.contains("/2000"),
+        "{line}"
+    );
+    assert!(line.contains(&child.id().to_string()), "{line}");
+
+    let stopped = bin(tmp.path()).arg("stop").arg(&run).output().unwrap();
+    let out = text(&stopped);
+    assert!(stopped.status.success(), "{out}");
+    assert!(out.contains("stopped at step"), "{out}");
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "{exit:?}");
+    let s = read(&run).unwrap().unwrap();
+    assert_eq!(s.state, RunState::Stopped, "{s:?}");
+    assert!(s.step >= 2 && s.step < 2000, "{s:?}");
+    assert!(run.join("checkpoint.safetensors").exists());
+    let listed = text(&bin(tmp.path()).arg("runs").output().unwrap());
+    assert!(listed.contains("stopped"), "{listed}");
+    // Stopping it again is refused, naming the state.
+    let again = bin(tmp.path()).arg("stop").arg(&run).output().unwrap();
+    assert!(!again.status.success());
+    assert!(
+        text(&again).contains("not running (state: stopped)"),
+        "{}",
+        text(&again)
+    );
+}
+
+#[test]
+fn a_run_whose_process_is_gone_is_stale_and_a_finished_one_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    // A finished run, by the engine itself.
+    let done = runs.join("done");
+    common::craft_to_end(&common::tiny_config(300, 10, 2), &done);
+    let s = read(&done).unwrap().unwrap();
+    assert_eq!((s.state, s.step, s.steps), (RunState::Finished, 2, 2));
+    assert_eq!(s.pid, std::process::id());
+    // A run that says it crafts, written by a process that has exited.
+    let mut gone = Command::new("true").spawn().unwrap();
+    let pid = gone.id();
+    gone.wait().unwrap();
+    let stale = runs.join("stale");
+    std::fs::create_dir_all(&stale).unwrap();
+    let mut status = s.clone();
+    status.state = RunState::Crafting;
+    status.pid = pid;
+    status.step = 1;
+    std::fs::write(
+        stale.join("status.json"),
+        serde_json::to_string(&status).unwrap(),
+    )
+    .unwrap();
+    let listed = bin(tmp.path()).arg("runs").output().unwrap();
+    let out = text(&listed);
+    let line = |name: &str| {
+        out.lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{out}"))
+            .to_string()
+    };
+    assert!(
+        line("done").contains("finished") && line("done").contains("2/2"),
+        "{out}"
+    );
+    assert!(line("stale").contains("stale"), "{out}");
+    let refused = bin(tmp.path()).arg("stop").arg(&stale).output().unwrap();
+    assert!(!refused.status.success());
+    let why = text(&refused);
+    assert!(why.contains("is gone") && why.contains("--resume"), "{why}");
+    assert_eq!(why.trim().lines().count(), 1, "{why}");
+}
