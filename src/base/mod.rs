@@ -2,5 +2,6 @@
 //! and small formatting helpers. Nothing here knows about poisons, networks or the UI.
 
 pub mod fmt;
+pub mod fs;
 pub mod rng;
 pub mod tensor_file;

@@ -63,16 +63,8 @@ impl EngineThread {
 /// written stay usable.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("cannot create run folder {path}: {source}")]
-    RunFolder {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("cannot write {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::base::fs::PathError),
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::CheckpointError),
     #[error(transparent)]
@@ -549,10 +541,8 @@ impl Session<'_> {
 }
 
 fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Outbox) -> Result<(), EngineError> {
-    std::fs::create_dir_all(&setup.run_dir).map_err(|source| EngineError::RunFolder {
-        path: setup.run_dir.clone(),
-        source,
-    })?;
+    std::fs::create_dir_all(&setup.run_dir)
+        .map_err(crate::base::fs::failed("create run folder", &setup.run_dir))?;
     let _ = out.send(Telemetry::Phase(Phase::Preparing));
     let loaded = if setup.resume {
         Some(checkpoint::load(&setup.run_dir)?)
@@ -653,8 +643,7 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Outbox) -> Result<(), En
     }
     if resumed_at.is_none() {
         let path = setup.run_dir.join("config.toml");
-        std::fs::write(&path, config.to_toml())
-            .map_err(|source| EngineError::Write { path, source })?;
+        std::fs::write(&path, config.to_toml()).map_err(crate::base::fs::failed("write", &path))?;
         let m = session.crafter.plan.ensemble_size;
         let stop = setup.stop.clone();
         let tx = out.clone();

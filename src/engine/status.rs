@@ -69,11 +69,8 @@ pub struct RunStatus {
 /// A status file that cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::base::fs::PathError),
     #[error("{path} is not a metapoison run status: {source}")]
     Parse {
         path: PathBuf,
@@ -88,7 +85,7 @@ pub fn read(run_dir: &Path) -> Result<Option<RunStatus>, StatusError> {
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(StatusError::Read { path, source }),
+        Err(source) => return Err(crate::base::fs::failed("read", &path)(source).into()),
     };
     serde_json::from_str(&text)
         .map(Some)

@@ -150,10 +150,7 @@ fn chw_to_hwc(data: &[u8], n: usize, c: usize, h: usize, w: usize) -> Vec<u8> {
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> ExportError + '_ {
-    move |source| ExportError::Write {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| crate::base::fs::failed("write", path)(source).into()
 }
 
 /// Why an export was not written; nothing half-written is left behind.
@@ -183,21 +180,8 @@ pub enum ExportError {
     SnapshotShape { path: PathBuf, shape: Vec<usize> },
     #[error("{0} already exists: choose another --out or pass --force to replace it")]
     Exists(PathBuf),
-    #[error("cannot create {path}: {source}")]
-    Create {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("cannot write {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("cannot move the export into {path}: {source}")]
-    Move {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::base::fs::PathError),
     #[error("poisons exceed their bound: L-inf {linf} > {bound}")]
     OutOfBound { linf: f64, bound: f64 },
     #[error("cannot hash the export: {0}")]
@@ -259,10 +243,7 @@ pub fn export(req: &ExportRequest) -> Result<PathBuf, ExportError> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|source| ExportError::Create {
-        path: parent.to_path_buf(),
-        source,
-    })?;
+    std::fs::create_dir_all(parent).map_err(crate::base::fs::failed("create", parent))?;
     let name = out
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
@@ -282,16 +263,12 @@ pub fn export(req: &ExportRequest) -> Result<PathBuf, ExportError> {
         if out.exists() {
             let old = parent.join(format!(".{name}.old-{}", std::process::id()));
             std::fs::rename(&out, &old).map_err(io(&out))?;
-            std::fs::rename(&tmp, &out).map_err(|source| ExportError::Move {
-                path: out.clone(),
-                source,
-            })?;
+            std::fs::rename(&tmp, &out)
+                .map_err(crate::base::fs::failed("move the export into", &out))?;
             let _ = std::fs::remove_dir_all(&old);
         } else {
-            std::fs::rename(&tmp, &out).map_err(|source| ExportError::Move {
-                path: out.clone(),
-                source,
-            })?;
+            std::fs::rename(&tmp, &out)
+                .map_err(crate::base::fs::failed("move the export into", &out))?;
         }
         Ok(())
     });

@@ -227,11 +227,8 @@ pub enum NpyError {
     /// `name` says where the array came from (archive:member).
     #[error("{name}: {problem}")]
     Bad { name: String, problem: String },
-    #[error("cannot open {path}: {source}")]
-    Open {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::base::fs::PathError),
     #[error("{path}: not a zip archive: {source}")]
     NotZip {
         path: std::path::PathBuf,
@@ -251,10 +248,7 @@ pub enum NpyError {
 }
 
 pub fn read_npz(path: &Path) -> Result<BTreeMap<String, NpyArray>, NpyError> {
-    let file = std::fs::File::open(path).map_err(|source| NpyError::Open {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let file = std::fs::File::open(path).map_err(crate::base::fs::failed("open", path))?;
     let mut zip =
         zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|source| NpyError::NotZip {
             path: path.to_path_buf(),

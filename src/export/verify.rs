@@ -37,11 +37,8 @@ fn want<'a>(
 /// An export that cannot be checked at all (its problems, when it can, are in `Verified`).
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::base::fs::PathError),
     #[error("{path} is not a metapoison manifest: {source}")]
     NotManifest {
         path: std::path::PathBuf,
@@ -53,10 +50,7 @@ pub enum VerifyError {
 
 pub fn verify(dir: &Path) -> Result<Verified, VerifyError> {
     let mpath = dir.join("manifest.json");
-    let text = std::fs::read_to_string(&mpath).map_err(|source| VerifyError::Read {
-        path: mpath.clone(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(&mpath).map_err(crate::base::fs::failed("read", &mpath))?;
     let manifest: Manifest =
         serde_json::from_str(&text).map_err(|source| VerifyError::NotManifest {
             path: mpath.clone(),

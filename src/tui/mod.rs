@@ -24,10 +24,7 @@ pub enum Source {
 }
 
 pub fn read_replay(path: &std::path::Path) -> Result<Vec<Telemetry>, TuiError> {
-    let f = std::fs::File::open(path).map_err(|source| TuiError::Open {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let f = std::fs::File::open(path).map_err(crate::base::fs::failed("open", path))?;
     let mut out = Vec::new();
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
         let line = line.map_err(|source| TuiError::Read {
@@ -90,11 +87,8 @@ pub enum TuiError {
     Terminal(std::io::Error),
     #[error(transparent)]
     Engine(#[from] crate::engine::EngineError),
-    #[error("cannot open {path}: {source}")]
-    Open {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::base::fs::PathError),
     #[error("{path}: {source}")]
     Read {
         path: std::path::PathBuf,

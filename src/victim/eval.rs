@@ -169,16 +169,8 @@ pub enum EvalError {
     NotImages { descr: String, shape: Vec<usize> },
     #[error("{0} are not int64")]
     NotInt64(&'static str),
-    #[error("cannot create {path}: {source}")]
-    Create {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
-    #[error("cannot write {path}: {source}")]
-    Write {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::base::fs::PathError),
     #[error(transparent)]
     TensorFile(#[from] crate::base::tensor_file::TensorFileError),
     #[error("cannot encode the report: {0}")]
@@ -293,10 +285,8 @@ pub fn evaluate(
             let (trial, state) = victim.expect("every victim trained or read back");
             if plan.save_weights {
                 let folder = dir.join("victims");
-                std::fs::create_dir_all(&folder).map_err(|source| EvalError::Create {
-                    path: folder.clone(),
-                    source,
-                })?;
+                std::fs::create_dir_all(&folder)
+                    .map_err(crate::base::fs::failed("create", &folder))?;
                 let path = folder.join(format!(
                     "{}-{t:03}-{}.safetensors",
                     trial.arm,
@@ -343,7 +333,7 @@ pub fn evaluate(
     let json = serde_json::to_string_pretty(&report)?;
     let path = dir.join("eval.json");
     crate::base::tensor_file::write_atomic(&path, json.as_bytes())
-        .map_err(|source| EvalError::Write { path, source })?;
+        .map_err(crate::base::fs::failed("write", &path))?;
     Ok(report)
 }
 
