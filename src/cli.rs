@@ -58,6 +58,12 @@ enum Cmd {
     Craft {
         #[command(flatten)]
         run: RunArgs,
+        /// Start the run as a process of its own (a new session: it survives the terminal and
+        /// the SSH link), print its folder and return. Its JSON lines go to
+        /// RUN_DIR/telemetry.jsonl, its messages to RUN_DIR/craft.log; `metapoison runs` shows
+        /// it, `metapoison stop RUN_DIR` stops it.
+        #[arg(long)]
+        detach: bool,
     },
     /// The live dashboard over a crafting run (the default command on a terminal). Without a
     /// terminal it falls back to the headless mode of `craft`.
@@ -363,7 +369,10 @@ fn run(cli: Cli) -> Result<()> {
             );
             suggest_targets(&config, victims, top)?;
         }
-        Cmd::Craft { run } => {
+        Cmd::Craft { run, detach: true } => {
+            detach_craft(cli.config.as_deref(), &paths, run)?;
+        }
+        Cmd::Craft { run, detach: false } => {
             let _log = init_logging(&paths);
             craft(cli.config.as_deref(), &paths, run)?;
         }
@@ -380,7 +389,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 /// What starts (or resumes) a crafting run, from the command line.
-#[derive(clap::Args, Clone, Default)]
+#[derive(clap::Args, Clone, Default, Debug)]
 struct RunArgs {
     /// Continue the run in this folder from its checkpoint.
     #[arg(long)]
@@ -426,17 +435,7 @@ fn start_engine(
             if !targets.is_empty() {
                 config.threat.target_ids = crate::config::Auto::Value(targets);
             }
-            let dir = match run_dir {
-                Some(d) => d,
-                None => {
-                    let base = config
-                        .run
-                        .output_dir
-                        .clone()
-                        .unwrap_or_else(|| paths.runs_dir());
-                    base.join(format!("{}-{}", timestamp(), config.surrogate.net.name()))
-                }
-            };
+            let dir = run_dir.unwrap_or_else(|| new_run_dir(&config, paths));
             (config, dir, false)
         }
     };
@@ -450,6 +449,99 @@ fn start_engine(
     watch_signals(&stop)?;
     let handle = spawn_engine(config, run_dir.clone(), resuming, stop, linger)?;
     Ok((handle, run_dir))
+}
+
+/// A new timestamped run folder under `run.output_dir` (default DATA_DIR/runs).
+fn new_run_dir(config: &Config, paths: &Paths) -> PathBuf {
+    let base = config
+        .run
+        .output_dir
+        .clone()
+        .unwrap_or_else(|| paths.runs_dir());
+    base.join(format!("{}-{}", timestamp(), config.surrogate.net.name()))
+}
+
+/// `craft --detach`: the same `craft` as a process of its own session, its output in the run
+/// folder; returns once the run has written its status (or failed to start).
+fn detach_craft(config_path: Option<&Path>, paths: &Paths, args: RunArgs) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let run_dir = match (&args.resume, &args.run_dir) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(dir)) => dir.clone(),
+        (None, None) => new_run_dir(&load_config(config_path, paths)?, paths),
+    };
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("cannot create run folder {}", run_dir.display()))?;
+    let open = |name: &str| {
+        let path = run_dir.join(name);
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))
+    };
+    let (stdout, stderr) = (open("telemetry.jsonl")?, open("craft.log")?);
+    let mut child = std::process::Command::new(
+        std::env::current_exe().context("cannot find this program's own path")?,
+    );
+    child.arg("--data-dir").arg(&paths.data_dir);
+    if let Some(c) = config_path {
+        child.arg("--config").arg(c);
+    }
+    child.arg("craft");
+    match &args.resume {
+        Some(dir) => child.arg("--resume").arg(dir),
+        None => child.arg("--run-dir").arg(&run_dir),
+    };
+    if let Some(d) = &args.device {
+        child.args(["--device", d]);
+    }
+    if let Some(n) = args.steps {
+        child.args(["--steps", &n.to_string()]);
+    }
+    if !args.targets.is_empty() {
+        let ids: Vec<String> = args.targets.iter().map(|t| t.to_string()).collect();
+        child.args(["--targets", &ids.join(",")]);
+    }
+    child
+        .stdin(std::process::Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr);
+    // SAFETY: setsid is async-signal-safe; the child leaves this terminal's session, so a
+    // closed terminal or SSH link sends it no SIGHUP.
+    unsafe {
+        child.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut process = child.spawn().context("cannot start the detached run")?;
+    let pid = process.id();
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(exit) = process.try_wait()? {
+            let log = std::fs::read_to_string(run_dir.join("craft.log")).unwrap_or_default();
+            let last = log
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
+            bail!("the detached run ended at once ({exit}): {last}");
+        }
+        let status = crate::engine::status::read(&run_dir).ok().flatten();
+        if status.is_some_and(|s| s.pid == pid) || started.elapsed().as_secs() >= 60 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    println!("{}", run_dir.display());
+    eprintln!(
+        "crafting in the background (pid {pid}): `metapoison runs` shows it, `metapoison stop {}` stops it",
+        run_dir.display()
+    );
+    Ok(())
 }
 
 /// The headless mode: JSON lines on stdout, a progress line on stderr when it is a terminal.

@@ -141,3 +141,52 @@ fn a_run_whose_process_is_gone_is_stale_and_a_finished_one_says_so() {
     assert!(why.contains("is gone") && why.contains("--resume"), "{why}");
     assert_eq!(why.trim().lines().count(), 1, "{why}");
 }
+
+/// `craft --detach` returns at once with the run's folder; the run goes on in a process of
+/// its own (not the one that started it), writes its JSON lines into the folder, and stops
+/// with a checkpoint when asked.
+#[test]
+fn a_detached_run_outlives_its_starter_and_stops_when_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("long.toml");
+    std::fs::write(
+        &config,
+        "[data]\ntrain_limit = 300\n[threat]\nnpoison = 10\n[craft]\nsteps = 2000\nunroll_steps = 1\nensemble_size = 1\nstagger = 1\n[surrogate]\nbatch_size = 50\n",
+    )
+    .unwrap();
+    let started = bin(tmp.path())
+        .arg("--config")
+        .arg(&config)
+        .args(["craft", "--detach"])
+        .output()
+        .unwrap();
+    assert!(started.status.success(), "{}", text(&started));
+    let run = std::path::PathBuf::from(String::from_utf8_lossy(&started.stdout).trim());
+    assert!(run.starts_with(tmp.path().join("runs")), "{run:?}");
+    wait_for(
+        "the detached run's second step",
+        Duration::from_secs(120),
+        || {
+            read(&run)
+                .ok()
+                .flatten()
+                .is_some_and(|s| s.state == RunState::Crafting && s.step >= 2)
+        },
+    );
+    let s = read(&run).unwrap().unwrap();
+    assert!(metapoison::engine::status::process_alive(s.pid));
+    let lines = std::fs::read_to_string(run.join("telemetry.jsonl")).unwrap();
+    assert!(
+        lines.lines().any(|l| l.contains("\"type\":\"step\"")),
+        "{lines}"
+    );
+    let stopped = bin(tmp.path()).arg("stop").arg(&run).output().unwrap();
+    assert!(stopped.status.success(), "{}", text(&stopped));
+    wait_for(
+        "the detached process to exit",
+        Duration::from_secs(60),
+        || !metapoison::engine::status::process_alive(s.pid),
+    );
+    assert_eq!(read(&run).unwrap().unwrap().state, RunState::Stopped);
+    assert!(run.join("checkpoint.safetensors").exists());
+}
