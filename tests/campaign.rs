@@ -73,6 +73,7 @@ fn totals_pool_victims_over_targets_and_count_majority_flips() {
                 standard(&[false, false, false], &[false, false, false]),
             ],
             craft_seconds: 0.0,
+            craft_loss: None,
         },
         TargetResult {
             target_id: 2,
@@ -84,6 +85,7 @@ fn totals_pool_victims_over_targets_and_count_majority_flips() {
                 standard(&[true, true, true], &[false, false, false]),
             ],
             craft_seconds: 0.0,
+            craft_loss: None,
         },
     ];
     let t = totals(&results);
@@ -330,11 +332,16 @@ recipe = "standard"
         assert_eq!((&t["victims"], &t["noise_victims"]), (&2.into(), &2.into()));
     }
     assert!(report["results"][0]["craft_seconds"].as_f64().unwrap() > 0.0);
+    // The crafting loss of each target's last steps, beside what its victims did.
+    let loss = report["results"][0]["craft_loss"].as_f64().unwrap();
+    assert!(loss.is_finite() && loss != 0.0, "{loss}");
     let md = std::fs::read_to_string(dir.join("campaign.md")).unwrap();
     assert!(!md.contains("Only its first"), "{md}");
     for row in [
         "Protocol `tiny`: two targets, one victim an arm.",
         "| 3 | convnet-bn (gray-box) | ",
+        &format!(" min | {loss:.2} | "),
+        "| crafting | crafting loss, last 5 steps | evaluation |",
         "| 3 | convnet-bn, standard recipe (gray-box) | ",
         "| **all 2** | convnet-bn (gray-box) | **",
         "| **all 2** | convnet-bn, standard recipe (gray-box) | **",
@@ -634,6 +641,7 @@ fn the_markdown_table_shows_each_victims_adversarial_probability_and_the_totals(
         export_dir: String::new(),
         evals: vec![gray],
         craft_seconds: 0.0,
+        craft_loss: None,
     }];
     let r = CampaignReport {
         started: String::new(),

@@ -477,14 +477,14 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs, json: bool) -> Res
             );
             evals.push(e);
         }
+        let crafted = crate::craft::checkpoint::load(&run_dir)?.state;
         report.results.push(TargetResult {
             target_id: target,
             run_dir: run_dir.display().to_string(),
             export_dir: export_dir.display().to_string(),
             evals,
-            craft_seconds: crate::craft::checkpoint::load(&run_dir)?
-                .state
-                .crafting_seconds(),
+            craft_seconds: crafted.crafting_seconds(),
+            craft_loss: crafted.final_loss(5),
         });
         report.totals = totals(&report.results);
         report.seconds = earlier_seconds + started.elapsed().as_secs_f64();

@@ -28,6 +28,10 @@ pub struct TargetResult {
     /// before it was).
     #[serde(default)]
     pub craft_seconds: f64,
+    /// The crafting objective over its last 5 steps (`CheckpointState::final_loss`); `None`
+    /// for results recorded before it was.
+    #[serde(default)]
+    pub craft_loss: Option<f64>,
 }
 
 /// One victim kind's outcomes over every target.
@@ -188,13 +192,13 @@ fn victims_label(net: &str, recipe: &str) -> String {
 /// The campaign's table as printed and saved (CSV: one row per target and victim kind).
 pub fn csv(results: &[TargetResult]) -> String {
     let mut out = String::from(
-        "target_id,victim_net,recipe,setting,epochs,poisoned_successes,poisoned_victims,train_mode_successes,control_successes,control_victims,noise_successes,noise_victims,accuracy_poisoned,accuracy_control,p_adv_poisoned,p_adv_control,craft_seconds,eval_seconds\n",
+        "target_id,victim_net,recipe,setting,epochs,poisoned_successes,poisoned_victims,train_mode_successes,control_successes,control_victims,noise_successes,noise_victims,accuracy_poisoned,accuracy_control,p_adv_poisoned,p_adv_control,craft_seconds,eval_seconds,craft_loss\n",
     );
     for r in results {
         for e in &r.evals {
             let noise = e.noise.as_ref();
             out += &format!(
-                "{},{},{},{},{},{},{},{},{},{},{},{},{:.4},{:.4},{:.4},{:.4},{:.1},{:.1}\n",
+                "{},{},{},{},{},{},{},{},{},{},{},{},{:.4},{:.4},{:.4},{:.4},{:.1},{:.1},{}\n",
                 r.target_id,
                 e.victim_net,
                 e.recipe(),
@@ -213,6 +217,7 @@ pub fn csv(results: &[TargetResult]) -> String {
                 mean_p_adv(e, "control"),
                 r.craft_seconds,
                 e.seconds,
+                r.craft_loss.map_or(String::new(), |l| format!("{l:.4}")),
             );
         }
     }
@@ -253,16 +258,16 @@ fn benchmark_table(report: &CampaignReport, protocol: &Protocol) -> String {
         String::new()
     };
     let mut out = format!(
-        "Protocol `{}`: {}. Targets {:?}.{part}\n\n| target | victims | poisoned flipped | train mode | controls flipped | noise flipped | p(adv) poisoned / control | clean accuracy poisoned / control | crafting | evaluation |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "Protocol `{}`: {}. Targets {:?}.{part}\n\n| target | victims | poisoned flipped | train mode | controls flipped | noise flipped | p(adv) poisoned / control | clean accuracy poisoned / control | crafting | crafting loss, last 5 steps | evaluation |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
         protocol.name, protocol.description, protocol.targets
     );
-    let row = |target: &str, e: &EvalReport, craft: &str| {
+    let row = |target: &str, e: &EvalReport, craft: &str, loss: &str| {
         let noise = e
             .noise
             .as_ref()
             .map_or("-".to_string(), |n| flips(n.successes, n.trials, false));
         format!(
-            "| {target} | {} ({}) | {} | {} | {} | {noise} | {:.2} / {:.2} | {:.1}% / {:.1}% | {craft} | {} |\n",
+            "| {target} | {} ({}) | {} | {} | {} | {noise} | {:.2} / {:.2} | {:.1}% / {:.1}% | {craft} | {loss} | {} |\n",
             victims_label(&e.victim_net, e.recipe()),
             e.setting,
             flips(e.poisoned.successes, e.poisoned.trials, false),
@@ -277,18 +282,21 @@ fn benchmark_table(report: &CampaignReport, protocol: &Protocol) -> String {
     };
     for r in &report.results {
         for (i, e) in r.evals.iter().enumerate() {
-            let craft = if i == 0 {
-                minutes(r.craft_seconds)
+            let (craft, loss) = if i == 0 {
+                (
+                    minutes(r.craft_seconds),
+                    r.craft_loss.map_or("-".to_string(), |l| format!("{l:.2}")),
+                )
             } else {
-                String::new()
+                (String::new(), String::new())
             };
-            out += &row(&r.target_id.to_string(), e, &craft);
+            out += &row(&r.target_id.to_string(), e, &craft, &loss);
         }
     }
     let craft_total: f64 = report.results.iter().map(|r| r.craft_seconds).sum();
     for (i, t) in report.totals.iter().enumerate() {
         out += &format!(
-            "| **all {}** | {} ({}) | **{}** | {} | {} | {} | {:.2} / {:.2} | {:.1}% / {:.1}% | {} | {} |\n",
+            "| **all {}** | {} ({}) | **{}** | {} | {} | {} | {:.2} / {:.2} | {:.1}% / {:.1}% | {} |  | {} |\n",
             t.targets,
             victims_label(&t.victim_net, &t.recipe),
             t.setting,

@@ -53,6 +53,21 @@ impl CheckpointState {
     pub fn crafting_seconds(&self) -> f64 {
         self.pretrain_seconds + self.history.iter().map(|r| r.seconds).sum::<f64>()
     }
+
+    /// The crafting objective at the end: the mean of the last `n` steps' loss that has a value
+    /// (MetaPoison's adversarial loss on its unrolled surrogates, below 0 when they are fooled;
+    /// gradient matching's matching loss). Whether the crafting reached its own goal, beside
+    /// what the victims did.
+    pub fn final_loss(&self, n: usize) -> Option<f64> {
+        let last: Vec<f64> = self
+            .history
+            .iter()
+            .rev()
+            .take(n)
+            .filter_map(|r| r.adv_loss)
+            .collect();
+        (!last.is_empty()).then(|| last.iter().sum::<f64>() / last.len() as f64)
+    }
 }
 
 fn surrogate_names(m: usize, s: &State) -> Vec<(String, &Tensor)> {
