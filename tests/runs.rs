@@ -32,16 +32,31 @@ fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
     }
 }
 
-#[test]
-fn a_crafting_process_is_listed_and_stop_checkpoints_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    let config = tmp.path().join("long.toml");
-    // Many tiny steps: the run is still crafting when it is stopped.
+/// A config of many tiny steps in `dir`: a run of it is still crafting when it is stopped.
+fn long_config(dir: &Path) -> std::path::PathBuf {
+    let config = dir.join("long.toml");
     std::fs::write(
         &config,
         "[data]\ntrain_limit = 300\n[threat]\nnpoison = 10\n[craft]\nsteps = 2000\nunroll_steps = 1\nensemble_size = 1\nstagger = 1\n[surrogate]\nbatch_size = 50\n",
     )
     .unwrap();
+    config
+}
+
+/// Waits until the run in `run` has done `steps` craft steps and is still crafting.
+fn wait_for_steps(run: &Path, steps: usize) {
+    wait_for("craft steps", Duration::from_secs(120), || {
+        read(run)
+            .ok()
+            .flatten()
+            .is_some_and(|s| s.state == RunState::Crafting && s.step >= steps)
+    });
+}
+
+#[test]
+fn a_crafting_process_is_listed_and_stop_checkpoints_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = long_config(tmp.path());
     let run = tmp.path().join("runs").join("r1");
     let mut child = bin(tmp.path())
         .arg("--config")
@@ -52,12 +67,7 @@ fn a_crafting_process_is_listed_and_stop_checkpoints_it() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    wait_for("two craft steps", Duration::from_secs(120), || {
-        read(&run)
-            .ok()
-            .flatten()
-            .is_some_and(|s| s.state == RunState::Crafting && s.step >= 2)
-    });
+    wait_for_steps(&run, 2);
     let s = read(&run).unwrap().unwrap();
     assert_eq!((s.pid, s.steps), (child.id(), 2000));
     assert!(s.eta_seconds.is_some_and(|e| e > 0.0), "{s:?}");
@@ -148,12 +158,7 @@ fn a_run_whose_process_is_gone_is_stale_and_a_finished_one_says_so() {
 #[test]
 fn a_detached_run_outlives_its_starter_and_stops_when_asked() {
     let tmp = tempfile::tempdir().unwrap();
-    let config = tmp.path().join("long.toml");
-    std::fs::write(
-        &config,
-        "[data]\ntrain_limit = 300\n[threat]\nnpoison = 10\n[craft]\nsteps = 2000\nunroll_steps = 1\nensemble_size = 1\nstagger = 1\n[surrogate]\nbatch_size = 50\n",
-    )
-    .unwrap();
+    let config = long_config(tmp.path());
     let started = bin(tmp.path())
         .arg("--config")
         .arg(&config)
