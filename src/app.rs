@@ -14,15 +14,23 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+/// Set (to "1") in the environment of a run started by `craft --detach`: it ignores SIGHUP.
+pub const DETACHED_ENV: &str = "METAPOISON_DETACHED";
+
 /// SIGINT, SIGTERM and SIGHUP set `stop` (the engine checkpoints and stops). A second SIGINT
 /// or SIGTERM while the first is being handled ends the process at once (an impatient user);
-/// SIGHUP never does, because a dropped SSH session often delivers it twice.
+/// SIGHUP never does, because a dropped SSH session often delivers it twice. A detached run
+/// leaves SIGHUP ignored (its starter ignored it before the exec): it belongs to no terminal.
 pub fn watch_signals(stop: &Arc<AtomicBool>) -> Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     for sig in [SIGINT, SIGTERM] {
         signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())?;
     }
+    let detached = std::env::var_os(DETACHED_ENV).is_some_and(|v| v == "1");
     for sig in [SIGINT, SIGTERM, SIGHUP] {
+        if sig == SIGHUP && detached {
+            continue;
+        }
         signal_hook::flag::register(sig, stop.clone())?;
     }
     Ok(())

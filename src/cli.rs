@@ -504,16 +504,19 @@ fn detach_craft(config_path: Option<&Path>, paths: &Paths, args: RunArgs) -> Res
         child.args(["--targets", &ids.join(",")]);
     }
     child
+        .env(crate::app::DETACHED_ENV, "1")
         .stdin(std::process::Stdio::null())
         .stdout(stdout)
         .stderr(stderr);
-    // SAFETY: setsid is async-signal-safe; the child leaves this terminal's session, so a
-    // closed terminal or SSH link sends it no SIGHUP.
+    // SAFETY: setsid and signal are async-signal-safe. The child leaves this terminal's
+    // session, so a closed terminal or SSH link sends it no SIGHUP, and ignores any other
+    // (the ignored disposition survives the exec; the detached run never installs a handler).
     unsafe {
         child.pre_exec(|| {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
             Ok(())
         });
     }

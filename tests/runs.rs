@@ -180,6 +180,14 @@ fn a_detached_run_outlives_its_starter_and_stops_when_asked() {
     );
     let s = read(&run).unwrap().unwrap();
     assert!(metapoison::engine::status::process_alive(s.pid));
+    // A hang-up (what a dropped SSH link sends a terminal's processes) does not stop it.
+    let hup = Command::new("kill")
+        .args(["-HUP", &s.pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    wait_for_steps(&run, s.step + 2);
+    assert!(metapoison::engine::status::process_alive(s.pid));
     let lines = std::fs::read_to_string(run.join("telemetry.jsonl")).unwrap();
     assert!(
         lines.lines().any(|l| l.contains("\"type\":\"step\"")),
