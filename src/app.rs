@@ -36,13 +36,27 @@ pub fn watch_signals(stop: &Arc<AtomicBool>) -> Result<()> {
     Ok(())
 }
 
+/// What a run's process offers besides crafting.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Hosting {
+    /// Serve exports and evaluations after the last step (see `EngineSetup::linger`).
+    pub linger: bool,
+    /// Accept viewers over the run's socket (`metapoison attach`).
+    pub serve: bool,
+    /// With both: leave once no viewer has been attached this long after the last step.
+    pub linger_idle: Option<std::time::Duration>,
+}
+
+/// How long a detached run that has finished waits for a viewer before it leaves.
+pub const DETACHED_LINGER: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Validates `config`, loads its data and starts the engine thread on it.
 pub fn spawn_engine(
     config: Config,
     run_dir: PathBuf,
     resume: bool,
     stop: Arc<AtomicBool>,
-    linger: bool,
+    hosting: Hosting,
 ) -> Result<engine::EngineHandle> {
     config.validate()?;
     let device = resolve_device(&config)?;
@@ -60,7 +74,9 @@ pub fn spawn_engine(
         run_dir,
         resume,
         stop,
-        linger,
+        linger: hosting.linger,
+        serve: hosting.serve,
+        linger_idle: hosting.linger_idle,
     }))
 }
 
@@ -484,7 +500,11 @@ pub fn stop_run(dir: &Path, wait: std::time::Duration) -> Result<crate::engine::
             dir.display()
         );
     };
-    if !status.state.active() {
+    // A finished run whose process still serves viewers is stopped like a running one.
+    let lingering = status.state == crate::engine::status::RunState::Finished
+        && status.socket.is_some()
+        && process_alive(status.pid);
+    if !status.state.active() && !lingering {
         bail!(
             "the run in {} is not running (state: {})",
             dir.display(),
@@ -513,7 +533,7 @@ pub fn stop_run(dir: &Path, wait: std::time::Duration) -> Result<crate::engine::
     loop {
         std::thread::sleep(std::time::Duration::from_millis(200));
         let now = read(dir)?.unwrap_or(status.clone());
-        if !now.state.active() || !process_alive(status.pid) {
+        if !process_alive(status.pid) || (!lingering && !now.state.active()) {
             return Ok(now);
         }
         if started.elapsed() > wait {
@@ -524,4 +544,76 @@ pub fn stop_run(dir: &Path, wait: std::time::Duration) -> Result<crate::engine::
             );
         }
     }
+}
+
+/// The socket of the run in `dir` (or, without one, of the most recently updated run under
+/// `runs_root` that has a live process), checked: the process lives and the socket exists.
+/// A socket whose process is gone is removed, and said so.
+pub fn attachable_run(dir: Option<&Path>, runs_root: &Path) -> Result<(PathBuf, PathBuf)> {
+    use crate::engine::status::{process_alive, read};
+    let dir = match dir {
+        Some(d) => d.to_path_buf(),
+        None => {
+            let rows = if runs_root.is_dir() {
+                list_runs(runs_root)?
+            } else {
+                Vec::new()
+            };
+            rows.into_iter()
+                .filter_map(|r| r.status.map(|s| (r.dir, s)))
+                .filter(|(_, s)| s.socket.is_some() && process_alive(s.pid))
+                .max_by(|a, b| a.1.updated.total_cmp(&b.1.updated))
+                .map(|(d, _)| d)
+                .with_context(|| {
+                    format!(
+                        "no run to attach to under {}: start one with `metapoison` or `metapoison craft --detach`, or name its folder",
+                        runs_root.display()
+                    )
+                })?
+        }
+    };
+    let Some(status) = read(&dir)? else {
+        bail!(
+            "{} has no status file: not a run folder, or a run from before status files",
+            dir.display()
+        );
+    };
+    if !status.state.active() && status.state != crate::engine::status::RunState::Finished
+        || status.state == crate::engine::status::RunState::Finished && status.socket.is_none()
+    {
+        bail!(
+            "the run in {} has ended ({} at step {}/{}): continue it with `metapoison craft --detach --resume {}`, or export it",
+            dir.display(),
+            status.state.name(),
+            status.step,
+            status.steps,
+            dir.display()
+        );
+    }
+    let Some(socket) = status.socket.clone() else {
+        bail!(
+            "the run in {} does not accept viewers (started by `campaign`, by an older build, or its socket could not be made: see its craft.log or the log folder)",
+            dir.display()
+        );
+    };
+    if !process_alive(status.pid) {
+        let removed = std::fs::remove_file(&socket).is_ok();
+        bail!(
+            "the run in {} is not running: its process {} is gone{}; continue it with `metapoison craft --detach --resume {}`",
+            dir.display(),
+            status.pid,
+            if removed { " (its stale socket is removed)" } else { "" },
+            dir.display()
+        );
+    }
+    if !socket.exists() {
+        bail!(
+            "the run in {} (process {}) has no socket at {}: it is ending, or the file was removed; stop it with `metapoison stop {}`",
+            dir.display(),
+            status.pid,
+            socket.display(),
+            dir.display()
+        );
+    }
+    Ok((dir, socket))
 }

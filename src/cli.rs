@@ -64,12 +64,22 @@ enum Cmd {
         /// it, `metapoison stop RUN_DIR` stops it.
         #[arg(long)]
         detach: bool,
+        /// A detached run that has finished waits this many seconds with no viewer attached
+        /// before it leaves (its exports and evaluations stay available meanwhile).
+        #[arg(long, hide = true, default_value_t = crate::app::DETACHED_LINGER.as_secs())]
+        linger_idle: u64,
     },
-    /// The live dashboard over a crafting run (the default command on a terminal). Without a
-    /// terminal it falls back to the headless mode of `craft`.
+    /// The live dashboard over a crafting run (the default command on a terminal): the run
+    /// crafts in a process of its own, and the dashboard attaches to it, so that a closed
+    /// terminal or a dropped SSH link only ends the view. Without a terminal it falls back to
+    /// the headless mode of `craft`.
     Tui {
         #[command(flatten)]
         run: RunArgs,
+        /// Craft inside the dashboard's own process (the run stops, with a checkpoint, when
+        /// the dashboard quits or its terminal goes away).
+        #[arg(long, conflicts_with = "replay")]
+        foreground: bool,
         /// Play back a recorded telemetry file (the JSON lines of `craft`) instead of crafting.
         #[arg(long, conflicts_with = "resume")]
         replay: Option<PathBuf>,
@@ -129,6 +139,16 @@ enum Cmd {
     Runs {
         /// A folder of runs (default: DATA_DIR/runs); campaign folders work too.
         dir: Option<PathBuf>,
+    },
+    /// Open the dashboard on a run crafting in another process (started by `metapoison` or
+    /// `craft --detach`): its history first, then live. Quitting detaches; the run goes on.
+    Attach {
+        /// The run folder (default: the most recently active run under DATA_DIR/runs).
+        dir: Option<PathBuf>,
+        /// No dashboard: the run's telemetry as JSON lines on stdout (history first), and
+        /// commands read as JSON lines from stdin (e.g. {"command":"pause"}).
+        #[arg(long)]
+        json: bool,
     },
     /// Ask a running run to checkpoint at the end of its current step and stop.
     Stop {
@@ -228,6 +248,7 @@ fn run(cli: Cli) -> Result<()> {
     let paths = Paths::new(cli.data_dir.clone());
     let command = cli.command.unwrap_or(Cmd::Tui {
         run: RunArgs::default(),
+        foreground: false,
         replay: None,
     });
     match command {
@@ -369,19 +390,47 @@ fn run(cli: Cli) -> Result<()> {
             );
             suggest_targets(&config, victims, top)?;
         }
-        Cmd::Craft { run, detach: true } => {
-            detach_craft(cli.config.as_deref(), &paths, run)?;
+        Cmd::Craft {
+            run,
+            detach: true,
+            linger_idle,
+        } => {
+            let run_dir = detach_craft(cli.config.as_deref(), &paths, run, linger_idle)?;
+            println!("{}", run_dir.display());
+            eprintln!(
+                "crafting in the background: `metapoison attach {0}` shows it, `metapoison stop {0}` stops it",
+                run_dir.display()
+            );
         }
-        Cmd::Craft { run, detach: false } => {
+        Cmd::Craft {
+            run,
+            detach: false,
+            linger_idle,
+        } => {
             let _log = init_logging(&paths);
-            craft(cli.config.as_deref(), &paths, run)?;
+            craft(cli.config.as_deref(), &paths, run, linger_idle)?;
         }
-        Cmd::Tui { run, replay } => {
-            let _log = init_logging(&paths);
-            if cli.headless && replay.is_none() {
-                craft(cli.config.as_deref(), &paths, run)?;
+        Cmd::Attach { dir, json } => {
+            let (_, socket) = crate::app::attachable_run(dir.as_deref(), &paths.runs_dir())?;
+            if json {
+                attach_json(&socket)?;
             } else {
-                tui(cli.config.as_deref(), &paths, run, replay)?;
+                let _log = init_logging(&paths);
+                let keys = load_keys(cli.config.as_deref(), &paths)?;
+                attach_dashboard(&socket, keys)?;
+            }
+        }
+        Cmd::Tui {
+            run,
+            foreground,
+            replay,
+        } => {
+            let _log = init_logging(&paths);
+            let idle = crate::app::DETACHED_LINGER.as_secs();
+            if cli.headless && replay.is_none() {
+                craft(cli.config.as_deref(), &paths, run, idle)?;
+            } else {
+                tui(cli.config.as_deref(), &paths, run, replay, foreground)?;
             }
         }
     }
@@ -416,7 +465,7 @@ fn start_engine(
     config_path: Option<&Path>,
     paths: &Paths,
     args: RunArgs,
-    linger: bool,
+    hosting: crate::app::Hosting,
 ) -> Result<(engine::EngineHandle, PathBuf)> {
     let RunArgs {
         resume,
@@ -447,7 +496,7 @@ fn start_engine(
     }
     let stop = Arc::new(AtomicBool::new(false));
     watch_signals(&stop)?;
-    let handle = spawn_engine(config, run_dir.clone(), resuming, stop, linger)?;
+    let handle = spawn_engine(config, run_dir.clone(), resuming, stop, hosting)?;
     Ok((handle, run_dir))
 }
 
@@ -462,8 +511,14 @@ fn new_run_dir(config: &Config, paths: &Paths) -> PathBuf {
 }
 
 /// `craft --detach`: the same `craft` as a process of its own session, its output in the run
-/// folder; returns once the run has written its status (or failed to start).
-fn detach_craft(config_path: Option<&Path>, paths: &Paths, args: RunArgs) -> Result<()> {
+/// folder; returns the folder once the run has written its status with its socket (or
+/// failed to start).
+fn detach_craft(
+    config_path: Option<&Path>,
+    paths: &Paths,
+    args: RunArgs,
+    linger_idle: u64,
+) -> Result<PathBuf> {
     use std::os::unix::process::CommandExt;
     let run_dir = match (&args.resume, &args.run_dir) {
         (Some(dir), _) => dir.clone(),
@@ -488,7 +543,9 @@ fn detach_craft(config_path: Option<&Path>, paths: &Paths, args: RunArgs) -> Res
     if let Some(c) = config_path {
         child.arg("--config").arg(c);
     }
-    child.arg("craft");
+    child
+        .arg("craft")
+        .args(["--linger-idle", &linger_idle.to_string()]);
     match &args.resume {
         Some(dir) => child.arg("--resume").arg(dir),
         None => child.arg("--run-dir").arg(&run_dir),
@@ -539,17 +596,20 @@ fn detach_craft(config_path: Option<&Path>, paths: &Paths, args: RunArgs) -> Res
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    println!("{}", run_dir.display());
-    eprintln!(
-        "crafting in the background (pid {pid}): `metapoison runs` shows it, `metapoison stop {}` stops it",
-        run_dir.display()
-    );
-    Ok(())
+    Ok(run_dir)
 }
 
 /// The headless mode: JSON lines on stdout, a progress line on stderr when it is a terminal.
-fn craft(config_path: Option<&Path>, paths: &Paths, args: RunArgs) -> Result<()> {
-    let (handle, run_dir) = start_engine(config_path, paths, args, false)?;
+/// Viewers may attach; a detached run (see `detach_craft`) also waits `linger_idle` seconds
+/// for one after its last step.
+fn craft(config_path: Option<&Path>, paths: &Paths, args: RunArgs, linger_idle: u64) -> Result<()> {
+    let detached = std::env::var_os(crate::app::DETACHED_ENV).is_some_and(|v| v == "1");
+    let hosting = crate::app::Hosting {
+        linger: detached,
+        serve: true,
+        linger_idle: Some(std::time::Duration::from_secs(linger_idle)),
+    };
+    let (handle, run_dir) = start_engine(config_path, paths, args, hosting)?;
     let progress = std::io::stderr().is_terminal();
     let mut stdout = std::io::stdout().lock();
     for t in handle.telemetry.iter() {
@@ -642,19 +702,91 @@ fn evaluate(
     Ok(())
 }
 
+/// Key bindings are the user's, whatever run is shown: from the config file (or defaults).
+fn load_keys(config_path: Option<&Path>, paths: &Paths) -> Result<crate::tui::app::Keymap> {
+    let config = load_config(config_path, paths)?;
+    config.validate()?;
+    Ok(crate::tui::app::Keymap::from_config(&config.keys))
+}
+
+/// The dashboard as a viewer of the run listening on `socket`.
+fn attach_dashboard(socket: &Path, keys: crate::tui::app::Keymap) -> Result<()> {
+    if !(std::io::stdout().is_terminal() && std::io::stdin().is_terminal()) {
+        bail!("attach needs a terminal (or --json for JSON lines)");
+    }
+    let attached = crate::engine::client::attach(socket, "dashboard")?;
+    let run_dir = attached.run_dir.clone();
+    crate::tui::run(crate::tui::Source::Remote(attached), keys)?;
+    // stderr may be a terminal that went away (SSH drop): never panic on it.
+    let status = crate::engine::status::read(&run_dir).ok().flatten();
+    let going_on = status.as_ref().filter(|s| {
+        s.socket.is_some()
+            && (s.state.active() || s.state == crate::engine::status::RunState::Finished)
+            && crate::engine::status::process_alive(s.pid)
+    });
+    let _ = match (going_on, &status) {
+        (Some(s), _) => writeln!(
+            std::io::stderr(),
+            "detached; the run goes on ({} at step {}/{}): `metapoison attach {}` shows it again",
+            s.state.name(),
+            s.step,
+            s.steps,
+            run_dir.display()
+        ),
+        (None, Some(s)) => writeln!(
+            std::io::stderr(),
+            "run folder: {} ({} at step {}/{})",
+            run_dir.display(),
+            s.state.name(),
+            s.step,
+            s.steps
+        ),
+        (None, None) => writeln!(std::io::stderr(), "run folder: {}", run_dir.display()),
+    };
+    Ok(())
+}
+
+/// `attach --json`: the run's telemetry on stdout, commands from stdin, until the run ends.
+fn attach_json(socket: &Path) -> Result<()> {
+    let attached = crate::engine::client::attach(socket, "json")?;
+    let commands = attached.commands.clone();
+    // Commands from stdin on a thread of their own; its end (EOF) leaves the view open.
+    let _ = std::thread::Builder::new()
+        .name("stdin-commands".into())
+        .spawn(move || {
+            for line in std::io::stdin().lines() {
+                let Ok(line) = line else { break };
+                if line.trim().is_empty() {
+                    continue;
+                }
+                match serde_json::from_str::<engine::protocol::Command>(&line) {
+                    Ok(c) => {
+                        if commands.send(c).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => eprintln!("not a command ({e}): {line}"),
+                }
+            }
+        });
+    let mut stdout = std::io::stdout().lock();
+    for t in attached.telemetry.iter() {
+        if writeln!(stdout, "{}", serde_json::to_string(&t)?).is_err() || stdout.flush().is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
 fn tui(
     config_path: Option<&Path>,
     paths: &Paths,
     run: RunArgs,
     replay: Option<PathBuf>,
+    foreground: bool,
 ) -> Result<()> {
     let terminal = std::io::stdout().is_terminal() && std::io::stdin().is_terminal();
-    // Key bindings are the user's, whatever run is shown: from the config file (or defaults).
-    let keys = {
-        let config = load_config(config_path, paths)?;
-        config.validate()?;
-        crate::tui::app::Keymap::from_config(&config.keys)
-    };
+    let keys = load_keys(config_path, paths)?;
     if let Some(file) = replay {
         if !terminal {
             bail!("--replay needs a terminal");
@@ -664,9 +796,29 @@ fn tui(
     }
     if !terminal {
         eprintln!("not a terminal: crafting headless (JSON lines on stdout)");
-        return craft(config_path, paths, run);
+        return craft(
+            config_path,
+            paths,
+            run,
+            crate::app::DETACHED_LINGER.as_secs(),
+        );
     }
-    let (handle, run_dir) = start_engine(config_path, paths, run, true)?;
+    if !foreground {
+        let run_dir = detach_craft(
+            config_path,
+            paths,
+            run,
+            crate::app::DETACHED_LINGER.as_secs(),
+        )?;
+        let (_, socket) = crate::app::attachable_run(Some(&run_dir), &paths.runs_dir())?;
+        return attach_dashboard(&socket, keys);
+    }
+    let hosting = crate::app::Hosting {
+        linger: true,
+        serve: true,
+        linger_idle: None,
+    };
+    let (handle, run_dir) = start_engine(config_path, paths, run, hosting)?;
     crate::tui::run(crate::tui::Source::Engine(handle), keys)?;
     // stderr may be a terminal that went away (SSH drop): never panic on it.
     let _ = writeln!(std::io::stderr(), "run folder: {}", run_dir.display());

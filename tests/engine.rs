@@ -55,6 +55,8 @@ fn run(
         resume,
         stop: stop.clone(),
         linger: false,
+        serve: false,
+        linger_idle: None,
     });
     let mut reports = Vec::new();
     for t in handle.telemetry.iter() {
@@ -338,6 +340,8 @@ fn bad_target_id_fails_with_a_clear_message() {
         resume: false,
         stop: Arc::new(AtomicBool::new(false)),
         linger: false,
+        serve: false,
+        linger_idle: None,
     });
     let failed: Vec<String> = handle
         .telemetry
@@ -400,6 +404,8 @@ fn spawn_lingering(dir: &Path) -> metapoison::engine::EngineHandle {
         resume: false,
         stop: Arc::new(AtomicBool::new(false)),
         linger: true,
+        serve: false,
+        linger_idle: None,
     })
 }
 

@@ -792,3 +792,51 @@ fn long_events_wrap_whole_and_the_run_folder_stays_in_the_header() {
         "{header}"
     );
 }
+
+#[test]
+fn an_attached_dashboard_detaches_on_leaving_and_stops_the_run_only_when_asked() {
+    let ctrl_c = KeyEvent {
+        code: KeyCode::Char('c'),
+        modifiers: KeyModifiers::CONTROL,
+        kind: KeyEventKind::Press,
+        state: KeyEventState::NONE,
+    };
+    // q opens the leave dialog; d detaches: no command reaches the run.
+    let mut app = app_with_steps(Palette::Mono);
+    app.attached = true;
+    assert!(app.on_key(key(KeyCode::Char('q'))).is_empty());
+    assert!(matches!(app.popup, Some(Popup::Quit { .. })));
+    let screen = text(&render(&app, 100, 30));
+    assert!(screen.contains("detach: crafting goes on"), "{screen}");
+    assert!(screen.contains("checkpoint and stop the run"), "{screen}");
+    assert!(app.footer().contains("d/q detach"), "{}", app.footer());
+    assert!(app.on_key(key(KeyCode::Char('d'))).is_empty());
+    assert!(app.quit && app.detach);
+    // Enter on the first choice detaches too; c checkpoints and stops the run.
+    let mut app = app_with_steps(Palette::Mono);
+    app.attached = true;
+    app.on_key(key(KeyCode::Char('q')));
+    assert!(app.on_key(key(KeyCode::Enter)).is_empty());
+    assert!(app.detach);
+    let mut app = app_with_steps(Palette::Mono);
+    app.attached = true;
+    app.on_key(key(KeyCode::Char('q')));
+    assert_eq!(app.on_key(key(KeyCode::Char('c'))), vec![Command::Stop]);
+    assert!(app.quit && !app.detach);
+    // Ctrl-c detaches at once, and so does q after the last step (no abort of a lingering run).
+    let mut app = app_with_steps(Palette::Mono);
+    app.attached = true;
+    assert!(app.on_key(ctrl_c).is_empty());
+    assert!(app.quit && app.detach);
+    let mut app = app_with_steps(Palette::Mono);
+    app.attached = true;
+    app.on_telemetry(Telemetry::Phase(Phase::Done));
+    assert!(app.on_key(key(KeyCode::Char('q'))).is_empty());
+    assert!(app.quit && app.detach);
+    // In the dashboard's own process, the same keys keep their meaning.
+    let mut app = app_with_steps(Palette::Mono);
+    assert_eq!(app.on_key(ctrl_c), vec![]);
+    assert!(matches!(app.popup, Some(Popup::Quit { .. })));
+    assert_eq!(app.on_key(ctrl_c), vec![Command::Abort]);
+    assert!(!app.detach);
+}

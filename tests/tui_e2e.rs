@@ -1,8 +1,11 @@
 //! The real binary in a real terminal (tmux, TERM=screen-256color, NO_COLOR=1): the dashboard
-//! comes up on a tiny crafting run, Space pauses it, the parameters popup changes the outer
-//! step size (logged, applied at the next step), Space resumes, the export menu writes a folder
-//! that passes `export --verify`, `v` trains victims on it, the quit dialog checkpoints and
-//! exits, and the terminal is handed back. Skipped (with a message) where tmux is not installed.
+//! comes up on a tiny crafting run (crafting in a process of its own, the dashboard attached
+//! to it), Space pauses it, the parameters popup changes the outer step size (logged, applied
+//! at the next step), Space resumes, the export menu writes a folder that passes `export
+//! --verify`, `v` trains victims on it, the leave dialog checkpoints and stops the run, and
+//! the terminal is handed back. An SSH drop (the tmux server killed) ends only the view: the
+//! run crafts on and `attach` brings the dashboard back. Skipped (with a message) where tmux is
+//! not installed; under CI that fails instead.
 
 mod common;
 
@@ -84,6 +87,22 @@ fn shown_step(screen: &str) -> Option<usize> {
     })
 }
 
+/// Kills the run crafting in `.0` (its status file names the process) when a test ends, so
+/// that a failed test leaves nothing crafting in the background.
+struct KillRun(std::path::PathBuf);
+
+impl Drop for KillRun {
+    fn drop(&mut self) {
+        if let Ok(Some(s)) = metapoison::engine::status::read(&self.0) {
+            if metapoison::engine::status::process_alive(s.pid) {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &s.pid.to_string()])
+                    .status();
+            }
+        }
+    }
+}
+
 impl Drop for Tmux {
     fn drop(&mut self) {
         let _ = Command::new("tmux")
@@ -143,6 +162,7 @@ fn dashboard_in_tmux_pauses_checkpoints_and_quits() {
         "[victim]\nepochs = 1\nbatch_size = 50\n",
         "; echo EXIT=$?; sleep 60",
     );
+    let _kill = KillRun(run_dir.clone());
     let s = tmux.wait_for_step(2, 120);
     assert!(
         s.contains("Shirt -> T-shirt/top") && (s.contains("no NVIDIA GPU") || s.contains("GPU0")),
@@ -195,12 +215,12 @@ fn dashboard_in_tmux_pauses_checkpoints_and_quits() {
     tmux.wait_for("flipped (control", 120);
     assert!(export.join("eval.json").exists());
     tmux.keys(&["q"]);
-    tmux.wait_for("checkpoint and quit", 10);
-    tmux.keys(&["Enter"]);
+    tmux.wait_for("checkpoint and stop the run", 10);
+    tmux.keys(&["c"]);
     let s = tmux.wait_for("EXIT=", 60);
     assert!(s.contains("EXIT=0"), "{s}");
     assert!(
-        s.contains("run folder:"),
+        s.contains("run folder:") && s.contains("(stopped at step"),
         "the terminal is back to normal text: {s}"
     );
     let saved = metapoison::craft::checkpoint::load(&run_dir).unwrap();
@@ -265,12 +285,99 @@ fn running(needle: &str) -> bool {
 }
 
 #[test]
-fn an_ssh_drop_checkpoints_and_the_process_exits() {
+fn an_ssh_drop_ends_only_the_view_and_attach_brings_the_dashboard_back() {
     if tmux_missing() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let (tmux, run_dir) = start_dashboard(tmp.path(), "drop", "", "", "");
+    let _kill = KillRun(run_dir.clone());
+    let before = shown_step(&tmux.wait_for_step(2, 120)).unwrap();
+    // The dashboard's own process (its arguments are NUL-separated in /proc); the run's
+    // process says `craft` instead.
+    let view = format!("tui\0--run-dir\0{}", run_dir.display());
+    assert!(
+        running(&view),
+        "the dashboard process is not visible in /proc"
+    );
+    let engine = metapoison::engine::status::read(&run_dir)
+        .unwrap()
+        .expect("the run's status")
+        .pid;
+    // The terminal disappears: the pane's processes get SIGHUP. The view ends...
+    tmux.run(&["kill-server"]);
+    let start = Instant::now();
+    while running(&view) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the dashboard is still running 60 s after its terminal went away"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // ...and the run crafts on.
+    let status = || metapoison::engine::status::read(&run_dir).unwrap().unwrap();
+    let start = Instant::now();
+    while status().step < before + 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the run stopped advancing after the SSH drop: {:?}",
+            status()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(metapoison::engine::status::process_alive(engine));
+    // `attach` in a new terminal shows the later steps and the history before the drop.
+    let later = status().step;
+    let tmux = Tmux {
+        socket: format!("metapoison-attach-{}", std::process::id()),
+    };
+    tmux.start(&format!(
+        "TERM=screen-256color {} --data-dir {} attach {}; echo EXIT=$?; sleep 60",
+        env!("CARGO_BIN_EXE_metapoison"),
+        tmp.path().display(),
+        run_dir.display()
+    ));
+    let s = tmux.wait_for_step(later, 60);
+    assert!(s.contains("adversarial loss"), "{s}");
+    // The loss chart starts at step 0: the history came with the view.
+    assert!(
+        s.lines().any(|l| l.contains("│     0 ")),
+        "the chart's axis does not start at step 0: {s}"
+    );
+    // Stopping it from outside ends the run with a checkpoint; the view closes by itself.
+    let stopped = Command::new(env!("CARGO_BIN_EXE_metapoison"))
+        .arg("--data-dir")
+        .arg(tmp.path())
+        .arg("stop")
+        .arg(&run_dir)
+        .output()
+        .unwrap();
+    assert!(stopped.status.success(), "{stopped:?}");
+    let s = tmux.wait_for("EXIT=", 60);
+    assert!(
+        s.contains("EXIT=0") && s.contains("(stopped at step"),
+        "{s}"
+    );
+    let saved = metapoison::craft::checkpoint::load(&run_dir).unwrap();
+    assert!(
+        saved.state.step >= later,
+        "checkpoint at step {}",
+        saved.state.step
+    );
+    assert!(
+        saved.state.events.iter().any(|e| e.kind == "signal"),
+        "{:?}",
+        saved.state.events
+    );
+}
+
+#[test]
+fn in_the_foreground_an_ssh_drop_checkpoints_and_the_process_exits() {
+    if tmux_missing() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (tmux, run_dir) = start_dashboard(tmp.path(), "fg-drop", "", "", " --foreground");
     tmux.wait_for_step(2, 120);
     let needle = run_dir.display().to_string();
     assert!(

@@ -262,7 +262,13 @@ fn craft_target(
     } else {
         (config.clone(), false)
     };
-    let handle = spawn_engine(config, run_dir.to_path_buf(), resume, stop.clone(), false)?;
+    let handle = spawn_engine(
+        config,
+        run_dir.to_path_buf(),
+        resume,
+        stop.clone(),
+        crate::app::Hosting::default(),
+    )?;
     let mut failure = None;
     for t in handle.telemetry.iter() {
         reporting.report(target, &t)?;

@@ -1,8 +1,11 @@
 //! The crafting thread. It owns libtorch and the job; the outside world talks to it only
 //! through [`Command`]s in and [`Telemetry`] out.
 
+pub mod client;
 pub mod protocol;
+pub mod server;
 pub mod status;
+pub mod wire;
 
 use crate::config::Config;
 use crate::craft::checkpoint;
@@ -33,6 +36,11 @@ pub struct EngineSetup {
     /// After the last step, keep serving export and evaluation commands until told to stop
     /// (or the controller goes away): what a dashboard wants. Headless runs end instead.
     pub linger: bool,
+    /// Accept viewers from other processes (`metapoison attach`) on a Unix socket.
+    pub serve: bool,
+    /// With `linger` and `serve`: also leave once no viewer has been attached for this long
+    /// (a detached run, which has no controller of its own).
+    pub linger_idle: Option<std::time::Duration>,
 }
 
 pub struct EngineHandle {
@@ -88,6 +96,8 @@ pub enum EngineError {
 pub struct Outbox {
     tx: Sender<Telemetry>,
     status: Arc<std::sync::Mutex<status::StatusTracker>>,
+    /// The socket viewers attach to, when the run serves them.
+    server: Option<Arc<server::Server>>,
 }
 
 impl Outbox {
@@ -95,6 +105,9 @@ impl Outbox {
     pub fn send(&self, t: Telemetry) -> bool {
         if let Ok(mut s) = self.status.lock() {
             s.observe(&t);
+        }
+        if let Some(server) = &self.server {
+            server.publish(&t);
         }
         self.tx.send(t).is_ok()
     }
@@ -110,11 +123,22 @@ impl Outbox {
 pub fn spawn(setup: EngineSetup) -> EngineHandle {
     let (cmd_tx, cmd_rx) = mpsc::channel();
     let (tel_tx, tel_rx) = mpsc::channel();
+    // Viewers are a convenience: a run that cannot serve them crafts on, and says why.
+    let server = setup.serve.then(|| {
+        let _ = std::fs::create_dir_all(&setup.run_dir);
+        server::Server::start(&setup.run_dir, cmd_tx.clone())
+            .map_err(|e| tracing::warn!("viewers cannot attach to this run: {e}"))
+            .ok()
+            .map(Arc::new)
+    });
+    let mut tracker = status::StatusTracker::new(&setup.run_dir);
+    if let Some(Some(s)) = &server {
+        tracker.set_socket(s.socket());
+    }
     let tel_tx = Outbox {
         tx: tel_tx,
-        status: Arc::new(std::sync::Mutex::new(status::StatusTracker::new(
-            &setup.run_dir,
-        ))),
+        status: Arc::new(std::sync::Mutex::new(tracker)),
+        server: server.flatten(),
     };
     let thread = std::thread::Builder::new()
         .name("crafting".into())
@@ -477,6 +501,18 @@ impl Session<'_> {
             if self.setup.stop.load(Ordering::SeqCst) {
                 self.event(EventKind::Signal, "termination signal: leaving".into());
                 return Ok(());
+            }
+            if let (Some(idle), Some(server)) = (self.setup.linger_idle, &self.out.server) {
+                if server.viewers().idle_for() >= idle {
+                    self.event(
+                        EventKind::Stop,
+                        format!(
+                            "finished, and no viewer attached for {} s: leaving",
+                            idle.as_secs()
+                        ),
+                    );
+                    return Ok(());
+                }
             }
             let cmd = match rx.recv_timeout(std::time::Duration::from_millis(200)) {
                 Ok(c) => c,

@@ -64,6 +64,9 @@ pub struct RunStatus {
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The Unix socket viewers attach to (`metapoison attach`), while the process lives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
 }
 
 /// A status file that cannot be read.
@@ -129,8 +132,14 @@ impl StatusTracker {
                 device: String::new(),
                 updated: now(),
                 message: None,
+                socket: None,
             },
         }
+    }
+
+    /// Where viewers attach.
+    pub fn set_socket(&mut self, socket: &Path) {
+        self.status.socket = Some(socket.to_path_buf());
     }
 
     /// Takes one message into account; writes the file when the status changed in a way an
@@ -179,8 +188,10 @@ impl StatusTracker {
         if self.status.state.active() {
             self.status.state = RunState::Stopped;
             self.status.eta_seconds = None;
-            self.write();
         }
+        // No viewer can attach any more (the socket goes with the engine).
+        self.status.socket = None;
+        self.write();
     }
 
     fn write(&mut self) {

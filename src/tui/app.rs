@@ -62,6 +62,12 @@ pub const EXPORT_PARTS: [(&str, &str); 4] = [
 ];
 
 pub const QUIT_CHOICES: [&str; 3] = ["checkpoint and quit", "quit without checkpoint", "cancel"];
+/// The quit dialog of a dashboard attached to a run in another process.
+pub const DETACH_CHOICES: [&str; 3] = [
+    "detach: crafting goes on",
+    "checkpoint and stop the run",
+    "cancel",
+];
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Popup {
@@ -210,6 +216,10 @@ pub struct App {
     /// The run crafts by gradient matching: the chart shows the matching loss and the outer
     /// rate is its step (a fraction of eps).
     pub matching: bool,
+    /// The dashboard views a run in another process (`attach`): quitting detaches.
+    pub attached: bool,
+    /// The user chose to detach: leave now, the run goes on.
+    pub detach: bool,
 }
 
 const EVENT_LINES: usize = 200;
@@ -251,6 +261,17 @@ impl App {
             checkpoint_steps: Vec::new(),
             victims: None,
             matching: false,
+            attached: false,
+            detach: false,
+        }
+    }
+
+    /// The quit dialog's choices.
+    pub fn quit_choices(&self) -> [&'static str; 3] {
+        if self.attached {
+            DETACH_CHOICES
+        } else {
+            QUIT_CHOICES
         }
     }
 
@@ -427,6 +448,12 @@ impl App {
                     KeyCode::Left => Some(Action::PrevPoison),
                     _ => None,
                 };
+                if self.attached && (ctrl_c || (finished && action == Some(Action::Quit))) {
+                    // Leaving a view never touches the run.
+                    self.quit = true;
+                    self.detach = true;
+                    return vec![];
+                }
                 if ctrl_c || action == Some(Action::Quit) {
                     if finished {
                         // Nothing left to checkpoint: let a lingering engine go, and leave.
@@ -566,6 +593,16 @@ impl App {
     fn on_quit_key(&mut self, key: KeyEvent, selected: usize, ctrl_c: bool) -> Vec<Command> {
         let choose = |app: &mut App, choice: usize| -> Vec<Command> {
             match choice {
+                0 if app.attached => {
+                    app.quit = true;
+                    app.detach = true;
+                    vec![]
+                }
+                1 if app.attached => {
+                    app.quit = true;
+                    app.log("checkpointing and stopping the run".into());
+                    vec![Command::Stop]
+                }
                 0 => {
                     app.quit = true;
                     app.log("checkpointing and quitting".into());
@@ -579,7 +616,11 @@ impl App {
             }
         };
         match key.code {
+            _ if ctrl_c && self.attached => choose(self, 0),
             _ if ctrl_c => choose(self, 1),
+            KeyCode::Char('d') if self.attached => choose(self, 0),
+            KeyCode::Char('c') if self.attached => choose(self, 1),
+            KeyCode::Char('q') if self.attached => choose(self, 0),
             KeyCode::Up | KeyCode::Left | KeyCode::Char('k') | KeyCode::BackTab => {
                 self.popup = Some(Popup::Quit {
                     selected: (selected + 2) % 3,
@@ -678,6 +719,9 @@ impl App {
         let k = |a: Action| self.keys.label(a);
         match &self.popup {
             Some(Popup::Help) => "any key: close help".into(),
+            Some(Popup::Quit { .. }) if self.attached => {
+                "arrows choose  Enter confirm  d/q detach  c checkpoint+stop  Esc/n cancel".into()
+            }
             Some(Popup::Quit { .. }) => {
                 "arrows choose  Enter confirm  c checkpoint+quit  q quit  Esc/n cancel".into()
             }
@@ -775,10 +819,17 @@ impl App {
             ),
             format!("{:<10} ASCII images on/off", k(Action::Ascii)),
             format!("{:<10} loss chart: linear / symlog", k(Action::LogScale)),
-            format!(
-                "{:<10} quit (asks: checkpoint and quit / quit / cancel)",
-                format!("{}, Ctrl-c", k(Action::Quit))
-            ),
+            if self.attached {
+                format!(
+                    "{:<10} leave (asks: detach / checkpoint and stop / cancel); Ctrl-c detaches",
+                    k(Action::Quit)
+                )
+            } else {
+                format!(
+                    "{:<10} quit (asks: checkpoint and quit / quit / cancel)",
+                    format!("{}, Ctrl-c", k(Action::Quit))
+                )
+            },
             format!("{:<10} this help; any key closes it", k(Action::Help)),
         ]
     }

@@ -1,6 +1,6 @@
 //! Drawing the dashboard from [`App`] state. Layout adapts from 80x24 upwards.
 
-use super::app::{App, Palette, Popup, EXPORT_PARTS, QUIT_CHOICES};
+use super::app::{App, Palette, Popup, EXPORT_PARTS};
 use super::image::{self, Pixels};
 use crate::engine::protocol::Phase;
 use crate::telemetry::{GpuSample, SystemSample};
@@ -612,8 +612,8 @@ fn draw_popup(frame: &mut Frame, app: &App, popup: &Popup, area: Rect) {
             (" export ", lines, 50, 9)
         }
         Popup::Quit { selected: s } => (
-            " quit? ",
-            QUIT_CHOICES
+            if app.attached { " leave? " } else { " quit? " },
+            app.quit_choices()
                 .iter()
                 .enumerate()
                 .map(|(i, c)| {

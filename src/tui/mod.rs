@@ -5,6 +5,7 @@ pub mod app;
 pub mod draw;
 pub mod image;
 
+use crate::engine::client::Attached;
 use crate::engine::protocol::{Command, Telemetry, PROTOCOL_VERSION};
 use crate::engine::{EngineHandle, EngineThread};
 use crate::telemetry::{spawn_sampler, SystemSample};
@@ -19,6 +20,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 /// Where the telemetry comes from.
 pub enum Source {
     Engine(EngineHandle),
+    /// A run in another process, over its socket (`metapoison attach`): quitting detaches.
+    Remote(Attached),
     /// Recorded JSON lines (the output of `craft`), played back a few lines per tick.
     Replay(Vec<Telemetry>),
 }
@@ -115,6 +118,7 @@ async fn run_loop(
     keys: app::Keymap,
 ) -> Option<EngineThread> {
     let mut app = App::with_keys(Palette::detect(), keys);
+    app.attached = matches!(source, Source::Remote(_));
     let (system_tx, mut system) = unbounded_channel::<SystemSample>();
     spawn_sampler(move |s| system_tx.send(s).is_ok(), Duration::from_secs(1));
     let (key_tx, mut key_events) = unbounded_channel::<Event>();
@@ -132,6 +136,14 @@ async fn run_loop(
             forward("telemetry-in", from_engine, telemetry_tx);
             (Some(commands), Some(thread), Vec::new().into_iter())
         }
+        Source::Remote(Attached {
+            commands,
+            telemetry: from_engine,
+            ..
+        }) => {
+            forward("telemetry-in", from_engine, telemetry_tx);
+            (Some(commands), None, Vec::new().into_iter())
+        }
         Source::Replay(records) => (None, None, records.into_iter()),
     };
     let send = |cmds: Vec<Command>, app: &mut App| {
@@ -144,7 +156,8 @@ async fn run_loop(
             }
         }
     };
-    let mut engine_gone = engine.is_none();
+    let remote = app.attached;
+    let mut engine_gone = engine.is_none() && !remote;
     // The terminal went away (draws fail, no more keys): ask the engine to checkpoint and stop,
     // and wait for it; nothing crafted is lost to an SSH drop.
     let mut terminal_gone = false;
@@ -182,9 +195,12 @@ async fn run_loop(
                 Some(Event::Resize(_, _)) => app.dirty = true,
                 Some(_) => {}
                 None => {
-                    // No more keys: the terminal is gone.
+                    // No more keys: the terminal is gone. A run in this process checkpoints
+                    // and stops; a run in its own process goes on without its viewer.
                     terminal_gone = true;
-                    send(vec![Command::Stop], &mut app);
+                    if !remote {
+                        send(vec![Command::Stop], &mut app);
+                    }
                 }
             },
             _ = size_check.tick() => {
@@ -198,7 +214,9 @@ async fn run_loop(
                 let _ = crossterm::execute!(std::io::stdout(), BeginSynchronizedUpdate);
                 if terminal.draw(|f| draw::draw(f, &app)).is_err() {
                     terminal_gone = true;
-                    send(vec![Command::Stop], &mut app);
+                    if !remote {
+                        send(vec![Command::Stop], &mut app);
+                    }
                 }
                 let _ = crossterm::execute!(std::io::stdout(), EndSynchronizedUpdate);
                 app.dirty = false;
@@ -209,6 +227,12 @@ async fn run_loop(
         // quit): nothing is left to show. A finished run stays on screen until q; a replay
         // until q or until its terminal goes away.
         let finished = matches!(app.phase, crate::engine::protocol::Phase::Done);
+        if remote && (app.detach || terminal_gone) {
+            return None;
+        }
+        if remote && engine_gone && (app.quit || !finished || app.signalled) {
+            return None;
+        }
         if engine_gone
             && (app.quit || terminal_gone || (engine.is_some() && (!finished || app.signalled)))
         {

@@ -42,6 +42,8 @@ pub fn craft_to_end(config: &Config, dir: &Path) {
         resume: false,
         stop: Arc::new(AtomicBool::new(false)),
         linger: false,
+        serve: false,
+        linger_idle: None,
     });
     for t in handle.telemetry.iter() {
         if let Telemetry::Phase(Phase::Failed { message }) = t {
