@@ -452,11 +452,12 @@ pub fn list_runs(root: &Path) -> Result<Vec<RunRow>> {
     Ok(rows)
 }
 
-/// The runs table: folder (relative to `root`), state, step, ETA, device and pid.
+/// The runs table: folder (relative to `root`), state, step, ETA, device, pid, and whether
+/// `attach` can open it now.
 pub fn runs_table(root: &Path, rows: &[RunRow]) -> String {
     let mut out = format!(
-        "{:<44} {:<12} {:>9} {:>8}  {:<28} {:>8}\n",
-        "RUN", "STATE", "STEP", "ETA", "DEVICE", "PID"
+        "{:<44} {:<12} {:>9} {:>8}  {:<28} {:>8}  {}\n",
+        "RUN", "STATE", "STEP", "ETA", "DEVICE", "PID", "ATTACH"
     );
     for r in rows {
         let name = r
@@ -469,6 +470,10 @@ pub fn runs_table(root: &Path, rows: &[RunRow]) -> String {
             ".".to_string()
         } else {
             name
+        };
+        let attach = match &r.status {
+            Some(s) if s.socket.is_some() && crate::engine::status::process_alive(s.pid) => "yes",
+            _ => "-",
         };
         let (step, eta, device, pid) = match &r.status {
             Some(s) => (
@@ -483,7 +488,7 @@ pub fn runs_table(root: &Path, rows: &[RunRow]) -> String {
             None => ("-".into(), "-".into(), "-".into(), "-".into()),
         };
         out.push_str(&format!(
-            "{name:<44} {:<12} {step:>9} {eta:>8}  {device:<28} {pid:>8}\n",
+            "{name:<44} {:<12} {step:>9} {eta:>8}  {device:<28} {pid:>8}  {attach}\n",
             r.state
         ));
     }

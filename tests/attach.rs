@@ -185,6 +185,13 @@ fn a_viewer_pauses_a_detached_run_a_second_resumes_it_and_both_get_its_history()
         .unwrap();
     assert!(seen.contains("\"type\":\"step\""), "{seen}");
     assert!(seen.contains("\"phase\":\"paused\""), "{seen}");
+    let listed = sandbox.bin().arg("runs").output().unwrap();
+    let row = text(&listed)
+        .lines()
+        .find(|l| l.starts_with("r1 "))
+        .map(String::from)
+        .unwrap_or_else(|| panic!("r1 not listed: {}", text(&listed)));
+    assert!(row.contains("paused") && row.ends_with("yes"), "{row}");
     std::thread::sleep(Duration::from_secs(2));
     let still = status(&run);
     assert_eq!(
@@ -238,6 +245,13 @@ fn a_viewer_pauses_a_detached_run_a_second_resumes_it_and_both_get_its_history()
     assert!(!socket.exists(), "the socket outlived its engine");
     let s = status(&run);
     assert_eq!((s.state, s.socket), (RunState::Stopped, None));
+    let listed = text(&sandbox.bin().arg("runs").output().unwrap());
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("r1 ") && l.ends_with(" -")),
+        "{listed}"
+    );
     // Attaching now says why not, in one line.
     let out = sandbox.bin().arg("attach").arg(&run).output().unwrap();
     assert!(!out.status.success());
