@@ -169,3 +169,37 @@ fn grouped_bench_steps_compute_the_same_meta_gradient_and_step_in_any_group_size
         assert!(diff < 1e-9, "{diff}");
     }
 }
+
+/// `bench --crafter-steps` runs the crafter as a run would (the engine's own preparation):
+/// the `auto` fields settled, the plan resolved, the surrogates pretrained, N steps taken.
+#[test]
+fn the_crafters_own_steps_are_timed_on_the_runs_setting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("tiny.toml");
+    std::fs::write(
+        &config,
+        "[data]\ntrain_limit = 300\n[threat]\nnpoison = 10\n[craft]\nsteps = 4\nunroll_steps = 1\nensemble_size = 2\nstagger = 1\nmeta_batch_fraction = 1.0\n[surrogate]\nbatch_size = 50\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_metapoison"))
+        .arg("--data-dir")
+        .arg(tmp.path())
+        .arg("--config")
+        .arg(&config)
+        .args(["bench", "--crafter-steps", "2"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert_eq!(report["kind"], "crafter_step");
+    assert_eq!(report["step_s"].as_array().unwrap().len(), 2);
+    // 10 poisons among 300 images in batches of 50: each of the 2 surrogates unrolls at
+    // every batch that holds a poison, at least 1 and at most 6 a surrogate.
+    for n in report["meta_batches"].as_array().unwrap() {
+        let n = n.as_u64().unwrap();
+        assert!((2..=12).contains(&n), "{n} meta batches");
+    }
+    assert!(stderr.contains("M 2 stagger 1, K 1"), "{stderr}");
+}

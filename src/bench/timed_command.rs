@@ -311,13 +311,17 @@ pub(super) fn run_crafter(
         bail!("--crafter-steps must be at least 1");
     }
     config.validate()?;
-    let mut config = config.clone();
-    config.settle(device.is_cuda());
-    let data = crate::data::load(&config.data)?;
-    let plan = crate::craft::plan::Plan::resolve(&config, &data)?;
-    // As the engine: surrogates side by side on the CPU share its cores.
-    let _intra_op = (!device.is_cuda())
-        .then(|| crate::craft::parallel::IntraOpThreads::share_among(plan.parallel_surrogates));
+    // The data as a run on this device loads it; then the engine's own preparation (settled
+    // config, plan, surrogate devices, the CPU's threads), so that this times what a run does.
+    let mut settled = config.clone();
+    settled.settle(device.is_cuda());
+    let data = crate::data::load(&settled.data)?;
+    let crate::engine::Prepared {
+        mut crafter,
+        config,
+        intra_op: _intra_op,
+    } = crate::engine::prepare(config, &data, device, tch::Kind::Float)?;
+    let plan = &crafter.plan;
     let summary = format!(
         "{} on {}, {} poisons, M {} stagger {}, K {}, {:?}",
         config.surrogate.net.name(),
@@ -329,8 +333,6 @@ pub(super) fn run_crafter(
         plan.recipe
     );
     eprintln!("bench: the crafter's own steps: {summary}");
-    let mut crafter =
-        crate::craft::crafter::Crafter::new(config, &data, plan, device, tch::Kind::Float);
     let started = std::time::Instant::now();
     crafter.pretrain(|_, _, _| true);
     synchronize(device);

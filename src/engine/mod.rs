@@ -576,26 +576,32 @@ impl Session<'_> {
     }
 }
 
-fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Outbox) -> Result<(), EngineError> {
-    std::fs::create_dir_all(&setup.run_dir)
-        .map_err(crate::base::fs::failed("create run folder", &setup.run_dir))?;
-    let _ = out.send(Telemetry::Phase(Phase::Preparing));
-    let loaded = if setup.resume {
-        Some(checkpoint::load(&setup.run_dir)?)
-    } else {
-        None
-    };
-    // On resume the caller passes the checkpoint's config (with any overrides, such as more
-    // steps), settled when the run began. A new run settles its `auto` fields for this device
-    // here, so the run folder records what ran (the caller loaded the data settled the same way).
-    let mut config = setup.config.clone();
-    let settled = config.settle(setup.device.is_cuda());
-    let mut plan = Plan::resolve(&config, &setup.data)?;
+/// A job ready to pretrain or restore: the config's `auto` fields settled for the device (the
+/// notes say how, in the plan), the plan resolved, surrogates placed on their devices
+/// (`run.surrogate_devices`), and on a CPU its threads shared among surrogates side by side
+/// for as long as `intra_op` is kept. What a run crafts with, and what `bench --crafter-steps`
+/// times.
+pub struct Prepared {
+    pub crafter: Crafter,
+    /// The settled config.
+    pub config: Config,
+    pub intra_op: Option<parallel::IntraOpThreads>,
+}
+
+pub fn prepare(
+    config: &Config,
+    data: &Dataset,
+    device: Device,
+    kind: Kind,
+) -> Result<Prepared, EngineError> {
+    let mut config = config.clone();
+    let settled = config.settle(device.is_cuda());
+    let mut plan = Plan::resolve(&config, data)?;
     plan.notes = settled;
     for note in &plan.notes {
         tracing::info!("{note}");
     }
-    let mut crafter = Crafter::new(config.clone(), &setup.data, plan, setup.device, setup.kind);
+    let mut crafter = Crafter::new(config.clone(), data, plan, device, kind);
     if !config.run.surrogate_devices.is_empty() {
         let devices = config
             .run
@@ -610,9 +616,33 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Outbox) -> Result<(), En
         crafter.spread_over(&devices);
     }
     // Several surrogates at once on the CPU: each worker gets its share of the cores for the
-    // whole job (parallel.rs says why not per worker); put back before the linger phase.
-    let intra_op = (!setup.device.is_cuda())
+    // whole job (parallel.rs says why not per worker).
+    let intra_op = (!device.is_cuda())
         .then(|| parallel::IntraOpThreads::share_among(crafter.plan.parallel_surrogates));
+    Ok(Prepared {
+        crafter,
+        config,
+        intra_op,
+    })
+}
+
+fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Outbox) -> Result<(), EngineError> {
+    std::fs::create_dir_all(&setup.run_dir)
+        .map_err(crate::base::fs::failed("create run folder", &setup.run_dir))?;
+    let _ = out.send(Telemetry::Phase(Phase::Preparing));
+    let loaded = if setup.resume {
+        Some(checkpoint::load(&setup.run_dir)?)
+    } else {
+        None
+    };
+    // On resume the caller passes the checkpoint's config (with any overrides, such as more
+    // steps), settled when the run began. A new run settles its `auto` fields for this device
+    // here, so the run folder records what ran (the caller loaded the data settled the same way).
+    let Prepared {
+        mut crafter,
+        config,
+        intra_op,
+    } = prepare(&setup.config, &setup.data, setup.device, setup.kind)?;
     let resumed_at = match &loaded {
         Some(l) => {
             l.restore_into(&mut crafter)?;
