@@ -57,9 +57,15 @@ pub fn spawn_engine(
     resume: bool,
     stop: Arc<AtomicBool>,
     hosting: Hosting,
+    ranks: crate::ranks::Ranks,
 ) -> Result<engine::EngineHandle> {
     config.validate()?;
-    let device = resolve_device(&config)?;
+    let mut device = resolve_device(&config)?;
+    if let (true, tch::Device::Cuda(_)) = (ranks.several(), device) {
+        // Each rank of a machine takes its own GPU (round robin when there are fewer).
+        let count = tch::Cuda::device_count().max(1) as usize;
+        device = tch::Device::Cuda(crate::ranks::local_rank() % count);
+    }
     // The engine settles the config's `auto` fields itself (and reports them); the data it
     // crafts on must be loaded with the same choices.
     let mut settled = config.clone();
@@ -77,6 +83,7 @@ pub fn spawn_engine(
         linger: hosting.linger,
         serve: hosting.serve,
         linger_idle: hosting.linger_idle,
+        ranks,
     }))
 }
 

@@ -466,6 +466,7 @@ fn start_engine(
     paths: &Paths,
     args: RunArgs,
     hosting: crate::app::Hosting,
+    ranks: crate::ranks::Ranks,
 ) -> Result<(engine::EngineHandle, PathBuf)> {
     let RunArgs {
         resume,
@@ -496,7 +497,7 @@ fn start_engine(
     }
     let stop = Arc::new(AtomicBool::new(false));
     watch_signals(&stop)?;
-    let handle = spawn_engine(config, run_dir.clone(), resuming, stop, hosting)?;
+    let handle = spawn_engine(config, run_dir.clone(), resuming, stop, hosting, ranks)?;
     Ok((handle, run_dir))
 }
 
@@ -519,6 +520,7 @@ fn detach_craft(
     args: RunArgs,
     linger_idle: u64,
 ) -> Result<PathBuf> {
+    refuse_ranks("craft --detach")?;
     use std::os::unix::process::CommandExt;
     let run_dir = match (&args.resume, &args.run_dir) {
         (Some(dir), _) => dir.clone(),
@@ -609,10 +611,26 @@ fn craft(config_path: Option<&Path>, paths: &Paths, args: RunArgs, linger_idle: 
         serve: true,
         linger_idle: Some(std::time::Duration::from_secs(linger_idle)),
     };
-    let (handle, run_dir) = start_engine(config_path, paths, args, hosting)?;
-    let progress = std::io::stderr().is_terminal();
+    // Under mpirun or srun: this process is one rank of the job (MPI stays up until the
+    // guard drops, after the engine has ended).
+    let (ranks, _mpi) = crate::ranks::start()?;
+    if ranks.several() && args.run_dir.is_none() && args.resume.is_none() {
+        bail!(
+            "under mpirun every rank must craft into the same folder: give --run-dir (or --resume)"
+        );
+    }
+    let root = ranks.is_root();
+    let (handle, run_dir) = start_engine(config_path, paths, args, hosting, ranks)?;
+    // Only rank 0 speaks: the others' output would repeat it.
+    let progress = root && std::io::stderr().is_terminal();
     let mut stdout = std::io::stdout().lock();
     for t in handle.telemetry.iter() {
+        if !root {
+            if let Telemetry::Phase(Phase::Failed { .. }) = t {
+                break;
+            }
+            continue;
+        }
         if matches!(t, Telemetry::PretrainProgress { .. }) && !progress {
             // Per-epoch pretraining progress is only for the terminal line.
         } else if !matches!(t, Telemetry::Preview(_)) {
@@ -631,7 +649,17 @@ fn craft(config_path: Option<&Path>, paths: &Paths, args: RunArgs, linger_idle: 
     }
     handle.join()?;
     // stderr may be a terminal that went away (SSH drop): never panic on it.
-    let _ = writeln!(std::io::stderr(), "run folder: {}", run_dir.display());
+    if root {
+        let _ = writeln!(std::io::stderr(), "run folder: {}", run_dir.display());
+    }
+    Ok(())
+}
+
+/// Commands that run one process refuse to be started as MPI ranks.
+fn refuse_ranks(what: &str) -> Result<()> {
+    if let Some(n) = crate::ranks::launched_size().filter(|&n| n > 1) {
+        bail!("{what} does not run as MPI ranks (started as one of {n}): under mpirun use `metapoison craft --run-dir D`, and run mpirun itself in the background (nohup, tmux) to detach");
+    }
     Ok(())
 }
 
@@ -786,6 +814,9 @@ fn tui(
     foreground: bool,
 ) -> Result<()> {
     let terminal = std::io::stdout().is_terminal() && std::io::stdin().is_terminal();
+    if replay.is_none() && terminal {
+        refuse_ranks("the dashboard")?;
+    }
     let keys = load_keys(config_path, paths)?;
     if let Some(file) = replay {
         if !terminal {
@@ -818,7 +849,13 @@ fn tui(
         serve: true,
         linger_idle: None,
     };
-    let (handle, run_dir) = start_engine(config_path, paths, run, hosting)?;
+    let (handle, run_dir) = start_engine(
+        config_path,
+        paths,
+        run,
+        hosting,
+        crate::ranks::Ranks::solo(),
+    )?;
     crate::tui::run(crate::tui::Source::Engine(handle), keys)?;
     // stderr may be a terminal that went away (SSH drop): never panic on it.
     let _ = writeln!(std::io::stderr(), "run folder: {}", run_dir.display());

@@ -15,6 +15,7 @@ pub mod export;
 pub mod failure;
 pub mod model;
 pub mod paths;
+pub mod ranks;
 pub mod telemetry;
 pub mod tui;
 pub mod victim;

@@ -57,6 +57,7 @@ fn run(
         linger: false,
         serve: false,
         linger_idle: None,
+        ranks: metapoison::ranks::Ranks::solo(),
     });
     let mut reports = Vec::new();
     for t in handle.telemetry.iter() {
@@ -342,6 +343,7 @@ fn bad_target_id_fails_with_a_clear_message() {
         linger: false,
         serve: false,
         linger_idle: None,
+        ranks: metapoison::ranks::Ranks::solo(),
     });
     let failed: Vec<String> = handle
         .telemetry
@@ -406,6 +408,7 @@ fn spawn_lingering(dir: &Path) -> metapoison::engine::EngineHandle {
         linger: true,
         serve: false,
         linger_idle: None,
+        ranks: metapoison::ranks::Ranks::solo(),
     })
 }
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 /// Lowest first. A module may use the modules of earlier rows only.
 const LAYERS: &[&[&str]] = &[
-    &["device", "digest", "failure", "paths", "telemetry"],
+    &["device", "digest", "failure", "paths", "ranks", "telemetry"],
     &["base"],
     &["config"],
     &["data"],

@@ -320,7 +320,13 @@ pub(super) fn run_crafter(
         mut crafter,
         config,
         intra_op: _intra_op,
-    } = crate::engine::prepare(config, &data, device, tch::Kind::Float)?;
+    } = crate::engine::prepare(
+        config,
+        &data,
+        device,
+        tch::Kind::Float,
+        &crate::ranks::Ranks::solo(),
+    )?;
     let plan = &crafter.plan;
     let summary = format!(
         "{} on {}, {} poisons, M {} stagger {}, K {}, {:?}",

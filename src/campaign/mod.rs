@@ -268,6 +268,7 @@ fn craft_target(
         resume,
         stop.clone(),
         crate::app::Hosting::default(),
+        crate::ranks::Ranks::solo(),
     )?;
     let mut failure = None;
     for t in handle.telemetry.iter() {

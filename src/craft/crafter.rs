@@ -101,6 +101,9 @@ pub struct Crafter {
     placement: Vec<usize>,
     /// Gradient matching's own state (empty for MetaPoison).
     pub matching: MatchingState,
+    /// The job's processes (one, or MPI ranks): this one trains and unrolls only the
+    /// surrogates it owns, and the ranks sum their meta-gradients.
+    ranks: crate::ranks::Ranks,
 }
 
 /// What one recipe's step leaves for the step report.
@@ -216,6 +219,7 @@ impl Crafter {
             step_seconds: Vec::new(),
             group_size: plan_ensemble,
             matching: MatchingState::default(),
+            ranks: crate::ranks::Ranks::solo(),
             net,
             device,
             kind,
@@ -394,10 +398,12 @@ impl Crafter {
         if self.plan.grouped_surrogates {
             return self.pretrain_grouped(progress);
         }
-        for wave in super::parallel::waves(mm, self.plan.parallel_surrogates) {
-            let longest = wave.clone().map(epochs).max().unwrap_or(0);
+        let owned = self.owned();
+        for wave in super::parallel::waves(owned.len(), self.plan.parallel_surrogates) {
+            let wave: Vec<usize> = wave.map(|i| owned[i]).collect();
+            let longest = wave.iter().map(|&m| epochs(m)).max().unwrap_or(0);
             for e in 0..longest {
-                let busy: Vec<usize> = wave.clone().filter(|&m| e < epochs(m)).collect();
+                let busy: Vec<usize> = wave.iter().copied().filter(|&m| e < epochs(m)).collect();
                 let jobs = busy
                     .iter()
                     .map(|&m| self.clean_epoch_job(m, e, 0))
@@ -416,6 +422,104 @@ impl Crafter {
             }
         }
         true
+    }
+
+    /// The surrogates this process trains and unrolls (all of them in a one-process job).
+    fn owned(&self) -> Vec<usize> {
+        (0..self.plan.ensemble_size)
+            .filter(|&m| self.ranks.owns(m))
+            .collect()
+    }
+
+    /// Shares the job with the other ranks of an MPI job: from now on this process trains
+    /// and unrolls only its own surrogates (grouped surrogates and gradient matching are
+    /// for one process; `engine::prepare` checks).
+    pub fn share_with(&mut self, ranks: crate::ranks::Ranks) {
+        self.ranks = ranks;
+    }
+
+    pub fn ranks(&self) -> &crate::ranks::Ranks {
+        &self.ranks
+    }
+
+    /// `t` summed over the ranks (itself in a one-process job).
+    fn sum_over_ranks(&self, t: Tensor) -> Tensor {
+        if !self.ranks.several() {
+            return t;
+        }
+        let (kind, device, shape) = (t.kind(), t.device(), t.size());
+        let flat = t.to_device(Device::Cpu).flatten(0, -1);
+        let summed = if kind == Kind::Float {
+            let mut v = Vec::<f32>::try_from(&flat).unwrap_or_default();
+            self.ranks.sum_f32(&mut v);
+            Tensor::from_slice(&v)
+        } else {
+            let mut v = Vec::<f64>::try_from(flat.to_kind(Kind::Double)).unwrap_or_default();
+            self.ranks.sum_f64(&mut v);
+            Tensor::from_slice(&v).to_kind(kind)
+        };
+        summed.reshape(&shape).to_device(device)
+    }
+
+    /// Brings every rank's surrogates to rank 0, which writes checkpoints (a collective call:
+    /// every rank makes it at the same step boundary). Nothing to do in a one-process job.
+    pub fn gather_surrogates(&mut self) {
+        if !self.ranks.several() {
+            return;
+        }
+        let mut mine = Vec::new();
+        for m in self.owned() {
+            mine.extend_from_slice(&(m as u64).to_le_bytes());
+            for t in self.surrogate_tensors(m) {
+                let bytes = tensor_bytes(&t);
+                mine.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+                mine.extend_from_slice(&bytes);
+            }
+        }
+        let all = self.ranks.gather_bytes(mine);
+        for (rank, payload) in all.into_iter().enumerate().skip(1) {
+            let mut at = 0;
+            let read_u64 = |at: &mut usize| -> u64 {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&payload[*at..*at + 8]);
+                *at += 8;
+                u64::from_le_bytes(b)
+            };
+            while at < payload.len() {
+                let m = read_u64(&mut at) as usize;
+                assert!(
+                    self.ranks.size() > 1 && m % self.ranks.size() == rank,
+                    "rank {rank} sent surrogate {m}, which is not its own"
+                );
+                let device = self.surrogate_device(m);
+                let s = &mut self.surrogates[m];
+                let slots = s
+                    .weights
+                    .iter_mut()
+                    .chain(s.buffers.iter_mut())
+                    .chain(s.velocity.iter_mut());
+                for slot in slots {
+                    let n = read_u64(&mut at) as usize;
+                    let data = &payload[at..at + n];
+                    at += n;
+                    let grad = slot.requires_grad();
+                    let t =
+                        Tensor::from_data_size(data, &slot.size(), slot.kind()).to_device(device);
+                    *slot = if grad { t.set_requires_grad(true) } else { t };
+                }
+            }
+        }
+    }
+
+    /// Surrogate m's tensors in checkpoint order: weights, buffers, velocity.
+    fn surrogate_tensors(&self, m: usize) -> Vec<Tensor> {
+        let s = &self.surrogates[m];
+        s.weights
+            .iter()
+            .chain(&s.buffers)
+            .chain(&s.velocity)
+            .map(|t| t.detach())
+            .collect()
     }
 
     /// Gradient matching's surrogates: each trained from scratch on the clean split with
@@ -621,6 +725,9 @@ impl Crafter {
         let mut sum: Option<Tensor> = None;
         let mut fooled = Tensor::zeros([self.targets.size()[0]], (Kind::Double, self.device));
         for (m, s) in self.surrogates.iter().enumerate() {
+            if !self.ranks.owns(m) {
+                continue;
+            }
             let (_, _, targets, _) = self.data_of(m);
             let logits = self
                 .net
@@ -637,7 +744,9 @@ impl Crafter {
             });
         }
         let m = self.surrogates.len() as f64;
-        let probs = (sum.expect("at least one surrogate") / m).to_device(Device::Cpu);
+        let sum = self.sum_over_ranks(sum.expect("at least one surrogate"));
+        let fooled = self.sum_over_ranks(fooled);
+        let probs = (sum / m).to_device(Device::Cpu);
         let rows: Vec<Vec<f64>> = (0..probs.size()[0])
             .map(|i| Vec::<f64>::try_from(probs.get(i)).unwrap_or_default())
             .collect();
@@ -760,7 +869,7 @@ impl Crafter {
         // Surrogates change in place during the step; a cancelled step puts them back, so the
         // job always sits at a step boundary (where checkpoints are taken).
         let snapshot: Vec<State> = self.surrogates.iter().map(State::deep_clone).collect();
-        let waves = if self.plan.grouped_surrogates {
+        if self.plan.grouped_surrogates {
             // The surrogates of each device as one grouped network, in lockstep through their
             // epochs, the devices side by side; if a GPU runs out of memory, the step starts
             // again with half as many in a group.
@@ -819,27 +928,59 @@ impl Crafter {
                 meta_batches += n;
                 adv_per.push((a, n));
             }
-            super::parallel::waves(0, 1)
+        }
+        let owned = if self.plan.grouped_surrogates {
+            Vec::new()
         } else {
-            super::parallel::waves(mm, self.plan.parallel_surrogates)
+            self.owned()
         };
-        for wave in waves {
+        // Each rank's own surrogates' losses and meta batch counts, by surrogate (summed over
+        // the ranks below, where the others' are zeros).
+        let mut loss_by_m = vec![0.0; mm];
+        let mut batches_by_m = vec![0.0; mm];
+        for wave in super::parallel::waves(owned.len(), self.plan.parallel_surrogates) {
             if cancelled() {
                 self.surrogates = snapshot.into_iter().map(State::trainable).collect();
                 return None;
             }
-            let mut jobs = Vec::with_capacity(wave.len());
-            for m in wave {
+            let members: Vec<usize> = wave.map(|i| owned[i]).collect();
+            let mut jobs = Vec::with_capacity(members.len());
+            for &m in &members {
                 epochs.push(self.start_epoch(m, step));
                 jobs.push(self.epoch_job(m, step, &inputs));
             }
             // Summed in surrogate order whatever thread finished first.
-            for (gd, go, adv, n) in super::parallel::map(jobs, EpochJob::run) {
+            for (&m, (gd, go, adv, n)) in members
+                .iter()
+                .zip(super::parallel::map(jobs, EpochJob::run))
+            {
                 g_delta += gd.to_device(main);
                 g_offsets += go.to_device(main);
-                adv_per.push((adv, n));
+                if self.ranks.several() {
+                    loss_by_m[m] = adv.double_value(&[]);
+                    batches_by_m[m] = n as f64;
+                } else {
+                    adv_per.push((adv, n));
+                }
                 meta_batches += n;
             }
+        }
+        if self.ranks.several() {
+            g_delta = self.sum_over_ranks(g_delta);
+            g_offsets = self.sum_over_ranks(g_offsets);
+            let mut numbers = [loss_by_m, batches_by_m].concat();
+            self.ranks.sum_f64(&mut numbers);
+            let (losses, batches) = numbers.split_at(mm);
+            adv_per = losses
+                .iter()
+                .zip(batches)
+                .map(|(&a, &n)| (Tensor::from(a), n as usize))
+                .collect();
+            meta_batches = batches.iter().map(|&n| n as usize).sum();
+            let stagger = self.plan.stagger;
+            epochs = (0..mm)
+                .map(|m| schedule::surrogate_epoch(m, step, mm, stagger))
+                .collect();
         }
         let g_delta = g_delta / mm as f64;
         let g_offsets = g_offsets / mm as f64;
@@ -924,4 +1065,13 @@ impl Crafter {
     pub fn finished(&self) -> bool {
         self.step >= self.config.craft.steps()
     }
+}
+
+/// A tensor's values as bytes (on the CPU, contiguous, its own dtype).
+fn tensor_bytes(t: &Tensor) -> Vec<u8> {
+    let t = t.to_device(Device::Cpu).contiguous();
+    let n = t.numel() * t.kind().elt_size_in_bytes();
+    let mut out = vec![0u8; n];
+    t.copy_data_u8(&mut out, t.numel());
+    out
 }

@@ -41,6 +41,8 @@ pub struct EngineSetup {
     /// With `linger` and `serve`: also leave once no viewer has been attached for this long
     /// (a detached run, which has no controller of its own).
     pub linger_idle: Option<std::time::Duration>,
+    /// The job's processes: one, or the ranks of an MPI job (rank 0 writes the run folder).
+    pub ranks: crate::ranks::Ranks,
 }
 
 pub struct EngineHandle {
@@ -88,6 +90,8 @@ pub enum EngineError {
     Libtorch(String),
     #[error("the crafting thread panicked (see the log file)")]
     Panicked,
+    #[error("{0}")]
+    Ranks(String),
 }
 
 /// The engine's side of the telemetry channel: every message also updates the run's
@@ -95,7 +99,8 @@ pub enum EngineError {
 #[derive(Clone)]
 pub struct Outbox {
     tx: Sender<Telemetry>,
-    status: Arc<std::sync::Mutex<status::StatusTracker>>,
+    /// None on the ranks of an MPI job but rank 0, which alone writes the run folder.
+    status: Option<Arc<std::sync::Mutex<status::StatusTracker>>>,
     /// The socket viewers attach to, when the run serves them.
     server: Option<Arc<server::Server>>,
 }
@@ -103,7 +108,7 @@ pub struct Outbox {
 impl Outbox {
     /// Whether a controller was still there to receive it.
     pub fn send(&self, t: Telemetry) -> bool {
-        if let Ok(mut s) = self.status.lock() {
+        if let Some(Ok(mut s)) = self.status.as_ref().map(|s| s.lock()) {
             s.observe(&t);
         }
         if let Some(server) = &self.server {
@@ -114,7 +119,7 @@ impl Outbox {
 
     /// The engine returned: a run still marked as working stopped early.
     fn closed(&self) {
-        if let Ok(mut s) = self.status.lock() {
+        if let Some(Ok(mut s)) = self.status.as_ref().map(|s| s.lock()) {
             s.closed();
         }
     }
@@ -124,7 +129,8 @@ pub fn spawn(setup: EngineSetup) -> EngineHandle {
     let (cmd_tx, cmd_rx) = mpsc::channel();
     let (tel_tx, tel_rx) = mpsc::channel();
     // Viewers are a convenience: a run that cannot serve them crafts on, and says why.
-    let server = setup.serve.then(|| {
+    let root = setup.ranks.is_root();
+    let server = (setup.serve && root).then(|| {
         let _ = std::fs::create_dir_all(&setup.run_dir);
         server::Server::start(&setup.run_dir, cmd_tx.clone())
             .map_err(|e| tracing::warn!("viewers cannot attach to this run: {e}"))
@@ -137,7 +143,7 @@ pub fn spawn(setup: EngineSetup) -> EngineHandle {
     }
     let tel_tx = Outbox {
         tx: tel_tx,
-        status: Arc::new(std::sync::Mutex::new(tracker)),
+        status: root.then(|| Arc::new(std::sync::Mutex::new(tracker))),
         server: server.flatten(),
     };
     let thread = std::thread::Builder::new()
@@ -179,6 +185,17 @@ struct Session<'a> {
     latest_export: Option<PathBuf>,
     /// Set while a victim evaluation runs on its own thread.
     evaluating: Arc<AtomicBool>,
+    /// Several ranks: a checkpoint asked for between steps, taken by all ranks together at
+    /// the step boundary.
+    checkpoint_due: bool,
+}
+
+/// What rank 0 tells the other ranks of an MPI job at each step boundary.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Boundary {
+    go_on: bool,
+    checkpoint: bool,
+    live: LiveSettings,
 }
 
 impl Session<'_> {
@@ -218,7 +235,24 @@ impl Session<'_> {
         }
     }
 
+    /// A checkpoint asked for between steps (a command, a signal): at once in a one-process
+    /// job; with several ranks at the step boundary, where all of them take part.
     fn checkpoint(&mut self) -> Result<(), EngineError> {
+        if self.crafter.ranks().several() {
+            self.checkpoint_due = true;
+            return Ok(());
+        }
+        self.checkpoint_now()
+    }
+
+    /// A checkpoint every rank takes at the same point (a collective call with several
+    /// ranks: rank 0 gathers the others' surrogates and writes it).
+    fn checkpoint_now(&mut self) -> Result<(), EngineError> {
+        self.checkpoint_due = false;
+        self.crafter.gather_surrogates();
+        if !self.crafter.ranks().is_root() {
+            return Ok(());
+        }
         let path = checkpoint::save(&self.crafter, &self.setup.run_dir)?;
         checkpoint::save_poison_snapshot(&self.crafter, &self.setup.run_dir)?;
         tracing::info!(
@@ -339,6 +373,14 @@ impl Session<'_> {
                 Err(e) => self.event(EventKind::Rejected, format!("{e}: refused")),
             },
             Command::Preview { slot } => self.preview(slot),
+            Command::ExportNow { .. } | Command::Evaluate { .. }
+                if self.crafter.ranks().several() =>
+            {
+                self.event(
+                    EventKind::Rejected,
+                    "exports and victims are not taken across MPI ranks yet: stop the run (or let it finish) and use `metapoison export` and `eval`: refused".into(),
+                );
+            }
             Command::ExportNow { formats, step, out } => {
                 self.export(&formats, step, out.map(PathBuf::from))?;
             }
@@ -494,6 +536,40 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// With several ranks: rank 0's decision at this step boundary (`go_on`, a checkpoint
+    /// asked for, the live settings) reaches every rank, and a termination signal on any rank
+    /// stops them all with one checkpoint. Returns whether to go on. One process: `go_on`.
+    fn boundary(&mut self, go_on: bool) -> Result<bool, EngineError> {
+        let ranks = self.crafter.ranks().clone();
+        if !ranks.several() {
+            return Ok(go_on);
+        }
+        let mut message = Vec::new();
+        if ranks.is_root() {
+            message = serde_json::to_vec(&Boundary {
+                go_on,
+                checkpoint: self.checkpoint_due,
+                live: self.crafter.live.clone(),
+            })
+            .unwrap_or_default();
+        }
+        ranks.broadcast_bytes(&mut message);
+        let decided: Boundary = serde_json::from_slice(&message)
+            .map_err(|e| EngineError::Ranks(format!("rank 0's step boundary message: {e}")))?;
+        self.crafter.live = decided.live;
+        let signalled = ranks.any(self.setup.stop.load(Ordering::SeqCst));
+        if signalled && ranks.is_root() && !self.setup.stop.load(Ordering::SeqCst) {
+            self.event(
+                EventKind::Signal,
+                "termination signal on another rank: checkpointing".into(),
+            );
+        }
+        if decided.checkpoint || signalled {
+            self.checkpoint_now()?;
+        }
+        Ok(decided.go_on && !signalled)
+    }
+
     /// After the last step (with `linger`): serve exports, evaluations and previews until a
     /// stop, an abort or the controller's departure.
     fn serve_finished(&mut self, rx: &Receiver<Command>) -> Result<(), EngineError> {
@@ -593,15 +669,51 @@ pub fn prepare(
     data: &Dataset,
     device: Device,
     kind: Kind,
+    ranks: &crate::ranks::Ranks,
 ) -> Result<Prepared, EngineError> {
     let mut config = config.clone();
     let settled = config.settle(device.is_cuda());
     let mut plan = Plan::resolve(&config, data)?;
     plan.notes = settled;
+    if ranks.several() {
+        if plan.recipe == crate::config::CraftRecipe::GradientMatching {
+            return Err(EngineError::Ranks(
+                "gradient matching runs in one process for now: start it without mpirun".into(),
+            ));
+        }
+        if !config.run.surrogate_devices.is_empty() {
+            return Err(EngineError::Ranks(
+                "run.surrogate_devices and MPI ranks both place surrogates: leave run.surrogate_devices empty (each rank uses its own device)".into(),
+            ));
+        }
+        if plan.ensemble_size < ranks.size() {
+            return Err(EngineError::Ranks(format!(
+                "{} ranks for {} surrogates: every rank needs one; use at most {} ranks or a larger craft.ensemble_size",
+                ranks.size(),
+                plan.ensemble_size,
+                plan.ensemble_size
+            )));
+        }
+        if plan.grouped_surrogates {
+            plan.grouped_surrogates = false;
+            plan.notes.push(
+                "craft.grouped_surrogates: off across MPI ranks (each rank steps its surrogates one by one)".into(),
+            );
+        }
+        plan.notes.push(format!(
+            "MPI: {} ranks; this is rank {}, owning surrogates {}, {} + {}, ...",
+            ranks.size(),
+            ranks.rank(),
+            ranks.rank(),
+            ranks.rank(),
+            ranks.size()
+        ));
+    }
     for note in &plan.notes {
         tracing::info!("{note}");
     }
     let mut crafter = Crafter::new(config.clone(), data, plan, device, kind);
+    crafter.share_with(ranks.clone());
     if !config.run.surrogate_devices.is_empty() {
         let devices = config
             .run
@@ -642,7 +754,13 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Outbox) -> Result<(), En
         mut crafter,
         config,
         intra_op,
-    } = prepare(&setup.config, &setup.data, setup.device, setup.kind)?;
+    } = prepare(
+        &setup.config,
+        &setup.data,
+        setup.device,
+        setup.kind,
+        &setup.ranks,
+    )?;
     let resumed_at = match &loaded {
         Some(l) => {
             l.restore_into(&mut crafter)?;
@@ -699,6 +817,7 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Outbox) -> Result<(), En
         paused: false,
         latest_export: None,
         evaluating: Arc::new(AtomicBool::new(false)),
+        checkpoint_due: false,
     };
     for note in session.crafter.plan.notes.clone() {
         session.send(Telemetry::Event(Event::new(
@@ -707,9 +826,13 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Outbox) -> Result<(), En
             note,
         )));
     }
+    let several = setup.ranks.several();
     if resumed_at.is_none() {
-        let path = setup.run_dir.join("config.toml");
-        std::fs::write(&path, config.to_toml()).map_err(crate::base::fs::failed("write", &path))?;
+        if setup.ranks.is_root() {
+            let path = setup.run_dir.join("config.toml");
+            std::fs::write(&path, config.to_toml())
+                .map_err(crate::base::fs::failed("write", &path))?;
+        }
         let m = session.crafter.plan.ensemble_size;
         let stop = setup.stop.clone();
         let tx = out.clone();
@@ -727,7 +850,9 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Outbox) -> Result<(), En
                 epoch,
                 epochs,
             });
-            !stop.load(Ordering::SeqCst)
+            // With several ranks a signal waits for the first step boundary, where all of
+            // them stop together: one alone leaving would leave the others waiting.
+            several || !stop.load(Ordering::SeqCst)
         });
         if !completed {
             session.event(
@@ -737,7 +862,7 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Outbox) -> Result<(), En
             return Ok(());
         }
         session.crafter.pretrain_seconds = started.elapsed().as_secs_f64();
-        session.checkpoint()?;
+        session.checkpoint_now()?;
     } else {
         session.event(
             EventKind::Resume,
@@ -747,11 +872,22 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Outbox) -> Result<(), En
     session.send(Telemetry::Phase(Phase::Crafting));
     let every = config.run.checkpoint_every;
     while !session.crafter.finished() {
-        if !session.handle_commands(&rx)? {
+        // Rank 0 takes the commands (the others have no controller); all ranks then agree.
+        let go_on = if setup.ranks.is_root() {
+            session.handle_commands(&rx)?
+        } else {
+            true
+        };
+        if !session.boundary(go_on)? {
             return Ok(());
         }
         let stop = setup.stop.clone();
-        let Some(report) = session.crafter.craft_step(&|| stop.load(Ordering::SeqCst)) else {
+        // With several ranks a step is never cut short (the others would wait for this
+        // rank's share): a signal takes effect at the next boundary.
+        let Some(report) = session
+            .crafter
+            .craft_step(&|| !several && stop.load(Ordering::SeqCst))
+        else {
             continue; // cancelled: handle_commands checkpoints and stops
         };
         tracing::info!(
@@ -765,17 +901,17 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Outbox) -> Result<(), En
         session.send(Telemetry::Step(report));
         session.flush_events();
         if session.crafter.nonfinite_in_row >= config.run.max_nonfinite_steps {
-            session.checkpoint()?;
+            session.checkpoint_now()?;
             return Err(EngineError::NonFinite {
                 steps: session.crafter.nonfinite_in_row,
                 run_dir: setup.run_dir.clone(),
             });
         }
         if every > 0 && session.crafter.step % every == 0 && !session.crafter.finished() {
-            session.checkpoint()?;
+            session.checkpoint_now()?;
         }
     }
-    session.checkpoint()?;
+    session.checkpoint_now()?;
     drop(intra_op);
     session.send(Telemetry::Phase(Phase::Done));
     session.send(Telemetry::Finished {

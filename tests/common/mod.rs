@@ -44,6 +44,7 @@ pub fn craft_to_end(config: &Config, dir: &Path) {
         linger: false,
         serve: false,
         linger_idle: None,
+        ranks: metapoison::ranks::Ranks::solo(),
     });
     for t in handle.telemetry.iter() {
         if let Telemetry::Phase(Phase::Failed { message }) = t {
