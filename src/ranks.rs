@@ -25,6 +25,8 @@ pub enum RanksError {
 pub struct Ranks {
     rank: usize,
     size: usize,
+    /// Nanoseconds spent in collective calls so far (the benchmark's communication time).
+    comm_nanos: Arc<std::sync::atomic::AtomicU64>,
     #[cfg(feature = "mpi")]
     world: Option<Arc<std::sync::Mutex<mpi_backend::World>>>,
     #[cfg(not(feature = "mpi"))]
@@ -67,6 +69,18 @@ pub fn local_rank() -> usize {
     .unwrap_or(0)
 }
 
+/// How many ranks of the job run on this machine (they share its cores).
+pub fn local_size() -> usize {
+    [
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+        "MPI_LOCALNRANKS",
+        "SLURM_NTASKS_PER_NODE",
+    ]
+    .iter()
+    .find_map(|v| std::env::var(v).ok()?.parse().ok())
+    .unwrap_or(1)
+}
+
 /// Starts MPI when a launcher started this process (and the build has MPI); one process
 /// otherwise. Call once, on the main thread, and keep the guard until the end.
 pub fn start() -> Result<(Ranks, RanksGuard), RanksError> {
@@ -92,6 +106,7 @@ impl Ranks {
         Ranks {
             rank: 0,
             size: 1,
+            comm_nanos: Arc::default(),
             #[cfg(feature = "mpi")]
             world: None,
             #[cfg(not(feature = "mpi"))]
@@ -121,11 +136,27 @@ impl Ranks {
         m % self.size == self.rank
     }
 
+    /// Seconds spent in collective calls since the job started.
+    pub fn comm_seconds(&self) -> f64 {
+        self.comm_nanos.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9
+    }
+
+    /// Runs a collective call, adding its time to `comm_seconds`.
+    #[cfg(feature = "mpi")]
+    fn timed<T>(&self, call: impl FnOnce() -> T) -> T {
+        let started = std::time::Instant::now();
+        let out = call();
+        let nanos = started.elapsed().as_nanos() as u64;
+        self.comm_nanos
+            .fetch_add(nanos, std::sync::atomic::Ordering::Relaxed);
+        out
+    }
+
     /// Sums `buf` element-wise over the ranks, in place on every rank.
     pub fn sum_f64(&self, buf: &mut [f64]) {
         #[cfg(feature = "mpi")]
         if let Some(w) = &self.world {
-            lock(w).sum_f64(buf);
+            self.timed(|| lock(w).sum_f64(buf));
         }
         let _ = buf;
     }
@@ -134,7 +165,7 @@ impl Ranks {
     pub fn sum_f32(&self, buf: &mut [f32]) {
         #[cfg(feature = "mpi")]
         if let Some(w) = &self.world {
-            lock(w).sum_f32(buf);
+            self.timed(|| lock(w).sum_f32(buf));
         }
         let _ = buf;
     }
@@ -150,7 +181,7 @@ impl Ranks {
     pub fn gather_bytes(&self, mine: Vec<u8>) -> Vec<Vec<u8>> {
         #[cfg(feature = "mpi")]
         if let Some(w) = &self.world {
-            return lock(w).gather_bytes(mine);
+            return self.timed(|| lock(w).gather_bytes(mine));
         }
         vec![mine]
     }
@@ -159,7 +190,7 @@ impl Ranks {
     pub fn broadcast_bytes(&self, buf: &mut Vec<u8>) {
         #[cfg(feature = "mpi")]
         if let Some(w) = &self.world {
-            lock(w).broadcast_bytes(buf);
+            self.timed(|| lock(w).broadcast_bytes(buf));
         }
         let _ = buf;
     }
@@ -198,6 +229,7 @@ mod mpi_backend {
             Ranks {
                 rank,
                 size,
+                comm_nanos: Arc::default(),
                 world: Some(Arc::new(Mutex::new(World(world)))),
             },
             RanksGuard {

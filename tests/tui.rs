@@ -82,6 +82,7 @@ fn step(i: usize, loss: f64) -> Telemetry {
         eta_seconds: 600.0,
         skipped: false,
         restart: None,
+        comm_seconds: None,
     })
 }
 

@@ -776,6 +776,7 @@ impl Crafter {
     /// Runs craft step `self.step` and advances it. `cancelled` is polled between surrogates.
     pub fn craft_step(&mut self, cancelled: &(dyn Fn() -> bool + Sync)) -> Option<StepReport> {
         let started = Instant::now();
+        let comm_before = self.ranks.comm_seconds();
         let step = self.step;
         let outcome = match self.plan.recipe {
             CraftRecipe::Metapoison => self.metapoison_step(step, cancelled)?,
@@ -807,6 +808,10 @@ impl Crafter {
             eta_seconds: mean * (steps.saturating_sub(step + 1)) as f64,
             skipped: !outcome.updated,
             restart: outcome.restart,
+            comm_seconds: self
+                .ranks
+                .several()
+                .then(|| self.ranks.comm_seconds() - comm_before),
         };
         self.step += 1;
         self.history.push(report.clone());

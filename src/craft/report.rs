@@ -34,6 +34,10 @@ pub struct StepReport {
     /// Gradient matching: (restart, restarts), 1-based. `adv_loss` is then the matching loss.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart: Option<(usize, usize)>,
+    /// MPI ranks: seconds of this step spent in collective calls (summing the meta-gradient
+    /// and the report's numbers, waiting for the slowest rank included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm_seconds: Option<f64>,
 }
 
 /// Something that happened, recorded with the step it applied at and saved with the run.

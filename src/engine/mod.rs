@@ -700,6 +700,16 @@ pub fn prepare(
                 "craft.grouped_surrogates: off across MPI ranks (each rank steps its surrogates one by one)".into(),
             );
         }
+        // The ranks on one machine share its cores: each runs as many surrogates at once as
+        // its share of them allows.
+        let per_rank = (tch::get_num_threads().max(1) as usize / crate::ranks::local_size()).max(1);
+        if !device.is_cuda() && plan.parallel_surrogates > per_rank {
+            plan.parallel_surrogates = per_rank;
+            plan.notes.push(format!(
+                "craft.parallel_surrogates: {per_rank} per rank ({} ranks share this machine's cores)",
+                crate::ranks::local_size()
+            ));
+        }
         plan.notes.push(format!(
             "MPI: {} ranks; this is rank {}, owning surrogates {}, {} + {}, ...",
             ranks.size(),
@@ -729,8 +739,15 @@ pub fn prepare(
     }
     // Several surrogates at once on the CPU: each worker gets its share of the cores for the
     // whole job (parallel.rs says why not per worker).
-    let intra_op = (!device.is_cuda())
-        .then(|| parallel::IntraOpThreads::share_among(crafter.plan.parallel_surrogates));
+    // The ranks of an MPI job on one machine share its cores as well.
+    let local_ranks = if ranks.several() {
+        crate::ranks::local_size()
+    } else {
+        1
+    };
+    let intra_op = (!device.is_cuda()).then(|| {
+        parallel::IntraOpThreads::share_among(crafter.plan.parallel_surrogates * local_ranks)
+    });
     Ok(Prepared {
         crafter,
         config,
