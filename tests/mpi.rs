@@ -150,6 +150,13 @@ fn two_ranks_craft_the_poisons_of_one_process_and_resume_onto_either_count() {
             .count()
     };
     assert_eq!((steps(&lines_one), steps(&lines_two)), (6, 6));
+    // With ranks each step says how long it spent communicating.
+    let timed = |s: &str| {
+        s.lines()
+            .filter(|l| l.contains("\"comm_seconds\":"))
+            .count()
+    };
+    assert_eq!((timed(&lines_one), timed(&lines_two)), (0, 6));
     assert!(
         lines_two.contains("MPI: 2 ranks; this is rank 0"),
         "{lines_two}"
@@ -345,4 +352,38 @@ fn a_signal_to_any_rank_stops_all_with_one_checkpoint_and_a_killed_rank_ends_the
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn ranks_that_no_longer_hold_the_same_perturbation_stop_with_a_clear_error() {
+    if mpirun_missing() {
+        return;
+    }
+    let _turn = turn();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let cfg = config(dir, 1);
+    let run = dir.join("diverged");
+    // Rank 1 moves one pixel after step 5; the check at that step boundary finds it.
+    let out = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
+        .args(["-x", "METAPOISON_INJECT_DIVERGENCE_AT_RANK=1"])
+        .arg(env!("CARGO_BIN_EXE_metapoison"))
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["craft", "--steps", "8", "--run-dir"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("no longer hold the same perturbation at step 5 (rank 1 differs"),
+        "{said}"
+    );
+    // The last checkpoint (rank 0's perturbation, after step 5) stays usable.
+    let saved = checkpoint::load(&run).unwrap();
+    assert_eq!(saved.state.step, 5);
 }

@@ -511,6 +511,29 @@ impl Crafter {
         }
     }
 
+    /// A SHA-256 of the perturbation (delta and colour grid, their bytes): the ranks of an
+    /// MPI job compare theirs to find out that they no longer hold the same poisons.
+    pub fn perturbation_digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(tensor_bytes(&self.perturbation.delta.detach()));
+        h.update(tensor_bytes(&self.perturbation.offsets.detach()));
+        crate::digest::hex(&h.finalize())
+    }
+
+    /// For the divergence test only: the rank named by `METAPOISON_INJECT_DIVERGENCE_AT_RANK`
+    /// moves one pixel of its perturbation, as a rank that missed an update would differ.
+    pub fn inject_divergence_for_tests(&mut self) {
+        let named = std::env::var("METAPOISON_INJECT_DIVERGENCE_AT_RANK")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok());
+        if self.ranks.several() && named == Some(self.ranks.rank()) {
+            let _guard = tch::no_grad_guard();
+            let mut first = self.perturbation.delta.flatten(0, -1).get(0);
+            let _ = first.g_add_scalar_(0.5);
+        }
+    }
+
     /// Surrogate m's tensors in checkpoint order: weights, buffers, velocity.
     fn surrogate_tensors(&self, m: usize) -> Vec<Tensor> {
         let s = &self.surrogates[m];

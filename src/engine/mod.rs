@@ -196,7 +196,12 @@ struct Boundary {
     go_on: bool,
     checkpoint: bool,
     live: LiveSettings,
+    /// Every few steps, rank 0's perturbation digest, for every rank to compare with its own.
+    digest: Option<String>,
 }
+
+/// How often (in craft steps) the ranks check that they hold the same perturbation.
+const RANK_CHECK_EVERY: usize = 5;
 
 impl Session<'_> {
     fn send(&self, t: Telemetry) {
@@ -546,10 +551,12 @@ impl Session<'_> {
         }
         let mut message = Vec::new();
         if ranks.is_root() {
+            let check = self.crafter.step % RANK_CHECK_EVERY == 0;
             message = serde_json::to_vec(&Boundary {
                 go_on,
                 checkpoint: self.checkpoint_due,
                 live: self.crafter.live.clone(),
+                digest: check.then(|| self.crafter.perturbation_digest()),
             })
             .unwrap_or_default();
         }
@@ -557,6 +564,20 @@ impl Session<'_> {
         let decided: Boundary = serde_json::from_slice(&message)
             .map_err(|e| EngineError::Ranks(format!("rank 0's step boundary message: {e}")))?;
         self.crafter.live = decided.live;
+        if let Some(digest) = &decided.digest {
+            let differs = *digest != self.crafter.perturbation_digest();
+            let mut by_rank = vec![0.0; ranks.size()];
+            by_rank[ranks.rank()] = if differs { 1.0 } else { 0.0 };
+            ranks.sum_f64(&mut by_rank);
+            let off: Vec<usize> = (0..ranks.size()).filter(|&r| by_rank[r] > 0.0).collect();
+            if !off.is_empty() {
+                return Err(EngineError::Ranks(format!(
+                    "the ranks no longer hold the same perturbation at step {} (rank {} differs from rank 0); stopped without a new checkpoint: resume from the last one",
+                    self.crafter.step,
+                    off.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
+                )));
+            }
+        }
         let signalled = ranks.any(self.setup.stop.load(Ordering::SeqCst));
         if signalled && ranks.is_root() && !self.setup.stop.load(Ordering::SeqCst) {
             self.event(
@@ -917,6 +938,9 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Outbox) -> Result<(), En
         );
         session.send(Telemetry::Step(report));
         session.flush_events();
+        if several && session.crafter.step == RANK_CHECK_EVERY {
+            session.crafter.inject_divergence_for_tests();
+        }
         if session.crafter.nonfinite_in_row >= config.run.max_nonfinite_steps {
             session.checkpoint_now()?;
             return Err(EngineError::NonFinite {
