@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::{text, wait_for};
+
 use metapoison::engine::client;
 use metapoison::engine::protocol::{Command as EngineCommand, Telemetry};
 use metapoison::engine::status::{process_alive, read, RunState, RunStatus};
@@ -11,7 +13,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// One test at a time: two libtorch processes side by side on a small machine do not share
@@ -92,22 +94,6 @@ impl Drop for Sandbox {
                 }
             }
         }
-    }
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !check() {
-        assert!(started.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::text;
+
 use metapoison::craft::checkpoint;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -23,14 +25,6 @@ fn mpirun_missing() -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     common::skip_without("mpirun (Debian: openmpi-bin)", present)
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// A config of tiny steps: 4 surrogates one epoch apart, K = 1, the outer schedule fixed (so
@@ -121,6 +115,20 @@ fn assert_same_poisons(a: &checkpoint::Loaded, b: &checkpoint::Loaded) {
     assert!(o < 1e-3, "the colour grid differs by {o}");
 }
 
+/// Crafts three steps on `ranks.0` ranks, resumes to six on `ranks.1`, and compares the
+/// result with `reference`, a six-step run.
+fn resume_across(dir: &Path, cfg: &str, ranks: (usize, usize), reference: &checkpoint::Loaded) {
+    let split = dir.join(format!("{}-then-{}", ranks.0, ranks.1));
+    let split = split.to_str().unwrap();
+    let first = ["--config", cfg, "craft", "--run-dir", split, "--steps", "3"];
+    run_ok(dir, ranks.0, &first);
+    assert_eq!(checkpoint::load(Path::new(split)).unwrap().state.step, 3);
+    run_ok(dir, ranks.1, &["craft", "--resume", split, "--steps", "6"]);
+    let whole = checkpoint::load(Path::new(split)).unwrap();
+    assert_same_surrogates(&whole, reference);
+    assert_same_poisons(&whole, reference);
+}
+
 #[test]
 fn two_ranks_craft_the_poisons_of_one_process_and_resume_onto_either_count() {
     if mpirun_missing() {
@@ -179,49 +187,9 @@ fn two_ranks_craft_the_poisons_of_one_process_and_resume_onto_either_count() {
     }
     assert_eq!(ra.meta_batches, rb.meta_batches);
 
-    // 2 -> 1: three steps on two ranks, the rest in one process.
-    let split = dir.join("two-then-one");
-    let split_s = split.to_str().unwrap();
-    run_ok(
-        dir,
-        2,
-        &[
-            "--config",
-            cfg,
-            "craft",
-            "--run-dir",
-            split_s,
-            "--steps",
-            "3",
-        ],
-    );
-    let half = checkpoint::load(&split).unwrap();
-    assert_eq!(half.state.step, 3);
-    run_ok(dir, 1, &["craft", "--resume", split_s, "--steps", "6"]);
-    let whole = checkpoint::load(&split).unwrap();
-    assert_same_surrogates(&whole, &a);
-    assert_same_poisons(&whole, &a);
-
-    // 1 -> 2: three steps in one process, the rest on two ranks.
-    let split = dir.join("one-then-two");
-    let split_s = split.to_str().unwrap();
-    run_ok(
-        dir,
-        1,
-        &[
-            "--config",
-            cfg,
-            "craft",
-            "--run-dir",
-            split_s,
-            "--steps",
-            "3",
-        ],
-    );
-    run_ok(dir, 2, &["craft", "--resume", split_s, "--steps", "6"]);
-    let whole = checkpoint::load(&split).unwrap();
-    assert_same_surrogates(&whole, &b);
-    assert_same_poisons(&whole, &b);
+    // 2 -> 1: three steps on two ranks, the rest in one process; and 1 -> 2.
+    resume_across(dir, cfg, (2, 1), &a);
+    resume_across(dir, cfg, (1, 2), &b);
 }
 
 /// The process ids of the job's ranks crafting into `run` (rank 0's is in its status file).

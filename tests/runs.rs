@@ -4,32 +4,17 @@
 
 mod common;
 
+use common::{text, wait_for};
+
 use metapoison::engine::status::{read, RunState};
 use std::path::Path;
-use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 fn bin(data_dir: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_metapoison"));
     c.arg("--data-dir").arg(data_dir);
     c
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// Waits until `check` holds, or panics after `limit` saying what was awaited.
-fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !check() {
-        assert!(started.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// A config of many tiny steps in `dir`: a run of it is still crafting when it is stopped.

@@ -284,6 +284,20 @@ fn running(needle: &str) -> bool {
         })
 }
 
+/// Kills the tmux server (what an SSH drop does to the terminal) and waits until no process
+/// whose command line holds `needle` is left.
+fn drop_terminal(tmux: &Tmux, needle: &str) {
+    tmux.run(&["kill-server"]);
+    let start = Instant::now();
+    while running(needle) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the dashboard is still running 60 s after its terminal went away"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 #[test]
 fn an_ssh_drop_ends_only_the_view_and_attach_brings_the_dashboard_back() {
     if tmux_missing() {
@@ -305,15 +319,7 @@ fn an_ssh_drop_ends_only_the_view_and_attach_brings_the_dashboard_back() {
         .expect("the run's status")
         .pid;
     // The terminal disappears: the pane's processes get SIGHUP. The view ends...
-    tmux.run(&["kill-server"]);
-    let start = Instant::now();
-    while running(&view) {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the dashboard is still running 60 s after its terminal went away"
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    drop_terminal(&tmux, &view);
     // ...and the run crafts on.
     let status = || metapoison::engine::status::read(&run_dir).unwrap().unwrap();
     let start = Instant::now();
@@ -358,10 +364,15 @@ fn an_ssh_drop_ends_only_the_view_and_attach_brings_the_dashboard_back() {
         s.contains("EXIT=0") && s.contains("(stopped at step"),
         "{s}"
     );
-    let saved = metapoison::craft::checkpoint::load(&run_dir).unwrap();
+    assert_signal_checkpoint(&run_dir, later, "");
+}
+
+/// The run in `run_dir` stopped on a signal with a checkpoint at step `step` or later.
+fn assert_signal_checkpoint(run_dir: &std::path::Path, step: usize, log: &str) {
+    let saved = metapoison::craft::checkpoint::load(run_dir).unwrap();
     assert!(
-        saved.state.step >= later,
-        "checkpoint at step {}",
+        saved.state.step >= step,
+        "checkpoint at step {}; log:\n{log}",
         saved.state.step
     );
     assert!(
@@ -385,27 +396,9 @@ fn in_the_foreground_an_ssh_drop_checkpoints_and_the_process_exits() {
         "the dashboard process is not visible in /proc"
     );
     // The terminal disappears: the pane's processes get SIGHUP.
-    tmux.run(&["kill-server"]);
-    let start = Instant::now();
-    while running(&needle) {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the dashboard is still running 60 s after its terminal went away"
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    let saved = metapoison::craft::checkpoint::load(&run_dir).unwrap();
+    drop_terminal(&tmux, &needle);
     let log = std::fs::read_to_string(tmp.path().join("logs/metapoison.log")).unwrap_or_default();
-    assert!(
-        saved.state.step >= 2,
-        "checkpoint at step {}; log:\n{log}",
-        saved.state.step
-    );
-    assert!(
-        saved.state.events.iter().any(|e| e.kind == "signal"),
-        "{:?}",
-        saved.state.events
-    );
+    assert_signal_checkpoint(&run_dir, 2, &log);
 }
 
 #[test]

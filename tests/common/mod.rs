@@ -83,3 +83,21 @@ pub fn skip_without_under(what: &str, present: bool, ci: bool) -> bool {
     eprintln!("skipped: {what} is missing");
     true
 }
+
+/// A finished command's stdout and stderr, for assertion messages.
+pub fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Waits until `check` holds, or panics after `limit` saying what was awaited.
+pub fn wait_for(what: &str, limit: std::time::Duration, mut check: impl FnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while !check() {
+        assert!(started.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
