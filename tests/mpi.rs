@@ -355,3 +355,90 @@ fn ranks_that_no_longer_hold_the_same_perturbation_stop_with_a_clear_error() {
     let saved = checkpoint::load(&run).unwrap();
     assert_eq!(saved.state.step, 5);
 }
+
+#[test]
+fn a_viewer_pauses_changes_the_step_size_and_stops_every_rank_through_rank_0() {
+    if mpirun_missing() {
+        return;
+    }
+    let _turn = turn();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let xdg = dir.join("xdg");
+    std::fs::create_dir(&xdg).unwrap();
+    let run = dir.join("viewed");
+    let cfg = config(dir, 0);
+    let mut job = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
+        .arg("-x")
+        .arg(format!("XDG_RUNTIME_DIR={}", xdg.display()))
+        .arg(env!("CARGO_BIN_EXE_metapoison"))
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["craft", "--steps", "100000", "--run-dir"])
+        .arg(&run)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_step(&run, 2);
+    let status = || metapoison::engine::status::read(&run).unwrap().unwrap();
+    let socket = status().socket.expect("rank 0 serves viewers");
+    let viewer = metapoison::engine::client::attach(&socket, "test").unwrap();
+    use metapoison::engine::protocol::Command as EngineCommand;
+    viewer.commands.send(EngineCommand::Pause).unwrap();
+    let start = Instant::now();
+    while status().state != metapoison::engine::status::RunState::Paused {
+        assert!(start.elapsed() < Duration::from_secs(60), "not paused");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let paused_at = status().step;
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(status().step, paused_at, "a paused job went on");
+    // A live change on rank 0 reaches rank 1 too: if it did not, the ranks' perturbations
+    // would part, and the check every 5 steps would stop the job with an error.
+    viewer
+        .commands
+        .send(EngineCommand::SetOuterLr { value: 50.0 })
+        .unwrap();
+    viewer.commands.send(EngineCommand::Resume).unwrap();
+    let start = Instant::now();
+    while status().step < paused_at + 7 {
+        if let Some(exit) = job.try_wait().unwrap() {
+            let mut said = String::new();
+            std::io::Read::read_to_string(job.stderr.as_mut().unwrap(), &mut said).unwrap();
+            panic!("the job ended ({exit}) after the live change: {said}");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no step {}",
+            paused_at + 7
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    viewer.commands.send(EngineCommand::Stop).unwrap();
+    let exit = wait_exit(&mut job, "stop through a viewer");
+    let mut said = String::new();
+    std::io::Read::read_to_string(job.stderr.as_mut().unwrap(), &mut said).unwrap();
+    assert!(exit.success(), "{exit}: {said}");
+    let saved = checkpoint::load(&run).unwrap();
+    assert!(saved.state.step >= paused_at + 7, "{}", saved.state.step);
+    let change = saved
+        .state
+        .events
+        .iter()
+        .find(|e| e.kind == "set_outer_lr")
+        .expect("the change is recorded");
+    assert!(
+        saved
+            .state
+            .history
+            .iter()
+            .filter(|r| r.step >= change.step)
+            .all(|r| r.outer_lr < 60.0),
+        "the new step size was not used after step {}",
+        change.step
+    );
+}
