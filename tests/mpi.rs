@@ -442,3 +442,62 @@ fn a_viewer_pauses_changes_the_step_size_and_stops_every_rank_through_rank_0() {
         change.step
     );
 }
+
+#[test]
+fn gradient_matching_on_two_ranks_crafts_the_poisons_of_one_process() {
+    if mpirun_missing() {
+        return;
+    }
+    let _turn = turn();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let cfg = dir.join("matching.toml");
+    std::fs::write(
+        &cfg,
+        "[data]\ntrain_limit = 300\n[threat]\nnpoison = 10\n[craft]\nrecipe = \"gradient-matching\"\nsteps = 16\n[matching]\nsurrogates = 2\nrestarts = 2\nsurrogate_epochs = 1\nrecolor = true\n[surrogate]\nbatch_size = 50\n[run]\ncheckpoint_every = 0\n",
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let (one, two) = (dir.join("one"), dir.join("two"));
+    // The one-process run with one thread, as each rank has here: gradient matching trains
+    // its surrogates from scratch with all the threads, and another thread count rounds the
+    // convolutions' sums differently.
+    let alone = Command::new(env!("CARGO_BIN_EXE_metapoison"))
+        .env("OMP_NUM_THREADS", "1")
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--config", cfg, "craft", "--run-dir"])
+        .arg(&one)
+        .output()
+        .unwrap();
+    assert!(alone.status.success(), "{}", text(&alone));
+    let said = run_ok(
+        dir,
+        2,
+        &["--config", cfg, "craft", "--run-dir", two.to_str().unwrap()],
+    );
+    assert!(said.contains("kept restart"), "{said}");
+    let (a, b) = (
+        checkpoint::load(&one).unwrap(),
+        checkpoint::load(&two).unwrap(),
+    );
+    // Each rank trained its own surrogate; rank 0's checkpoint holds both.
+    for k in ["surrogate.0.weight.0", "surrogate.1.weight.0"] {
+        let d = diff(&a, &b, k);
+        assert!(d < 1e-5, "{k} differs by {d}");
+    }
+    // The per-surrogate matching losses of the first step are the same numbers.
+    let (ra, rb) = (&a.state.history[0], &b.state.history[0]);
+    for (x, y) in ra
+        .adv_loss_per_surrogate
+        .iter()
+        .zip(&rb.adv_loss_per_surrogate)
+    {
+        assert!((x.unwrap() - y.unwrap()).abs() < 1e-6, "{x:?} vs {y:?}");
+    }
+    assert_same_poisons(&a, &b);
+    assert_eq!(
+        a.state.matching_best.map(|(k, _)| k),
+        b.state.matching_best.map(|(k, _)| k)
+    );
+}

@@ -558,7 +558,7 @@ impl Crafter {
         victim.epochs = m.surrogate_epochs().into();
         let spec = crate::model::train::VictimTraining::from_config(&victim);
         let epochs = spec.epochs;
-        for k in 0..self.plan.ensemble_size {
+        for k in self.owned() {
             let seed = derive(self.config.run.seed, Purpose::Pretrain, k as u64, 0);
             let mut go_on = true;
             let state = crate::model::train::train_from_scratch(
@@ -585,31 +585,57 @@ impl Crafter {
 
     /// The targets' adversarial gradient on each surrogate, computed once after pretraining
     /// or a restore.
+    /// (With MPI ranks, of this rank's surrogates, in their order.)
     fn ensure_target_gradients(&mut self) {
-        if self.matching.targets.len() == self.surrogates.len() {
+        let owned = self.owned();
+        if self.matching.targets.len() == owned.len() {
             return;
         }
-        self.matching.targets = self
-            .surrogates
+        self.matching.targets = owned
             .iter()
-            .map(|s| {
+            .map(|&m| {
+                let s = &self.surrogates[m];
                 matching::target_gradient(&self.net, s, &self.targets, &self.labels.adversarial)
             })
             .collect();
     }
 
     /// `matching::ensemble_loss` of `poisons` (all of them, in slot order) with their true
-    /// labels on the surrogates.
-    fn matching_loss(&self, poisons: &Tensor) -> (Tensor, Vec<f64>) {
+    /// labels on the surrogates: the loss to differentiate, each surrogate's value, and the
+    /// ensemble's mean. With MPI ranks the loss to differentiate is this rank's share of the
+    /// mean (its surrogates' losses over M), so that the gradients summed over the ranks are
+    /// the mean's; the values are every rank's.
+    fn matching_loss(&self, poisons: &Tensor) -> (Tensor, Vec<f64>, f64) {
         let idx = super::epoch::as_index(&self.plan.poison_indices, self.device);
         let labels = self.train_y.index_select(0, &idx);
-        matching::ensemble_loss(
-            &self.net,
-            &self.surrogates,
-            &self.matching.targets,
-            poisons,
-            &labels,
-        )
+        if !self.ranks.several() {
+            let (loss, each) = matching::ensemble_loss(
+                &self.net,
+                &self.surrogates,
+                &self.matching.targets,
+                poisons,
+                &labels,
+            );
+            let mean = loss.double_value(&[]);
+            return (loss, each, mean);
+        }
+        let mm = self.plan.ensemble_size;
+        let owned = self.owned();
+        let losses: Vec<Tensor> = owned
+            .iter()
+            .zip(&self.matching.targets)
+            .map(|(&m, t)| {
+                matching::matching_loss(&self.net, &self.surrogates[m], poisons, &labels, t)
+            })
+            .collect();
+        let mut each = vec![0.0; mm];
+        for (&m, l) in owned.iter().zip(&losses) {
+            each[m] = l.double_value(&[]);
+        }
+        self.ranks.sum_f64(&mut each);
+        let share = Tensor::stack(&losses, 0).sum(Kind::Double) / mm as f64;
+        let mean = each.iter().sum::<f64>() / mm as f64;
+        (share, each, mean)
     }
 
     /// A fresh random perturbation (within its bounds) from the run seed's stream at (a, b).
@@ -622,10 +648,7 @@ impl Crafter {
     /// The end of restart `restart`: its unaugmented matching loss is scored against the best
     /// restart so far; after the last one, the best restart's perturbation becomes the run's.
     fn finish_restart(&mut self, restart: usize, last: bool) {
-        let loss = self
-            .matching_loss(&self.perturbation.poisons(None))
-            .0
-            .double_value(&[]);
+        let loss = self.matching_loss(&self.perturbation.poisons(None)).2;
         let p = &self.perturbation;
         let kept = self.matching.offer(restart, loss, &p.delta, &p.offsets);
         let restarts = self.config.matching.restarts;
@@ -1055,9 +1078,10 @@ impl Crafter {
             Some(mut rng) => crate::model::augment::crop_flip(&poisons, &mut rng),
             None => poisons,
         };
-        let (loss, losses) = self.matching_loss(&poisons);
+        let (loss, losses, _) = self.matching_loss(&poisons);
         let recolor = self.config.matching.recolor;
-        let objective = if recolor {
+        // The smoothness penalty counts once: with MPI ranks rank 0's gradient carries it.
+        let objective = if recolor && self.ranks.is_root() {
             let p = &self.perturbation;
             loss + p.recolor.smoothness(&p.offsets) * self.config.threat.smooth_coef
         } else {
@@ -1065,13 +1089,17 @@ impl Crafter {
         };
         let p = &self.perturbation;
         let mut grads = Tensor::run_backward(&[&objective], &[&p.delta, &p.offsets], false, false);
+        // Summed over the ranks before the sign (one process: as it is).
         let g_offsets = if recolor {
-            grads.pop().expect("two gradients").sign()
+            self.sum_over_ranks(grads.pop().expect("two gradients"))
+                .sign()
         } else {
             let _ = grads.pop();
             p.offsets.detach().zeros_like()
         };
-        let g_delta = grads.pop().expect("two gradients").sign();
+        let g_delta = self
+            .sum_over_ranks(grads.pop().expect("two gradients"))
+            .sign();
         // The step as a fraction of each bound: pixels for delta, colour units for the grid.
         let fraction = self.live.outer_lr * schedule.factor(i);
         let lr = fraction * self.perturbation.eps;

@@ -697,11 +697,6 @@ pub fn prepare(
     let mut plan = Plan::resolve(&config, data)?;
     plan.notes = settled;
     if ranks.several() {
-        if plan.recipe == crate::config::CraftRecipe::GradientMatching {
-            return Err(EngineError::Ranks(
-                "gradient matching runs in one process for now: start it without mpirun".into(),
-            ));
-        }
         if !config.run.surrogate_devices.is_empty() {
             return Err(EngineError::Ranks(
                 "run.surrogate_devices and MPI ranks both place surrogates: leave run.surrogate_devices empty (each rank uses its own device)".into(),
