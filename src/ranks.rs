@@ -46,15 +46,11 @@ pub struct RanksGuard {
 }
 
 /// The number of ranks the launcher (mpirun, srun) says this job has, if it started us.
+/// (Not SLURM_NTASKS: a shell inside an allocation has it without being a rank.)
 pub fn launched_size() -> Option<usize> {
-    [
-        "OMPI_COMM_WORLD_SIZE",
-        "PMI_SIZE",
-        "PMIX_SIZE",
-        "SLURM_NTASKS",
-    ]
-    .iter()
-    .find_map(|v| std::env::var(v).ok()?.parse().ok())
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
 }
 
 /// This rank's index among the ranks on its machine (which GPU it takes).
