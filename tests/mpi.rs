@@ -418,6 +418,34 @@ fn a_viewer_pauses_changes_the_step_size_and_stops_every_rank_through_rank_0() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // An export through the viewer: rank 0 writes it from the checkpoint all ranks take at
+    // the next step boundary.
+    viewer
+        .commands
+        .send(EngineCommand::ExportNow {
+            formats: "npz".into(),
+            step: None,
+            out: None,
+        })
+        .unwrap();
+    let exported = viewer
+        .telemetry
+        .iter()
+        .find_map(|t| match t {
+            metapoison::engine::protocol::Telemetry::Event(e) if e.kind == "export" => {
+                Some(e.message)
+            }
+            _ => None,
+        })
+        .expect("an export event");
+    let folder = PathBuf::from(exported.trim_start_matches("exported to "));
+    let verified = Command::new(env!("CARGO_BIN_EXE_metapoison"))
+        .arg("export")
+        .arg("--verify")
+        .arg(&folder)
+        .output()
+        .unwrap();
+    assert!(verified.status.success(), "{}", text(&verified));
     viewer.commands.send(EngineCommand::Stop).unwrap();
     let exit = wait_exit(&mut job, "stop through a viewer");
     let mut said = String::new();

@@ -188,6 +188,11 @@ struct Session<'a> {
     /// Several ranks: a checkpoint asked for between steps, taken by all ranks together at
     /// the step boundary.
     checkpoint_due: bool,
+    /// Several ranks: exports and evaluations asked for, which wait for that checkpoint.
+    deferred: Vec<Command>,
+    /// Several ranks: the checkpoint on disk is of this step boundary (set after the
+    /// boundary's collective checkpoint, until the next step).
+    fresh_checkpoint: bool,
 }
 
 /// What rank 0 tells the other ranks of an MPI job at each step boundary.
@@ -244,7 +249,9 @@ impl Session<'_> {
     /// job; with several ranks at the step boundary, where all of them take part.
     fn checkpoint(&mut self) -> Result<(), EngineError> {
         if self.crafter.ranks().several() {
-            self.checkpoint_due = true;
+            if !self.fresh_checkpoint {
+                self.checkpoint_due = true;
+            }
             return Ok(());
         }
         self.checkpoint_now()
@@ -378,13 +385,13 @@ impl Session<'_> {
                 Err(e) => self.event(EventKind::Rejected, format!("{e}: refused")),
             },
             Command::Preview { slot } => self.preview(slot),
+            // With several ranks an export reads a checkpoint all ranks take together: it
+            // waits for the one at this step boundary.
             Command::ExportNow { .. } | Command::Evaluate { .. }
-                if self.crafter.ranks().several() =>
+                if self.crafter.ranks().several() && !self.fresh_checkpoint =>
             {
-                self.event(
-                    EventKind::Rejected,
-                    "exports and victims are not taken across MPI ranks yet: stop the run (or let it finish) and use `metapoison export` and `eval`: refused".into(),
-                );
+                self.checkpoint_due = true;
+                self.deferred.push(cmd);
             }
             Command::ExportNow { formats, step, out } => {
                 self.export(&formats, step, out.map(PathBuf::from))?;
@@ -587,6 +594,11 @@ impl Session<'_> {
         }
         if decided.checkpoint || signalled {
             self.checkpoint_now()?;
+            self.fresh_checkpoint = true;
+            for cmd in std::mem::take(&mut self.deferred) {
+                self.apply(cmd)?;
+            }
+            self.fresh_checkpoint = false;
         }
         Ok(decided.go_on && !signalled)
     }
@@ -851,6 +863,8 @@ fn run(setup: EngineSetup, rx: Receiver<Command>, out: &Outbox) -> Result<(), En
         latest_export: None,
         evaluating: Arc::new(AtomicBool::new(false)),
         checkpoint_due: false,
+        deferred: Vec::new(),
+        fresh_checkpoint: false,
     };
     for note in session.crafter.plan.notes.clone() {
         session.send(Telemetry::Event(Event::new(
