@@ -436,26 +436,9 @@ fn a_finished_detached_run_serves_viewers_then_leaves_when_none_is_attached() {
         .iter()
         .any(|t| matches!(t, Telemetry::Finished { steps_done: 3, .. })));
     // Exports still work after the last step, through the socket.
-    viewer
-        .commands
-        .send(EngineCommand::ExportNow {
-            formats: "npz".into(),
-            step: None,
-            out: None,
-        })
-        .unwrap();
-    let exported = viewer
-        .telemetry
-        .iter()
-        .find_map(|t| match t {
-            Telemetry::Event(e) if e.message.starts_with("exported to") => Some(e.message),
-            _ => None,
-        })
-        .expect("an export event");
-    assert!(
-        run.join("export-step-0003/poisons.npz").exists(),
-        "{exported}"
-    );
+    let exported = common::export_through(&viewer);
+    assert_eq!(exported, run.join("export-step-0003"));
+    assert!(exported.join("poisons.npz").exists());
     // While a viewer is attached it stays, however long; once none is, it leaves after the
     // idle time, and says so.
     std::thread::sleep(Duration::from_secs(4));

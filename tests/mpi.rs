@@ -312,14 +312,11 @@ fn a_signal_to_any_rank_stops_all_with_one_checkpoint_and_a_killed_rank_ends_the
     );
     let saved = checkpoint::load(&run).unwrap();
     assert!(saved.state.step >= 1, "{}", saved.state.step);
-    let start = Instant::now();
-    while metapoison::engine::status::process_alive(root) {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "rank 0 outlived the job by 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::wait_for(
+        "rank 0 to end with the job",
+        Duration::from_secs(30),
+        || !metapoison::engine::status::process_alive(root),
+    );
 }
 
 #[test]
@@ -420,25 +417,7 @@ fn a_viewer_pauses_changes_the_step_size_and_stops_every_rank_through_rank_0() {
     }
     // An export through the viewer: rank 0 writes it from the checkpoint all ranks take at
     // the next step boundary.
-    viewer
-        .commands
-        .send(EngineCommand::ExportNow {
-            formats: "npz".into(),
-            step: None,
-            out: None,
-        })
-        .unwrap();
-    let exported = viewer
-        .telemetry
-        .iter()
-        .find_map(|t| match t {
-            metapoison::engine::protocol::Telemetry::Event(e) if e.kind == "export" => {
-                Some(e.message)
-            }
-            _ => None,
-        })
-        .expect("an export event");
-    let folder = PathBuf::from(exported.trim_start_matches("exported to "));
+    let folder = common::export_through(&viewer);
     let verified = Command::new(env!("CARGO_BIN_EXE_metapoison"))
         .arg("export")
         .arg("--verify")

@@ -572,7 +572,8 @@ impl Session<'_> {
             .map_err(|e| EngineError::Ranks(format!("rank 0's step boundary message: {e}")))?;
         self.crafter.live = decided.live;
         if let Some(digest) = &decided.digest {
-            let differs = *digest != self.crafter.perturbation_digest();
+            // Rank 0 sent its own digest: only the others compute theirs.
+            let differs = !ranks.is_root() && *digest != self.crafter.perturbation_digest();
             let mut by_rank = vec![0.0; ranks.size()];
             by_rank[ranks.rank()] = if differs { 1.0 } else { 0.0 };
             ranks.sum_f64(&mut by_rank);

@@ -101,3 +101,26 @@ pub fn wait_for(what: &str, limit: std::time::Duration, mut check: impl FnMut() 
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// Asks an attached engine for an npz export of its current step and waits for its event;
+/// the export folder.
+pub fn export_through(viewer: &metapoison::engine::client::Attached) -> std::path::PathBuf {
+    use metapoison::engine::protocol::{Command, Telemetry};
+    viewer
+        .commands
+        .send(Command::ExportNow {
+            formats: "npz".into(),
+            step: None,
+            out: None,
+        })
+        .unwrap();
+    let message = viewer
+        .telemetry
+        .iter()
+        .find_map(|t| match t {
+            Telemetry::Event(e) if e.message.starts_with("exported to ") => Some(e.message),
+            _ => None,
+        })
+        .expect("an export event");
+    std::path::PathBuf::from(message.trim_start_matches("exported to "))
+}
