@@ -269,3 +269,37 @@ fn data_subset_takes_a_word_and_names_itself_when_wrong() {
     let e = parse("[data]\nsubset = \"sorted\"\n").unwrap_err();
     assert!(e.contains("data.subset") && e.contains("sorted"), "{e}");
 }
+
+#[test]
+fn every_efficacy_setting_loads_and_says_what_its_name_says() {
+    // The benchmark's settings are run on machines without a Rust toolchain (the GPU script),
+    // where a typo would cost a device lease: each must load, keep its learning-rate drops
+    // inside its steps, and match its name (mN = N surrogates, -61 = the authors' 61 steps).
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/efficacy/settings");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_stem().unwrap().to_str().unwrap().to_string();
+        let c = Config::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        seen += 1;
+        if c.craft.recipe != metapoison::config::CraftRecipe::Metapoison {
+            continue;
+        }
+        let steps = c.craft.steps();
+        assert!(
+            c.craft.lr_drops().iter().all(|&d| d > 0 && d < steps),
+            "{name}: drops {:?} outside 1..{steps}",
+            c.craft.lr_drops()
+        );
+        if name.ends_with("-61") || name == "steps61" {
+            assert_eq!(steps, 61, "{name}");
+        }
+        let surrogates: Option<usize> = name
+            .strip_prefix('m')
+            .and_then(|m| m.split('-').next()?.parse().ok());
+        if let Some(m) = surrogates {
+            assert_eq!(c.craft.ensemble_size(), m, "{name}");
+        }
+    }
+    assert!(seen >= 15, "only {seen} settings in {}", dir.display());
+}
