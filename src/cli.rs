@@ -124,6 +124,18 @@ enum Cmd {
     /// Craft and evaluate one run per target id (chosen with `targets suggest` unless given),
     /// and report the success rate over targets. Re-running with the same --dir resumes.
     Campaign(crate::campaign::CampaignArgs),
+    /// Compare two campaigns (two settings judged on the same targets) by how far their
+    /// poisons move each target toward the adversarial class, victims paired by seed, with a
+    /// 95% interval: finer than counting flips when few victims flip.
+    Compare {
+        /// The campaign to compare against (a folder, or its campaign.json).
+        first: PathBuf,
+        /// The campaign compared with it.
+        second: PathBuf,
+        /// One JSON line instead of the Markdown table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Target selection.
     Targets {
         #[command(subcommand)]
@@ -370,6 +382,11 @@ fn run(cli: Cli) -> Result<()> {
             let config = load_config(cli.config.as_deref(), &paths)?;
             crate::campaign::run(config, &paths, args, cli.headless)?;
         }
+        Cmd::Compare {
+            first,
+            second,
+            json,
+        } => crate::campaign::compare_folders(&first, &second, json)?,
         Cmd::Targets {
             action:
                 TargetsCmd::Suggest {

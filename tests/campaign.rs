@@ -330,6 +330,14 @@ recipe = "standard"
     assert_eq!(recipes, ["crafter", "standard"]);
     for t in totals {
         assert_eq!((&t["victims"], &t["noise_victims"]), (&2.into(), &2.into()));
+        // Each poisoned and noise victim has its control twin (same seed): shifts exist.
+        assert!(t["margin_shift"].as_f64().unwrap().is_finite(), "{t}");
+        assert_eq!(
+            t["margin_shift_ci95"].as_array().map(Vec::len),
+            Some(2),
+            "{t}"
+        );
+        assert!(t["noise_margin_shift"].as_f64().unwrap().is_finite(), "{t}");
     }
     assert!(report["results"][0]["craft_seconds"].as_f64().unwrap() > 0.0);
     // The crafting loss of each target's last steps, beside what its victims did.
@@ -342,6 +350,7 @@ recipe = "standard"
         "| 3 | convnet-bn (gray-box) | ",
         &format!(" min | {loss:.2} | "),
         "| crafting | crafting loss, last 5 steps | evaluation |",
+        "| margin shift poisoned / noise |",
         "| 3 | convnet-bn, standard recipe (gray-box) | ",
         "| **all 2** | convnet-bn (gray-box) | **",
         "| **all 2** | convnet-bn, standard recipe (gray-box) | **",
@@ -673,4 +682,168 @@ fn the_markdown_table_shows_each_victims_adversarial_probability_and_the_totals(
     let totals_text = metapoison::campaign::summary(&r);
     assert!(totals_text.contains("  1/2    50.0% ["), "{totals_text}");
     assert!(md.contains(&totals_text), "{md}");
+}
+
+/// Sets each victim's seed and its target's probabilities of the adversarial class (0) and
+/// of the strongest other class (6), in the order of `e.trials`.
+fn with_probs(mut e: EvalReport, victims: &[(u64, f64, f64)]) -> EvalReport {
+    assert_eq!(e.trials.len(), victims.len());
+    for (t, &(seed, adv, other)) in e.trials.iter_mut().zip(victims) {
+        t.seed = seed;
+        t.target_probs[0][0] = adv;
+        t.target_probs[0][6] = other;
+    }
+    e
+}
+
+#[test]
+fn the_margin_shift_pairs_victims_by_seed_and_has_a_t_interval_over_targets() {
+    use metapoison::campaign::{margin_shift, margin_shifts};
+    use metapoison::victim::eval::{adv_margin, t_interval95};
+    let ln = f64::ln;
+    // The margin is ln p(adv) - ln max of the others; a zero probability is floored at 1e-12.
+    let mut p = vec![0.0; 10];
+    p[6] = 1.0;
+    assert!((adv_margin(&p, 0).unwrap() - ln(1e-12)).abs() < 1e-9);
+    assert_eq!(adv_margin(&p, 10), None);
+    // Target A: poisoned seeds 1, 2; controls listed in the other order (seeds 2, 1).
+    let a = with_probs(
+        report("convnet-bn", &[true, false], &[false, false]),
+        &[(1, 0.5, 0.25), (2, 0.2, 0.4), (2, 0.1, 0.5), (1, 0.2, 0.4)],
+    );
+    let want_a = [ln(2.0) - ln(0.5), ln(0.5) - ln(0.2)];
+    let got = margin_shifts(&a, "poisoned");
+    assert_eq!(got.len(), 2);
+    for (g, w) in got.iter().zip(want_a) {
+        assert!((g - w).abs() < 1e-9, "{got:?} against {want_a:?}");
+    }
+    // Target B: the poisons move it by ln 1.5 for both seeds.
+    let b = with_probs(
+        report("convnet-bn", &[false, false], &[false, false]),
+        &[(1, 0.3, 0.4), (2, 0.3, 0.4), (1, 0.2, 0.4), (2, 0.2, 0.4)],
+    );
+    assert!((margin_shift(&b, "poisoned").unwrap() - ln(1.5)).abs() < 1e-9);
+    let mean_a = (want_a[0] + want_a[1]) / 2.0;
+    let results: Vec<TargetResult> = [(1, a), (2, b)]
+        .into_iter()
+        .map(|(id, e)| TargetResult {
+            target_id: id,
+            run_dir: String::new(),
+            export_dir: String::new(),
+            evals: vec![e],
+            craft_seconds: 0.0,
+            craft_loss: None,
+        })
+        .collect();
+    let t = &totals(&results)[0];
+    let mean = (mean_a + ln(1.5)) / 2.0;
+    assert!((t.margin_shift.unwrap() - mean).abs() < 1e-9);
+    assert_eq!(t.noise_margin_shift, None, "no noise victims");
+    // Two targets: the interval is over their four victims' shifts.
+    let (_, want) = t_interval95(&[want_a[0], want_a[1], ln(1.5), ln(1.5)]).unwrap();
+    let got = t.margin_shift_ci95.unwrap();
+    assert!((got.0 - want.0).abs() < 1e-9 && (got.1 - want.1).abs() < 1e-9);
+    assert_eq!(t.margin_shift_ci_over, "victims");
+    // Five targets (A, B, B, B, B): over the targets' means, mean +- t(4 df) x sd / sqrt 5.
+    let mut five = results.clone();
+    for id in 3..6 {
+        five.push(TargetResult {
+            target_id: id,
+            ..results[1].clone()
+        });
+    }
+    let t5 = &totals(&five)[0];
+    assert_eq!(t5.margin_shift_ci_over, "targets");
+    let means = [mean_a, ln(1.5), ln(1.5), ln(1.5), ln(1.5)];
+    let m5 = means.iter().sum::<f64>() / 5.0;
+    let sd = (means.iter().map(|v| (v - m5).powi(2)).sum::<f64>() / 4.0).sqrt();
+    let (lo, hi) = t5.margin_shift_ci95.unwrap();
+    let half = 2.776 * sd / 5f64.sqrt();
+    assert!((lo - (m5 - half)).abs() < 1e-9 && (hi - (m5 + half)).abs() < 1e-9);
+    let (m, (lo, hi)) = t_interval95(&[1.0, 2.0, 3.0]).unwrap();
+    assert_eq!(m, 2.0);
+    assert!((hi - 2.0 - 4.303 / 3f64.sqrt()).abs() < 1e-9 && (2.0 - lo - (hi - 2.0)).abs() < 1e-12);
+}
+
+#[test]
+fn compare_pairs_two_campaigns_victims_by_seed_on_their_shared_targets() {
+    use metapoison::campaign::{compare, comparison_markdown, CampaignReport, Selection};
+    let ln = f64::ln;
+    let campaign = |targets: Vec<(usize, Vec<EvalReport>)>| CampaignReport {
+        started: String::new(),
+        selection: Selection {
+            method: "test".into(),
+            targets: targets.iter().map(|t| t.0).collect(),
+            candidates: vec![],
+        },
+        protocol: None,
+        results: targets
+            .into_iter()
+            .map(|(id, evals)| TargetResult {
+                target_id: id,
+                run_dir: String::new(),
+                export_dir: String::new(),
+                evals,
+                craft_seconds: 0.0,
+                craft_loss: None,
+            })
+            .collect(),
+        totals: vec![],
+        seconds: 0.0,
+    };
+    // The same controls in both (seeds 1 and 2: p(adv) 0.2 against 0.4).
+    let gray = |poisoned: [(u64, f64); 2], flipped: [bool; 2]| {
+        with_probs(
+            report("convnet-bn", &flipped, &[false, false]),
+            &[
+                (poisoned[0].0, poisoned[0].1, 0.4),
+                (poisoned[1].0, poisoned[1].1, 0.4),
+                (1, 0.2, 0.4),
+                (2, 0.2, 0.4),
+            ],
+        )
+    };
+    let first = campaign(vec![
+        (7, vec![gray([(1, 0.2), (2, 0.2)], [false, false])]),
+        (8, vec![gray([(1, 0.4), (2, 0.2)], [false, false])]),
+    ]);
+    // The second campaign lists its victims in the other seed order, has target 9 that the
+    // first lacks and a victim kind (standard recipe) that the first lacks.
+    let second = campaign(vec![
+        (9, vec![gray([(1, 0.9), (2, 0.9)], [true, true])]),
+        (
+            8,
+            vec![
+                gray([(2, 0.6), (1, 0.4)], [true, false]),
+                standard(&[true, true], &[false, false]),
+            ],
+        ),
+        (7, vec![gray([(2, 0.2), (1, 0.8)], [false, true])]),
+    ]);
+    let c = compare(&first, &second);
+    assert_eq!(c.len(), 1, "only the victim kind both evaluated: {c:?}");
+    let c = &c[0];
+    assert_eq!(
+        c.targets,
+        [7, 8],
+        "shared targets, in the first campaign's order"
+    );
+    assert_eq!(c.flipped, [(0, 4), (2, 4)]);
+    // Target 7: seed 1 moves by ln(0.8/0.2) = ln 4, seed 2 by 0; target 8: seed 1 by 0,
+    // seed 2 by ln(0.6/0.2) = ln 3. Paired by order instead of seed, both would read ln 2.
+    let want = [(7, ln(4.0) / 2.0), (8, ln(3.0) / 2.0)];
+    for ((t, d), (wt, wd)) in c.per_target.iter().zip(want) {
+        assert_eq!(*t, wt);
+        assert!((d - wd).abs() < 1e-9, "{:?}", c.per_target);
+    }
+    assert!((c.difference - (ln(4.0) + ln(3.0)) / 4.0).abs() < 1e-9);
+    assert!((c.margin_shift[0] - ln(2.0) / 4.0).abs() < 1e-9);
+    assert_eq!(c.ci_over, "victims");
+    let (lo, hi) = c.difference_ci95.unwrap();
+    assert!(lo < c.difference && c.difference < hi);
+    let md = comparison_markdown(["a", "b"], std::slice::from_ref(c));
+    assert!(
+        md.contains("| convnet-bn | 2 | 0/4 | 2/4 | +0.17 | +0.79 | **+0.62** ["),
+        "{md}"
+    );
 }

@@ -239,3 +239,33 @@ fn bench_profile_reports_operators_and_names_a_bad_trace_path() {
         "{stderr}"
     );
 }
+
+/// `compare` names the file it cannot read, or the two campaigns that share nothing, in one line.
+#[test]
+fn compare_names_a_missing_report_and_campaigns_with_nothing_shared() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |a: &std::path::Path, b: &std::path::Path| {
+        let out = bin().arg("compare").arg(a).arg(b).output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        String::from_utf8_lossy(&out.stderr).trim().to_string()
+    };
+    let missing = dir.path().join("nothing");
+    let err = run(&missing, &missing);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("nothing/campaign.json") || err.contains("nothing (give"),
+        "{err}"
+    );
+    assert!(err.contains("give a campaign folder"), "{err}");
+    let empty = r#"{"started":"","selection":{"method":"m","targets":[]},"results":[],"totals":[],"seconds":0}"#;
+    let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
+    std::fs::write(&a, empty).unwrap();
+    std::fs::write(&b, empty).unwrap();
+    let err = run(&a, &b);
+    assert!(
+        err.ends_with("share no target evaluated by the same kind of victim"),
+        "{err}"
+    );
+    std::fs::write(&b, "{").unwrap();
+    assert!(run(&a, &b).contains("b.json is not a campaign's report"));
+}

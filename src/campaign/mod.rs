@@ -15,7 +15,8 @@ mod report;
 
 pub use protocol::{Protocol, VictimKind};
 pub use report::{
-    csv, markdown, summary, totals, ArmTotals, CampaignReport, Selection, TargetResult,
+    compare, comparison_markdown, csv, margin_shift, margin_shifts, markdown, summary, totals,
+    ArmTotals, CampaignReport, Comparison, Selection, TargetResult,
 };
 
 use crate::app::{
@@ -509,5 +510,49 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs, json: bool) -> Res
         "wrote {}, campaign.csv and campaign.md",
         dir.join("campaign.json").display()
     );
+    Ok(())
+}
+
+/// `metapoison compare`: two campaign folders (or their campaign.json files) compared on their
+/// shared targets (`compare`), printed as Markdown or, with `json`, as one JSON line.
+pub fn compare_folders(first: &Path, second: &Path, json: bool) -> Result<()> {
+    let load = |p: &Path| -> Result<(CampaignReport, String)> {
+        let file = if p.is_dir() {
+            p.join("campaign.json")
+        } else {
+            p.to_path_buf()
+        };
+        let text = std::fs::read_to_string(&file).with_context(|| {
+            format!(
+                "cannot read {} (give a campaign folder or its campaign.json)",
+                file.display()
+            )
+        })?;
+        let report = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a campaign's report", file.display()))?;
+        let folder = file.parent().filter(|_| !p.is_dir()).unwrap_or(p);
+        let name = std::path::absolute(folder)
+            .ok()
+            .and_then(|f| Some(f.file_name()?.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| folder.display().to_string());
+        Ok((report, name))
+    };
+    let ((a, name_a), (b, name_b)) = (load(first)?, load(second)?);
+    let comparisons = compare(&a, &b);
+    if comparisons.is_empty() {
+        bail!(
+            "{} and {} share no target evaluated by the same kind of victim",
+            first.display(),
+            second.display()
+        );
+    }
+    if json {
+        println!("{}", serde_json::to_string(&comparisons)?);
+    } else {
+        print!(
+            "{}",
+            comparison_markdown([name_a.as_str(), name_b.as_str()], &comparisons)
+        );
+    }
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! summary.
 
 use super::protocol::Protocol;
-use crate::victim::eval::{wilson95, EvalReport};
+use crate::victim::eval::{adv_margin, t_interval95, wilson95, EvalReport};
 use serde::{Deserialize, Serialize};
 
 /// How the targets were chosen, saved with the campaign.
@@ -67,10 +67,31 @@ pub struct ArmTotals {
     pub p_adv_poisoned: f64,
     #[serde(default)]
     pub p_adv_control: f64,
+    /// How far the poisons move the target toward the adversarial class, in logits: per
+    /// target, the mean over seeds of the poisoned victim's adversarial margin minus the
+    /// control victim's with the same seed (`margin_shift`); here the mean over targets.
+    /// A finer measure than flips: it sees poisons that move a target without flipping it.
+    #[serde(default)]
+    pub margin_shift: Option<f64>,
+    /// Its 95% Student-t interval: over targets (the unit that varies most) when there are
+    /// at least `MIN_TARGETS_FOR_INTERVAL`, else over these targets' victims (what the
+    /// poisons do to these targets, not to others).
+    #[serde(default)]
+    pub margin_shift_ci95: Option<(f64, f64)>,
+    /// "targets" or "victims": what the interval is taken over.
+    #[serde(default)]
+    pub margin_shift_ci_over: String,
+    /// The same for the noise victims (random +-eps in place of the poisons' perturbations):
+    /// what the budget does when spent at random.
+    #[serde(default)]
+    pub noise_margin_shift: Option<f64>,
     /// Wall-clock seconds of these evaluations.
     #[serde(default)]
     pub eval_seconds: f64,
 }
+
+/// Targets from which the margin shift's interval is taken over targets.
+pub const MIN_TARGETS_FOR_INTERVAL: usize = 5;
 
 fn crafter() -> String {
     "crafter".into()
@@ -134,6 +155,27 @@ pub fn totals(results: &[TargetResult]) -> Vec<ArmTotals> {
                 .iter()
                 .filter(|e| e.poisoned.trials > 0 && e.poisoned.success_rate > 0.5)
                 .count();
+            let shifts: Vec<f64> = evals
+                .iter()
+                .filter_map(|e| margin_shift(e, "poisoned"))
+                .collect();
+            // Few targets say little about other targets: then the interval is over these
+            // targets' victims (what the poisons do to them), else over targets.
+            let over_targets = shifts.len() >= MIN_TARGETS_FOR_INTERVAL;
+            let margin_shift_ci95 = if over_targets {
+                t_interval95(&shifts)
+            } else {
+                let pooled: Vec<f64> = evals
+                    .iter()
+                    .flat_map(|e| margin_shifts(e, "poisoned"))
+                    .collect();
+                t_interval95(&pooled)
+            }
+            .map(|(_, ci)| ci);
+            let noise_shifts: Vec<f64> = evals
+                .iter()
+                .filter_map(|e| margin_shift(e, "noise"))
+                .collect();
             let mean = |f: &dyn Fn(&EvalReport) -> f64| {
                 evals.iter().map(|e| f(e)).sum::<f64>() / evals.len().max(1) as f64
             };
@@ -156,6 +198,10 @@ pub fn totals(results: &[TargetResult]) -> Vec<ArmTotals> {
                 accuracy_control: mean(&|e| e.control.accuracy_mean),
                 p_adv_poisoned: mean(&|e| mean_p_adv(e, "poisoned")),
                 p_adv_control: mean(&|e| mean_p_adv(e, "control")),
+                margin_shift: mean_of(&shifts),
+                margin_shift_ci95,
+                margin_shift_ci_over: if over_targets { "targets" } else { "victims" }.into(),
+                noise_margin_shift: mean_of(&noise_shifts),
                 eval_seconds: evals.iter().map(|e| e.seconds).sum(),
             }
         })
@@ -180,6 +226,187 @@ fn mean_p_adv(e: &EvalReport, arm: &str) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
+/// Per seed, the adversarial margin (`adv_margin`, first target) of the victim of `arm` minus
+/// that of the control victim trained with the same seed, in the order of `arm`'s victims.
+pub fn margin_shifts(e: &EvalReport, arm: &str) -> Vec<f64> {
+    seeded_margin_shifts(e, arm)
+        .into_iter()
+        .map(|(_, d)| d)
+        .collect()
+}
+
+/// `margin_shifts` with each victim's seed.
+fn seeded_margin_shifts(e: &EvalReport, arm: &str) -> Vec<(u64, f64)> {
+    let Some(&adv) = e.adversarial.first() else {
+        return Vec::new();
+    };
+    let margin = |t: &crate::victim::eval::Trial| adv_margin(t.target_probs.first()?, adv);
+    let mut controls: Vec<(u64, f64)> = e
+        .trials
+        .iter()
+        .filter(|t| t.arm == "control")
+        .filter_map(|t| Some((t.seed, margin(t)?)))
+        .collect();
+    let mut out = Vec::new();
+    for t in e.trials.iter().filter(|t| t.arm == arm) {
+        let (Some(m), Some(i)) = (margin(t), controls.iter().position(|c| c.0 == t.seed)) else {
+            continue;
+        };
+        out.push((t.seed, m - controls.remove(i).1));
+    }
+    out
+}
+
+/// Two campaigns compared for one victim kind over the targets both evaluated with it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Comparison {
+    pub victim_net: String,
+    pub recipe: String,
+    /// Targets both campaigns evaluated with this victim kind, in the first one's order.
+    pub targets: Vec<usize>,
+    /// Poisoned victims flipped and their number, in the first and in the second campaign.
+    pub flipped: [(usize, usize); 2],
+    /// The mean margin shift (`margin_shift`) over these targets, in each campaign.
+    pub margin_shift: [f64; 2],
+    /// Second minus first, per target: the mean over the victim seeds both campaigns trained.
+    pub per_target: Vec<(usize, f64)>,
+    /// Second minus first over the targets, and its 95% Student-t interval, over targets or
+    /// over the victims (as for `ArmTotals::margin_shift_ci95`).
+    pub difference: f64,
+    pub difference_ci95: Option<(f64, f64)>,
+    pub ci_over: String,
+}
+
+/// Compares two campaigns (for instance two settings judged by the same protocol) on their
+/// shared targets, victim kind by victim kind. Victims are paired by seed, so that a victim
+/// of the second campaign is set against the one of the first that began from the same
+/// weights and batch order: the difference of their margin shifts is what the second
+/// setting's poisons do beyond the first's, free of the victims' own spread.
+pub fn compare(first: &CampaignReport, second: &CampaignReport) -> Vec<Comparison> {
+    let mut out: Vec<Comparison> = Vec::new();
+    // Per comparison, every paired victim's difference (for the interval over victims).
+    let mut victims: Vec<Vec<f64>> = Vec::new();
+    for ra in &first.results {
+        let Some(rb) = second.results.iter().find(|r| r.target_id == ra.target_id) else {
+            continue;
+        };
+        for ea in &ra.evals {
+            let Some(eb) = rb
+                .evals
+                .iter()
+                .find(|e| e.victim_net == ea.victim_net && e.recipe() == ea.recipe())
+            else {
+                continue;
+            };
+            let sb = seeded_margin_shifts(eb, "poisoned");
+            let paired: Vec<f64> = seeded_margin_shifts(ea, "poisoned")
+                .into_iter()
+                .filter_map(|(seed, a)| Some(sb.iter().find(|(s, _)| *s == seed)?.1 - a))
+                .collect();
+            let (Some(d), Some(a), Some(b)) = (
+                mean_of(&paired),
+                margin_shift(ea, "poisoned"),
+                margin_shift(eb, "poisoned"),
+            ) else {
+                continue;
+            };
+            let same_kind =
+                |c: &Comparison| c.victim_net == ea.victim_net && c.recipe == ea.recipe();
+            let i = out.iter().position(same_kind).unwrap_or_else(|| {
+                out.push(Comparison {
+                    victim_net: ea.victim_net.clone(),
+                    recipe: ea.recipe().into(),
+                    targets: vec![],
+                    flipped: [(0, 0); 2],
+                    margin_shift: [0.0; 2],
+                    per_target: vec![],
+                    difference: 0.0,
+                    difference_ci95: None,
+                    ci_over: String::new(),
+                });
+                victims.push(Vec::new());
+                out.len() - 1
+            });
+            let c = &mut out[i];
+            c.targets.push(ra.target_id);
+            for (k, e) in [ea, eb].into_iter().enumerate() {
+                c.flipped[k].0 += e.poisoned.successes;
+                c.flipped[k].1 += e.poisoned.trials;
+            }
+            c.margin_shift[0] += a;
+            c.margin_shift[1] += b;
+            c.per_target.push((ra.target_id, d));
+            victims[i].extend(paired);
+        }
+    }
+    for (c, victims) in out.iter_mut().zip(&victims) {
+        let n = c.targets.len() as f64;
+        c.margin_shift = c.margin_shift.map(|v| v / n);
+        let means: Vec<f64> = c.per_target.iter().map(|&(_, d)| d).collect();
+        c.difference = means.iter().sum::<f64>() / n;
+        let over_targets = means.len() >= MIN_TARGETS_FOR_INTERVAL;
+        let values = if over_targets { &means } else { victims };
+        c.difference_ci95 = t_interval95(values).map(|(_, ci)| ci);
+        c.ci_over = if over_targets { "targets" } else { "victims" }.into();
+    }
+    out
+}
+
+/// `compare`'s result as Markdown: a row per victim kind, then its per-target differences.
+pub fn comparison_markdown(names: [&str; 2], comparisons: &[Comparison]) -> String {
+    let [a, b] = names;
+    let mut out = format!(
+        "`{b}` against `{a}`, victims paired by seed (margin shift: the target's adversarial margin in a poisoned victim minus its control twin's, in logits).\n\n| victims | targets | flipped `{a}` | flipped `{b}` | margin shift `{a}` | margin shift `{b}` | difference [95% t] | per target |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n"
+    );
+    for c in comparisons {
+        let interval = c.difference_ci95.map_or(String::new(), |(lo, hi)| {
+            format!(" [{lo:+.2}, {hi:+.2}] over {}", c.ci_over)
+        });
+        let per_target: Vec<String> = c
+            .per_target
+            .iter()
+            .map(|(t, d)| format!("{t}: {d:+.2}"))
+            .collect();
+        out += &format!(
+            "| {} | {} | {} | {} | {:+.2} | {:+.2} | **{:+.2}**{interval} | {} |\n",
+            victims_label(&c.victim_net, &c.recipe),
+            c.targets.len(),
+            flips(c.flipped[0].0, c.flipped[0].1, false),
+            flips(c.flipped[1].0, c.flipped[1].1, false),
+            c.margin_shift[0],
+            c.margin_shift[1],
+            c.difference,
+            per_target.join(", "),
+        );
+    }
+    out
+}
+
+/// The mean of `margin_shifts` (`None` when no victim of `arm` has a control twin).
+pub fn margin_shift(e: &EvalReport, arm: &str) -> Option<f64> {
+    mean_of(&margin_shifts(e, arm))
+}
+
+fn mean_of(v: &[f64]) -> Option<f64> {
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+/// A signed margin shift with two decimals, or "-".
+fn shift_text(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:+.2}"))
+}
+
+/// The totals' margin shift with its interval: "**+1.41** [+0.70, +2.12] over targets".
+fn shift_with_interval(t: &ArmTotals) -> String {
+    match (t.margin_shift, t.margin_shift_ci95) {
+        (Some(m), Some((lo, hi))) => format!(
+            "**{m:+.2}** [{lo:+.2}, {hi:+.2}] over {}",
+            t.margin_shift_ci_over
+        ),
+        (m, _) => shift_text(m),
+    }
+}
+
 /// "victim net" or, for another recipe than the crafter's, "victim net, recipe".
 fn victims_label(net: &str, recipe: &str) -> String {
     if recipe == "crafter" {
@@ -192,13 +419,13 @@ fn victims_label(net: &str, recipe: &str) -> String {
 /// The campaign's table as printed and saved (CSV: one row per target and victim kind).
 pub fn csv(results: &[TargetResult]) -> String {
     let mut out = String::from(
-        "target_id,victim_net,recipe,setting,epochs,poisoned_successes,poisoned_victims,train_mode_successes,control_successes,control_victims,noise_successes,noise_victims,accuracy_poisoned,accuracy_control,p_adv_poisoned,p_adv_control,craft_seconds,eval_seconds,craft_loss\n",
+        "target_id,victim_net,recipe,setting,epochs,poisoned_successes,poisoned_victims,train_mode_successes,control_successes,control_victims,noise_successes,noise_victims,accuracy_poisoned,accuracy_control,p_adv_poisoned,p_adv_control,margin_shift,noise_margin_shift,craft_seconds,eval_seconds,craft_loss\n",
     );
     for r in results {
         for e in &r.evals {
             let noise = e.noise.as_ref();
             out += &format!(
-                "{},{},{},{},{},{},{},{},{},{},{},{},{:.4},{:.4},{:.4},{:.4},{:.1},{:.1},{}\n",
+                "{},{},{},{},{},{},{},{},{},{},{},{},{:.4},{:.4},{:.4},{:.4},{},{},{:.1},{:.1},{}\n",
                 r.target_id,
                 e.victim_net,
                 e.recipe(),
@@ -215,6 +442,8 @@ pub fn csv(results: &[TargetResult]) -> String {
                 e.control.accuracy_mean,
                 mean_p_adv(e, "poisoned"),
                 mean_p_adv(e, "control"),
+                margin_shift(e, "poisoned").map_or(String::new(), |v| format!("{v:.4}")),
+                margin_shift(e, "noise").map_or(String::new(), |v| format!("{v:.4}")),
                 r.craft_seconds,
                 e.seconds,
                 r.craft_loss.map_or(String::new(), |l| format!("{l:.4}")),
@@ -258,7 +487,7 @@ fn benchmark_table(report: &CampaignReport, protocol: &Protocol) -> String {
         String::new()
     };
     let mut out = format!(
-        "Protocol `{}`: {}. Targets {:?}.{part}\n\n| target | victims | poisoned flipped | train mode | controls flipped | noise flipped | p(adv) poisoned / control | clean accuracy poisoned / control | crafting | crafting loss, last 5 steps | evaluation |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "Protocol `{}`: {}. Targets {:?}.{part}\n\n| target | victims | poisoned flipped | train mode | controls flipped | noise flipped | p(adv) poisoned / control | margin shift poisoned / noise | clean accuracy poisoned / control | crafting | crafting loss, last 5 steps | evaluation |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
         protocol.name, protocol.description, protocol.targets
     );
     let row = |target: &str, e: &EvalReport, craft: &str, loss: &str| {
@@ -267,7 +496,7 @@ fn benchmark_table(report: &CampaignReport, protocol: &Protocol) -> String {
             .as_ref()
             .map_or("-".to_string(), |n| flips(n.successes, n.trials, false));
         format!(
-            "| {target} | {} ({}) | {} | {} | {} | {noise} | {:.2} / {:.2} | {:.1}% / {:.1}% | {craft} | {loss} | {} |\n",
+            "| {target} | {} ({}) | {} | {} | {} | {noise} | {:.2} / {:.2} | {} / {} | {:.1}% / {:.1}% | {craft} | {loss} | {} |\n",
             victims_label(&e.victim_net, e.recipe()),
             e.setting,
             flips(e.poisoned.successes, e.poisoned.trials, false),
@@ -275,6 +504,8 @@ fn benchmark_table(report: &CampaignReport, protocol: &Protocol) -> String {
             flips(e.control.successes, e.control.trials, false),
             mean_p_adv(e, "poisoned"),
             mean_p_adv(e, "control"),
+            shift_text(margin_shift(e, "poisoned")),
+            shift_text(margin_shift(e, "noise")),
             e.poisoned.accuracy_mean * 100.0,
             e.control.accuracy_mean * 100.0,
             minutes(e.seconds),
@@ -296,7 +527,7 @@ fn benchmark_table(report: &CampaignReport, protocol: &Protocol) -> String {
     let craft_total: f64 = report.results.iter().map(|r| r.craft_seconds).sum();
     for (i, t) in report.totals.iter().enumerate() {
         out += &format!(
-            "| **all {}** | {} ({}) | **{}** | {} | {} | {} | {:.2} / {:.2} | {:.1}% / {:.1}% | {} |  | {} |\n",
+            "| **all {}** | {} ({}) | **{}** | {} | {} | {} | {:.2} / {:.2} | {} / {} | {:.1}% / {:.1}% | {} |  | {} |\n",
             t.targets,
             victims_label(&t.victim_net, &t.recipe),
             t.setting,
@@ -310,6 +541,8 @@ fn benchmark_table(report: &CampaignReport, protocol: &Protocol) -> String {
             },
             t.p_adv_poisoned,
             t.p_adv_control,
+            shift_with_interval(t),
+            shift_text(t.noise_margin_shift),
             t.accuracy_poisoned * 100.0,
             t.accuracy_control * 100.0,
             if i == 0 { minutes(craft_total) } else { String::new() },
@@ -381,12 +614,12 @@ pub fn summary(report: &CampaignReport) -> String {
         None => report.selection.method.clone(),
     };
     let mut out = format!(
-        "{} targets ({method})\nvictims      recipe    setting    success over victims [95% Wilson]  targets flipped  control flips  noise flips  train mode  clean acc poisoned / control\n",
+        "{} targets ({method})\nvictims      recipe    setting    success over victims [95% Wilson]  targets flipped  control flips  noise flips  train mode  clean acc poisoned / control  margin shift [95% t]\n",
         report.selection.targets.len(),
     );
     for t in &report.totals {
         out += &format!(
-            "{:<12} {:<9} {:<10} {:>3}/{:<3} {:>5.1}% [{:>5.1}%, {:>5.1}%]      {:>2}/{:<2}           {:>2}/{:<3}        {:>7}  {:>10}  {:.2}% / {:.2}%\n",
+            "{:<12} {:<9} {:<10} {:>3}/{:<3} {:>5.1}% [{:>5.1}%, {:>5.1}%]      {:>2}/{:<2}           {:>2}/{:<3}        {:>7}  {:>10}  {:.2}% / {:.2}%       {}\n",
             t.victim_net,
             t.recipe,
             t.setting,
@@ -406,7 +639,8 @@ pub fn summary(report: &CampaignReport) -> String {
             },
             format!("{}/{}", t.train_mode_successes, t.victims),
             t.accuracy_poisoned * 100.0,
-            t.accuracy_control * 100.0
+            t.accuracy_control * 100.0,
+            shift_with_interval(t).replace("**", ""),
         );
     }
     out

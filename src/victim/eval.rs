@@ -337,6 +337,54 @@ pub fn evaluate(
     Ok(report)
 }
 
+/// The target's adversarial margin in one victim, in logits: ln p(adv) - ln max_{j != adv} p(j),
+/// which equals z_adv - max_{j != adv} z_j because softmax keeps logit differences; above 0
+/// when the victim is flipped. Probabilities are floored at 1e-12 (a margin of about -28), so
+/// that a softmax saturated in float32 stays finite. `None` without such a class.
+pub fn adv_margin(probs: &[f64], adv: i64) -> Option<f64> {
+    let a = usize::try_from(adv).ok()?;
+    let p_adv = *probs.get(a)?;
+    let other = probs
+        .iter()
+        .enumerate()
+        .filter(|&(j, _)| j != a)
+        .map(|(_, &p)| p)
+        .fold(None, |m: Option<f64>, p| Some(m.map_or(p, |m| m.max(p))))?;
+    let floor = |p: f64| p.max(1e-12).ln();
+    Some(floor(p_adv) - floor(other))
+}
+
+/// The mean of `values` and its two-sided 95% Student-t interval; `None` for fewer than two.
+pub fn t_interval95(values: &[f64]) -> Option<(f64, (f64, f64))> {
+    let n = values.len();
+    if n < 2 {
+        return None;
+    }
+    let mean = values.iter().sum::<f64>() / n as f64;
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    let half = t975(n - 1) * (var / n as f64).sqrt();
+    Some((mean, (mean - half, mean + half)))
+}
+
+/// The 97.5% quantile of Student's t with `df` degrees of freedom: tabulated to 30, then
+/// the first terms of its expansion around the normal quantile (within 0.001 beyond).
+fn t975(df: usize) -> f64 {
+    const TABLE: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042,
+    ];
+    match df {
+        0 => f64::INFINITY,
+        1..=30 => TABLE[df - 1],
+        _ => {
+            let (z, d) = (1.959_963_984_540_054_f64, df as f64);
+            z + (z.powi(3) + z) / (4.0 * d)
+                + (5.0 * z.powi(5) + 16.0 * z.powi(3) + 3.0 * z) / (96.0 * d * d)
+        }
+    }
+}
+
 /// Wilson score interval for `k` successes in `n` trials at z = 1.96.
 pub fn wilson95(k: usize, n: usize) -> (f64, f64) {
     if n == 0 {
