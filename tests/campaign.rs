@@ -426,6 +426,49 @@ fn eval_variation_flags_reach_the_victims_and_bad_values_are_named() {
     assert_eq!(e["noise"]["trials"], 1);
     assert!(String::from_utf8_lossy(&out.stdout).contains("\nnoise "));
 
+    // With controls, `eval` prints the margin shift: the mean over victims of the target's
+    // adversarial margin minus that of the control victim with the same seed.
+    let out = eval(&["--trials", "2"]);
+    let e = succeeded(&out);
+    let adv = e["adversarial"][0].as_u64().unwrap() as usize;
+    let margin = |arm: &str, seed: &serde_json::Value| {
+        let t = e["trials"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["arm"] == arm && &t["seed"] == seed)
+            .unwrap();
+        let p: Vec<f64> = t["target_probs"][0]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap().max(1e-12))
+            .collect();
+        let other = (0..p.len())
+            .filter(|&j| j != adv)
+            .map(|j| p[j])
+            .fold(0.0, f64::max);
+        p[adv].ln() - other.ln()
+    };
+    let poisoned: Vec<&serde_json::Value> = e["trials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["arm"] == "poisoned")
+        .map(|t| &t["seed"])
+        .collect();
+    assert_eq!(poisoned.len(), 2);
+    let mean = poisoned
+        .iter()
+        .map(|s| margin("poisoned", s) - margin("control", s))
+        .sum::<f64>()
+        / 2.0;
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        printed.contains(&format!("over victims): poisoned {mean:+.2} [")),
+        "{mean}: {printed}"
+    );
+
     // The standard recipe: Nesterov momentum, one cycle; a flag given with it applies on top.
     let out = eval(&[
         "--trials",

@@ -4,7 +4,7 @@
 //! summary.
 
 use super::protocol::Protocol;
-use crate::victim::eval::{adv_margin, t_interval95, wilson95, EvalReport};
+use crate::victim::eval::{t_interval95, wilson95, EvalReport};
 use serde::{Deserialize, Serialize};
 
 /// How the targets were chosen, saved with the campaign.
@@ -229,32 +229,10 @@ fn mean_p_adv(e: &EvalReport, arm: &str) -> f64 {
 /// Per seed, the adversarial margin (`adv_margin`, first target) of the victim of `arm` minus
 /// that of the control victim trained with the same seed, in the order of `arm`'s victims.
 pub fn margin_shifts(e: &EvalReport, arm: &str) -> Vec<f64> {
-    seeded_margin_shifts(e, arm)
+    e.seeded_margin_shifts(arm)
         .into_iter()
         .map(|(_, d)| d)
         .collect()
-}
-
-/// `margin_shifts` with each victim's seed.
-fn seeded_margin_shifts(e: &EvalReport, arm: &str) -> Vec<(u64, f64)> {
-    let Some(&adv) = e.adversarial.first() else {
-        return Vec::new();
-    };
-    let margin = |t: &crate::victim::eval::Trial| adv_margin(t.target_probs.first()?, adv);
-    let mut controls: Vec<(u64, f64)> = e
-        .trials
-        .iter()
-        .filter(|t| t.arm == "control")
-        .filter_map(|t| Some((t.seed, margin(t)?)))
-        .collect();
-    let mut out = Vec::new();
-    for t in e.trials.iter().filter(|t| t.arm == arm) {
-        let (Some(m), Some(i)) = (margin(t), controls.iter().position(|c| c.0 == t.seed)) else {
-            continue;
-        };
-        out.push((t.seed, m - controls.remove(i).1));
-    }
-    out
 }
 
 /// Two campaigns compared for one victim kind over the targets both evaluated with it.
@@ -298,8 +276,9 @@ pub fn compare(first: &CampaignReport, second: &CampaignReport) -> Vec<Compariso
             else {
                 continue;
             };
-            let sb = seeded_margin_shifts(eb, "poisoned");
-            let paired: Vec<f64> = seeded_margin_shifts(ea, "poisoned")
+            let sb = eb.seeded_margin_shifts("poisoned");
+            let paired: Vec<f64> = ea
+                .seeded_margin_shifts("poisoned")
                 .into_iter()
                 .filter_map(|(seed, a)| Some(sb.iter().find(|(s, _)| *s == seed)?.1 - a))
                 .collect();

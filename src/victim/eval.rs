@@ -83,6 +83,33 @@ pub struct EvalReport {
 }
 
 impl EvalReport {
+    /// Per seed, the adversarial margin (`adv_margin`, first target) of the victim of `arm`
+    /// minus that of the control victim trained with the same seed (the same initial weights
+    /// and batch order), in the order of `arm`'s victims: what the arm's training split did
+    /// to the target, free of the victims' own spread. Victims without a control twin are
+    /// left out.
+    pub fn seeded_margin_shifts(&self, arm: &str) -> Vec<(u64, f64)> {
+        let Some(&adv) = self.adversarial.first() else {
+            return Vec::new();
+        };
+        let margin = |t: &Trial| adv_margin(t.target_probs.first()?, adv);
+        let mut controls: Vec<(u64, f64)> = self
+            .trials
+            .iter()
+            .filter(|t| t.arm == "control")
+            .filter_map(|t| Some((t.seed, margin(t)?)))
+            .collect();
+        let mut out = Vec::new();
+        for t in self.trials.iter().filter(|t| t.arm == arm) {
+            let twin = controls.iter().position(|c| c.0 == t.seed);
+            let (Some(m), Some(i)) = (margin(t), twin) else {
+                continue;
+            };
+            out.push((t.seed, m - controls.remove(i).1));
+        }
+        out
+    }
+
     /// The victims' recipe by name (`VictimConfig::recipe_name`); "crafter" for reports
     /// recorded before the protocol was.
     pub fn recipe(&self) -> &'static str {
