@@ -545,11 +545,16 @@ fn v_starts_one_evaluation_and_its_result_reaches_the_header() {
     // A second press while it runs sends nothing.
     assert_eq!(app.on_key(key(KeyCode::Char('v'))), vec![]);
     assert!(text(&render(&app, 160, 48)).contains("victims: training..."));
-    let t = |arm: &str, success: bool, acc: f64| Trial {
+    // p(adv) per victim, against 0.2 for the strongest other class (6).
+    let t = |arm: &str, seed: u64, p_adv: f64, success: bool, acc: f64| Trial {
         arm: arm.into(),
-        seed: 1,
+        seed,
         predicted: vec![if success { 0 } else { 6 }],
-        target_probs: vec![vec![0.1; 10]],
+        target_probs: vec![{
+            let mut p = vec![0.01; 10];
+            (p[0], p[6]) = (p_adv, 0.2);
+            p
+        }],
         success: vec![success],
         clean_accuracy: acc,
         train_mode: vec![],
@@ -557,10 +562,10 @@ fn v_starts_one_evaluation_and_its_result_reaches_the_header() {
         cached: false,
     };
     let trials = vec![
-        t("poisoned", true, 0.851),
-        t("control", false, 0.855),
-        t("poisoned", false, 0.853),
-        t("control", false, 0.857),
+        t("poisoned", 1, 0.6, true, 0.851),
+        t("control", 1, 0.1, false, 0.855),
+        t("poisoned", 2, 0.2, false, 0.853),
+        t("control", 2, 0.1, false, 0.857),
     ];
     let pick = |arm: &str| trials.iter().filter(|x| x.arm == arm).collect::<Vec<_>>();
     let report = EvalReport {
@@ -585,11 +590,29 @@ fn v_starts_one_evaluation_and_its_result_reaches_the_header() {
         old.insert(k.clone(), v.clone());
     }
     let back: Telemetry = serde_json::from_value(old.into()).unwrap();
-    assert_eq!(back, Telemetry::Evaluation((&report).into()));
+    let summary: metapoison::engine::protocol::EvaluationSummary = (&report).into();
+    assert_eq!(
+        back,
+        Telemetry::Evaluation(metapoison::engine::protocol::EvaluationSummary {
+            margin_shift: None,
+            ..summary.clone()
+        })
+    );
     app.on_telemetry(back);
     let screen = text(&render(&app, 160, 48));
     assert!(
         screen.contains("victims 1/2 flipped (control 0/2), acc 85.2%/85.6%"),
+        "{screen}"
+    );
+    // Today's summary carries how far the target moved: seed 1 by ln(0.6/0.1) = 1.79
+    // logits against its control twin, seed 2 by ln(0.2/0.1) = 0.69; +1.24 on average.
+    assert!((summary.margin_shift.unwrap() - (6f64.ln() + 2f64.ln()) / 2.0).abs() < 1e-9);
+    app.on_telemetry(Telemetry::Evaluation(summary));
+    let screen = text(&render(&app, 160, 48));
+    assert!(
+        screen.contains(
+            "victims 1/2 flipped (control 0/2), target moved +1.2 logits, acc 85.2%/85.6%"
+        ),
         "{screen}"
     );
     // Finished runs keep export and evaluation; quitting lets the lingering engine go.

@@ -181,6 +181,11 @@ pub struct EvaluationSummary {
     pub control: ArmCounts,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub noise: Option<ArmCounts>,
+    /// How far the poisons moved the target toward its adversarial class, in logits: the mean
+    /// over poisoned victims of the margin shift against the control twin
+    /// (`EvalReport::seeded_margin_shifts`); absent without controls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub margin_shift: Option<f64>,
 }
 
 /// One arm's victims: how many classified a target as its adversarial class, of how many,
@@ -210,6 +215,10 @@ impl From<&crate::victim::eval::EvalReport> for EvaluationSummary {
             poisoned: (&r.poisoned).into(),
             control: (&r.control).into(),
             noise: r.noise.as_ref().map(Into::into),
+            margin_shift: {
+                let d = r.seeded_margin_shifts("poisoned");
+                (!d.is_empty()).then(|| d.iter().map(|(_, v)| v).sum::<f64>() / d.len() as f64)
+            },
         }
     }
 }

@@ -168,6 +168,8 @@ pub struct VictimResult {
     pub control_trials: usize,
     pub accuracy: f64,
     pub control_accuracy: f64,
+    /// Logits the poisons moved the target toward the adversarial class (against controls).
+    pub margin_shift: Option<f64>,
 }
 
 /// The engine's live settings as last reported.
@@ -386,6 +388,7 @@ impl App {
                     control_trials: r.control.trials,
                     accuracy: r.poisoned.accuracy_mean,
                     control_accuracy: r.control.accuracy_mean,
+                    margin_shift: r.margin_shift,
                 });
             }
         }

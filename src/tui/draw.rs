@@ -101,11 +101,13 @@ fn draw_header(frame: &mut Frame, app: &App, area: Rect) {
     let victims = match (&app.victims, app.evaluating) {
         (_, true) => "victims: training...  ".to_string(),
         (Some(v), false) => format!(
-            "victims {}/{} flipped (control {}/{}), acc {:.1}%/{:.1}%  ",
+            "victims {}/{} flipped (control {}/{}), {}acc {:.1}%/{:.1}%  ",
             v.flipped,
             v.trials,
             v.control_flipped,
             v.control_trials,
+            v.margin_shift
+                .map_or(String::new(), |m| format!("target moved {m:+.1} logits, ")),
             v.accuracy * 100.0,
             v.control_accuracy * 100.0
         ),
