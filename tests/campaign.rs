@@ -884,6 +884,14 @@ fn compare_pairs_two_campaigns_victims_by_seed_on_their_shared_targets() {
     assert_eq!(c.ci_over, "victims");
     let (lo, hi) = c.difference_ci95.unwrap();
     assert!(lo < c.difference && c.difference < hi);
+    // Victims trained for another number of epochs are not paired with these.
+    let mut longer = second.clone();
+    for r in &mut longer.results {
+        for e in &mut r.evals {
+            e.epochs += 1;
+        }
+    }
+    assert!(compare(&first, &longer).is_empty());
     let md = comparison_markdown(["a", "b"], std::slice::from_ref(c));
     assert!(
         md.contains("| convnet-bn | 2 | 0/4 | 2/4 | +0.17 | +0.79 | **+0.62** ["),

@@ -261,6 +261,12 @@ pub struct Comparison {
 /// weights and batch order: the difference of their margin shifts is what the second
 /// setting's poisons do beyond the first's, free of the victims' own spread.
 pub fn compare(first: &CampaignReport, second: &CampaignReport) -> Vec<Comparison> {
+    // How a victim was trained, whatever the number of victims asked for.
+    let training = |e: &EvalReport| {
+        e.protocol
+            .clone()
+            .map(|p| crate::config::VictimConfig { trials: 0, ..p })
+    };
     let mut out: Vec<Comparison> = Vec::new();
     // Per comparison, every paired victim's difference (for the interval over victims).
     let mut victims: Vec<Vec<f64>> = Vec::new();
@@ -269,11 +275,13 @@ pub fn compare(first: &CampaignReport, second: &CampaignReport) -> Vec<Compariso
             continue;
         };
         for ea in &ra.evals {
-            let Some(eb) = rb
-                .evals
-                .iter()
-                .find(|e| e.victim_net == ea.victim_net && e.recipe() == ea.recipe())
-            else {
+            // The same kind of victim, trained as long (seeds then pair like with like).
+            let Some(eb) = rb.evals.iter().find(|e| {
+                e.victim_net == ea.victim_net
+                    && e.recipe() == ea.recipe()
+                    && training(e) == training(ea)
+                    && e.epochs == ea.epochs
+            }) else {
                 continue;
             };
             let sb = eb.seeded_margin_shifts("poisoned");
