@@ -683,7 +683,8 @@ fn the_markdown_table_shows_each_victims_adversarial_probability_and_the_totals(
     use metapoison::campaign::{markdown, CampaignReport, Selection};
     use metapoison::victim::targets::Candidate;
     let mut gray = report("convnet-bn", &[true, false], &[false, false]);
-    // Victims in arm order: poisoned 0.91, 0.12; controls 0.03, 0.40.
+    // Victims in arm order: poisoned 0.91, 0.12; controls 0.03, 0.40 (the other classes at
+    // 0, so the margin shifts are ln(0.91 / 0.03) and ln(0.12 / 0.40): +1.10 on average).
     for (t, p) in gray.trials.iter_mut().zip([0.91, 0.12, 0.03, 0.40]) {
         t.target_probs[0][0] = p;
     }
@@ -717,7 +718,7 @@ fn the_markdown_table_shows_each_victims_adversarial_probability_and_the_totals(
     let md = markdown(&r);
     assert!(
         md.contains(
-            "| 7 | convnet-bn (gray-box) | 2.50 / 1.25 | 1/2 | 0.91, 0.12 | 0/2 | 0.03, 0.40 | 80.0% / 90.0% |"
+            "| 7 | convnet-bn (gray-box) | 2.50 / 1.25 | 1/2 | 0.91, 0.12 | 0/2 | 0.03, 0.40 | +1.10 | 80.0% / 90.0% |"
         ),
         "{md}"
     );

@@ -555,7 +555,7 @@ pub fn markdown(report: &CampaignReport) -> String {
 
 fn per_target_table(report: &CampaignReport) -> String {
     let mut out = format!(
-        "Targets: {:?} ({}).\n\n| target | victims | clean margin mean / worst | poisoned flipped | p(adv) poisoned | controls flipped | p(adv) controls | clean accuracy poisoned / control |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "Targets: {:?} ({}).\n\n| target | victims | clean margin mean / worst | poisoned flipped | p(adv) poisoned | controls flipped | p(adv) controls | margin shift | clean accuracy poisoned / control |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
         report.selection.targets, report.selection.method
     );
     for r in &report.results {
@@ -576,7 +576,7 @@ fn per_target_table(report: &CampaignReport) -> String {
                 p.join(", ")
             };
             out += &format!(
-                "| {} | {} ({}) | {margins} | {}/{} | {} | {}/{} | {} | {:.1}% / {:.1}% |\n",
+                "| {} | {} ({}) | {margins} | {}/{} | {} | {}/{} | {} | {} | {:.1}% / {:.1}% |\n",
                 r.target_id,
                 victims_label(&e.victim_net, e.recipe()),
                 e.setting,
@@ -586,6 +586,7 @@ fn per_target_table(report: &CampaignReport) -> String {
                 e.control.successes,
                 e.control.trials,
                 probs("control"),
+                shift_text(margin_shift(e, "poisoned")),
                 e.poisoned.accuracy_mean * 100.0,
                 e.control.accuracy_mean * 100.0,
             );
