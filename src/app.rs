@@ -353,12 +353,8 @@ pub fn report_table(report: &crate::victim::eval::EvalReport, control: bool) -> 
         out += &row_line("noise", noise);
     }
     // How far the poisons moved the target, victim by victim against its control twin.
-    let shift = |arm: &str| {
-        let d: Vec<f64> = report
-            .seeded_margin_shifts(arm)
-            .into_iter()
-            .map(|(_, d)| d)
-            .collect();
+    let interval = |shifts: Vec<(u64, f64)>| {
+        let d: Vec<f64> = shifts.into_iter().map(|(_, d)| d).collect();
         match crate::victim::eval::t_interval95(&d) {
             Some((m, (lo, hi))) => format!("{m:+.2} [{lo:+.2}, {hi:+.2}]"),
             None if d.len() == 1 => format!("{:+.2}", d[0]),
@@ -368,10 +364,14 @@ pub fn report_table(report: &crate::victim::eval::EvalReport, control: bool) -> 
     if control {
         out += &format!(
             "margin shift (the target's adversarial margin minus its control twin's, logits, 95% t over victims): poisoned {}",
-            shift("poisoned")
+            interval(report.seeded_margin_shifts("poisoned"))
         );
         if report.noise.is_some() {
-            out += &format!(", noise {}", shift("noise"));
+            out += &format!(", noise {}", interval(report.seeded_margin_shifts("noise")));
+        }
+        let class = report.seeded_class_shifts("poisoned");
+        if !class.is_empty() {
+            out += &format!("; the target's class, poisoned {}", interval(class));
         }
         out += "\n";
     }

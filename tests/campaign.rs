@@ -18,6 +18,7 @@ fn trial(arm: &str, success: bool, acc: f64) -> Trial {
         train_mode: vec![if success { 0.75 } else { 0.25 }],
         seconds: 1.0,
         cached: false,
+        class_margin: None,
     }
 }
 
@@ -338,6 +339,7 @@ recipe = "standard"
             "{t}"
         );
         assert!(t["noise_margin_shift"].as_f64().unwrap().is_finite(), "{t}");
+        assert!(t["class_margin_shift"].as_f64().unwrap().is_finite(), "{t}");
     }
     assert!(report["results"][0]["craft_seconds"].as_f64().unwrap() > 0.0);
     // The crafting loss of each target's last steps, beside what its victims did.
@@ -350,7 +352,7 @@ recipe = "standard"
         "| 3 | convnet-bn (gray-box) | ",
         &format!(" min | {loss:.2} | "),
         "| crafting | crafting loss, last 5 steps | evaluation |",
-        "| margin shift poisoned / noise |",
+        "| margin shift poisoned / noise | its class moved |",
         "| 3 | convnet-bn, standard recipe (gray-box) | ",
         "| **all 2** | convnet-bn (gray-box) | **",
         "| **all 2** | convnet-bn, standard recipe (gray-box) | **",
@@ -467,6 +469,28 @@ fn eval_variation_flags_reach_the_victims_and_bad_values_are_named() {
     assert!(
         printed.contains(&format!("over victims): poisoned {mean:+.2} [")),
         "{mean}: {printed}"
+    );
+    // And the same for the other images of the target's class (their mean margin).
+    let class_margin = |arm: &str, seed: &serde_json::Value| {
+        e["trials"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["arm"] == arm && &t["seed"] == seed)
+            .unwrap()["class_margin"]
+            .as_f64()
+            .unwrap()
+    };
+    let class_mean = poisoned
+        .iter()
+        .map(|s| class_margin("poisoned", s) - class_margin("control", s))
+        .sum::<f64>()
+        / 2.0;
+    assert!(
+        printed.contains(&format!(
+            "; the target's class, poisoned {class_mean:+.2} ["
+        )),
+        "{class_mean}: {printed}"
     );
 
     // The standard recipe: Nesterov momentum, one cycle; a flag given with it applies on top.

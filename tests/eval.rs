@@ -9,7 +9,9 @@ use metapoison::export::{export, ExportRequest, Formats};
 use metapoison::model::sgd::SgdRule;
 use metapoison::model::split_tensor;
 use metapoison::model::{sgd, InputNorm, Network, State};
-use metapoison::victim::eval::{load_export, run_trial, score, summarise, wilson95, Arm, Judged};
+use metapoison::victim::eval::{
+    load_export, mean_margin, run_trial, score, summarise, wilson95, Arm, Judged,
+};
 use metapoison::victim::{train_from_scratch, VictimTraining};
 use tch::{Device, Kind, Tensor};
 
@@ -150,6 +152,30 @@ fn eval_on_a_real_export_reads_success_from_the_prediction() {
         (hit.train_mode.clone(), miss.train_mode.clone()),
         (vec![1.0], vec![0.0])
     );
+    // The class probe: the other test images of the target's class. A victim forced to class
+    // 0 (logit 5) holds every one of them 5 logits toward the adversarial class 0; one forced
+    // to class 6, 5 logits away.
+    assert_eq!(
+        (hit.class_margin, miss.class_margin),
+        (Some(5.0), Some(-5.0))
+    );
+    let of_class = data
+        .test_y
+        .eq(data.manifest.plan.target_class)
+        .sum(Kind::Int64)
+        .int64_value(&[]);
+    let probe = data
+        .class_probe
+        .as_ref()
+        .expect("the target's class has other images");
+    assert_eq!(
+        probe.size()[0],
+        of_class - 1,
+        "the target itself is left out"
+    );
+    let logits = Tensor::from_slice(&[1.0f32, 3.0, 0.0, 2.0, 0.0, 1.0]).view([2, 3]);
+    assert_eq!(mean_margin(&logits, 0), Some(-0.5), "(1 - 3 + 2 - 1) / 2");
+    assert_eq!(mean_margin(&logits, 3), None);
     let s = summarise(&[&hit, &miss]);
     assert_eq!((s.trials, s.successes), (2, 1));
     assert_eq!(s.train_mode_successes, 1);

@@ -560,6 +560,7 @@ fn v_starts_one_evaluation_and_its_result_reaches_the_header() {
         train_mode: vec![],
         seconds: 1.0,
         cached: false,
+        class_margin: None,
     };
     let trials = vec![
         t("poisoned", 1, 0.6, true, 0.851),

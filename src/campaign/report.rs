@@ -85,6 +85,11 @@ pub struct ArmTotals {
     /// what the budget does when spent at random.
     #[serde(default)]
     pub noise_margin_shift: Option<f64>,
+    /// The same shift for the other test images of the target's class (their mean margin,
+    /// `Trial::class_margin`), mean over targets: the part of the target's shift that is the
+    /// whole class moving. `None` for evaluations recorded before it was.
+    #[serde(default)]
+    pub class_margin_shift: Option<f64>,
     /// Wall-clock seconds of these evaluations.
     #[serde(default)]
     pub eval_seconds: f64,
@@ -176,6 +181,7 @@ pub fn totals(results: &[TargetResult]) -> Vec<ArmTotals> {
                 .iter()
                 .filter_map(|e| margin_shift(e, "noise"))
                 .collect();
+            let class_shifts: Vec<f64> = evals.iter().filter_map(|e| class_shift(e)).collect();
             let mean = |f: &dyn Fn(&EvalReport) -> f64| {
                 evals.iter().map(|e| f(e)).sum::<f64>() / evals.len().max(1) as f64
             };
@@ -202,6 +208,10 @@ pub fn totals(results: &[TargetResult]) -> Vec<ArmTotals> {
                 margin_shift_ci95,
                 margin_shift_ci_over: if over_targets { "targets" } else { "victims" }.into(),
                 noise_margin_shift: mean_of(&noise_shifts),
+                // Only when every target has it, so that it sits beside the same targets' mean.
+                class_margin_shift: (class_shifts.len() == shifts.len())
+                    .then(|| mean_of(&class_shifts))
+                    .flatten(),
                 eval_seconds: evals.iter().map(|e| e.seconds).sum(),
             }
         })
@@ -374,6 +384,17 @@ pub fn margin_shift(e: &EvalReport, arm: &str) -> Option<f64> {
     mean_of(&margin_shifts(e, arm))
 }
 
+/// The mean over seeds of the poisoned victims' class margin (`Trial::class_margin`) minus
+/// their control twins'.
+pub fn class_shift(e: &EvalReport) -> Option<f64> {
+    let d: Vec<f64> = e
+        .seeded_class_shifts("poisoned")
+        .into_iter()
+        .map(|(_, d)| d)
+        .collect();
+    mean_of(&d)
+}
+
 fn mean_of(v: &[f64]) -> Option<f64> {
     (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
@@ -406,13 +427,13 @@ fn victims_label(net: &str, recipe: &str) -> String {
 /// The campaign's table as printed and saved (CSV: one row per target and victim kind).
 pub fn csv(results: &[TargetResult]) -> String {
     let mut out = String::from(
-        "target_id,victim_net,recipe,setting,epochs,poisoned_successes,poisoned_victims,train_mode_successes,control_successes,control_victims,noise_successes,noise_victims,accuracy_poisoned,accuracy_control,p_adv_poisoned,p_adv_control,margin_shift,noise_margin_shift,craft_seconds,eval_seconds,craft_loss\n",
+        "target_id,victim_net,recipe,setting,epochs,poisoned_successes,poisoned_victims,train_mode_successes,control_successes,control_victims,noise_successes,noise_victims,accuracy_poisoned,accuracy_control,p_adv_poisoned,p_adv_control,margin_shift,noise_margin_shift,class_margin_shift,craft_seconds,eval_seconds,craft_loss\n",
     );
     for r in results {
         for e in &r.evals {
             let noise = e.noise.as_ref();
             out += &format!(
-                "{},{},{},{},{},{},{},{},{},{},{},{},{:.4},{:.4},{:.4},{:.4},{},{},{:.1},{:.1},{}\n",
+                "{},{},{},{},{},{},{},{},{},{},{},{},{:.4},{:.4},{:.4},{:.4},{},{},{},{:.1},{:.1},{}\n",
                 r.target_id,
                 e.victim_net,
                 e.recipe(),
@@ -431,6 +452,7 @@ pub fn csv(results: &[TargetResult]) -> String {
                 mean_p_adv(e, "control"),
                 margin_shift(e, "poisoned").map_or(String::new(), |v| format!("{v:.4}")),
                 margin_shift(e, "noise").map_or(String::new(), |v| format!("{v:.4}")),
+                class_shift(e).map_or(String::new(), |v| format!("{v:.4}")),
                 r.craft_seconds,
                 e.seconds,
                 r.craft_loss.map_or(String::new(), |l| format!("{l:.4}")),
@@ -474,7 +496,7 @@ fn benchmark_table(report: &CampaignReport, protocol: &Protocol) -> String {
         String::new()
     };
     let mut out = format!(
-        "Protocol `{}`: {}. Targets {:?}.{part}\n\n| target | victims | poisoned flipped | train mode | controls flipped | noise flipped | p(adv) poisoned / control | margin shift poisoned / noise | clean accuracy poisoned / control | crafting | crafting loss, last 5 steps | evaluation |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "Protocol `{}`: {}. Targets {:?}.{part}\n\n| target | victims | poisoned flipped | train mode | controls flipped | noise flipped | p(adv) poisoned / control | margin shift poisoned / noise | its class moved | clean accuracy poisoned / control | crafting | crafting loss, last 5 steps | evaluation |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
         protocol.name, protocol.description, protocol.targets
     );
     let row = |target: &str, e: &EvalReport, craft: &str, loss: &str| {
@@ -483,7 +505,7 @@ fn benchmark_table(report: &CampaignReport, protocol: &Protocol) -> String {
             .as_ref()
             .map_or("-".to_string(), |n| flips(n.successes, n.trials, false));
         format!(
-            "| {target} | {} ({}) | {} | {} | {} | {noise} | {:.2} / {:.2} | {} / {} | {:.1}% / {:.1}% | {craft} | {loss} | {} |\n",
+            "| {target} | {} ({}) | {} | {} | {} | {noise} | {:.2} / {:.2} | {} / {} | {} | {:.1}% / {:.1}% | {craft} | {loss} | {} |\n",
             victims_label(&e.victim_net, e.recipe()),
             e.setting,
             flips(e.poisoned.successes, e.poisoned.trials, false),
@@ -493,6 +515,7 @@ fn benchmark_table(report: &CampaignReport, protocol: &Protocol) -> String {
             mean_p_adv(e, "control"),
             shift_text(margin_shift(e, "poisoned")),
             shift_text(margin_shift(e, "noise")),
+            shift_text(class_shift(e)),
             e.poisoned.accuracy_mean * 100.0,
             e.control.accuracy_mean * 100.0,
             minutes(e.seconds),
@@ -514,7 +537,7 @@ fn benchmark_table(report: &CampaignReport, protocol: &Protocol) -> String {
     let craft_total: f64 = report.results.iter().map(|r| r.craft_seconds).sum();
     for (i, t) in report.totals.iter().enumerate() {
         out += &format!(
-            "| **all {}** | {} ({}) | **{}** | {} | {} | {} | {:.2} / {:.2} | {} / {} | {:.1}% / {:.1}% | {} |  | {} |\n",
+            "| **all {}** | {} ({}) | **{}** | {} | {} | {} | {:.2} / {:.2} | {} / {} | {} | {:.1}% / {:.1}% | {} |  | {} |\n",
             t.targets,
             victims_label(&t.victim_net, &t.recipe),
             t.setting,
@@ -530,6 +553,7 @@ fn benchmark_table(report: &CampaignReport, protocol: &Protocol) -> String {
             t.p_adv_control,
             shift_with_interval(t),
             shift_text(t.noise_margin_shift),
+            shift_text(t.class_margin_shift),
             t.accuracy_poisoned * 100.0,
             t.accuracy_control * 100.0,
             if i == 0 { minutes(craft_total) } else { String::new() },

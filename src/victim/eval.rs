@@ -36,6 +36,11 @@ pub struct Trial {
     /// split, protocol and seed) instead of trained now.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cached: bool,
+    /// The mean adversarial margin (logits, as `adv_margin`) over the other test images of
+    /// the first target's class: whether the poisons moved the whole class or the target.
+    /// Absent in evaluations recorded before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_margin: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -92,7 +97,18 @@ impl EvalReport {
         let Some(&adv) = self.adversarial.first() else {
             return Vec::new();
         };
-        let margin = |t: &Trial| adv_margin(t.target_probs.first()?, adv);
+        self.seeded_shifts(arm, |t| adv_margin(t.target_probs.first()?, adv))
+    }
+
+    /// The same for the target's class (`Trial::class_margin`): how far the poisons moved the
+    /// other test images of the target's class. Beside `seeded_margin_shifts` it tells a
+    /// targeted effect from a shifted class boundary.
+    pub fn seeded_class_shifts(&self, arm: &str) -> Vec<(u64, f64)> {
+        self.seeded_shifts(arm, |t| t.class_margin)
+    }
+
+    /// Per seed, `margin` of the victim of `arm` minus that of its control twin.
+    fn seeded_shifts(&self, arm: &str, margin: impl Fn(&Trial) -> Option<f64>) -> Vec<(u64, f64)> {
         let mut controls: Vec<(u64, f64)> = self
             .trials
             .iter()
@@ -498,6 +514,8 @@ pub struct EvalData {
     pub test_y: Tensor,
     pub targets: Tensor,
     pub adversarial: Vec<i64>,
+    /// The test images of the first target's class, the targets left out (`Trial::class_margin`).
+    pub class_probe: Option<Tensor>,
     /// The noise arm's training split, once `with_noise_poisons` made it.
     pub noise_x: Option<Tensor>,
 }
@@ -541,14 +559,19 @@ pub fn load_export(dir: &Path, device: Device) -> Result<EvalData, EvalError> {
     let base = images_tensor(&get(&poisons, "base_images", "poisons.npz")?, device)?;
     let poison_indices = Tensor::from_slice(&idx).to_device(device);
     let clean_x = poisoned_x.index_copy(0, &poison_indices, &base);
+    let test_x = images_tensor(&get(&test, "images", "test.npz")?, device)?;
+    let test_y = labels_tensor(&get(&test, "labels", "test.npz")?, device)?;
+    let targets = images_tensor(&get(&poisons, "target_images", "poisons.npz")?, device)?;
+    let class_probe = class_probe(&test_x, &test_y, &targets, manifest.plan.target_class);
     Ok(EvalData {
         manifest,
         poison_indices,
         poison_bases: base,
         train_y: labels_tensor(&get(&train, "labels", "poisoned_train.npz")?, device)?,
-        test_x: images_tensor(&get(&test, "images", "test.npz")?, device)?,
-        test_y: labels_tensor(&get(&test, "labels", "test.npz")?, device)?,
-        targets: images_tensor(&get(&poisons, "target_images", "poisons.npz")?, device)?,
+        test_x,
+        test_y,
+        targets,
+        class_probe,
         adversarial: get(&poisons, "target_adv_labels", "poisons.npz")?
             .as_i64()
             .ok_or(EvalError::NotInt64("target_adv_labels"))?,
@@ -556,6 +579,45 @@ pub fn load_export(dir: &Path, device: Device) -> Result<EvalData, EvalError> {
         clean_x,
         noise_x: None,
     })
+}
+
+/// The test images of `class` other than the targets (told apart by their pixels, so that the
+/// test split's order does not matter); `None` when there are none.
+pub fn class_probe(
+    test_x: &Tensor,
+    test_y: &Tensor,
+    targets: &Tensor,
+    class: i64,
+) -> Option<Tensor> {
+    let mut keep = test_y.eq(class);
+    for t in 0..targets.size()[0] {
+        let same = (test_x - targets.get(t).unsqueeze(0))
+            .abs()
+            .flatten(1, -1)
+            .amax([1].as_slice(), false)
+            .eq(0);
+        keep = keep.logical_and(&same.logical_not());
+    }
+    let idx = keep.nonzero().squeeze_dim(1);
+    (idx.size()[0] > 0).then(|| test_x.index_select(0, &idx))
+}
+
+/// The mean over images of z_adv - max_{j != adv} z_j, from logits [N, classes].
+pub fn mean_margin(logits: &Tensor, adv: i64) -> Option<f64> {
+    let classes = logits.size()[1];
+    if adv < 0 || adv >= classes {
+        return None;
+    }
+    let z = logits.to_kind(Kind::Double);
+    let z_adv = z.select(1, adv);
+    let others = z
+        .index_fill(
+            1,
+            &Tensor::from_slice(&[adv]).to_device(z.device()),
+            f64::NEG_INFINITY,
+        )
+        .amax([1].as_slice(), false);
+    Some((z_adv - others).mean(Kind::Double).double_value(&[]))
 }
 
 impl EvalData {
@@ -807,6 +869,12 @@ pub fn score(
         train_mode,
         seconds,
         cached: false,
+        class_margin: data.class_probe.as_ref().and_then(|x| {
+            mean_margin(
+                &sgd::predict(net, state, x, 500),
+                *data.adversarial.first()?,
+            )
+        }),
     }
 }
 
