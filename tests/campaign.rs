@@ -359,6 +359,42 @@ recipe = "standard"
     ] {
         assert!(md.contains(row), "{row} missing from\n{md}");
     }
+
+    // An evaluation recorded before victims reported their class margin: `--rescore` fills it
+    // in from the victim cache, trains nothing and keeps what was recorded.
+    let standard_eval = dir.join("target-5/export/eval-convnet-bn-standard.json");
+    let mut old: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&standard_eval).unwrap()).unwrap();
+    let margins: Vec<serde_json::Value> = old["trials"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .map(|t| t.as_object_mut().unwrap().remove("class_margin").unwrap())
+        .collect();
+    old["seconds"] = 1234.5.into();
+    std::fs::write(&standard_eval, old.to_string()).unwrap();
+    let victims = std::fs::read_dir(dir.join("victims")).unwrap().count();
+    let out = campaign(&["--protocol", p, "--rescore"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&standard_eval).unwrap()).unwrap();
+    assert_eq!(new["seconds"], 1234.5, "the recorded time stays");
+    let back: Vec<serde_json::Value> = new["trials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["class_margin"].clone())
+        .collect();
+    assert_eq!(back, margins, "the same victims scored again");
+    assert_eq!(
+        std::fs::read_dir(dir.join("victims")).unwrap().count(),
+        victims
+    );
+    assert!(!dir.join("target-5/export/eval.json").exists());
 }
 
 /// A tiny crafted run exported (npz) into TMP/export; returns (config file, export folder).

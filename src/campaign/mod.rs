@@ -68,6 +68,12 @@ pub struct CampaignArgs {
     /// without it in the same folder to complete the protocol).
     #[arg(long, value_name = "N", requires = "protocol")]
     first: Option<usize>,
+    /// Score every evaluation already written again from the campaign's victim cache (the
+    /// measures added since it was written, such as the class margin, are filled in; its
+    /// flips, times and summaries stay as recorded). A victim missing from the cache is
+    /// trained again.
+    #[arg(long)]
+    rescore: bool,
     #[command(flatten)]
     victim: VictimArgs,
 }
@@ -84,6 +90,21 @@ impl CampaignArgs {
         }
         given
     }
+}
+
+/// `old` with the measures of `new` (the same victims scored again) that it lacks: each
+/// victim's class margin, matched by arm and seed. What `old` recorded stays as it was.
+fn with_new_scores(mut old: EvalReport, new: &EvalReport) -> EvalReport {
+    for t in &mut old.trials {
+        if t.class_margin.is_none() {
+            t.class_margin = new
+                .trials
+                .iter()
+                .find(|n| n.arm == t.arm && n.seed == t.seed)
+                .and_then(|n| n.class_margin);
+        }
+    }
+    old
 }
 
 /// Where a target's evaluation by victims of `victim`'s architecture and recipe is kept.
@@ -448,6 +469,17 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs, json: bool) -> Res
                             == plan.noise_control.then_some(plan.trials)
                 });
             let e = match cached {
+                Some(old) if args.rescore => {
+                    let new = crate::victim::eval::evaluate(&export_dir, &plan, device, |_| {
+                        !stop.load(Ordering::SeqCst)
+                    })?;
+                    std::fs::remove_file(export_dir.join("eval.json")).ok();
+                    let e = with_new_scores(old, &new);
+                    let json = serde_json::to_string_pretty(&e)?;
+                    crate::base::tensor_file::write_atomic(&file, json.as_bytes())
+                        .with_context(|| format!("cannot write {}", file.display()))?;
+                    e
+                }
                 Some(e) => e,
                 None => {
                     let e = crate::victim::eval::evaluate(&export_dir, &plan, device, |p| {
