@@ -4,7 +4,7 @@
 //! summary.
 
 use super::protocol::Protocol;
-use crate::victim::eval::{t_interval95, wilson95, EvalReport};
+use crate::victim::eval::{mean_shift, t_interval95, wilson95, EvalReport};
 use serde::{Deserialize, Serialize};
 
 /// How the targets were chosen, saved with the campaign.
@@ -160,28 +160,22 @@ pub fn totals(results: &[TargetResult]) -> Vec<ArmTotals> {
                 .iter()
                 .filter(|e| e.poisoned.trials > 0 && e.poisoned.success_rate > 0.5)
                 .count();
-            let shifts: Vec<f64> = evals
+            let per_target: Vec<Vec<f64>> = evals
                 .iter()
-                .filter_map(|e| margin_shift(e, "poisoned"))
+                .map(|e| margin_shifts(e, "poisoned"))
+                .filter(|v| !v.is_empty())
                 .collect();
-            // Few targets say little about other targets: then the interval is over these
-            // targets' victims (what the poisons do to them), else over targets.
-            let over_targets = shifts.len() >= MIN_TARGETS_FOR_INTERVAL;
-            let margin_shift_ci95 = if over_targets {
-                t_interval95(&shifts)
-            } else {
-                let pooled: Vec<f64> = evals
-                    .iter()
-                    .flat_map(|e| margin_shifts(e, "poisoned"))
-                    .collect();
-                t_interval95(&pooled)
-            }
-            .map(|(_, ci)| ci);
+            let shifts: Vec<f64> = per_target.iter().filter_map(|v| mean_of(v)).collect();
+            let pooled: Vec<f64> = per_target.concat();
+            let (margin_shift_ci95, ci_over) = shift_interval(&shifts, &pooled);
             let noise_shifts: Vec<f64> = evals
                 .iter()
-                .filter_map(|e| margin_shift(e, "noise"))
+                .filter_map(|e| e.margin_shift("noise"))
                 .collect();
-            let class_shifts: Vec<f64> = evals.iter().filter_map(|e| class_shift(e)).collect();
+            let class_shifts: Vec<f64> = evals
+                .iter()
+                .filter_map(|e| e.class_shift("poisoned"))
+                .collect();
             let mean = |f: &dyn Fn(&EvalReport) -> f64| {
                 evals.iter().map(|e| f(e)).sum::<f64>() / evals.len().max(1) as f64
             };
@@ -206,7 +200,7 @@ pub fn totals(results: &[TargetResult]) -> Vec<ArmTotals> {
                 p_adv_control: mean(&|e| mean_p_adv(e, "control")),
                 margin_shift: mean_of(&shifts),
                 margin_shift_ci95,
-                margin_shift_ci_over: if over_targets { "targets" } else { "victims" }.into(),
+                margin_shift_ci_over: ci_over.into(),
                 noise_margin_shift: mean_of(&noise_shifts),
                 // Only when every target has it, so that it sits beside the same targets' mean.
                 class_margin_shift: (class_shifts.len() == shifts.len())
@@ -294,17 +288,16 @@ pub fn compare(first: &CampaignReport, second: &CampaignReport) -> Vec<Compariso
             }) else {
                 continue;
             };
-            let sb = eb.seeded_margin_shifts("poisoned");
-            let paired: Vec<f64> = ea
-                .seeded_margin_shifts("poisoned")
-                .into_iter()
-                .filter_map(|(seed, a)| Some(sb.iter().find(|(s, _)| *s == seed)?.1 - a))
+            let (sa, sb) = (
+                ea.seeded_margin_shifts("poisoned"),
+                eb.seeded_margin_shifts("poisoned"),
+            );
+            let paired: Vec<f64> = sa
+                .iter()
+                .filter_map(|&(seed, a)| Some(sb.iter().find(|(s, _)| *s == seed)?.1 - a))
                 .collect();
-            let (Some(d), Some(a), Some(b)) = (
-                mean_of(&paired),
-                margin_shift(ea, "poisoned"),
-                margin_shift(eb, "poisoned"),
-            ) else {
+            let (Some(d), Some(a), Some(b)) = (mean_of(&paired), mean_shift(&sa), mean_shift(&sb))
+            else {
                 continue;
             };
             let same_kind =
@@ -341,10 +334,9 @@ pub fn compare(first: &CampaignReport, second: &CampaignReport) -> Vec<Compariso
         c.margin_shift = c.margin_shift.map(|v| v / n);
         let means: Vec<f64> = c.per_target.iter().map(|&(_, d)| d).collect();
         c.difference = means.iter().sum::<f64>() / n;
-        let over_targets = means.len() >= MIN_TARGETS_FOR_INTERVAL;
-        let values = if over_targets { &means } else { victims };
-        c.difference_ci95 = t_interval95(values).map(|(_, ci)| ci);
-        c.ci_over = if over_targets { "targets" } else { "victims" }.into();
+        let (ci, over) = shift_interval(&means, victims);
+        c.difference_ci95 = ci;
+        c.ci_over = over.into();
     }
     out
 }
@@ -381,18 +373,19 @@ pub fn comparison_markdown(names: [&str; 2], comparisons: &[Comparison]) -> Stri
 
 /// The mean of `margin_shifts` (`None` when no victim of `arm` has a control twin).
 pub fn margin_shift(e: &EvalReport, arm: &str) -> Option<f64> {
-    mean_of(&margin_shifts(e, arm))
+    e.margin_shift(arm)
 }
 
-/// The mean over seeds of the poisoned victims' class margin (`Trial::class_margin`) minus
-/// their control twins'.
-pub fn class_shift(e: &EvalReport) -> Option<f64> {
-    let d: Vec<f64> = e
-        .seeded_class_shifts("poisoned")
-        .into_iter()
-        .map(|(_, d)| d)
-        .collect();
-    mean_of(&d)
+/// The 95% t interval of shifts and what it is taken over: the per-target means from
+/// `MIN_TARGETS_FOR_INTERVAL` targets on, else every victim of these few targets (which says
+/// what the poisons do to them, not to other targets).
+fn shift_interval(per_target: &[f64], victims: &[f64]) -> (Option<(f64, f64)>, &'static str) {
+    let (values, over) = if per_target.len() >= MIN_TARGETS_FOR_INTERVAL {
+        (per_target, "targets")
+    } else {
+        (victims, "victims")
+    };
+    (t_interval95(values).map(|(_, ci)| ci), over)
 }
 
 fn mean_of(v: &[f64]) -> Option<f64> {
@@ -452,7 +445,7 @@ pub fn csv(results: &[TargetResult]) -> String {
                 mean_p_adv(e, "control"),
                 margin_shift(e, "poisoned").map_or(String::new(), |v| format!("{v:.4}")),
                 margin_shift(e, "noise").map_or(String::new(), |v| format!("{v:.4}")),
-                class_shift(e).map_or(String::new(), |v| format!("{v:.4}")),
+                e.class_shift("poisoned").map_or(String::new(), |v| format!("{v:.4}")),
                 r.craft_seconds,
                 e.seconds,
                 r.craft_loss.map_or(String::new(), |l| format!("{l:.4}")),
@@ -515,7 +508,7 @@ fn benchmark_table(report: &CampaignReport, protocol: &Protocol) -> String {
             mean_p_adv(e, "control"),
             shift_text(margin_shift(e, "poisoned")),
             shift_text(margin_shift(e, "noise")),
-            shift_text(class_shift(e)),
+            shift_text(e.class_shift("poisoned")),
             e.poisoned.accuracy_mean * 100.0,
             e.control.accuracy_mean * 100.0,
             minutes(e.seconds),

@@ -215,10 +215,7 @@ impl From<&crate::victim::eval::EvalReport> for EvaluationSummary {
             poisoned: (&r.poisoned).into(),
             control: (&r.control).into(),
             noise: r.noise.as_ref().map(Into::into),
-            margin_shift: {
-                let d = r.seeded_margin_shifts("poisoned");
-                (!d.is_empty()).then(|| d.iter().map(|(_, v)| v).sum::<f64>() / d.len() as f64)
-            },
+            margin_shift: r.margin_shift("poisoned"),
         }
     }
 }

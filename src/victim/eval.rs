@@ -107,6 +107,16 @@ impl EvalReport {
         self.seeded_shifts(arm, |t| t.class_margin)
     }
 
+    /// The mean of `seeded_margin_shifts` (`None` when no victim of `arm` has a control twin).
+    pub fn margin_shift(&self, arm: &str) -> Option<f64> {
+        mean_shift(&self.seeded_margin_shifts(arm))
+    }
+
+    /// The mean of `seeded_class_shifts`.
+    pub fn class_shift(&self, arm: &str) -> Option<f64> {
+        mean_shift(&self.seeded_class_shifts(arm))
+    }
+
     /// Per seed, `margin` of the victim of `arm` minus that of its control twin.
     fn seeded_shifts(&self, arm: &str, margin: impl Fn(&Trial) -> Option<f64>) -> Vec<(u64, f64)> {
         let mut controls: Vec<(u64, f64)> = self
@@ -426,6 +436,11 @@ fn t975(df: usize) -> f64 {
                 + (5.0 * z.powi(5) + 16.0 * z.powi(3) + 3.0 * z) / (96.0 * d * d)
         }
     }
+}
+
+/// The mean of per-seed shifts; `None` for none.
+pub fn mean_shift(shifts: &[(u64, f64)]) -> Option<f64> {
+    (!shifts.is_empty()).then(|| shifts.iter().map(|(_, d)| d).sum::<f64>() / shifts.len() as f64)
 }
 
 /// Wilson score interval for `k` successes in `n` trials at z = 1.96.
