@@ -257,7 +257,17 @@ fn random_bytes_oversized_lines_and_other_versions_leave_the_run_unaffected() {
     let exchange = |payload: &[u8]| -> String {
         let mut c = std::os::unix::net::UnixStream::connect(&socket).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-        c.write_all(payload).unwrap();
+        // The engine may refuse a line and close before the rest is written (an oversized
+        // line is cut off at its limit): its reply is then already on the way.
+        if let Err(e) = c.write_all(payload) {
+            assert!(
+                matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ),
+                "{e}"
+            );
+        }
         let mut first = String::new();
         BufReader::new(c).read_line(&mut first).unwrap();
         first
