@@ -126,13 +126,15 @@ enum Cmd {
     Campaign(crate::campaign::CampaignArgs),
     /// Compare two campaigns (two settings judged on the same targets) by how far their
     /// poisons move each target toward the adversarial class, victims paired by seed, with a
-    /// 95% interval: finer than counting flips when few victims flip.
+    /// 95% interval: finer than counting flips when few victims flip. Several campaigns after
+    /// the first give one sweep table, each against the first.
     Compare {
         /// The campaign to compare against (a folder, or its campaign.json).
         first: PathBuf,
-        /// The campaign compared with it.
-        second: PathBuf,
-        /// One JSON line instead of the Markdown table.
+        /// The campaign or campaigns compared with it.
+        #[arg(required = true)]
+        others: Vec<PathBuf>,
+        /// JSON instead of Markdown: one line per campaign compared, a list of comparisons.
         #[arg(long)]
         json: bool,
     },
@@ -384,9 +386,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Compare {
             first,
-            second,
+            others,
             json,
-        } => crate::campaign::compare_folders(&first, &second, json)?,
+        } => crate::campaign::compare_folders(&first, &others, json)?,
         Cmd::Targets {
             action:
                 TargetsCmd::Suggest {

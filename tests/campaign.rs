@@ -871,7 +871,9 @@ fn the_margin_shift_pairs_victims_by_seed_and_has_a_t_interval_over_targets() {
 
 #[test]
 fn compare_pairs_two_campaigns_victims_by_seed_on_their_shared_targets() {
-    use metapoison::campaign::{compare, comparison_markdown, CampaignReport, Selection};
+    use metapoison::campaign::{
+        compare, comparison_markdown, CampaignReport, Comparison, Selection,
+    };
     let ln = f64::ln;
     let campaign = |targets: Vec<(usize, Vec<EvalReport>)>| CampaignReport {
         started: String::new(),
@@ -958,4 +960,50 @@ fn compare_pairs_two_campaigns_victims_by_seed_on_their_shared_targets() {
         md.contains("| convnet-bn | 2 | 0/4 | 2/4 | +0.17 | +0.79 | **+0.62** ["),
         "{md}"
     );
+
+    // Several campaigns after the first: one sweep table, a row per campaign and victim kind,
+    // each against the first on the targets it shares with it (the first campaign against
+    // itself differs by exactly 0).
+    let dir = tempfile::tempdir().unwrap();
+    for (name, c) in [("base", &first), ("b", &second), ("c", &first)] {
+        let folder = dir.path().join(name);
+        std::fs::create_dir(&folder).unwrap();
+        std::fs::write(
+            folder.join("campaign.json"),
+            serde_json::to_string(c).unwrap(),
+        )
+        .unwrap();
+    }
+    let run = |json: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_metapoison"));
+        cmd.current_dir(dir.path())
+            .args(["compare", "base", "b", "c"]);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let sweep = run(false);
+    let rows: Vec<&str> = sweep
+        .lines()
+        .filter(|l| l.starts_with("| b |") || l.starts_with("| c |"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{sweep}");
+    assert!(
+        rows[0].starts_with("| b | convnet-bn | 2 | 0/4 | 2/4 | +0.17 | +0.79 | **+0.62** ["),
+        "{sweep}"
+    );
+    assert!(
+        rows[1].starts_with("| c | convnet-bn | 2 | 0/4 | 0/4 | +0.17 | +0.17 | **+0.00**"),
+        "{sweep}"
+    );
+    let lines: Vec<Vec<Comparison>> = run(true)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "one JSON line per campaign compared");
+    assert!((lines[0][0].difference - c.difference).abs() < 1e-12);
+    assert_eq!(lines[1][0].difference, 0.0);
 }

@@ -15,8 +15,8 @@ mod report;
 
 pub use protocol::{Protocol, VictimKind};
 pub use report::{
-    compare, comparison_markdown, csv, margin_shift, margin_shifts, markdown, summary, totals,
-    ArmTotals, CampaignReport, Comparison, Selection, TargetResult,
+    compare, comparison_markdown, csv, margin_shift, margin_shifts, markdown, summary,
+    sweep_markdown, totals, ArmTotals, CampaignReport, Comparison, Selection, TargetResult,
 };
 
 use crate::app::{
@@ -547,7 +547,7 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs, json: bool) -> Res
 
 /// `metapoison compare`: two campaign folders (or their campaign.json files) compared on their
 /// shared targets (`compare`), printed as Markdown or, with `json`, as one JSON line.
-pub fn compare_folders(first: &Path, second: &Path, json: bool) -> Result<()> {
+pub fn compare_folders(first: &Path, others: &[PathBuf], json: bool) -> Result<()> {
     let load = |p: &Path| -> Result<(CampaignReport, String)> {
         let file = if p.is_dir() {
             p.join("campaign.json")
@@ -569,22 +569,32 @@ pub fn compare_folders(first: &Path, second: &Path, json: bool) -> Result<()> {
             .unwrap_or_else(|| folder.display().to_string());
         Ok((report, name))
     };
-    let ((a, name_a), (b, name_b)) = (load(first)?, load(second)?);
-    let comparisons = compare(&a, &b);
-    if comparisons.is_empty() {
-        bail!(
-            "{} and {} share no target evaluated by the same kind of victim",
-            first.display(),
-            second.display()
-        );
+    let (a, name_a) = load(first)?;
+    let mut rows = Vec::with_capacity(others.len());
+    for second in others {
+        let (b, name_b) = load(second)?;
+        let comparisons = compare(&a, &b);
+        if comparisons.is_empty() {
+            bail!(
+                "{} and {} share no target evaluated by the same kind of victim",
+                first.display(),
+                second.display()
+            );
+        }
+        rows.push((name_b, comparisons));
     }
     if json {
-        println!("{}", serde_json::to_string(&comparisons)?);
-    } else {
+        // One line per campaign compared, in the order given.
+        for (_, comparisons) in &rows {
+            println!("{}", serde_json::to_string(comparisons)?);
+        }
+    } else if let [(name_b, comparisons)] = rows.as_slice() {
         print!(
             "{}",
-            comparison_markdown([name_a.as_str(), name_b.as_str()], &comparisons)
+            comparison_markdown([name_a.as_str(), name_b.as_str()], comparisons)
         );
+    } else {
+        print!("{}", sweep_markdown(&name_a, &rows));
     }
     Ok(())
 }

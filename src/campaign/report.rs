@@ -371,6 +371,34 @@ pub fn comparison_markdown(names: [&str; 2], comparisons: &[Comparison]) -> Stri
     out
 }
 
+/// Several campaigns each compared with one baseline (a sweep of settings judged by the same
+/// protocol), as one Markdown table: a row per campaign and victim kind, on the targets that
+/// campaign shares with the baseline, so a setting judged on fewer targets is set against the
+/// baseline's victims of those targets only.
+pub fn sweep_markdown(baseline: &str, rows: &[(String, Vec<Comparison>)]) -> String {
+    let mut out = format!(
+        "Each campaign against `{baseline}` on the targets both evaluated, victims paired by seed (margin shift: the target's adversarial margin in a poisoned victim minus its control twin's, in logits).\n\n| campaign | victims | targets | flipped `{baseline}` | flipped | margin shift `{baseline}` | margin shift | difference [95% t] |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n"
+    );
+    for (name, comparisons) in rows {
+        for c in comparisons {
+            let interval = c.difference_ci95.map_or(String::new(), |(lo, hi)| {
+                format!(" [{lo:+.2}, {hi:+.2}] over {}", c.ci_over)
+            });
+            out += &format!(
+                "| {name} | {} | {} | {} | {} | {:+.2} | {:+.2} | **{:+.2}**{interval} |\n",
+                victims_label(&c.victim_net, &c.recipe),
+                c.targets.len(),
+                flips(c.flipped[0].0, c.flipped[0].1, false),
+                flips(c.flipped[1].0, c.flipped[1].1, false),
+                c.margin_shift[0],
+                c.margin_shift[1],
+                c.difference,
+            );
+        }
+    }
+    out
+}
+
 /// The mean of `margin_shifts` (`None` when no victim of `arm` has a control twin).
 pub fn margin_shift(e: &EvalReport, arm: &str) -> Option<f64> {
     e.margin_shift(arm)
