@@ -463,5 +463,8 @@ fn a_finished_detached_run_serves_viewers_then_leaves_when_none_is_attached() {
     assert_eq!((after.state, after.socket), (RunState::Finished, None));
     assert!(!socket.exists());
     let log = std::fs::read_to_string(run.join("telemetry.jsonl")).unwrap();
-    assert!(log.contains("no viewer attached for 15 s: leaving"), "{log}");
+    assert!(
+        log.contains("no viewer attached for 15 s: leaving"),
+        "{log}"
+    );
 }

@@ -30,7 +30,8 @@ fn long_config(dir: &Path) -> std::path::PathBuf {
 
 /// Waits until the run in `run` has done `steps` craft steps and is still crafting.
 fn wait_for_steps(run: &Path, steps: usize) {
-    wait_for("craft steps", Duration::from_secs(120), || {
+    // Generous: on a busy machine pretraining alone has taken over two minutes.
+    wait_for("craft steps", Duration::from_secs(400), || {
         read(run)
             .ok()
             .flatten()
