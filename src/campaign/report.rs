@@ -348,27 +348,32 @@ pub fn comparison_markdown(names: [&str; 2], comparisons: &[Comparison]) -> Stri
         "`{b}` against `{a}`, victims paired by seed (margin shift: the target's adversarial margin in a poisoned victim minus its control twin's, in logits).\n\n| victims | targets | flipped `{a}` | flipped `{b}` | margin shift `{a}` | margin shift `{b}` | difference [95% t] | per target |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n"
     );
     for c in comparisons {
-        let interval = c.difference_ci95.map_or(String::new(), |(lo, hi)| {
-            format!(" [{lo:+.2}, {hi:+.2}] over {}", c.ci_over)
-        });
         let per_target: Vec<String> = c
             .per_target
             .iter()
             .map(|(t, d)| format!("{t}: {d:+.2}"))
             .collect();
-        out += &format!(
-            "| {} | {} | {} | {} | {:+.2} | {:+.2} | **{:+.2}**{interval} | {} |\n",
-            victims_label(&c.victim_net, &c.recipe),
-            c.targets.len(),
-            flips(c.flipped[0].0, c.flipped[0].1, false),
-            flips(c.flipped[1].0, c.flipped[1].1, false),
-            c.margin_shift[0],
-            c.margin_shift[1],
-            c.difference,
-            per_target.join(", "),
-        );
+        out += &format!("| {} | {} |\n", comparison_cells(c), per_target.join(", "));
     }
     out
+}
+
+/// The cells both comparison tables share, from the victim kind to the difference with its
+/// interval: "victims | targets | flipped | flipped | shift | shift | **difference** [..]".
+fn comparison_cells(c: &Comparison) -> String {
+    let interval = c.difference_ci95.map_or(String::new(), |(lo, hi)| {
+        format!(" [{lo:+.2}, {hi:+.2}] over {}", c.ci_over)
+    });
+    format!(
+        "{} | {} | {} | {} | {:+.2} | {:+.2} | **{:+.2}**{interval}",
+        victims_label(&c.victim_net, &c.recipe),
+        c.targets.len(),
+        flips(c.flipped[0].0, c.flipped[0].1, false),
+        flips(c.flipped[1].0, c.flipped[1].1, false),
+        c.margin_shift[0],
+        c.margin_shift[1],
+        c.difference,
+    )
 }
 
 /// Several campaigns each compared with one baseline (a sweep of settings judged by the same
@@ -381,19 +386,7 @@ pub fn sweep_markdown(baseline: &str, rows: &[(String, Vec<Comparison>)]) -> Str
     );
     for (name, comparisons) in rows {
         for c in comparisons {
-            let interval = c.difference_ci95.map_or(String::new(), |(lo, hi)| {
-                format!(" [{lo:+.2}, {hi:+.2}] over {}", c.ci_over)
-            });
-            out += &format!(
-                "| {name} | {} | {} | {} | {} | {:+.2} | {:+.2} | **{:+.2}**{interval} |\n",
-                victims_label(&c.victim_net, &c.recipe),
-                c.targets.len(),
-                flips(c.flipped[0].0, c.flipped[0].1, false),
-                flips(c.flipped[1].0, c.flipped[1].1, false),
-                c.margin_shift[0],
-                c.margin_shift[1],
-                c.difference,
-            );
+            out += &format!("| {name} | {} |\n", comparison_cells(c));
         }
     }
     out
