@@ -15,8 +15,8 @@ mod report;
 
 pub use protocol::{Protocol, VictimKind};
 pub use report::{
-    compare, comparison_markdown, csv, margin_shift, margin_shifts, markdown, summary,
-    sweep_markdown, totals, ArmTotals, CampaignReport, Comparison, Selection, TargetResult,
+    compare, comparison_markdown, csv, margin_shifts, markdown, summary, sweep_markdown, totals,
+    ArmTotals, CampaignReport, Comparison, Selection, TargetResult,
 };
 
 use crate::app::{

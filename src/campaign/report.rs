@@ -392,11 +392,6 @@ pub fn sweep_markdown(baseline: &str, rows: &[(String, Vec<Comparison>)]) -> Str
     out
 }
 
-/// The mean of `margin_shifts` (`None` when no victim of `arm` has a control twin).
-pub fn margin_shift(e: &EvalReport, arm: &str) -> Option<f64> {
-    e.margin_shift(arm)
-}
-
 /// The 95% t interval of shifts and what it is taken over: the per-target means from
 /// `MIN_TARGETS_FOR_INTERVAL` targets on, else every victim of these few targets (which says
 /// what the poisons do to them, not to other targets).
@@ -464,8 +459,8 @@ pub fn csv(results: &[TargetResult]) -> String {
                 e.control.accuracy_mean,
                 mean_p_adv(e, "poisoned"),
                 mean_p_adv(e, "control"),
-                margin_shift(e, "poisoned").map_or(String::new(), |v| format!("{v:.4}")),
-                margin_shift(e, "noise").map_or(String::new(), |v| format!("{v:.4}")),
+                e.margin_shift("poisoned").map_or(String::new(), |v| format!("{v:.4}")),
+                e.margin_shift("noise").map_or(String::new(), |v| format!("{v:.4}")),
                 e.class_shift("poisoned").map_or(String::new(), |v| format!("{v:.4}")),
                 r.craft_seconds,
                 e.seconds,
@@ -527,8 +522,8 @@ fn benchmark_table(report: &CampaignReport, protocol: &Protocol) -> String {
             flips(e.control.successes, e.control.trials, false),
             mean_p_adv(e, "poisoned"),
             mean_p_adv(e, "control"),
-            shift_text(margin_shift(e, "poisoned")),
-            shift_text(margin_shift(e, "noise")),
+            shift_text(e.margin_shift("poisoned")),
+            shift_text(e.margin_shift("noise")),
             shift_text(e.class_shift("poisoned")),
             e.poisoned.accuracy_mean * 100.0,
             e.control.accuracy_mean * 100.0,
@@ -624,7 +619,7 @@ fn per_target_table(report: &CampaignReport) -> String {
                 e.control.successes,
                 e.control.trials,
                 probs("control"),
-                shift_text(margin_shift(e, "poisoned")),
+                shift_text(e.margin_shift("poisoned")),
                 e.poisoned.accuracy_mean * 100.0,
                 e.control.accuracy_mean * 100.0,
             );
