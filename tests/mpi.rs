@@ -39,19 +39,31 @@ fn config(dir: &Path, checkpoint_every: usize) -> PathBuf {
     path
 }
 
+/// `metapoison --data-dir DIR` as `ranks` MPI ranks, each with the environment `vars`
+/// (`NAME=VALUE`, passed on by `mpirun -x`).
+fn mpirun(dir: &Path, ranks: usize, vars: &[String]) -> Command {
+    let mut c = Command::new("mpirun");
+    c.args(["--allow-run-as-root", "--oversubscribe", "-np"])
+        .arg(ranks.to_string());
+    for var in vars {
+        c.arg("-x").arg(var);
+    }
+    c.arg(env!("CARGO_BIN_EXE_metapoison"))
+        .arg("--data-dir")
+        .arg(dir);
+    c
+}
+
 /// `metapoison ARGS` in one process, or as `ranks` MPI ranks.
 fn craft(dir: &Path, ranks: usize, args: &[&str]) -> Output {
-    let bin = env!("CARGO_BIN_EXE_metapoison");
     let mut c = if ranks == 1 {
-        Command::new(bin)
-    } else {
-        let mut c = Command::new("mpirun");
-        c.args(["--allow-run-as-root", "--oversubscribe", "-np"])
-            .arg(ranks.to_string())
-            .arg(bin);
+        let mut c = Command::new(env!("CARGO_BIN_EXE_metapoison"));
+        c.arg("--data-dir").arg(dir);
         c
+    } else {
+        mpirun(dir, ranks, &[])
     };
-    c.arg("--data-dir").arg(dir).args(args).output().unwrap()
+    c.args(args).output().unwrap()
 }
 
 fn run_ok(dir: &Path, ranks: usize, args: &[&str]) -> String {
@@ -222,11 +234,7 @@ fn wait_for_step(run: &Path, step: usize) -> u32 {
 
 fn long_job(dir: &Path, run: &Path) -> std::process::Child {
     let cfg = config(dir, 1);
-    Command::new("mpirun")
-        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
-        .arg(env!("CARGO_BIN_EXE_metapoison"))
-        .arg("--data-dir")
-        .arg(dir)
+    mpirun(dir, 2, &[])
         .arg("--config")
         .arg(&cfg)
         .args(["craft", "--steps", "100000", "--run-dir"])
@@ -330,12 +338,7 @@ fn ranks_that_no_longer_hold_the_same_perturbation_stop_with_a_clear_error() {
     let cfg = config(dir, 1);
     let run = dir.join("diverged");
     // Rank 1 moves one pixel after step 5; the check at that step boundary finds it.
-    let out = Command::new("mpirun")
-        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
-        .args(["-x", "METAPOISON_INJECT_DIVERGENCE_AT_RANK=1"])
-        .arg(env!("CARGO_BIN_EXE_metapoison"))
-        .arg("--data-dir")
-        .arg(dir)
+    let out = mpirun(dir, 2, &["METAPOISON_INJECT_DIVERGENCE_AT_RANK=1".into()])
         .arg("--config")
         .arg(&cfg)
         .args(["craft", "--steps", "8", "--run-dir"])
@@ -365,13 +368,7 @@ fn a_viewer_pauses_changes_the_step_size_and_stops_every_rank_through_rank_0() {
     std::fs::create_dir(&xdg).unwrap();
     let run = dir.join("viewed");
     let cfg = config(dir, 0);
-    let mut job = Command::new("mpirun")
-        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
-        .arg("-x")
-        .arg(format!("XDG_RUNTIME_DIR={}", xdg.display()))
-        .arg(env!("CARGO_BIN_EXE_metapoison"))
-        .arg("--data-dir")
-        .arg(dir)
+    let mut job = mpirun(dir, 2, &[format!("XDG_RUNTIME_DIR={}", xdg.display())])
         .arg("--config")
         .arg(&cfg)
         .args(["craft", "--steps", "100000", "--run-dir"])
