@@ -235,12 +235,7 @@ impl SurrogateJob {
     /// The meta-gradient (d/d delta, d/d offsets), then the clean SGD step.
     fn run(self) -> (Tensor, Tensor) {
         let (_, gd, go) = meta_gradient(
-            Surrogate {
-                net: &self.net,
-                weights: &self.state.weights,
-                buffers: &self.state.buffers,
-                velocity: &self.state.velocity,
-            },
+            Surrogate::of(&self.net, &self.state),
             &self.perturbation,
             &self.batches,
             Targets {
@@ -364,14 +359,8 @@ impl StepInputs {
 
     /// Surrogate m's meta-gradient: (adversarial loss, d/d delta, d/d offsets).
     pub fn meta_gradient(&self, m: usize) -> (Tensor, Tensor, Tensor) {
-        let s = &self.surrogates[m];
         meta_gradient(
-            Surrogate {
-                net: &self.net,
-                weights: &s.weights,
-                buffers: &s.buffers,
-                velocity: &s.velocity,
-            },
+            Surrogate::of(&self.net, &self.surrogates[m]),
             &self.perturbation,
             &self.unroll_batches(m),
             Targets {

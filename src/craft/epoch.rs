@@ -221,12 +221,7 @@ impl EpochJob {
             let ((x, y), meta) = self.batch(&chunks, bi, &mut choose);
             if let Some(input) = meta {
                 let (adv, gd, go) = meta_gradient(
-                    Surrogate {
-                        net: &self.net,
-                        weights: &self.state.weights,
-                        buffers: &self.state.buffers,
-                        velocity: &self.state.velocity,
-                    },
+                    Surrogate::of(&self.net, &self.state),
                     &self.perturbation,
                     &input,
                     Targets {

@@ -11,7 +11,7 @@ use super::objective::{adversarial_loss, cross_entropy, TargetLabels};
 use super::perturbation::Perturbation;
 use crate::config::ObjectiveKind;
 use crate::model::sgd::{GroupRates, SgdRule};
-use crate::model::{Mode, Network};
+use crate::model::{Mode, Network, State};
 use tch::Tensor;
 
 /// One unrolled batch sequence.
@@ -47,6 +47,18 @@ pub struct Surrogate<'a> {
     pub buffers: &'a [Tensor],
     /// Its SGD velocity (empty: none, or zero), which the unrolled steps carry on.
     pub velocity: &'a [Tensor],
+}
+
+impl<'a> Surrogate<'a> {
+    /// `net` at the weights, buffers and velocity of its training state.
+    pub fn of(net: &'a Network, state: &'a State) -> Self {
+        Surrogate {
+            net,
+            weights: &state.weights,
+            buffers: &state.buffers,
+            velocity: &state.velocity,
+        }
+    }
 }
 
 /// The SGD steps of an unroll: each weight and its velocity, stepped inside the graph.
