@@ -8,8 +8,8 @@
 # Carry target/release/metapoison. Everything lands in ${OUT:-gpu-efficacy-protocol}/r and is
 # packed into $OUT/results.tar.gz.
 #   SETTINGS="m24:3 gm1 gm4:5" PROTOCOL=standard BUDGET_S=480 OUT=$OUT bash benches/gpu-efficacy-protocol.sh
-# The ensemble sweep's cells a CPU cannot afford (docs/efficacy.md, Figures):
-#   SETTINGS="m24:3 m24-35:3 m16-61:3 m8-61:3" PROTOCOL=gray-box ...
+# The ensemble sweep's cells not yet measured on a CPU (docs/efficacy.md, Figures):
+#   SETTINGS="m24:3 m16-61:3" PROTOCOL=gray-box ...
 set -u
 OUT=${OUT:-gpu-efficacy-protocol}
 mkdir -p "$OUT/r"
