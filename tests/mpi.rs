@@ -39,6 +39,13 @@ fn config(dir: &Path, checkpoint_every: usize) -> PathBuf {
     path
 }
 
+/// `metapoison --data-dir DIR` in one process.
+fn one_process(dir: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_metapoison"));
+    c.arg("--data-dir").arg(dir);
+    c
+}
+
 /// `metapoison --data-dir DIR` as `ranks` MPI ranks, each with the environment `vars`
 /// (`NAME=VALUE`, passed on by `mpirun -x`).
 fn mpirun(dir: &Path, ranks: usize, vars: &[String]) -> Command {
@@ -57,9 +64,7 @@ fn mpirun(dir: &Path, ranks: usize, vars: &[String]) -> Command {
 /// `metapoison ARGS` in one process, or as `ranks` MPI ranks.
 fn craft(dir: &Path, ranks: usize, args: &[&str]) -> Output {
     let mut c = if ranks == 1 {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_metapoison"));
-        c.arg("--data-dir").arg(dir);
-        c
+        one_process(dir)
     } else {
         mpirun(dir, ranks, &[])
     };
@@ -466,10 +471,8 @@ fn gradient_matching_on_two_ranks_crafts_the_poisons_of_one_process() {
     // The one-process run with one thread, as each rank has here: gradient matching trains
     // its surrogates from scratch with all the threads, and another thread count rounds the
     // convolutions' sums differently.
-    let alone = Command::new(env!("CARGO_BIN_EXE_metapoison"))
+    let alone = one_process(dir)
         .env("OMP_NUM_THREADS", "1")
-        .arg("--data-dir")
-        .arg(dir)
         .args(["--config", cfg, "craft", "--run-dir"])
         .arg(&one)
         .output()
