@@ -8,8 +8,9 @@
 # Carry target/release/metapoison. Everything lands in ${OUT:-gpu-efficacy-protocol}/r and is
 # packed into $OUT/results.tar.gz.
 #   SETTINGS="m24:3 gm1 gm4:5" PROTOCOL=standard BUDGET_S=480 OUT=$OUT bash benches/gpu-efficacy-protocol.sh
-# The ensemble sweep's cells not yet measured on a CPU (docs/efficacy.md, Figures):
-#   SETTINGS="m24:3 m16-61:3" PROTOCOL=gray-box ...
+# The ensemble sweep's last cell and the best setting so far on all 10 targets (docs/efficacy.md,
+# Figures; a CPU measured m16-61 on the first 3):
+#   SETTINGS="m24:3 m16-61" PROTOCOL=gray-box ...
 set -u
 OUT=${OUT:-gpu-efficacy-protocol}
 mkdir -p "$OUT/r"
