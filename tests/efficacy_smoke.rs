@@ -5,14 +5,14 @@
 //! How often the default setting flips victims is measured by the benchmark
 //! (`campaign --protocol`, docs/efficacy.md), which takes hours on a CPU.
 
-use metapoison::config::{
-    Auto, Config, DataConfig, DatasetKind, LrSchedule, NetKind, ObjectiveKind,
-};
+mod common;
+
+use metapoison::config::{Auto, Config, DataConfig, DatasetKind, ObjectiveKind};
 use metapoison::craft::crafter::Crafter;
 use metapoison::craft::objective::{adversarial_loss, TargetLabels};
 use metapoison::craft::plan::Plan;
 use metapoison::data;
-use metapoison::model::sgd::{self, SgdRule};
+use metapoison::model::sgd;
 use metapoison::model::split_tensor;
 use metapoison::victim::{poisoned_training_set, targets, train_from_scratch, VictimTraining};
 use tch::{Device, Kind, Tensor};
@@ -46,18 +46,7 @@ fn crafted_poisons_lower_the_target_loss_of_fresh_victims() {
     config.surrogate.batch_size = 50;
     config.surrogate.warmup_epochs = 1;
     let data = data::load(&config.data).unwrap();
-    let spec = VictimTraining {
-        net: NetKind::ConvnetBn,
-        width: 1,
-        epochs: 6,
-        lr: 0.1,
-        warmup_epochs: 1,
-        lr_drops: vec![],
-        batch_size: 50,
-        rule: SgdRule::plain(0.0),
-        schedule: LrSchedule::Step,
-        augment: false,
-    };
+    let spec = common::short_victim(6);
     // Shirt 143: the one `targets suggest` put first on victims of this very protocol when
     // the test was written. Pinned, because that ranking moves with float rounding (one
     // build put id 53 first, a harder target), and the check is about the crafting.

@@ -3,32 +3,16 @@
 
 mod common;
 
-use metapoison::config::{DataConfig, DatasetKind, LrSchedule, NetKind};
+use metapoison::config::{DataConfig, DatasetKind, NetKind};
 use metapoison::data;
 use metapoison::export::{export, ExportRequest, Formats};
-use metapoison::model::sgd::SgdRule;
 use metapoison::model::split_tensor;
 use metapoison::model::{sgd, InputNorm, Network, State};
 use metapoison::victim::eval::{
     load_export, mean_margin, run_trial, score, summarise, wilson95, Arm, Judged,
 };
-use metapoison::victim::{train_from_scratch, VictimTraining};
+use metapoison::victim::train_from_scratch;
 use tch::{Device, Kind, Tensor};
-
-fn short_victim(epochs: usize) -> VictimTraining {
-    VictimTraining {
-        net: NetKind::ConvnetBn,
-        width: 1,
-        epochs,
-        lr: 0.1,
-        warmup_epochs: 1,
-        lr_drops: vec![],
-        batch_size: 50,
-        rule: SgdRule::plain(0.0),
-        schedule: LrSchedule::Step,
-        augment: false,
-    }
-}
 
 /// Documented floor: ConvNetBN trained 3 epochs on the first 2,000 embedded images reaches at
 /// least 70% clean test accuracy (chance is 10%; 10 epochs on 5,000 images give about 85%).
@@ -50,7 +34,7 @@ fn clean_victim_reaches_the_accuracy_floor() {
     );
     let x = split_tensor(&ds.train, Device::Cpu);
     let y = Tensor::from_slice(&ds.train.labels).to_kind(Kind::Int64);
-    let spec = short_victim(3);
+    let spec = common::short_victim(3);
     let state = train_from_scratch(&net, &spec, &x, &y, 5, Kind::Float, |_| true);
     let acc = sgd::accuracy(
         &net,
@@ -182,7 +166,7 @@ fn eval_on_a_real_export_reads_success_from_the_prediction() {
     assert_eq!(s.success_ci95, wilson95(1, 2));
 
     // And a real, short victim trial runs on both splits.
-    let (t, _) = run_trial(&data, &net, &short_victim(1), Arm::Control, 3);
+    let (t, _) = run_trial(&data, &net, &common::short_victim(1), Arm::Control, 3);
     assert_eq!(t.arm, "control");
     assert_eq!(t.target_probs[0].len(), 10);
     assert!(t.clean_accuracy > 0.2, "{}", t.clean_accuracy);
@@ -240,7 +224,7 @@ fn eval_on_a_real_export_reads_success_from_the_prediction() {
         .sum(Kind::Int64)
         .int64_value(&[]);
     assert_eq!(outside, 4, "only the first 4 poisons' images change");
-    let (t, _) = run_trial(&data, &net, &short_victim(1), Arm::Noise, 3);
+    let (t, _) = run_trial(&data, &net, &common::short_victim(1), Arm::Noise, 3);
     assert_eq!(t.arm, "noise");
 }
 

@@ -4,11 +4,9 @@
 mod common;
 
 use metapoison::config::{Auto, Config};
-use metapoison::config::{LrSchedule, NetKind};
 use metapoison::data;
 use metapoison::export::npz::read_npz;
 use metapoison::export::{export, verify::verify, ExportRequest, Formats};
-use metapoison::model::sgd::SgdRule;
 use metapoison::victim::eval::{load_export, run_trial, victim_network, Arm};
 use metapoison::victim::VictimTraining;
 use std::path::{Path, PathBuf};
@@ -358,16 +356,8 @@ fn cifar_python_folder_crafts_and_its_native_export_reads_back_as_the_poisoned_s
     let differs = common::images_that_differ(&eval.poisoned_x, &eval.clean_x);
     assert!(differs > 0 && differs <= 5, "{differs} images differ");
     let spec = VictimTraining {
-        net: NetKind::ConvnetBn,
-        width: 1,
-        epochs: 1,
-        lr: 0.1,
-        warmup_epochs: 1,
-        lr_drops: vec![],
-        batch_size: 50,
-        rule: SgdRule::plain(0.0),
-        schedule: LrSchedule::Step,
         augment: true,
+        ..common::short_victim(1)
     };
     let (trial, _) = run_trial(
         &eval,

@@ -1,10 +1,12 @@
 //! Set-up shared by the integration tests: tiny crafting jobs on the embedded data.
 #![allow(dead_code)] // each test file uses part of it
 
-use metapoison::config::{Auto, Config, DataConfig, DatasetKind};
+use metapoison::config::{Auto, Config, DataConfig, DatasetKind, LrSchedule, NetKind};
 use metapoison::data;
 use metapoison::engine::protocol::{Phase, Telemetry};
 use metapoison::engine::{spawn, EngineSetup};
+use metapoison::model::sgd::SgdRule;
+use metapoison::victim::VictimTraining;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -123,4 +125,21 @@ pub fn export_through(viewer: &metapoison::engine::client::Attached) -> std::pat
         })
         .expect("an export event");
     std::path::PathBuf::from(message.trim_start_matches("exported to "))
+}
+
+/// A short ConvNetBN victim for tests: the crafter's recipe (plain SGD at lr 0.1, a 1-epoch
+/// warm-up, no drops) on batches of 50, no augmentation.
+pub fn short_victim(epochs: usize) -> VictimTraining {
+    VictimTraining {
+        net: NetKind::ConvnetBn,
+        width: 1,
+        epochs,
+        lr: 0.1,
+        warmup_epochs: 1,
+        lr_drops: vec![],
+        batch_size: 50,
+        rule: SgdRule::plain(0.0),
+        schedule: LrSchedule::Step,
+        augment: false,
+    }
 }
