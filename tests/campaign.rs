@@ -955,9 +955,14 @@ fn compare_pairs_two_campaigns_victims_by_seed_on_their_shared_targets() {
         }
     }
     assert!(compare(&first, &longer).is_empty());
+    assert_eq!(c.targets_higher(), 2);
     let md = comparison_markdown(["a", "b"], std::slice::from_ref(c));
     assert!(
         md.contains("| convnet-bn | 2 | 0/4 | 2/4 | +0.17 | +0.79 | **+0.62** ["),
+        "{md}"
+    );
+    assert!(
+        md.contains("| higher on 2 of 2: 7: +0.69, 8: +0.55 |"),
         "{md}"
     );
 
@@ -999,6 +1004,9 @@ fn compare_pairs_two_campaigns_victims_by_seed_on_their_shared_targets() {
         rows[1].starts_with("| c | convnet-bn | 2 | 0/4 | 0/4 | +0.17 | +0.17 | **+0.00**"),
         "{sweep}"
     );
+    // Higher on: both targets for b, none for the first campaign against itself.
+    assert!(rows[0].ends_with("| 2/2 |"), "{sweep}");
+    assert!(rows[1].ends_with("| 0/2 |"), "{sweep}");
     let lines: Vec<Vec<Comparison>> = run(true)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())

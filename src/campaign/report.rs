@@ -259,6 +259,14 @@ pub struct Comparison {
     pub ci_over: String,
 }
 
+impl Comparison {
+    /// On how many targets the second campaign moved the target further than the first: a
+    /// sign count, which one target's large difference cannot carry as it can the mean.
+    pub fn targets_higher(&self) -> usize {
+        self.per_target.iter().filter(|(_, d)| *d > 0.0).count()
+    }
+}
+
 /// Compares two campaigns (for instance two settings judged by the same protocol) on their
 /// shared targets, victim kind by victim kind. Victims are paired by seed, so that a victim
 /// of the second campaign is set against the one of the first that began from the same
@@ -353,7 +361,13 @@ pub fn comparison_markdown(names: [&str; 2], comparisons: &[Comparison]) -> Stri
             .iter()
             .map(|(t, d)| format!("{t}: {d:+.2}"))
             .collect();
-        out += &format!("| {} | {} |\n", comparison_cells(c), per_target.join(", "));
+        out += &format!(
+            "| {} | higher on {} of {}: {} |\n",
+            comparison_cells(c),
+            c.targets_higher(),
+            c.per_target.len(),
+            per_target.join(", ")
+        );
     }
     out
 }
@@ -382,11 +396,16 @@ fn comparison_cells(c: &Comparison) -> String {
 /// baseline's victims of those targets only.
 pub fn sweep_markdown(baseline: &str, rows: &[(String, Vec<Comparison>)]) -> String {
     let mut out = format!(
-        "Each campaign against `{baseline}` on the targets both evaluated, victims paired by seed (margin shift: the target's adversarial margin in a poisoned victim minus its control twin's, in logits).\n\n| campaign | victims | targets | flipped `{baseline}` | flipped | margin shift `{baseline}` | margin shift | difference [95% t] |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n"
+        "Each campaign against `{baseline}` on the targets both evaluated, victims paired by seed (margin shift: the target's adversarial margin in a poisoned victim minus its control twin's, in logits; higher on: the targets where the difference is above 0).\n\n| campaign | victims | targets | flipped `{baseline}` | flipped | margin shift `{baseline}` | margin shift | difference [95% t] | higher on |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
     );
     for (name, comparisons) in rows {
         for c in comparisons {
-            out += &format!("| {name} | {} |\n", comparison_cells(c));
+            out += &format!(
+                "| {name} | {} | {}/{} |\n",
+                comparison_cells(c),
+                c.targets_higher(),
+                c.per_target.len()
+            );
         }
     }
     out
