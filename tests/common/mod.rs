@@ -1,4 +1,4 @@
-//! Set-up shared by the integration tests: tiny crafting jobs on the embedded data.
+//! Set-up shared by the integration tests: tiny crafting jobs on the embedded data, short victims.
 #![allow(dead_code)] // each test file uses part of it
 
 use metapoison::config::{Auto, Config, DataConfig, DatasetKind, LrSchedule, NetKind};
