@@ -872,7 +872,8 @@ fn the_margin_shift_pairs_victims_by_seed_and_has_a_t_interval_over_targets() {
 #[test]
 fn compare_pairs_two_campaigns_victims_by_seed_on_their_shared_targets() {
     use metapoison::campaign::{
-        compare, comparison_markdown, CampaignReport, Comparison, Selection,
+        compare, compare_judged, comparison_markdown, csv, judged_targets_from_csv, CampaignReport,
+        Comparison, Selection,
     };
     let ln = f64::ln;
     let campaign = |targets: Vec<(usize, Vec<EvalReport>)>| CampaignReport {
@@ -1014,4 +1015,63 @@ fn compare_pairs_two_campaigns_victims_by_seed_on_their_shared_targets() {
     assert_eq!(lines.len(), 2, "one JSON line per campaign compared");
     assert!((lines[0][0].difference - c.difference).abs() < 1e-12);
     assert_eq!(lines[1][0].difference, 0.0);
+
+    // The campaigns' CSV tables, which outlive their folders, compare alike: a target's
+    // difference is the difference of its two means (every seed pairs here), and with 2
+    // targets there is no interval (the victims' shifts are not in a table). A table against
+    // a report reads the same.
+    for (name, c) in [("base", &first), ("b", &second)] {
+        std::fs::write(dir.path().join(format!("{name}.csv")), csv(&c.results)).unwrap();
+    }
+    let table_row =
+        "| convnet-bn | 2 | 0/4 | 2/4 | +0.17 | +0.79 | **+0.62** | higher on 2 of 2: 7: +0.69, 8: +0.55 |";
+    for args in [["base.csv", "b.csv"], ["base", "b.csv"]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_metapoison"))
+            .current_dir(dir.path())
+            .arg("compare")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let md = String::from_utf8(out.stdout).unwrap();
+        assert!(md.contains(table_row), "{args:?}: {md}");
+        assert!(md.starts_with("`b` against `base`"), "{md}");
+    }
+    // From 5 targets on the interval is over targets, which a table has: the same as the
+    // reports' up to the table's 4 decimals.
+    let more = |c: &CampaignReport| {
+        let mut c = c.clone();
+        let extra: Vec<TargetResult> = c
+            .results
+            .iter()
+            .filter(|r| r.target_id == 7 || r.target_id == 8)
+            .cycle()
+            .take(3)
+            .zip([10, 11, 12])
+            .map(|(r, id)| TargetResult {
+                target_id: id,
+                ..r.clone()
+            })
+            .collect();
+        c.results.extend(extra);
+        c
+    };
+    let (first5, second5) = (more(&first), more(&second));
+    let from_reports = compare(&first5, &second5);
+    let from_tables = compare_judged(
+        &judged_targets_from_csv(&csv(&first5.results)).unwrap(),
+        &judged_targets_from_csv(&csv(&second5.results)).unwrap(),
+    );
+    let (r, t) = (&from_reports[0], &from_tables[0]);
+    assert_eq!((r.targets.len(), r.ci_over.as_str()), (5, "targets"));
+    assert_eq!(t.ci_over, "targets");
+    let ((rl, rh), (tl, th)) = (r.difference_ci95.unwrap(), t.difference_ci95.unwrap());
+    for (a, b) in [(r.difference, t.difference), (rl, tl), (rh, th)] {
+        assert!((a - b).abs() < 1e-3, "{r:?} against {t:?}");
+    }
+    assert!(
+        rh - rl > 0.1,
+        "an interval that could tell them apart: {r:?}"
+    );
+    assert_eq!(r.targets_higher(), t.targets_higher());
 }

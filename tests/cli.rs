@@ -268,4 +268,22 @@ fn compare_names_a_missing_report_and_campaigns_with_nothing_shared() {
     );
     std::fs::write(&b, "{").unwrap();
     assert!(run(&a, &b).contains("b.json is not a campaign's report"));
+    // A CSV table that is not a campaign's, or has a cell that is not a number.
+    let table = dir.path().join("t.csv");
+    std::fs::write(&table, "target_id,victim_net\n1,convnet-bn\n").unwrap();
+    let err = run(&table, &table);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("t.csv: no column `recipe`"), "{err}");
+    let header =
+        "target_id,victim_net,recipe,epochs,poisoned_successes,poisoned_victims,margin_shift";
+    std::fs::write(
+        &table,
+        format!("{header}\n26,convnet-bn,crafter,20,2,8,1.5x\n"),
+    )
+    .unwrap();
+    let err = run(&table, &table);
+    assert!(
+        err.contains("t.csv: line 2: `1.5x` is not a number (margin_shift)"),
+        "{err}"
+    );
 }

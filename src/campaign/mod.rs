@@ -15,8 +15,9 @@ mod report;
 
 pub use protocol::{Protocol, VictimKind};
 pub use report::{
-    compare, comparison_markdown, csv, margin_shifts, markdown, summary, sweep_markdown, totals,
-    ArmTotals, CampaignReport, Comparison, Selection, TargetResult,
+    compare, compare_judged, comparison_markdown, csv, judged_targets, judged_targets_from_csv,
+    margin_shifts, markdown, summary, sweep_markdown, totals, ArmTotals, CampaignReport,
+    Comparison, JudgedTarget, Selection, TargetResult,
 };
 
 use crate::app::{
@@ -545,10 +546,11 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs, json: bool) -> Res
     Ok(())
 }
 
-/// `metapoison compare`: two campaign folders (or their campaign.json files) compared on their
-/// shared targets (`compare`), printed as Markdown or, with `json`, as one JSON line.
+/// `metapoison compare`: two campaign folders (or their campaign.json files, or their
+/// campaign.csv tables, which keep only the per-target means) compared on their shared
+/// targets (`compare_judged`), printed as Markdown or, with `json`, as one JSON line.
 pub fn compare_folders(first: &Path, others: &[PathBuf], json: bool) -> Result<()> {
-    let load = |p: &Path| -> Result<(CampaignReport, String)> {
+    let load = |p: &Path| -> Result<(Vec<JudgedTarget>, String)> {
         let file = if p.is_dir() {
             p.join("campaign.json")
         } else {
@@ -556,24 +558,40 @@ pub fn compare_folders(first: &Path, others: &[PathBuf], json: bool) -> Result<(
         };
         let text = std::fs::read_to_string(&file).with_context(|| {
             format!(
-                "cannot read {} (give a campaign folder or its campaign.json)",
+                "cannot read {} (give a campaign folder, its campaign.json or its campaign.csv)",
                 file.display()
             )
         })?;
-        let report = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a campaign's report", file.display()))?;
-        let folder = file.parent().filter(|_| !p.is_dir()).unwrap_or(p);
-        let name = std::path::absolute(folder)
-            .ok()
-            .and_then(|f| Some(f.file_name()?.to_string_lossy().into_owned()))
-            .unwrap_or_else(|| folder.display().to_string());
-        Ok((report, name))
+        let is_table = file
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+        let judged = if is_table {
+            judged_targets_from_csv(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?
+        } else {
+            let report: CampaignReport = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a campaign's report", file.display()))?;
+            judged_targets(&report)
+        };
+        // A folder is named after itself, a report after its folder, a table after its file
+        // (after its folder when it is the campaign's own campaign.csv).
+        let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned());
+        let name = if let Some(stem) = stem.filter(|s| is_table && s != "campaign") {
+            stem
+        } else {
+            let folder = file.parent().filter(|_| !p.is_dir()).unwrap_or(p);
+            std::path::absolute(folder)
+                .ok()
+                .and_then(|f| Some(f.file_name()?.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| folder.display().to_string())
+        };
+        Ok((judged, name))
     };
     let (a, name_a) = load(first)?;
     let mut rows = Vec::with_capacity(others.len());
     for second in others {
         let (b, name_b) = load(second)?;
-        let comparisons = compare(&a, &b);
+        let comparisons = compare_judged(&a, &b);
         if comparisons.is_empty() {
             bail!(
                 "{} and {} share no target evaluated by the same kind of victim",

@@ -267,84 +267,224 @@ impl Comparison {
     }
 }
 
+/// One target's evaluation by one victim kind, as `compare` reads it: from a campaign's
+/// report, with every poisoned victim's shift by seed, or from its CSV table, which keeps
+/// only the per-target mean (a table committed beside the results outlives the campaign
+/// folder, and the machine it ran on).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JudgedTarget {
+    pub target_id: usize,
+    pub victim_net: String,
+    pub recipe: String,
+    pub epochs: usize,
+    /// How the victims were trained, whatever their number (a CSV table does not say).
+    pub training: Option<crate::config::VictimConfig>,
+    /// Poisoned victims flipped and their number.
+    pub flipped: (usize, usize),
+    /// The poisoned victims' mean margin shift (`None` without control twins).
+    pub margin_shift: Option<f64>,
+    /// Each poisoned victim's margin shift by seed; `None` from a CSV table.
+    pub victims: Option<Vec<(u64, f64)>>,
+}
+
+impl JudgedTarget {
+    /// The same kind of victim trained as long, so that seeds pair like with like; the
+    /// training config is compared where both sides record it.
+    fn same_kind(&self, other: &JudgedTarget) -> bool {
+        self.victim_net == other.victim_net
+            && self.recipe == other.recipe
+            && self.epochs == other.epochs
+            && match (&self.training, &other.training) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+    }
+}
+
+/// Every evaluation of a campaign's report, target by target.
+pub fn judged_targets(report: &CampaignReport) -> Vec<JudgedTarget> {
+    let mut out = Vec::new();
+    for r in &report.results {
+        for e in &r.evals {
+            let victims = e.seeded_margin_shifts("poisoned");
+            out.push(JudgedTarget {
+                target_id: r.target_id,
+                victim_net: e.victim_net.clone(),
+                recipe: e.recipe().into(),
+                epochs: e.epochs,
+                training: e
+                    .protocol
+                    .clone()
+                    .map(|p| crate::config::VictimConfig { trials: 0, ..p }),
+                flipped: (e.poisoned.successes, e.poisoned.trials),
+                margin_shift: mean_shift(&victims),
+                victims: Some(victims),
+            });
+        }
+    }
+    out
+}
+
+/// The rows of a campaign's CSV table (`csv`), read by their header's names, so that tables
+/// written before some columns existed still read. Errors name the line and the column.
+pub fn judged_targets_from_csv(text: &str) -> Result<Vec<JudgedTarget>, String> {
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty());
+    let Some((_, header)) = lines.next() else {
+        return Err("empty file, no header line".into());
+    };
+    let names: Vec<&str> = header.split(',').map(str::trim).collect();
+    let column = |name: &str| {
+        names.iter().position(|n| *n == name).ok_or_else(|| {
+            format!("no column `{name}` in the header (is this a campaign's campaign.csv?)")
+        })
+    };
+    let [target, net, recipe, epochs, flipped, victims, shift] = [
+        "target_id",
+        "victim_net",
+        "recipe",
+        "epochs",
+        "poisoned_successes",
+        "poisoned_victims",
+        "margin_shift",
+    ]
+    .map(column);
+    let (target, net, recipe, epochs, flipped, victims, shift) =
+        (target?, net?, recipe?, epochs?, flipped?, victims?, shift?);
+    let mut out = Vec::new();
+    for (i, line) in lines {
+        let cells: Vec<&str> = line.split(',').map(str::trim).collect();
+        if cells.len() != names.len() {
+            return Err(format!(
+                "line {}: {} cells where the header names {}",
+                i + 1,
+                cells.len(),
+                names.len()
+            ));
+        }
+        let number = |c: usize| -> Result<usize, String> {
+            cells[c].parse().map_err(|_| {
+                format!(
+                    "line {}: `{}` is not a count ({})",
+                    i + 1,
+                    cells[c],
+                    names[c]
+                )
+            })
+        };
+        let margin_shift = match cells[shift] {
+            "" => None,
+            v => Some(
+                v.parse::<f64>()
+                    .map_err(|_| format!("line {}: `{v}` is not a number (margin_shift)", i + 1))?,
+            ),
+        };
+        out.push(JudgedTarget {
+            target_id: number(target)?,
+            victim_net: cells[net].into(),
+            recipe: cells[recipe].into(),
+            epochs: number(epochs)?,
+            training: None,
+            flipped: (number(flipped)?, number(victims)?),
+            margin_shift,
+            victims: None,
+        });
+    }
+    Ok(out)
+}
+
 /// Compares two campaigns (for instance two settings judged by the same protocol) on their
 /// shared targets, victim kind by victim kind. Victims are paired by seed, so that a victim
 /// of the second campaign is set against the one of the first that began from the same
 /// weights and batch order: the difference of their margin shifts is what the second
 /// setting's poisons do beyond the first's, free of the victims' own spread.
 pub fn compare(first: &CampaignReport, second: &CampaignReport) -> Vec<Comparison> {
-    // How a victim was trained, whatever the number of victims asked for.
-    let training = |e: &EvalReport| {
-        e.protocol
-            .clone()
-            .map(|p| crate::config::VictimConfig { trials: 0, ..p })
-    };
+    compare_judged(&judged_targets(first), &judged_targets(second))
+}
+
+/// `compare` on evaluations from reports or CSV tables. Where either side is a table, a
+/// target's difference is the difference of its two means (the same number when every seed
+/// pairs, as under a protocol), and the interval can only be taken over targets: from
+/// `MIN_TARGETS_FOR_INTERVAL` targets on, else there is none.
+pub fn compare_judged(first: &[JudgedTarget], second: &[JudgedTarget]) -> Vec<Comparison> {
     let mut out: Vec<Comparison> = Vec::new();
-    // Per comparison, every paired victim's difference (for the interval over victims).
-    let mut victims: Vec<Vec<f64>> = Vec::new();
-    for ra in &first.results {
-        let Some(rb) = second.results.iter().find(|r| r.target_id == ra.target_id) else {
+    // Per comparison, every paired victim's difference (for the interval over victims);
+    // `None` once a target came from a table.
+    let mut victims: Vec<Option<Vec<f64>>> = Vec::new();
+    for ja in first {
+        let Some(jb) = second
+            .iter()
+            .find(|j| j.target_id == ja.target_id && j.same_kind(ja))
+        else {
             continue;
         };
-        for ea in &ra.evals {
-            // The same kind of victim, trained as long (seeds then pair like with like).
-            let Some(eb) = rb.evals.iter().find(|e| {
-                e.victim_net == ea.victim_net
-                    && e.recipe() == ea.recipe()
-                    && training(e) == training(ea)
-                    && e.epochs == ea.epochs
-            }) else {
-                continue;
-            };
-            let (sa, sb) = (
-                ea.seeded_margin_shifts("poisoned"),
-                eb.seeded_margin_shifts("poisoned"),
-            );
-            let paired: Vec<f64> = sa
-                .iter()
-                .filter_map(|&(seed, a)| Some(sb.iter().find(|(s, _)| *s == seed)?.1 - a))
-                .collect();
-            let (Some(d), Some(a), Some(b)) = (mean_of(&paired), mean_shift(&sa), mean_shift(&sb))
-            else {
-                continue;
-            };
-            let same_kind =
-                |c: &Comparison| c.victim_net == ea.victim_net && c.recipe == ea.recipe();
-            let i = out.iter().position(same_kind).unwrap_or_else(|| {
-                out.push(Comparison {
-                    victim_net: ea.victim_net.clone(),
-                    recipe: ea.recipe().into(),
-                    targets: vec![],
-                    flipped: [(0, 0); 2],
-                    margin_shift: [0.0; 2],
-                    per_target: vec![],
-                    difference: 0.0,
-                    difference_ci95: None,
-                    ci_over: String::new(),
-                });
-                victims.push(Vec::new());
-                out.len() - 1
-            });
-            let c = &mut out[i];
-            c.targets.push(ra.target_id);
-            for (k, e) in [ea, eb].into_iter().enumerate() {
-                c.flipped[k].0 += e.poisoned.successes;
-                c.flipped[k].1 += e.poisoned.trials;
+        let (d, a, b, paired) = match (&ja.victims, &jb.victims) {
+            (Some(sa), Some(sb)) => {
+                let paired: Vec<f64> = sa
+                    .iter()
+                    .filter_map(|&(seed, a)| Some(sb.iter().find(|(s, _)| *s == seed)?.1 - a))
+                    .collect();
+                let (Some(d), Some(a), Some(b)) =
+                    (mean_of(&paired), mean_shift(sa), mean_shift(sb))
+                else {
+                    continue;
+                };
+                (d, a, b, Some(paired))
             }
-            c.margin_shift[0] += a;
-            c.margin_shift[1] += b;
-            c.per_target.push((ra.target_id, d));
-            victims[i].extend(paired);
+            _ => {
+                let (Some(a), Some(b)) = (ja.margin_shift, jb.margin_shift) else {
+                    continue;
+                };
+                (b - a, a, b, None)
+            }
+        };
+        let same_kind = |c: &Comparison| c.victim_net == ja.victim_net && c.recipe == ja.recipe;
+        let i = out.iter().position(same_kind).unwrap_or_else(|| {
+            out.push(Comparison {
+                victim_net: ja.victim_net.clone(),
+                recipe: ja.recipe.clone(),
+                targets: vec![],
+                flipped: [(0, 0); 2],
+                margin_shift: [0.0; 2],
+                per_target: vec![],
+                difference: 0.0,
+                difference_ci95: None,
+                ci_over: String::new(),
+            });
+            victims.push(Some(Vec::new()));
+            out.len() - 1
+        });
+        let c = &mut out[i];
+        c.targets.push(ja.target_id);
+        for (k, j) in [ja, jb].into_iter().enumerate() {
+            c.flipped[k].0 += j.flipped.0;
+            c.flipped[k].1 += j.flipped.1;
         }
+        c.margin_shift[0] += a;
+        c.margin_shift[1] += b;
+        c.per_target.push((ja.target_id, d));
+        victims[i] = match (victims[i].take(), paired) {
+            (Some(mut all), Some(paired)) => {
+                all.extend(paired);
+                Some(all)
+            }
+            _ => None,
+        };
     }
     for (c, victims) in out.iter_mut().zip(&victims) {
         let n = c.targets.len() as f64;
         c.margin_shift = c.margin_shift.map(|v| v / n);
         let means: Vec<f64> = c.per_target.iter().map(|&(_, d)| d).collect();
         c.difference = means.iter().sum::<f64>() / n;
-        let (ci, over) = shift_interval(&means, victims);
+        let (ci, over) = shift_interval(&means, victims.as_deref().unwrap_or(&[]));
         c.difference_ci95 = ci;
-        c.ci_over = over.into();
+        c.ci_over = if ci.is_some() {
+            over.into()
+        } else {
+            String::new()
+        };
     }
     out
 }
