@@ -912,8 +912,17 @@ impl Crafter {
         let poisons_now = self.perturbation.poisons_detached();
         let inputs = self.step_inputs(&poisons_now);
         let main = self.device;
-        let mut g_delta = self.perturbation.delta.detach().zeros_like();
-        let mut g_offsets = self.perturbation.offsets.detach().zeros_like();
+        // The meta-gradients are summed in float64: a sum of a few float32 gradients is then
+        // exact in any order, so MPI ranks (each sums its own surrogates, then the ranks sum)
+        // get the gradient of one process, not one that differs in the last bit, which Adam
+        // would carry on into other signs wherever a pixel's gradient is near zero.
+        let mut g_delta = self
+            .perturbation
+            .delta
+            .detach()
+            .zeros_like()
+            .to_kind(Kind::Double);
+        let mut g_offsets = (self.perturbation.offsets.detach().zeros_like()).to_kind(Kind::Double);
         let mut adv_per = Vec::with_capacity(mm);
         let mut epochs = Vec::with_capacity(mm);
         let mut meta_batches = 0;
@@ -1033,8 +1042,8 @@ impl Crafter {
                 .map(|m| schedule::surrogate_epoch(m, step, mm, stagger))
                 .collect();
         }
-        let g_delta = g_delta / mm as f64;
-        let g_offsets = g_offsets / mm as f64;
+        let g_delta = (g_delta / mm as f64).to_kind(self.perturbation.delta.kind());
+        let g_offsets = (g_offsets / mm as f64).to_kind(self.perturbation.offsets.kind());
         let lr = self.outer_lr(step);
         let updated = self.update_perturbation(step, [g_delta, g_offsets], [lr, lr]);
         Some(StepOutcome {
