@@ -9,7 +9,7 @@
 # packed into $OUT/results.tar.gz.
 #   SETTINGS="m24:3 gm1 gm4:5" PROTOCOL=standard BUDGET_S=480 OUT=$OUT bash benches/gpu-efficacy-protocol.sh
 # The ensemble sweep's last cell and the best setting so far on all 10 targets (docs/efficacy.md,
-# Figures; a CPU measured m16-61 on the first 7):
+# Figures; a CPU measured m16-61 on the first 8):
 #   SETTINGS="m24:3 m16-61" PROTOCOL=gray-box ...
 set -u
 OUT=${OUT:-gpu-efficacy-protocol}
