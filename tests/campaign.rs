@@ -266,12 +266,23 @@ recipe = "standard"
             .output()
             .unwrap()
     };
-    // A protocol fixes targets and victims: flags that choose them are refused up front.
+    // A protocol fixes targets and victims: flags that choose them are refused up front, and
+    // --targets may only pick some of its own.
     let p = protocol.to_str().unwrap();
-    let refused = campaign(&["--protocol", p, "--targets", "3", "--trials", "2"]);
+    let refused = campaign(&["--protocol", p, "--trials", "2", "--black-box", "resnet-20"]);
     assert!(!refused.status.success());
     let msg = String::from_utf8_lossy(&refused.stderr);
-    assert!(msg.contains("--trials, --targets"), "{msg}");
+    assert!(
+        msg.contains("--trials, --black-box: the protocol fixes"),
+        "{msg}"
+    );
+    let foreign = campaign(&["--protocol", p, "--targets", "5,9,4"]);
+    assert!(!foreign.status.success());
+    let msg = String::from_utf8_lossy(&foreign.stderr);
+    assert!(
+        msg.contains("--targets [9, 4]: not targets of protocol tiny; give some of [3, 5]"),
+        "{msg}"
+    );
     assert!(!dir.exists(), "nothing written for a refused campaign");
     // First the crafter's victims alone on the protocol's first target ...
     let first = campaign(&["--targets", "3", "--trials", "1", "--noise-control"]);
@@ -299,8 +310,9 @@ recipe = "standard"
         .join("target-3/export/eval-convnet-bn-standard.json")
         .exists());
     assert!(!dir.join("target-5").exists());
-    // ... then the whole protocol.
-    let out = campaign(&["--protocol", p]);
+    // ... then its other target alone (--targets): the folder gathers both, in the
+    // protocol's order, which is the whole protocol.
+    let out = campaign(&["--protocol", p, "--targets", "5"]);
     assert!(
         out.status.success(),
         "{}",
@@ -323,6 +335,7 @@ recipe = "standard"
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("campaign.json")).unwrap()).unwrap();
     assert_eq!(report["protocol"]["name"], "tiny");
+    assert_eq!(report["selection"]["targets"], serde_json::json!([3, 5]));
     let totals = report["totals"].as_array().unwrap();
     let recipes: Vec<&str> = totals
         .iter()
@@ -1074,4 +1087,85 @@ fn compare_pairs_two_campaigns_victims_by_seed_on_their_shared_targets() {
         "an interval that could tell them apart: {r:?}"
     );
     assert_eq!(r.targets_higher(), t.targets_higher());
+}
+
+#[test]
+fn a_table_that_is_not_a_campaigns_csv_gives_a_typed_error_naming_line_and_column() {
+    use metapoison::campaign::{judged_targets_from_csv, CsvTableError};
+    let header =
+        "target_id,victim_net,recipe,epochs,poisoned_successes,poisoned_victims,margin_shift";
+    assert_eq!(judged_targets_from_csv(""), Err(CsvTableError::Empty));
+    assert_eq!(
+        judged_targets_from_csv("target_id,victim_net\n1,convnet-bn\n"),
+        Err(CsvTableError::MissingColumn { column: "recipe" })
+    );
+    assert_eq!(
+        judged_targets_from_csv(&format!("{header}\n\n7,convnet-bn,crafter,20,1\n")),
+        Err(CsvTableError::CellCount {
+            line: 3,
+            cells: 5,
+            columns: 7
+        })
+    );
+    let bad_count =
+        judged_targets_from_csv(&format!("{header}\n7,convnet-bn,crafter,20,-1,8,0.5\n"));
+    assert_eq!(
+        bad_count,
+        Err(CsvTableError::BadCell {
+            line: 2,
+            column: "poisoned_successes".into(),
+            value: "-1".into(),
+            expected: "a count"
+        })
+    );
+    assert_eq!(
+        bad_count.unwrap_err().to_string(),
+        "line 2: `-1` is not a count (poisoned_successes)"
+    );
+    // An empty shift (no control twins) reads as none; the rest as written.
+    let rows = judged_targets_from_csv(&format!(
+        "{header}\n7,convnet-bn,crafter,20,1,8,\n9,resnet-20,standard,8,0,8,-0.25\n"
+    ))
+    .unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        (rows[0].target_id, rows[0].flipped, rows[0].margin_shift),
+        (7, (1, 8), None)
+    );
+    assert_eq!(
+        (
+            rows[1].victim_net.as_str(),
+            rows[1].epochs,
+            rows[1].margin_shift
+        ),
+        ("resnet-20", 8, Some(-0.25))
+    );
+}
+
+#[test]
+fn a_protocol_campaigns_table_says_which_of_its_targets_the_folder_holds() {
+    use metapoison::campaign::{markdown, CampaignReport, Protocol, Selection};
+    let gray = Protocol::load("gray-box").unwrap();
+    let holding = |targets: Vec<usize>| {
+        markdown(&CampaignReport {
+            started: String::new(),
+            selection: Selection {
+                method: "protocol gray-box".into(),
+                targets,
+                candidates: vec![],
+            },
+            protocol: Some(gray.clone()),
+            results: vec![],
+            totals: vec![],
+            seconds: 0.0,
+        })
+    };
+    let all = gray.targets.clone();
+    assert!(holding(all[..3].to_vec()).contains(&format!(
+        " Only its first 3 targets so far: {:?}.",
+        &all[..3]
+    )));
+    let share = vec![all[8], all[9]];
+    assert!(holding(share.clone()).contains(&format!(" Only 2 of its 10 targets here: {share:?}.")));
+    assert!(!holding(all).contains(" Only "));
 }

@@ -8,7 +8,8 @@
 //! already written are read back (so a campaign can be completed with more victim kinds).
 //!
 //! With `--protocol` (protocol.rs) the targets, arms and victim kinds are the protocol's: the
-//! efficacy benchmark every crafting setting is judged by.
+//! efficacy benchmark every crafting setting is judged by. Its targets may be run in shares
+//! (`--first`, `--targets`); a folder holds the union of the shares run in it.
 
 pub mod protocol;
 mod report;
@@ -17,7 +18,7 @@ pub use protocol::{Protocol, VictimKind};
 pub use report::{
     compare, compare_judged, comparison_markdown, csv, judged_targets, judged_targets_from_csv,
     margin_shifts, markdown, summary, sweep_markdown, totals, ArmTotals, CampaignReport,
-    Comparison, JudgedTarget, Selection, TargetResult,
+    Comparison, CsvTableError, JudgedTarget, Selection, TargetResult,
 };
 
 use crate::app::{
@@ -36,7 +37,8 @@ use std::sync::Arc;
 #[derive(Debug, clap::Args)]
 pub struct CampaignArgs {
     /// Target ids (indices among the test images of the target class), comma separated.
-    /// Default: the first --count candidates of `targets suggest`.
+    /// Default: the first --count candidates of `targets suggest`. With --protocol: some of
+    /// its targets (a share of the benchmark, e.g. for one machine or session).
     #[arg(long, value_delimiter = ',')]
     targets: Vec<usize>,
     /// Targets to pick when --targets is not given.
@@ -67,7 +69,12 @@ pub struct CampaignArgs {
     protocol: Option<String>,
     /// With --protocol: only its first N targets (a cheaper tier for sweeps; run again
     /// without it in the same folder to complete the protocol).
-    #[arg(long, value_name = "N", requires = "protocol")]
+    #[arg(
+        long,
+        value_name = "N",
+        requires = "protocol",
+        conflicts_with = "targets"
+    )]
     first: Option<usize>,
     /// Score every evaluation already written again from the campaign's victim cache (the
     /// measures added since it was written, such as the class margin, are filled in; its
@@ -83,9 +90,6 @@ impl CampaignArgs {
     /// The flags a protocol decides itself, of those given.
     fn protocol_conflicts(&self) -> Vec<&'static str> {
         let mut given = self.victim.flags_given();
-        if !self.targets.is_empty() {
-            given.push("--targets");
-        }
         if !self.black_box.is_empty() {
             given.push("--black-box");
         }
@@ -332,7 +336,21 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs, json: bool) -> Res
             if args.first == Some(0) {
                 bail!("--first must be at least 1");
             }
-            Some(Protocol::load(name)?)
+            let p = Protocol::load(name)?;
+            let foreign: Vec<usize> = args
+                .targets
+                .iter()
+                .copied()
+                .filter(|t| !p.targets.contains(t))
+                .collect();
+            if !foreign.is_empty() {
+                bail!(
+                    "--targets {foreign:?}: not targets of protocol {}; give some of {:?}",
+                    p.name,
+                    p.targets
+                );
+            }
+            Some(p)
         }
         None => {
             check_target_choice(&args)?;
@@ -350,25 +368,38 @@ pub fn run(config: Config, paths: &Paths, args: CampaignArgs, json: bool) -> Res
     // A resumed campaign follows the protocol it was started with, unless one is given now
     // (which may complete a campaign started with its targets, e.g. a gray-box tier).
     let protocol = protocol.or_else(|| previous.as_ref().and_then(|p| p.protocol.clone()));
-    // The targets asked for now: a protocol's (or its first few).
-    let asked: Option<Vec<usize>> = args.protocol.as_ref().and(protocol.as_ref()).map(|p| {
-        let n = args.first.unwrap_or(p.targets.len()).min(p.targets.len());
-        p.targets[..n].to_vec()
-    });
-    // A folder's targets must be the protocol's first ones (a partial tier may be extended).
-    if let (Some(p), Some(asked), Some(prev)) = (&protocol, &asked, &previous) {
-        let done = &prev.selection.targets;
-        let prefix = |a: &[usize], b: &[usize]| a.len() <= b.len() && b[..a.len()] == *a;
-        if !prefix(done, asked) && !prefix(asked, done) {
-            bail!(
-                "{} holds a campaign on targets {:?}; protocol {} has targets {:?}: use another --dir",
-                dir.display(),
-                done,
-                p.name,
-                asked
-            );
+    // The targets asked for now: a protocol's, its first few or some of them (--targets),
+    // together with those the folder already holds, in the protocol's order, so that a
+    // folder gathers one campaign however its targets were split between runs.
+    let asked: Option<Vec<usize>> = match (&args.protocol, &protocol) {
+        (Some(_), Some(p)) => {
+            let done = previous
+                .as_ref()
+                .map_or(&[][..], |r| &r.selection.targets[..]);
+            if let Some(t) = done.iter().find(|t| !p.targets.contains(t)) {
+                bail!(
+                    "{} holds a campaign on targets {done:?}, and {t} is not a target of protocol {} ({:?}): use another --dir",
+                    dir.display(),
+                    p.name,
+                    p.targets
+                );
+            }
+            let now: Vec<usize> = if args.targets.is_empty() {
+                let n = args.first.unwrap_or(p.targets.len()).min(p.targets.len());
+                p.targets[..n].to_vec()
+            } else {
+                args.targets.clone()
+            };
+            Some(
+                p.targets
+                    .iter()
+                    .copied()
+                    .filter(|t| now.contains(t) || done.contains(t))
+                    .collect(),
+            )
         }
-    }
+        _ => None,
+    };
     let mut config = config;
     if let Some(s) = args.steps {
         config.craft.steps = s.into();

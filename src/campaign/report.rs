@@ -325,21 +325,45 @@ pub fn judged_targets(report: &CampaignReport) -> Vec<JudgedTarget> {
     out
 }
 
+/// Why a CSV table could not be read as a campaign's `campaign.csv`; lines count from 1.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CsvTableError {
+    #[error("empty file, no header line")]
+    Empty,
+    #[error("no column `{column}` in the header (is this a campaign's campaign.csv?)")]
+    MissingColumn { column: &'static str },
+    #[error("line {line}: {cells} cells where the header names {columns}")]
+    CellCount {
+        line: usize,
+        cells: usize,
+        columns: usize,
+    },
+    #[error("line {line}: `{value}` is not {expected} ({column})")]
+    BadCell {
+        line: usize,
+        column: String,
+        value: String,
+        /// "a count" or "a number".
+        expected: &'static str,
+    },
+}
+
 /// The rows of a campaign's CSV table (`csv`), read by their header's names, so that tables
 /// written before some columns existed still read. Errors name the line and the column.
-pub fn judged_targets_from_csv(text: &str) -> Result<Vec<JudgedTarget>, String> {
+pub fn judged_targets_from_csv(text: &str) -> Result<Vec<JudgedTarget>, CsvTableError> {
     let mut lines = text
         .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty());
     let Some((_, header)) = lines.next() else {
-        return Err("empty file, no header line".into());
+        return Err(CsvTableError::Empty);
     };
     let names: Vec<&str> = header.split(',').map(str::trim).collect();
-    let column = |name: &str| {
-        names.iter().position(|n| *n == name).ok_or_else(|| {
-            format!("no column `{name}` in the header (is this a campaign's campaign.csv?)")
-        })
+    let column = |name: &'static str| {
+        names
+            .iter()
+            .position(|n| *n == name)
+            .ok_or(CsvTableError::MissingColumn { column: name })
     };
     let [target, net, recipe, epochs, flipped, victims, shift] = [
         "target_id",
@@ -357,37 +381,34 @@ pub fn judged_targets_from_csv(text: &str) -> Result<Vec<JudgedTarget>, String> 
     for (i, line) in lines {
         let cells: Vec<&str> = line.split(',').map(str::trim).collect();
         if cells.len() != names.len() {
-            return Err(format!(
-                "line {}: {} cells where the header names {}",
-                i + 1,
-                cells.len(),
-                names.len()
-            ));
+            return Err(CsvTableError::CellCount {
+                line: i + 1,
+                cells: cells.len(),
+                columns: names.len(),
+            });
         }
-        let number = |c: usize| -> Result<usize, String> {
-            cells[c].parse().map_err(|_| {
-                format!(
-                    "line {}: `{}` is not a count ({})",
-                    i + 1,
-                    cells[c],
-                    names[c]
-                )
-            })
+        let bad_cell = |c: usize, expected| CsvTableError::BadCell {
+            line: i + 1,
+            column: names[c].into(),
+            value: cells[c].into(),
+            expected,
+        };
+        let count = |c: usize| {
+            cells[c]
+                .parse::<usize>()
+                .map_err(|_| bad_cell(c, "a count"))
         };
         let margin_shift = match cells[shift] {
             "" => None,
-            v => Some(
-                v.parse::<f64>()
-                    .map_err(|_| format!("line {}: `{v}` is not a number (margin_shift)", i + 1))?,
-            ),
+            v => Some(v.parse::<f64>().map_err(|_| bad_cell(shift, "a number"))?),
         };
         out.push(JudgedTarget {
-            target_id: number(target)?,
+            target_id: count(target)?,
             victim_net: cells[net].into(),
             recipe: cells[recipe].into(),
-            epochs: number(epochs)?,
+            epochs: count(epochs)?,
             training: None,
-            flipped: (number(flipped)?, number(victims)?),
+            flipped: (count(flipped)?, count(victims)?),
             margin_shift,
             victims: None,
         });
@@ -427,7 +448,7 @@ pub fn compare_judged(first: &[JudgedTarget], second: &[JudgedTarget]) -> Vec<Co
                     .filter_map(|&(seed, a)| Some(sb.iter().find(|(s, _)| *s == seed)?.1 - a))
                     .collect();
                 let (Some(d), Some(a), Some(b)) =
-                    (mean_of(&paired), mean_shift(sa), mean_shift(sb))
+                    (mean_of(&paired), ja.margin_shift, jb.margin_shift)
                 else {
                     continue;
                 };
@@ -654,14 +675,17 @@ fn flips(k: usize, n: usize, interval: bool) -> String {
 /// of the adversarial class, clean accuracy, crafting and evaluation time), then a row per
 /// victim kind over all targets with Wilson intervals.
 fn benchmark_table(report: &CampaignReport, protocol: &Protocol) -> String {
-    let part = if report.selection.targets.len() < protocol.targets.len() {
-        format!(
-            " Only its first {} targets so far: {:?}.",
-            report.selection.targets.len(),
-            report.selection.targets
-        )
-    } else {
+    let (done, all) = (&report.selection.targets, &protocol.targets);
+    let part = if done.len() >= all.len() {
         String::new()
+    } else if all.starts_with(done) {
+        format!(" Only its first {} targets so far: {done:?}.", done.len())
+    } else {
+        format!(
+            " Only {} of its {} targets here: {done:?}.",
+            done.len(),
+            all.len()
+        )
     };
     let mut out = format!(
         "Protocol `{}`: {}. Targets {:?}.{part}\n\n| target | victims | poisoned flipped | train mode | controls flipped | noise flipped | p(adv) poisoned / control | margin shift poisoned / noise | its class moved | clean accuracy poisoned / control | crafting | crafting loss, last 5 steps | evaluation |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
