@@ -1169,3 +1169,55 @@ fn a_protocol_campaigns_table_says_which_of_its_targets_the_folder_holds() {
     assert!(holding(share.clone()).contains(&format!(" Only 2 of its 10 targets here: {share:?}.")));
     assert!(!holding(all).contains(" Only "));
 }
+
+#[test]
+fn a_folder_holding_targets_outside_the_protocol_is_refused_before_anything_is_crafted() {
+    use metapoison::campaign::{CampaignReport, Selection};
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tiny_config_file(tmp.path());
+    let dir = tmp.path().join("camp");
+    std::fs::create_dir_all(&dir).unwrap();
+    // A campaign on target 4, chosen by hand, already in the folder.
+    let held = CampaignReport {
+        started: String::new(),
+        selection: Selection {
+            method: "given on the command line (--targets)".into(),
+            targets: vec![4],
+            candidates: vec![],
+        },
+        protocol: None,
+        results: vec![],
+        totals: vec![],
+        seconds: 0.0,
+    };
+    std::fs::write(
+        dir.join("campaign.json"),
+        serde_json::to_string(&held).unwrap(),
+    )
+    .unwrap();
+    let protocol = tmp.path().join("tiny-protocol.toml");
+    std::fs::write(
+        &protocol,
+        "name = \"tiny\"\ndescription = \"two targets\"\ndataset = \"embedded\"\ntrain_limit = 400\nsubset = \"first\"\nvictim_epochs = 1\ntarget_class = 6\npoison_class = 0\ntargets = [3, 5]\ntrials = 1\nnoise_control = false\n\n[[victims]]\nnet = \"convnet-bn\"\nrecipe = \"crafter\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_metapoison"))
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"))
+        .arg("--config")
+        .arg(&config)
+        .args(["campaign", "--protocol", protocol.to_str().unwrap()])
+        .args(["--targets", "3", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        msg.contains(
+            "holds a campaign on targets [4], and 4 is not a target of protocol tiny ([3, 5]): use another --dir"
+        ),
+        "{msg}"
+    );
+    assert!(!dir.join("target-3").exists() && !dir.join("config.toml").exists());
+}
