@@ -223,12 +223,9 @@ fn a_campaign_crafts_and_evaluates_each_target_and_resumes_without_redoing_work(
     assert!(String::from_utf8_lossy(&again.stdout).contains("gray-box"));
 }
 
-#[test]
-fn a_protocol_campaign_completes_a_campaign_on_its_targets_with_its_victim_kinds() {
-    let tmp = tempfile::tempdir().unwrap();
-    let config = tiny_config_file(tmp.path());
-    let dir = tmp.path().join("camp");
-    let protocol = tmp.path().join("tiny-protocol.toml");
+/// A protocol of two targets (3 and 5), one victim an arm, both ConvNetBN recipes.
+fn tiny_protocol_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let protocol = dir.join("tiny-protocol.toml");
     std::fs::write(
         &protocol,
         r#"name = "tiny"
@@ -253,19 +250,36 @@ recipe = "standard"
 "#,
     )
     .unwrap();
-    let campaign = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_metapoison"))
-            .arg("--data-dir")
-            .arg(tmp.path().join("data"))
-            .arg("--config")
-            .arg(&config)
-            .arg("campaign")
-            .args(args)
-            .arg("--dir")
-            .arg(&dir)
-            .output()
-            .unwrap()
-    };
+    protocol
+}
+
+/// `metapoison campaign ARGS --dir DIR` with the data under TMP/data and CONFIG.
+fn run_campaign(
+    tmp: &std::path::Path,
+    config: &std::path::Path,
+    dir: &std::path::Path,
+    args: &[&str],
+) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_metapoison"))
+        .arg("--data-dir")
+        .arg(tmp.join("data"))
+        .arg("--config")
+        .arg(config)
+        .arg("campaign")
+        .args(args)
+        .arg("--dir")
+        .arg(dir)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_protocol_campaign_completes_a_campaign_on_its_targets_with_its_victim_kinds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tiny_config_file(tmp.path());
+    let dir = tmp.path().join("camp");
+    let protocol = tiny_protocol_file(tmp.path());
+    let campaign = |args: &[&str]| run_campaign(tmp.path(), &config, &dir, args);
     // A protocol fixes targets and victims: flags that choose them are refused up front, and
     // --targets may only pick some of its own.
     let p = protocol.to_str().unwrap();
@@ -1195,22 +1209,13 @@ fn a_folder_holding_targets_outside_the_protocol_is_refused_before_anything_is_c
         serde_json::to_string(&held).unwrap(),
     )
     .unwrap();
-    let protocol = tmp.path().join("tiny-protocol.toml");
-    std::fs::write(
-        &protocol,
-        "name = \"tiny\"\ndescription = \"two targets\"\ndataset = \"embedded\"\ntrain_limit = 400\nsubset = \"first\"\nvictim_epochs = 1\ntarget_class = 6\npoison_class = 0\ntargets = [3, 5]\ntrials = 1\nnoise_control = false\n\n[[victims]]\nnet = \"convnet-bn\"\nrecipe = \"crafter\"\n",
-    )
-    .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_metapoison"))
-        .arg("--data-dir")
-        .arg(tmp.path().join("data"))
-        .arg("--config")
-        .arg(&config)
-        .args(["campaign", "--protocol", protocol.to_str().unwrap()])
-        .args(["--targets", "3", "--dir"])
-        .arg(&dir)
-        .output()
-        .unwrap();
+    let protocol = tiny_protocol_file(tmp.path());
+    let out = run_campaign(
+        tmp.path(),
+        &config,
+        &dir,
+        &["--protocol", protocol.to_str().unwrap(), "--targets", "3"],
+    );
     assert!(!out.status.success());
     let msg = String::from_utf8_lossy(&out.stderr);
     assert!(
