@@ -1226,3 +1226,93 @@ fn a_folder_holding_targets_outside_the_protocol_is_refused_before_anything_is_c
     );
     assert!(!dir.join("target-3").exists() && !dir.join("config.toml").exists());
 }
+
+/// `report` with a noise arm: `noise` victims after the controls, seeds set by `with_probs`.
+fn with_noise(mut e: EvalReport, noise: &[bool]) -> EvalReport {
+    e.trials
+        .extend(noise.iter().map(|&s| trial("noise", s, 0.85)));
+    let arm: Vec<&Trial> = e.trials.iter().filter(|t| t.arm == "noise").collect();
+    e.noise = Some(summarise(&arm));
+    e
+}
+
+#[test]
+fn the_totals_say_how_far_the_poisons_move_the_target_beyond_noise_of_the_same_budget() {
+    use metapoison::campaign::{markdown, CampaignReport, Protocol, Selection};
+    let ln = f64::ln;
+    // Victims in trial order: poisoned seeds 1, 2; controls seeds 2, 1; noise seeds 2, 1.
+    // Per seed the poisoned margin less the noise margin (the controls cancel): seed 1
+    // ln(0.5 / 0.25) - ln(0.1 / 0.5), seed 2 ln(0.2 / 0.4) - ln(0.3 / 0.3).
+    let a = with_probs(
+        with_noise(
+            report("convnet-bn", &[true, false], &[false, false]),
+            &[false, false],
+        ),
+        &[
+            (1, 0.5, 0.25),
+            (2, 0.2, 0.4),
+            (2, 0.1, 0.5),
+            (1, 0.2, 0.4),
+            (2, 0.3, 0.3),
+            (1, 0.1, 0.5),
+        ],
+    );
+    let want = [ln(2.0) - ln(0.2), ln(0.5) - ln(1.0)];
+    let got = metapoison::campaign::beyond_noise(&a);
+    assert_eq!(got.len(), 2, "{got:?}");
+    for (g, w) in got.iter().zip(want) {
+        assert!((g - w).abs() < 1e-9, "{got:?} against {want:?}");
+    }
+    // It is the poisoned shift less the noise shift, target by target.
+    let mean = (want[0] + want[1]) / 2.0;
+    let by_shifts = a.margin_shift("poisoned").unwrap() - a.margin_shift("noise").unwrap();
+    assert!((mean - by_shifts).abs() < 1e-9);
+    let result = |id, e: EvalReport| TargetResult {
+        target_id: id,
+        run_dir: String::new(),
+        export_dir: String::new(),
+        evals: vec![e],
+        craft_seconds: 0.0,
+        craft_loss: None,
+    };
+    let results = vec![result(3, a.clone())];
+    let t = &totals(&results)[0];
+    assert!((t.beyond_noise.unwrap() - mean).abs() < 1e-9);
+    // One target: the interval is over its two victims.
+    let (_, ci) = metapoison::victim::eval::t_interval95(&want).unwrap();
+    let (lo, hi) = t.beyond_noise_ci95.unwrap();
+    assert!((lo - ci.0).abs() < 1e-9 && (hi - ci.1).abs() < 1e-9);
+    // A target without a noise arm leaves the totals without it (its interval would be over
+    // other targets than the margin shift's).
+    let plain = with_probs(
+        report("convnet-bn", &[false, false], &[false, false]),
+        &[(1, 0.3, 0.4), (2, 0.3, 0.4), (1, 0.2, 0.4), (2, 0.2, 0.4)],
+    );
+    let mixed = totals(&[result(3, a.clone()), result(4, plain)]);
+    assert_eq!(
+        (mixed[0].beyond_noise, mixed[0].beyond_noise_ci95),
+        (None, None)
+    );
+    // The benchmark table's totals row and the printed summary both carry it.
+    let r = CampaignReport {
+        started: String::new(),
+        selection: Selection {
+            method: "protocol gray-box".into(),
+            targets: vec![3],
+            candidates: vec![],
+        },
+        protocol: Some(Protocol::load("gray-box").unwrap()),
+        totals: totals(&results),
+        results,
+        seconds: 0.0,
+    };
+    let text = format!("{mean:+.2} [{:+.2}, {:+.2}]", ci.0, ci.1);
+    let md = markdown(&r);
+    assert!(
+        md.contains(&format!("; poisoned beyond noise {text} |")),
+        "{md}"
+    );
+    let summary = metapoison::campaign::summary(&r);
+    assert!(summary.contains("beyond noise [95% t]"), "{summary}");
+    assert!(summary.trim_end().ends_with(&text), "{summary}");
+}

@@ -16,9 +16,9 @@ mod report;
 
 pub use protocol::{Protocol, VictimKind};
 pub use report::{
-    compare, compare_judged, comparison_markdown, csv, judged_targets, judged_targets_from_csv,
-    margin_shifts, markdown, summary, sweep_markdown, totals, ArmTotals, CampaignReport,
-    Comparison, CsvTableError, JudgedTarget, Selection, TargetResult,
+    beyond_noise, compare, compare_judged, comparison_markdown, csv, judged_targets,
+    judged_targets_from_csv, margin_shifts, markdown, summary, sweep_markdown, totals, ArmTotals,
+    CampaignReport, Comparison, CsvTableError, JudgedTarget, Selection, TargetResult,
 };
 
 use crate::app::{

@@ -85,6 +85,13 @@ pub struct ArmTotals {
     /// what the budget does when spent at random.
     #[serde(default)]
     pub noise_margin_shift: Option<f64>,
+    /// The poisoned victims' margin beyond the noise victims' with the same seed, mean over
+    /// targets, and its interval (taken as `margin_shift_ci95` is): what the crafting adds to
+    /// the same budget spent at random. `None` without a noise arm.
+    #[serde(default)]
+    pub beyond_noise: Option<f64>,
+    #[serde(default)]
+    pub beyond_noise_ci95: Option<(f64, f64)>,
     /// The same shift for the other test images of the target's class (their mean margin,
     /// `Trial::class_margin`), mean over targets: the part of the target's shift that is the
     /// whole class moving. `None` for evaluations recorded before it was.
@@ -172,6 +179,20 @@ pub fn totals(results: &[TargetResult]) -> Vec<ArmTotals> {
                 .iter()
                 .filter_map(|e| e.margin_shift("noise"))
                 .collect();
+            let beyond: Vec<Vec<f64>> = evals
+                .iter()
+                .map(|e| beyond_noise(e))
+                .filter(|v| !v.is_empty())
+                .collect();
+            // Only when every target has a noise arm, so that its interval is taken over
+            // what the margin shift's is.
+            let beyond_means: Vec<f64> = beyond.iter().filter_map(|v| mean_of(v)).collect();
+            let (beyond_noise, beyond_noise_ci95) = if beyond_means.len() == shifts.len() {
+                let (ci, _) = shift_interval(&beyond_means, &beyond.concat());
+                (mean_of(&beyond_means), ci)
+            } else {
+                (None, None)
+            };
             let class_shifts: Vec<f64> = evals
                 .iter()
                 .filter_map(|e| e.class_shift("poisoned"))
@@ -202,6 +223,8 @@ pub fn totals(results: &[TargetResult]) -> Vec<ArmTotals> {
                 margin_shift_ci95,
                 margin_shift_ci_over: ci_over.into(),
                 noise_margin_shift: mean_of(&noise_shifts),
+                beyond_noise,
+                beyond_noise_ci95,
                 // Only when every target has it, so that it sits beside the same targets' mean.
                 class_margin_shift: (class_shifts.len() == shifts.len())
                     .then(|| mean_of(&class_shifts))
@@ -236,6 +259,16 @@ pub fn margin_shifts(e: &EvalReport, arm: &str) -> Vec<f64> {
     e.seeded_margin_shifts(arm)
         .into_iter()
         .map(|(_, d)| d)
+        .collect()
+}
+
+/// Per seed, the poisoned victim's adversarial margin minus the noise victim's trained with
+/// the same seed (both less their control twin's, which cancels); empty without a noise arm.
+pub fn beyond_noise(e: &EvalReport) -> Vec<f64> {
+    let noise = e.seeded_margin_shifts("noise");
+    e.seeded_margin_shifts("poisoned")
+        .into_iter()
+        .filter_map(|(seed, p)| Some(p - noise.iter().find(|(s, _)| *s == seed)?.1))
         .collect()
 }
 
@@ -604,6 +637,15 @@ fn shift_with_interval(t: &ArmTotals) -> String {
     }
 }
 
+/// The totals' margin beyond the noise victims' with its interval: "+0.16 [-0.46, +0.77]",
+/// or "-" without a noise arm.
+fn beyond_noise_text(t: &ArmTotals) -> String {
+    match (t.beyond_noise, t.beyond_noise_ci95) {
+        (Some(m), Some((lo, hi))) => format!("{m:+.2} [{lo:+.2}, {hi:+.2}]"),
+        (m, _) => shift_text(m),
+    }
+}
+
 /// "victim net" or, for another recipe than the crafter's, "victim net, recipe".
 fn victims_label(net: &str, recipe: &str) -> String {
     if recipe == "crafter" {
@@ -729,7 +771,7 @@ fn benchmark_table(report: &CampaignReport, protocol: &Protocol) -> String {
     let craft_total: f64 = report.results.iter().map(|r| r.craft_seconds).sum();
     for (i, t) in report.totals.iter().enumerate() {
         out += &format!(
-            "| **all {}** | {} ({}) | **{}** | {} | {} | {} | {:.2} / {:.2} | {} / {} | {} | {:.1}% / {:.1}% | {} |  | {} |\n",
+            "| **all {}** | {} ({}) | **{}** | {} | {} | {} | {:.2} / {:.2} | {} / {}{} | {} | {:.1}% / {:.1}% | {} |  | {} |\n",
             t.targets,
             victims_label(&t.victim_net, &t.recipe),
             t.setting,
@@ -745,6 +787,11 @@ fn benchmark_table(report: &CampaignReport, protocol: &Protocol) -> String {
             t.p_adv_control,
             shift_with_interval(t),
             shift_text(t.noise_margin_shift),
+            if t.beyond_noise.is_some() {
+                format!("; poisoned beyond noise {}", beyond_noise_text(t))
+            } else {
+                String::new()
+            },
             shift_text(t.class_margin_shift),
             t.accuracy_poisoned * 100.0,
             t.accuracy_control * 100.0,
@@ -818,12 +865,12 @@ pub fn summary(report: &CampaignReport) -> String {
         None => report.selection.method.clone(),
     };
     let mut out = format!(
-        "{} targets ({method})\nvictims      recipe    setting    success over victims [95% Wilson]  targets flipped  control flips  noise flips  train mode  clean acc poisoned / control  margin shift [95% t]\n",
+        "{} targets ({method})\nvictims      recipe    setting    success over victims [95% Wilson]  targets flipped  control flips  noise flips  train mode  clean acc poisoned / control  margin shift [95% t]  beyond noise [95% t]\n",
         report.selection.targets.len(),
     );
     for t in &report.totals {
         out += &format!(
-            "{:<12} {:<9} {:<10} {:>3}/{:<3} {:>5.1}% [{:>5.1}%, {:>5.1}%]      {:>2}/{:<2}           {:>2}/{:<3}        {:>7}  {:>10}  {:.2}% / {:.2}%       {}\n",
+            "{:<12} {:<9} {:<10} {:>3}/{:<3} {:>5.1}% [{:>5.1}%, {:>5.1}%]      {:>2}/{:<2}           {:>2}/{:<3}        {:>7}  {:>10}  {:.2}% / {:.2}%       {}  {}\n",
             t.victim_net,
             t.recipe,
             t.setting,
@@ -845,6 +892,7 @@ pub fn summary(report: &CampaignReport) -> String {
             t.accuracy_poisoned * 100.0,
             t.accuracy_control * 100.0,
             shift_with_interval(t).replace("**", ""),
+            beyond_noise_text(t),
         );
     }
     out
