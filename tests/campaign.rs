@@ -775,14 +775,7 @@ fn the_markdown_table_shows_each_victims_adversarial_probability_and_the_totals(
     for (t, p) in gray.trials.iter_mut().zip([0.91, 0.12, 0.03, 0.40]) {
         t.target_probs[0][0] = p;
     }
-    let results = vec![TargetResult {
-        target_id: 7,
-        run_dir: String::new(),
-        export_dir: String::new(),
-        evals: vec![gray],
-        craft_seconds: 0.0,
-        craft_loss: None,
-    }];
+    let results = vec![one_target(7, gray)];
     let r = CampaignReport {
         started: String::new(),
         selection: Selection {
@@ -813,6 +806,18 @@ fn the_markdown_table_shows_each_victims_adversarial_probability_and_the_totals(
     let totals_text = metapoison::campaign::summary(&r);
     assert!(totals_text.contains("  1/2    50.0% ["), "{totals_text}");
     assert!(md.contains(&totals_text), "{md}");
+}
+
+/// A target's result holding one evaluation, nothing crafted.
+fn one_target(target_id: usize, e: EvalReport) -> TargetResult {
+    TargetResult {
+        target_id,
+        run_dir: String::new(),
+        export_dir: String::new(),
+        evals: vec![e],
+        craft_seconds: 0.0,
+        craft_loss: None,
+    }
 }
 
 /// Sets each victim's seed and its target's probabilities of the adversarial class (0) and
@@ -855,17 +860,7 @@ fn the_margin_shift_pairs_victims_by_seed_and_has_a_t_interval_over_targets() {
     );
     assert!((b.margin_shift("poisoned").unwrap() - ln(1.5)).abs() < 1e-9);
     let mean_a = (want_a[0] + want_a[1]) / 2.0;
-    let results: Vec<TargetResult> = [(1, a), (2, b)]
-        .into_iter()
-        .map(|(id, e)| TargetResult {
-            target_id: id,
-            run_dir: String::new(),
-            export_dir: String::new(),
-            evals: vec![e],
-            craft_seconds: 0.0,
-            craft_loss: None,
-        })
-        .collect();
+    let results = vec![one_target(1, a), one_target(2, b)];
     let t = &totals(&results)[0];
     let mean = (mean_a + ln(1.5)) / 2.0;
     assert!((t.margin_shift.unwrap() - mean).abs() < 1e-9);
@@ -1267,15 +1262,7 @@ fn the_totals_say_how_far_the_poisons_move_the_target_beyond_noise_of_the_same_b
     let mean = (want[0] + want[1]) / 2.0;
     let by_shifts = a.margin_shift("poisoned").unwrap() - a.margin_shift("noise").unwrap();
     assert!((mean - by_shifts).abs() < 1e-9);
-    let result = |id, e: EvalReport| TargetResult {
-        target_id: id,
-        run_dir: String::new(),
-        export_dir: String::new(),
-        evals: vec![e],
-        craft_seconds: 0.0,
-        craft_loss: None,
-    };
-    let results = vec![result(3, a.clone())];
+    let results = vec![one_target(3, a.clone())];
     let t = &totals(&results)[0];
     assert!((t.beyond_noise.unwrap() - mean).abs() < 1e-9);
     // One target: the interval is over its two victims.
@@ -1288,7 +1275,7 @@ fn the_totals_say_how_far_the_poisons_move_the_target_beyond_noise_of_the_same_b
         report("convnet-bn", &[false, false], &[false, false]),
         &[(1, 0.3, 0.4), (2, 0.3, 0.4), (1, 0.2, 0.4), (2, 0.2, 0.4)],
     );
-    let mixed = totals(&[result(3, a.clone()), result(4, plain)]);
+    let mixed = totals(&[one_target(3, a.clone()), one_target(4, plain)]);
     assert_eq!(
         (mixed[0].beyond_noise, mixed[0].beyond_noise_ci95),
         (None, None)
