@@ -172,9 +172,7 @@ pub fn totals(results: &[TargetResult]) -> Vec<ArmTotals> {
                 .map(|e| margin_shifts(e, "poisoned"))
                 .filter(|v| !v.is_empty())
                 .collect();
-            let shifts: Vec<f64> = per_target.iter().filter_map(|v| mean_of(v)).collect();
-            let pooled: Vec<f64> = per_target.concat();
-            let (margin_shift_ci95, ci_over) = shift_interval(&shifts, &pooled);
+            let (shifts, margin_shift_ci95, ci_over) = means_and_interval(&per_target);
             let noise_shifts: Vec<f64> = evals
                 .iter()
                 .filter_map(|e| e.margin_shift("noise"))
@@ -186,9 +184,8 @@ pub fn totals(results: &[TargetResult]) -> Vec<ArmTotals> {
                 .collect();
             // Only when every target has a noise arm, so that its interval is taken over
             // what the margin shift's is.
-            let beyond_means: Vec<f64> = beyond.iter().filter_map(|v| mean_of(v)).collect();
+            let (beyond_means, ci, _) = means_and_interval(&beyond);
             let (beyond_noise, beyond_noise_ci95) = if beyond_means.len() == shifts.len() {
-                let (ci, _) = shift_interval(&beyond_means, &beyond.concat());
                 (mean_of(&beyond_means), ci)
             } else {
                 (None, None)
@@ -615,6 +612,14 @@ fn shift_interval(per_target: &[f64], victims: &[f64]) -> (Option<(f64, f64)>, &
         (victims, "victims")
     };
     (t_interval95(values).map(|(_, ci)| ci), over)
+}
+
+/// Per target, the mean of its victims' values (targets without any left out), and the 95%
+/// interval of the mean over targets as `shift_interval` takes it, with what it is over.
+fn means_and_interval(per_target: &[Vec<f64>]) -> (Vec<f64>, Option<(f64, f64)>, &'static str) {
+    let means: Vec<f64> = per_target.iter().filter_map(|v| mean_of(v)).collect();
+    let (ci, over) = shift_interval(&means, &per_target.concat());
+    (means, ci, over)
 }
 
 fn mean_of(v: &[f64]) -> Option<f64> {
